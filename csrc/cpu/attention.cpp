@@ -1,0 +1,204 @@
+// CPU host wrappers of the attention ops (corrected_logits, decode_attention): validate, make
+// inputs contiguous, dispatch the dtype and run the torch-free slice kernels
+// (csrc/include/headq/attention_cpu.h) in parallel over (batch, KV head).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "dispatch.h"
+#include "headq/attention_cpu.h"
+#include "validate.h"
+
+namespace headq {
+namespace {
+
+const uint16_t* half_bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::Half>());
+}
+
+std::optional<at::Tensor> contiguous_opt(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
+// Side code of KV head (b, h), or an empty view when there is none.
+cpu::SideCodeSlice side_slice(const std::optional<at::Tensor>& z_codes,  // [B, H, T, nb]
+                              const std::optional<at::Tensor>& z_scale,  // [B, H, T]
+                              const std::optional<at::Tensor>& basis,    // [H, D, r]
+                              int64_t side_bits, int64_t bh, int64_t h) {
+  cpu::SideCodeSlice s;
+  if (!z_codes.has_value()) return s;
+  const int64_t T = z_codes->size(2), nb = z_codes->size(3);
+  const int64_t D = basis->size(1), r = basis->size(2);
+  s.codes = z_codes->const_data_ptr<uint8_t>() + bh * T * nb;
+  s.scale = half_bits(*z_scale) + bh * T;
+  s.basis = basis->const_data_ptr<float>() + h * D * r;
+  s.r = r;
+  s.bits = static_cast<int>(side_bits);
+  return s;
+}
+
+at::Tensor corrected_logits_cpu(const at::Tensor& q_in,        // [B, Hq, L, D]
+                                const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8]
+                                const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
+                                const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
+                                const std::optional<at::Tensor>& z_codes_in,  // [B, H, T, nb]
+                                const std::optional<at::Tensor>& z_scale_in,  // [B, H, T]
+                                const std::optional<at::Tensor>& basis_in,    // [H, D, r]
+                                int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                double sign, double scale) {
+  validate_corrected_logits(q_in, k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in,
+                            basis_in, key_bits, group_size, side_bits, sign, scale);
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k_codes = k_codes_in.contiguous();
+  const at::Tensor k_scale = k_scale_in.contiguous();
+  const at::Tensor k_zero = k_zero_in.contiguous();
+  const std::optional<at::Tensor> z_codes = contiguous_opt(z_codes_in);
+  const std::optional<at::Tensor> z_scale = contiguous_opt(z_scale_in);
+  const std::optional<at::Tensor> basis = contiguous_opt(basis_in);
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t H = k_codes.size(1), T = k_codes.size(2), G = group_size;
+  const int64_t n_rep = Hq / H, row_bytes = k_codes.size(3);
+  at::Tensor out = at::empty({B, Hq, L, T}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return out;
+  const uint8_t* kc_p = k_codes.const_data_ptr<uint8_t>();  // [B, H, T, D*key_bits/8]
+  const uint16_t* ks_p = half_bits(k_scale);                // [B, H, T/G, D]
+  const uint16_t* kz_p = half_bits(k_zero);                 // [B, H, T/G, D]
+  float* out_p = out.data_ptr<float>();                     // [B, Hq, L, T]
+  HEADQ_DISPATCH_FLOAT(q.scalar_type(), "corrected_logits", [&] {
+    const scalar_t* q_p = q.const_data_ptr<scalar_t>();  // [B, Hq, L, D]
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t row0 = (b * Hq + h * n_rep) * L;  // first query row of this KV head
+        cpu::corrected_logits_slice<scalar_t>(
+            q_p + row0 * D, n_rep * L, kc_p + bh * T * row_bytes, ks_p + bh * (T / G) * D,
+            kz_p + bh * (T / G) * D, side_slice(z_codes, z_scale, basis, side_bits, bh, h), T, D,
+            G, static_cast<int>(key_bits), static_cast<float>(sign), static_cast<float>(scale),
+            out_p + row0 * T);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
+    const at::Tensor& q_in,                            // [B, Hq, D]
+    const at::Tensor& k_codes_in,                      // [B, H, Tq, D*key_bits/8] uint8
+    const at::Tensor& k_scale_in,                      // [B, H, Tq/G, D] f16
+    const at::Tensor& k_zero_in,                       // [B, H, Tq/G, D] f16
+    const std::optional<at::Tensor>& z_codes_in,       // [B, H, Tq, r*bz/8] uint8
+    const std::optional<at::Tensor>& z_scale_in,       // [B, H, Tq] f16
+    const std::optional<at::Tensor>& basis_in,         // [H, D, r] f32
+    const std::optional<at::Tensor>& v_codes_in,       // [B, H, Tq, D*value_bits/8] uint8
+    const std::optional<at::Tensor>& v_scale_in,       // [B, H, Tq, D/Gv] f16
+    const std::optional<at::Tensor>& v_zero_in,        // [B, H, Tq, D/Gv] f16
+    const std::optional<at::Tensor>& v_dense_in,       // [B, H, Tq, D]
+    const std::optional<at::Tensor>& heavy_delta_in,   // [B, H, K, D]
+    const std::optional<at::Tensor>& heavy_idx_in,     // [B, H, K] int32
+    const at::Tensor& k_window_in,                     // [B, H, W, D]
+    const at::Tensor& v_window_in,                     // [B, H, W, D]
+    const at::Tensor& n_quant_in,                      // [B] int32
+    const at::Tensor& n_window_in,                     // [B] int32
+    const std::optional<at::Tensor>& kv_start_in,      // [B] int32
+    int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
+    int64_t value_group_size, double sign, double scale) {
+  validate_decode_attention(q_in, k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in,
+                            basis_in, v_codes_in, v_scale_in, v_zero_in, v_dense_in,
+                            heavy_delta_in, heavy_idx_in, k_window_in, v_window_in, n_quant_in,
+                            n_window_in, kv_start_in, key_bits, group_size, side_bits,
+                            value_bits, value_group_size, sign, scale);
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k_codes = k_codes_in.contiguous();
+  const at::Tensor k_scale = k_scale_in.contiguous();
+  const at::Tensor k_zero = k_zero_in.contiguous();
+  const std::optional<at::Tensor> z_codes = contiguous_opt(z_codes_in);
+  const std::optional<at::Tensor> z_scale = contiguous_opt(z_scale_in);
+  const std::optional<at::Tensor> basis = contiguous_opt(basis_in);
+  const std::optional<at::Tensor> v_codes = contiguous_opt(v_codes_in);
+  const std::optional<at::Tensor> v_scale = contiguous_opt(v_scale_in);
+  const std::optional<at::Tensor> v_zero = contiguous_opt(v_zero_in);
+  const std::optional<at::Tensor> v_dense = contiguous_opt(v_dense_in);
+  const std::optional<at::Tensor> heavy_delta = contiguous_opt(heavy_delta_in);
+  const std::optional<at::Tensor> heavy_idx = contiguous_opt(heavy_idx_in);
+  const at::Tensor k_window = k_window_in.contiguous();
+  const at::Tensor v_window = v_window_in.contiguous();
+  const at::Tensor n_quant = n_quant_in.contiguous();
+  const at::Tensor n_window = n_window_in.contiguous();
+  const std::optional<at::Tensor> kv_start = contiguous_opt(kv_start_in);
+
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t H = k_codes.size(1), Tq = k_codes.size(2), W = k_window.size(2);
+  const int64_t n_rep = Hq / H, G = group_size, Gv = value_group_size;
+  const int64_t K = heavy_idx.has_value() ? heavy_idx->size(2) : 0;
+  const int64_t k_row_bytes = k_codes.size(3);
+  const int64_t v_row_bytes = v_codes.has_value() ? v_codes->size(3) : 0;
+
+  cpu::DecodeShape sh;
+  sh.n_rep = n_rep;
+  sh.D = D;
+  sh.Tq = Tq;
+  sh.W = W;
+  sh.G = G;
+  sh.Gv = Gv;
+  sh.key_bits = static_cast<int>(key_bits);
+  sh.value_bits = static_cast<int>(value_bits);
+  sh.sign = static_cast<float>(sign);
+  sh.scale = static_cast<float>(scale);
+
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
+  const int32_t* nq_p = n_quant.const_data_ptr<int32_t>();  // [B]
+  const int32_t* nw_p = n_window.const_data_ptr<int32_t>();  // [B]
+  const int32_t* ks0_p = kv_start.has_value() ? kv_start->const_data_ptr<int32_t>() : nullptr;
+  float* lse_p = lse.data_ptr<float>();  // [B, Hq]
+
+  HEADQ_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
+    const scalar_t* q_p = q.const_data_ptr<scalar_t>();  // [B, Hq, D]
+    scalar_t* out_p = out.data_ptr<scalar_t>();          // [B, Hq, D]
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, h = bh % H;
+        const int64_t hq0 = b * Hq + h * n_rep;  // first query head of this KV head
+        cpu::DecodeSlice<scalar_t> a;
+        a.q = q_p + hq0 * D;
+        a.k_codes = k_codes.const_data_ptr<uint8_t>() + bh * Tq * k_row_bytes;
+        a.k_scale = half_bits(k_scale) + bh * (Tq / G) * D;
+        a.k_zero = half_bits(k_zero) + bh * (Tq / G) * D;
+        a.side = side_slice(z_codes, z_scale, basis, side_bits, bh, h);
+        if (v_codes.has_value()) {
+          a.v_codes = v_codes->const_data_ptr<uint8_t>() + bh * Tq * v_row_bytes;
+          a.v_scale = half_bits(*v_scale) + bh * Tq * (D / Gv);
+          a.v_zero = half_bits(*v_zero) + bh * Tq * (D / Gv);
+        } else {
+          a.v_dense = v_dense->const_data_ptr<scalar_t>() + bh * Tq * D;
+        }
+        if (heavy_idx.has_value()) {
+          a.heavy_delta = heavy_delta->const_data_ptr<scalar_t>() + bh * K * D;
+          a.heavy_idx = heavy_idx->const_data_ptr<int32_t>() + bh * K;
+          a.n_heavy = K;
+        }
+        a.k_window = k_window.const_data_ptr<scalar_t>() + bh * W * D;
+        a.v_window = v_window.const_data_ptr<scalar_t>() + bh * W * D;
+        a.n_quant = nq_p[b];
+        a.n_window = nw_p[b];
+        a.kv_start = ks0_p != nullptr ? ks0_p[b] : 0;
+        a.out = out_p + hq0 * D;
+        a.lse = lse_p + hq0;
+        cpu::decode_attention_slice<scalar_t>(a, sh);
+      }
+    });
+  });
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace headq
+
+TORCH_LIBRARY_IMPL(headq, CPU, m) {
+  m.impl("corrected_logits", &headq::corrected_logits_cpu);
+  m.impl("decode_attention", &headq::decode_attention_cpu);
+}

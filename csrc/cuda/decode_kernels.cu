@@ -1,0 +1,870 @@
+// Fused decode attention over the packed HeadQ cache (flash-decoding: split kernel + combine).
+// Torch-free; launched from ops.cu.
+//
+// Work decomposition
+// ------------------
+// grid = (S splits, H * nchunk, B). A block owns one KV head and NG <= 8 of the query heads
+// that read it (the GQA group, chunked when Hq/H > 8), and a contiguous, tile-aligned token
+// range of the quantised region (splits 0..Sq-1) or of the dense window (splits Sq..S-1).
+// Every packed byte of a (b, h) is read by exactly one block (once per head chunk), so the
+// kernel moves the cache once. A block writes an unnormalised partial (acc, m, l) per query
+// head; the combine kernel merges the S partials with the usual log-sum-exp rescaling.
+//
+// Bytes per token per KV head for the target shape (D=128, 2-bit K and V, r=8, bz=8, G=Gv=64):
+//   K codes 32 + K scale/zero 2*2*128/64 = 8 + side code 8 + side scale 2 + V codes 32
+//   + V scale/zero 2*2*2 = 8                                                    = 90 B
+// B=8, H=8, 32k tokens: 189 MB per decode step -> 45 us at 4.2 TB/s.
+//
+// Tile pipeline (kTile = 128 tokens = one token per thread in the logit phase)
+// ---------------------------------------------------------------------------
+// The block streams tiles with cp.async into a double buffer in shared memory: the whole tile
+// of every packed stream (K codes, K group scale/zero, side codes and scales, V codes and
+// scale/zero) is a contiguous byte range, so each stream is copied with 16-byte vectors,
+// perfectly coalesced, and the next tile is in flight while the current one is computed
+// (11.5 KB per tile at the target shape, so ~35 KB of loads in flight per SM at 3 blocks/SM,
+// enough for Little's law at ~4 TB/s x ~1 us over 132 SMs).
+//   1. per key group in the tile, fold the fp16 scale into the query: qs[h][c] = q[h][c]*s[c]
+//      (times 2^-p(c), see unpack below) and qz[h] = q[h].z; then q.khat = qs.code + qz costs
+//      one FMA per code and query head.
+//   2. logit phase: thread i owns token i; it unpacks the K row (and the r-dim side code) once
+//      and accumulates the NG logits (q.khat + sign*(qU).zhat)*scale*log2(e); qU is computed
+//      once per block. The qs table is read from shared memory as broadcast float4s (all lanes
+//      of a warp are in the same key group since G >= 32).
+//   3. online softmax: block max per head (warp shuffles + one shared-memory round), rescale,
+//      p = exp2(x - m); each thread keeps its own partial l (summed once at the end). The
+//      value zero-point term sum_t p_t*z_t is accumulated here per (head, value group), so the
+//      value phase only multiplies codes: o[h][c] += (p_t*s_t)[h] * code[t][c].
+//   4. value phase: thread (token lane tl, channel slice cs) owns 8 channels and NG heads
+//      (8*NG fp32 accumulators) and walks every NTL-th token of the tile; partials of the
+//      token lanes are reduced once at the end.
+//
+// Unpacking without conversions: a b-bit code at bit p (p + b <= 23) of a word w becomes
+// float(code * 2^p) with one LOP3 (w & mask | 0x4B000000) and one FADD (- 2^23). The 2^-p is
+// folded into the qs table (keys) or applied once to the accumulators at the end (values), so
+// a code costs 2 instructions (+ one shift per 16-bit half word) shared by the NG heads.
+//
+// Expected speed: with NG = 4 every code costs ~NG FMAs in each phase, ~1.9k instructions per
+// token per KV head in total, so at the target shape the SMs' issue rate (132 x 4 warps/clk)
+// bounds the kernel to ~100 us, i.e. issue-bound at about half of the copy bandwidth. The
+// next step to reach the memory bound is to run the two inner products on tensor cores
+// (mma.m16n8k16 with codes as exact fp16 integers; the thread->channel mapping can be chosen
+// freely because the reductions are order-free). See the report in benchmarks/.
+//
+// Splits: chosen on the host so that B * H * nchunk * S fills one wave of resident blocks
+// (occupancy query), in whole tiles; the window gets its own split(s) of the same size.
+//
+// Instantiations: D in {64, 128} x NG in {1, 2, 4, 8} = 8 split kernels (+3 combine kernels).
+// Key bits, value bits / dense values and the dense dtype are uniform runtime switches at tile
+// level, so each variant of an inner phase is compiled once per instantiation.
+
+#include <algorithm>
+#include <type_traits>
+
+#include "device_common.cuh"
+
+namespace headq {
+namespace cuda {
+namespace {
+
+constexpr int kTile = 128;  // tokens per tile
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+
+__host__ __device__ constexpr int align16(int x) { return (x + 15) & ~15; }
+
+// Bit position (within its 16-bit half word; 12-bit half for 3 bits) at which the unpacker
+// leaves channel c's code: the decoded float is code * 2^code_pos(c).
+__host__ __device__ inline int code_pos(int c, int bits) {
+  return bits == 3 ? 3 * (c & 3) : (c * bits) & 15;
+}
+
+// 2^-p as a float (p in 0..15).
+__device__ __forceinline__ float pow2_neg(int p) { return __uint_as_float((127u - p) << 23); }
+
+// code(c) * 2^code_pos(c), exact, from the packed row held in registers w (little endian).
+// c is a compile-time constant after unrolling, so all indices and shifts are immediates.
+template <int BITS, int NW>
+__device__ __forceinline__ float unpack_scaled(const uint32_t (&w)[NW], int c) {
+  uint32_t v;
+  if constexpr (BITS == 3) {
+    const int chunk = c >> 3, j = c & 7;  // 8 codes = 24 bits
+    const int bit = chunk * 24, wi = bit >> 5, sh = bit & 31;
+    uint32_t x = w[wi];
+    if (sh + 24 > 32) x = __funnelshift_r(w[wi], w[wi + 1 < NW ? wi + 1 : wi], sh);
+    else if (sh) x >>= sh;
+    if (j >= 4) x >>= 12;
+    v = x & (7u << (3 * (j & 3)));
+  } else {
+    const int bit = c * BITS, wi = bit >> 5, pos = bit & 31;
+    uint32_t x = w[wi];
+    if (pos >= 16) x >>= 16;
+    v = x & (((1u << BITS) - 1u) << (pos & 15));
+  }
+  return __uint_as_float(v | 0x4B000000u) - 8388608.0f;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory layout (bytes), identical on host and device.
+struct Smem {
+  int q, qu, qs, qz, wmax, pv, out, lsum, az;  // persistent regions
+  int stage0, stage_bytes;                     // double-buffered tile staging
+  int kc, ks, kz, zc, zs, vc, vs, vz;          // offsets inside a stage buffer
+  int red;                                     // end-of-block reduction (aliases the stages)
+  int total;
+};
+
+__host__ __device__ inline Smem decode_smem(const DecodeParams& p, int NG) {
+  const int D = p.D;
+  const bool side = p.z_codes.p != nullptr;
+  const bool vcodes = p.v_codes.p != nullptr;
+  const int ngv = vcodes ? D / p.Gv : 1;
+  const int gpt = kTile / p.G;  // key groups per tile (G divides kTile)
+  const int r = side ? p.r : 1;
+  Smem s;
+  int o = 0;
+  s.q = o;    o += align16(NG * D * 4);
+  s.qu = o;   o += align16(r * NG * 4);
+  s.qs = o;   o += align16(gpt * NG * D * 4);
+  s.qz = o;   o += align16(gpt * NG * 4);
+  s.wmax = o; o += align16(kWarps * NG * 4);
+  s.pv = o;   o += align16(kTile * ngv * NG * 4);
+  s.out = o;  o += align16(NG * D * 4);
+  s.lsum = o; o += align16(kWarps * NG * 4);
+  s.az = o;   o += align16(kWarps * NG * (D / 32) * 4);
+  int b = 0;
+  s.kc = b; b += align16(kTile * D * p.kbits / 8);
+  s.ks = b; b += align16(gpt * D * 2);
+  s.kz = b; b += align16(gpt * D * 2);
+  s.zc = b; b += side ? align16(kTile * p.r * p.zbits / 8) : 0;
+  s.zs = b; b += side ? align16(kTile * 2) : 0;
+  s.vc = b; b += vcodes ? align16(kTile * D * p.vbits / 8) : 0;
+  s.vs = b; b += vcodes ? align16(kTile * ngv * 2) : 0;
+  s.vz = b; b += vcodes ? align16(kTile * ngv * 2) : 0;
+  s.stage0 = o;
+  s.stage_bytes = b;
+  s.red = o;
+  const int red_bytes = kWarps * NG * D * 4;
+  o += (2 * b > red_bytes) ? 2 * b : red_bytes;
+  s.total = o;
+  return s;
+}
+
+// Per-thread running state of the split (m is identical in every thread).
+template <int NG, int NGV>
+struct State {
+  float m[NG];          // running max of the logits (log2 units)
+  float l[NG];          // this thread's share of sum exp2(x - m)
+  float acc[NG][8];     // value accumulators of this thread's 8 channels
+  float az[NG][NGV];    // this thread's share of sum_t p_t * vzero_t[g] (code values)
+};
+
+// ----------------------------------------------------------------------------- logit phase ---
+// Quantised key logits of token i of the staged tile: x[h] = qz[h] + sum_c qs'[h][c]*code'(c).
+template <int D, int NG, int KB>
+__device__ __forceinline__ void key_dot(const uint8_t* krow,  // smem [D*KB/8]
+                                        const float* qs,      // smem [NG][D]
+                                        const float* qz,      // smem [NG]
+                                        float (&x)[NG]) {
+  constexpr int NW = D * KB / 32;
+  uint32_t w[NW];
+#pragma unroll
+  for (int i = 0; i < NW / 2; ++i) {
+    const uint2 u = reinterpret_cast<const uint2*>(krow)[i];
+    w[2 * i] = u.x;
+    w[2 * i + 1] = u.y;
+  }
+#pragma unroll
+  for (int h = 0; h < NG; ++h) x[h] = qz[h];
+#pragma unroll
+  for (int c = 0; c < D; c += 4) {
+    const float f0 = unpack_scaled<KB, NW>(w, c);
+    const float f1 = unpack_scaled<KB, NW>(w, c + 1);
+    const float f2 = unpack_scaled<KB, NW>(w, c + 2);
+    const float f3 = unpack_scaled<KB, NW>(w, c + 3);
+#pragma unroll
+    for (int h = 0; h < NG; ++h) {
+      const float4 s = *reinterpret_cast<const float4*>(qs + h * D + c);
+      x[h] = fmaf(s.x, f0, x[h]);
+      x[h] = fmaf(s.y, f1, x[h]);
+      x[h] = fmaf(s.z, f2, x[h]);
+      x[h] = fmaf(s.w, f3, x[h]);
+    }
+  }
+}
+
+// Side-code correction sum_j qu[j][h] * (code_j - 2^(bz-1)) (sign already folded into qu).
+template <int NG>
+__device__ __forceinline__ void side_dot(const uint8_t* zrow,  // smem [r*bz/8]
+                                         const float* qu,      // smem [r][NG]
+                                         int r, int bz, float (&corr)[NG]) {
+#pragma unroll
+  for (int h = 0; h < NG; ++h) corr[h] = 0.0f;
+  if (bz == 8) {
+    for (int j = 0; j < r; ++j) {
+      const float f = __uint_as_float(0x4B000000u | zrow[j]) - (8388608.0f + 128.0f);
+#pragma unroll
+      for (int h = 0; h < NG; ++h) corr[h] = fmaf(qu[j * NG + h], f, corr[h]);
+    }
+  } else {
+    for (int jb = 0; jb < r / 2; ++jb) {
+      const uint32_t byte = zrow[jb];
+      const float f0 = __uint_as_float(0x4B000000u | (byte & 15u)) - (8388608.0f + 8.0f);
+      const float f1 = __uint_as_float(0x4B000000u | (byte >> 4)) - (8388608.0f + 8.0f);
+#pragma unroll
+      for (int h = 0; h < NG; ++h) {
+        corr[h] = fmaf(qu[(2 * jb) * NG + h], f0, corr[h]);
+        corr[h] = fmaf(qu[(2 * jb + 1) * NG + h], f1, corr[h]);
+      }
+    }
+  }
+}
+
+// Dense key logits (window tokens): x[h] = q[h] . k (unscaled).
+template <int D, int NG, typename E>
+__device__ __forceinline__ void dense_key_dot(const char* krow,  // global [D] of E
+                                              const float* q,    // smem [NG][D]
+                                              float (&x)[NG]) {
+#pragma unroll
+  for (int h = 0; h < NG; ++h) x[h] = 0.0f;
+#pragma unroll 4
+  for (int c = 0; c < D; c += 8) {
+    float f[8];
+    load8<E>(krow + c * sizeof(E), f);
+#pragma unroll
+    for (int h = 0; h < NG; ++h) {
+      const float4 a = *reinterpret_cast<const float4*>(q + h * D + c);
+      const float4 b = *reinterpret_cast<const float4*>(q + h * D + c + 4);
+      x[h] = fmaf(a.x, f[0], x[h]);
+      x[h] = fmaf(a.y, f[1], x[h]);
+      x[h] = fmaf(a.z, f[2], x[h]);
+      x[h] = fmaf(a.w, f[3], x[h]);
+      x[h] = fmaf(b.x, f[4], x[h]);
+      x[h] = fmaf(b.y, f[5], x[h]);
+      x[h] = fmaf(b.z, f[6], x[h]);
+      x[h] = fmaf(b.w, f[7], x[h]);
+    }
+  }
+}
+
+// Online-softmax step of a tile: x holds this thread's token logits (-inf when masked). Raises
+// the block-wide running max, rescales the thread's state and returns p = exp2(x - m).
+template <int NG, int NGV>
+__device__ __forceinline__ void softmax_step(const float (&x)[NG], float* wmax_s,  // [kWarps][NG]
+                                             State<NG, NGV>& st, float (&pw)[NG]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int h = 0; h < NG; ++h) {
+    const float mw = warp_max(x[h]);
+    if (lane == 0) wmax_s[warp * NG + h] = mw;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < NG; ++h) {
+    float mt = wmax_s[h];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) mt = fmaxf(mt, wmax_s[w * NG + h]);
+    const float m_new = fmaxf(st.m[h], mt);
+    // alpha rescales what was accumulated so far; nothing visible yet -> keep the zeros.
+    const float alpha = (st.m[h] == -INFINITY || m_new == -INFINITY) ? 0.0f : exp2f(st.m[h] - m_new);
+    st.m[h] = m_new;
+    st.l[h] *= alpha;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) st.acc[h][j] *= alpha;
+#pragma unroll
+    for (int g = 0; g < NGV; ++g) st.az[h][g] *= alpha;
+    pw[h] = (x[h] == -INFINITY) ? 0.0f : exp2f(x[h] - m_new);
+    st.l[h] += pw[h];
+  }
+}
+
+// ------------------------------------------------------------------------------ value phase ---
+// Packed values: acc[h][j] += (p*s)[t][g][h] * code'(t, c0 + j) over this thread's tokens.
+template <int D, int NG, int NGV, int VB>
+__device__ __forceinline__ void value_codes(const uint8_t* vc,  // smem [kTile][D*VB/8]
+                                            const float* pv,    // smem [kTile][ngv][NG]
+                                            int ngv, int Gv, int i_begin, int i_end,
+                                            State<NG, NGV>& st) {
+  constexpr int CS = D / 8;  // channel slices (threads per token)
+  constexpr int NTL = kThreads / CS;
+  constexpr int ROWB = D * VB / 8;
+  constexpr int NW = VB == 8 ? 2 : 1;
+  const int cs = threadIdx.x % CS, tl = threadIdx.x / CS;
+  const int g = (cs * 8) / Gv;
+  for (int i = i_begin + tl; i < i_end; i += NTL) {
+    const uint8_t* src = vc + i * ROWB + cs * VB;  // the 8 codes of this slice: VB bytes
+    uint32_t w[NW];
+    if constexpr (VB == 2) {
+      w[0] = *reinterpret_cast<const uint16_t*>(src);
+    } else if constexpr (VB == 3) {
+      w[0] = src[0] | (static_cast<uint32_t>(src[1]) << 8) | (static_cast<uint32_t>(src[2]) << 16);
+    } else if constexpr (VB == 4) {
+      w[0] = *reinterpret_cast<const uint32_t*>(src);
+    } else {
+      const uint2 u = *reinterpret_cast<const uint2*>(src);
+      w[0] = u.x;
+      w[1] = u.y;
+    }
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] = unpack_scaled<VB, NW>(w, j);
+    const float* pt = pv + (i * ngv + g) * NG;
+#pragma unroll
+    for (int h = 0; h < NG; ++h) {
+      const float ph = pt[h];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) st.acc[h][j] = fmaf(ph, f[j], st.acc[h][j]);
+    }
+  }
+}
+
+// Dense values (v_dense or the window): acc[h][j] += p[t][h] * v[t][c0 + j].
+template <int D, int NG, int NGV, typename E>
+__device__ __forceinline__ void value_dense(const char* vbase,  // global [tokens][D] of E
+                                            int64_t st_bytes,   // token stride
+                                            const float* pv,    // smem [kTile][NG]
+                                            int i_begin, int i_end, State<NG, NGV>& st) {
+  constexpr int CS = D / 8;
+  constexpr int NTL = kThreads / CS;
+  const int cs = threadIdx.x % CS, tl = threadIdx.x / CS;
+  for (int i = i_begin + tl; i < i_end; i += NTL) {
+    float f[8];
+    load8<E>(vbase + i * st_bytes + cs * 8 * sizeof(E), f);
+    const float* pt = pv + i * NG;
+#pragma unroll
+    for (int h = 0; h < NG; ++h) {
+      const float ph = pt[h];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) st.acc[h][j] = fmaf(ph, f[j], st.acc[h][j]);
+    }
+  }
+}
+
+template <typename F>
+__device__ __forceinline__ void with_elem(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat16:
+      f(__half{});
+      break;
+    case DType::kBFloat16:
+      f(__nv_bfloat16{});
+      break;
+    default:
+      f(float{});
+      break;
+  }
+}
+
+// Logit of one quantised token from global memory (heavy slots; lanes split the channels).
+template <int NG>
+__device__ __forceinline__ void token_logit_warp(const DecodeParams& p, int b, int h, int t,
+                                                 const float* q_s, const float* qu_s,
+                                                 float (&x)[NG]) {
+  const int lane = threadIdx.x & 31;
+  const int D = p.D;
+  const uint8_t* krow = reinterpret_cast<const uint8_t*>(
+      p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh + static_cast<int64_t>(t) * p.k_codes.st);
+  const int64_t gs = static_cast<int64_t>(t / p.G) * p.k_scale.st;
+  const __half* ks = reinterpret_cast<const __half*>(p.k_scale.p + b * p.k_scale.sb +
+                                                     h * p.k_scale.sh + gs);
+  const __half* kz = reinterpret_cast<const __half*>(p.k_zero.p + b * p.k_zero.sb +
+                                                     h * p.k_zero.sh + static_cast<int64_t>(t / p.G) * p.k_zero.st);
+#pragma unroll
+  for (int hh = 0; hh < NG; ++hh) x[hh] = 0.0f;
+  for (int c = lane; c < D; c += 32) {
+    const float khat = asym_dequant(get_code(krow, c, p.kbits), f16_at(ks, c), f16_at(kz, c));
+#pragma unroll
+    for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(q_s[hh * D + c], khat, x[hh]);
+  }
+  if (p.z_codes.p != nullptr) {
+    const uint8_t* zrow = reinterpret_cast<const uint8_t*>(
+        p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh + static_cast<int64_t>(t) * p.z_codes.st);
+    const float zs = __half2float(*reinterpret_cast<const __half*>(
+        p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh + static_cast<int64_t>(t) * 2));
+    for (int j = lane; j < p.r; j += 32) {
+      const float zhat = sym_dequant(get_code(zrow, j, p.zbits), zs, p.zbits);
+#pragma unroll
+      for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(qu_s[j * NG + hh], zhat, x[hh]);
+    }
+  }
+#pragma unroll
+  for (int hh = 0; hh < NG; ++hh) x[hh] = warp_sum(x[hh]) * p.scale_log2;
+}
+
+// ------------------------------------------------------------------------------ split kernel --
+// Minimum resident blocks per SM requested from ptxas (caps registers at 128 for NG <= 4).
+template <int NG>
+constexpr int min_blocks() { return NG <= 4 ? 4 : 2; }
+
+template <int D, int NG>
+__global__ void __launch_bounds__(kThreads, min_blocks<NG>())
+decode_split_kernel(const DecodeParams p) {
+  constexpr int NGV = D / 32;  // max value groups (Gv >= 32)
+  constexpr int CS = D / 8;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const Smem L = decode_smem(p, NG);
+  float* q_s = reinterpret_cast<float*>(smem + L.q);        // [NG][D]
+  float* qu_s = reinterpret_cast<float*>(smem + L.qu);      // [r][NG] sign * q.U
+  float* qs_s = reinterpret_cast<float*>(smem + L.qs);      // [G/tile][NG][D] q*s*2^-p
+  float* qz_s = reinterpret_cast<float*>(smem + L.qz);      // [G/tile][NG] q.z
+  float* wmax_s = reinterpret_cast<float*>(smem + L.wmax);  // [kWarps][NG]
+  float* pv_s = reinterpret_cast<float*>(smem + L.pv);      // [kTile][ngv][NG]
+  float* out_s = reinterpret_cast<float*>(smem + L.out);    // [NG][D]
+  float* lsum_s = reinterpret_cast<float*>(smem + L.lsum);  // [kWarps][NG]
+  float* az_s = reinterpret_cast<float*>(smem + L.az);      // [kWarps][NG][NGV]
+  float* red_s = reinterpret_cast<float*>(smem + L.red);    // [kWarps][NG][D]
+
+  const int split = blockIdx.x;
+  const int h = blockIdx.y / p.nchunk;
+  const int chunk = blockIdx.y % p.nchunk;
+  const int b = blockIdx.z;
+  const int qh0 = h * p.ratio + chunk * NG;
+  const int nh = min(NG, p.ratio - chunk * NG);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nq = min(max(p.n_quant[b], 0), p.Tq);
+  const int nw = min(max(p.n_window[b], 0), p.W);
+  const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
+  const bool vcodes = p.v_codes.p != nullptr;
+  const bool side = p.z_codes.p != nullptr;
+  const int ngv = vcodes ? D / p.Gv : 1;
+
+  for (int idx = tid; idx < NG * D; idx += kThreads) {
+    const int hh = idx / D, c = idx % D;
+    q_s[idx] = hh < nh ? load_as_float(p.q.p + b * p.q.sb + static_cast<int64_t>(qh0 + hh) * p.q.sh,
+                                       p.dtype, c)
+                       : 0.0f;
+  }
+  __syncthreads();
+
+  State<NG, NGV> st;
+#pragma unroll
+  for (int hh = 0; hh < NG; ++hh) {
+    st.m[hh] = -INFINITY;
+    st.l[hh] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) st.acc[hh][j] = 0.0f;
+#pragma unroll
+    for (int g = 0; g < NGV; ++g) st.az[hh][g] = 0.0f;
+  }
+
+  int s0 = 0, s1 = 0;  // quantised token range of this block (empty for window splits)
+  if (split < p.Sq) {
+    s0 = split * p.chunk_tokens;
+    s1 = min(s0 + p.chunk_tokens, nq);
+  }
+
+  if (s0 < s1) {
+    // ---- quantised region ----
+    if (side) {
+      const float* u = p.basis + static_cast<int64_t>(h) * D * p.r;  // [D, r]
+      for (int idx = tid; idx < p.r * NG; idx += kThreads) {
+        const int j = idx / NG, hh = idx % NG;
+        float a = 0.0f;
+        for (int c = 0; c < D; ++c) a = fmaf(q_s[hh * D + c], u[c * p.r + j], a);
+        qu_s[idx] = p.sign * a;
+      }
+    }
+    const int krowb = D * p.kbits / 8, zrowb = side ? p.r * p.zbits / 8 : 0;
+    const int vrowb = D * p.vbits / 8;
+    const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh;  // [Tq, krowb]
+    const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh;  // [Tq/G, D] f16
+    const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh;
+    const char* zc_g = side ? p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh : nullptr;
+    const char* zs_g = side ? p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh : nullptr;
+    const char* vc_g = vcodes ? p.v_codes.p + b * p.v_codes.sb + h * p.v_codes.sh : nullptr;
+    const char* vs_g = vcodes ? p.v_scale.p + b * p.v_scale.sb + h * p.v_scale.sh : nullptr;
+    const char* vz_g = vcodes ? p.v_zero.p + b * p.v_zero.sb + h * p.v_zero.sh : nullptr;
+    const char* vd_g = vcodes ? nullptr : p.v_dense.p + b * p.v_dense.sb + h * p.v_dense.sh;
+
+    // Stage tile [t0, t0 + kTile) into buffer buf: whole 16-token chunks up to the capacity
+    // (Tq % 32 == 0, so every stream's byte range is a multiple of 16 bytes).
+    // End of the staged range of the tile starting at t0 (whole 16-token chunks, <= Tq).
+    auto staged_end = [&](int t0) { return min((min(t0 + kTile, s1) + 15) & ~15, p.Tq); };
+    auto stage_tile = [&](int t0, int buf) {
+      const int tc = staged_end(t0);
+      const int n = tc - t0;
+      unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
+      block_copy_async(sb + L.kc, kc_g + static_cast<int64_t>(t0) * krowb,
+                       static_cast<int64_t>(n) * krowb, tid, kThreads);
+      const int g0 = t0 / p.G, g1 = (tc + p.G - 1) / p.G;
+      block_copy_async(sb + L.ks, ks_g + static_cast<int64_t>(g0) * D * 2,
+                       static_cast<int64_t>(g1 - g0) * D * 2, tid, kThreads);
+      block_copy_async(sb + L.kz, kz_g + static_cast<int64_t>(g0) * D * 2,
+                       static_cast<int64_t>(g1 - g0) * D * 2, tid, kThreads);
+      if (side) {
+        block_copy_async(sb + L.zc, zc_g + static_cast<int64_t>(t0) * zrowb,
+                         static_cast<int64_t>(n) * zrowb, tid, kThreads);
+        block_copy_async(sb + L.zs, zs_g + static_cast<int64_t>(t0) * 2,
+                         static_cast<int64_t>(n) * 2, tid, kThreads);
+      }
+      if (vcodes) {
+        block_copy_async(sb + L.vc, vc_g + static_cast<int64_t>(t0) * vrowb,
+                         static_cast<int64_t>(n) * vrowb, tid, kThreads);
+        block_copy_async(sb + L.vs, vs_g + static_cast<int64_t>(t0) * ngv * 2,
+                         static_cast<int64_t>(n) * ngv * 2, tid, kThreads);
+        block_copy_async(sb + L.vz, vz_g + static_cast<int64_t>(t0) * ngv * 2,
+                         static_cast<int64_t>(n) * ngv * 2, tid, kThreads);
+      }
+      cp_async_commit();
+    };
+
+    // Tiles entirely before kv_start are skipped without being read.
+    const int t_first = s0 + max(0, ks - s0) / kTile * kTile;
+    if (t_first < s1) stage_tile(t_first, 0);
+    int buf = 0;
+    for (int t0 = t_first; t0 < s1; t0 += kTile, buf ^= 1) {
+      cp_async_wait_all();
+      __syncthreads();  // tile t0 staged; the previous tile's readers are done
+      if (t0 + kTile < s1) stage_tile(t0 + kTile, buf ^ 1);
+      const unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
+      const __half* ks_t = reinterpret_cast<const __half*>(sb + L.ks);  // [groups][D]
+      const __half* kz_t = reinterpret_cast<const __half*>(sb + L.kz);
+      const int ng_tile = (staged_end(t0) + p.G - 1) / p.G - t0 / p.G;  // staged key groups
+
+      // 1. qs / qz tables of the tile's key groups.
+      for (int idx = tid; idx < ng_tile * NG * D; idx += kThreads) {
+        const int gl = idx / (NG * D), hh = (idx / D) % NG, c = idx % D;
+        qs_s[idx] = q_s[hh * D + c] * __half2float(ks_t[gl * D + c]) * pow2_neg(code_pos(c, p.kbits));
+      }
+      for (int pair = warp; pair < ng_tile * NG; pair += kWarps) {
+        const int gl = pair / NG, hh = pair % NG;
+        float a = 0.0f;
+        for (int c = lane; c < D; c += 32) a = fmaf(q_s[hh * D + c], __half2float(kz_t[gl * D + c]), a);
+        a = warp_sum(a);
+        if (lane == 0) qz_s[pair] = a;
+      }
+      __syncthreads();
+
+      // 2. logits of token i = tid.
+      const int i = tid, t = t0 + i;
+      const bool valid = t < s1 && t >= ks;
+      float x[NG];
+      if (valid) {
+        const int gl = i / p.G;
+        const uint8_t* krow = sb + L.kc + i * krowb;
+        const float* qs = qs_s + gl * NG * D;
+        const float* qz = qz_s + gl * NG;
+        switch (p.kbits) {
+          case 2: key_dot<D, NG, 2>(krow, qs, qz, x); break;
+          case 3: key_dot<D, NG, 3>(krow, qs, qz, x); break;
+          case 4: key_dot<D, NG, 4>(krow, qs, qz, x); break;
+          default: key_dot<D, NG, 8>(krow, qs, qz, x); break;
+        }
+        if (side) {
+          float corr[NG];
+          side_dot<NG>(sb + L.zc + i * zrowb, qu_s, p.r, p.zbits, corr);
+          const float zs = __half2float(reinterpret_cast<const __half*>(sb + L.zs)[i]);
+#pragma unroll
+          for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(zs, corr[hh], x[hh]);
+        }
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) x[hh] *= p.scale_log2;
+      } else {
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) x[hh] = -INFINITY;
+      }
+
+      // 3. online softmax; p*s (and the zero-point term) for the value phase.
+      float pw[NG];
+      softmax_step<NG, NGV>(x, wmax_s, st, pw);
+      if (vcodes) {
+        const __half* vs_t = reinterpret_cast<const __half*>(sb + L.vs) + i * ngv;
+        const __half* vz_t = reinterpret_cast<const __half*>(sb + L.vz) + i * ngv;
+#pragma unroll
+        for (int g = 0; g < NGV; ++g) {
+          if (g < ngv) {
+            const float s = valid ? __half2float(vs_t[g]) : 0.0f;
+            const float z = valid ? __half2float(vz_t[g]) : 0.0f;
+#pragma unroll
+            for (int hh = 0; hh < NG; ++hh) {
+              pv_s[(i * ngv + g) * NG + hh] = pw[hh] * s;
+              st.az[hh][g] = fmaf(pw[hh], z, st.az[hh][g]);
+            }
+          }
+        }
+      } else {
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) pv_s[i * NG + hh] = pw[hh];
+      }
+      __syncthreads();
+
+      // 4. values of the visible tokens [i_begin, i_end) of the tile.
+      const int i_begin = max(0, ks - t0), i_end = min(kTile, s1 - t0);
+      if (vcodes) {
+        const uint8_t* vc = sb + L.vc;
+        switch (p.vbits) {
+          case 2: value_codes<D, NG, NGV, 2>(vc, pv_s, ngv, p.Gv, i_begin, i_end, st); break;
+          case 3: value_codes<D, NG, NGV, 3>(vc, pv_s, ngv, p.Gv, i_begin, i_end, st); break;
+          case 4: value_codes<D, NG, NGV, 4>(vc, pv_s, ngv, p.Gv, i_begin, i_end, st); break;
+          default: value_codes<D, NG, NGV, 8>(vc, pv_s, ngv, p.Gv, i_begin, i_end, st); break;
+        }
+      } else {
+        const char* vbase = vd_g + static_cast<int64_t>(t0) * p.v_dense.st;
+        with_elem(p.dtype, [&](auto tag) {
+          value_dense<D, NG, NGV, decltype(tag)>(vbase, p.v_dense.st, pv_s, i_begin, i_end, st);
+        });
+      }
+    }
+    // Undo the 2^p of the unpacked value codes (exact power-of-two scaling).
+    if (vcodes) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float f = pow2_neg(code_pos(j, p.vbits));
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) st.acc[hh][j] *= f;
+      }
+    }
+  } else if (split >= p.Sq) {
+    // ---- dense window ----
+    const int w_lo = (split - p.Sq) * p.wchunk;
+    const int w_hi = min(w_lo + p.wchunk, nw);
+    const char* kw_g = p.k_window.p + b * p.k_window.sb + h * p.k_window.sh;
+    const char* vw_g = p.v_window.p + b * p.v_window.sb + h * p.v_window.sh;
+    for (int w0 = w_lo; w0 < w_hi; w0 += kTile) {
+      __syncthreads();  // pv_s of the previous tile is consumed
+      const int i = tid, w = w0 + i;
+      const bool valid = w < w_hi && nq + w >= ks;
+      float x[NG];
+      if (valid) {
+        const char* krow = kw_g + static_cast<int64_t>(w) * p.k_window.st;
+        with_elem(p.dtype, [&](auto tag) { dense_key_dot<D, NG, decltype(tag)>(krow, q_s, x); });
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) x[hh] *= p.scale_log2;
+      } else {
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) x[hh] = -INFINITY;
+      }
+      float pw[NG];
+      softmax_step<NG, NGV>(x, wmax_s, st, pw);
+#pragma unroll
+      for (int hh = 0; hh < NG; ++hh) pv_s[i * NG + hh] = pw[hh];
+      __syncthreads();
+      const int i_begin = max(0, ks - nq - w0), i_end = min(kTile, w_hi - w0);
+      const char* vbase = vw_g + static_cast<int64_t>(w0) * p.v_window.st;
+      with_elem(p.dtype, [&](auto tag) {
+        value_dense<D, NG, NGV, decltype(tag)>(vbase, p.v_window.st, pv_s, i_begin, i_end, st);
+      });
+    }
+  }
+
+  // ---- end of split: reduce the per-thread partials ----
+  __syncthreads();  // staging buffers are free (red_s aliases them)
+#pragma unroll
+  for (int hh = 0; hh < NG; ++hh) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float a = st.acc[hh][j];
+#pragma unroll
+      for (int off = CS; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+      st.acc[hh][j] = a;
+    }
+    const float lw = warp_sum(st.l[hh]);
+    if (lane == 0) lsum_s[warp * NG + hh] = lw;
+#pragma unroll
+    for (int g = 0; g < NGV; ++g) {
+      const float zw = warp_sum(st.az[hh][g]);
+      if (lane == 0) az_s[(warp * NG + hh) * NGV + g] = zw;
+    }
+  }
+  if (lane < CS) {
+#pragma unroll
+    for (int hh = 0; hh < NG; ++hh) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) red_s[(warp * NG + hh) * D + lane * 8 + j] = st.acc[hh][j];
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < NG * D; idx += kThreads) {
+    const int hh = idx / D, c = idx % D;
+    float o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += red_s[w * NG * D + idx];
+    if (vcodes && split < p.Sq) {
+      const int g = c / p.Gv;
+      float z = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) z += az_s[(w * NG + hh) * NGV + g];
+      o += z;
+    }
+    out_s[idx] = o;
+  }
+  __syncthreads();
+
+  // Heavy slots (A^2 value policy): numerator-only corrections a_idx * delta for kept tokens of
+  // this block's range, with the logit recomputed exactly as above (one warp per slot).
+  if (p.heavy_delta.p != nullptr && s0 < s1) {
+    const int32_t* hidx = p.heavy_idx + (static_cast<int64_t>(b) * p.H + h) * p.K;
+    for (int k = warp; k < p.K; k += kWarps) {
+      const int t = hidx[k];
+      if (t < s0 || t >= s1 || t < ks) continue;  // warp-uniform
+      float x[NG];
+      token_logit_warp<NG>(p, b, h, t, q_s, qu_s, x);
+      const char* drow = p.heavy_delta.p + b * p.heavy_delta.sb + h * p.heavy_delta.sh +
+                         static_cast<int64_t>(k) * p.heavy_delta.st;
+      for (int c = lane; c < D; c += 32) {
+        const float d = load_as_float(drow, p.dtype, c);
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) {
+          if (st.m[hh] != -INFINITY) atomicAdd(&out_s[hh * D + c], exp2f(x[hh] - st.m[hh]) * d);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // Partial results of this split.
+  for (int idx = tid; idx < nh * D; idx += kThreads) {
+    const int hh = idx / D, c = idx % D;
+    const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + hh) * p.S + split;
+    p.part_acc[row * D + c] = out_s[idx];
+  }
+  if (tid < nh) {
+    float l = 0.0f, m = st.m[0];
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) l += lsum_s[w * NG + tid];
+#pragma unroll
+    for (int hh = 1; hh < NG; ++hh) m = (hh == tid) ? st.m[hh] : m;  // static register index
+    const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + tid) * p.S + split;
+    p.part_ml[row * 2] = m;
+    p.part_ml[row * 2 + 1] = l;
+  }
+}
+
+// ---------------------------------------------------------------------------- combine kernel --
+// out[b, hq, c] = sum_s 2^(m_s - M) acc_s[c] / sum_s 2^(m_s - M) l_s  (0 when nothing visible),
+// lse[b, hq] = ln(sum_t exp(logit_t)) = (M + log2(sum_s 2^(m_s - M) l_s)) * ln 2  (-inf: none).
+template <typename E>
+__global__ void __launch_bounds__(kThreads)
+decode_combine_kernel(const float* __restrict__ part_acc,  // [BHq, S, D]
+                      const float* __restrict__ part_ml,   // [BHq, S, 2]
+                      int S, int D, E* __restrict__ out,   // [BHq, D]
+                      float* __restrict__ lse) {           // [BHq]
+  const int64_t row = blockIdx.x;
+  const float* ml = part_ml + row * S * 2;
+  float M = -INFINITY;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
+  float Lsum = 0.0f;
+  if (M != -INFINITY) {
+    for (int s = 0; s < S; ++s) {
+      if (ml[2 * s] != -INFINITY) Lsum += exp2f(ml[2 * s] - M) * ml[2 * s + 1];
+    }
+  }
+  const float inv = Lsum > 0.0f ? 1.0f / Lsum : 0.0f;
+  if (threadIdx.x == 0) lse[row] = Lsum > 0.0f ? (M + log2f(Lsum)) * 0.6931471805599453f : -INFINITY;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) {
+    float o = 0.0f;
+    if (inv != 0.0f) {
+      for (int s = 0; s < S; ++s) {
+        if (ml[2 * s] != -INFINITY) o = fmaf(exp2f(ml[2 * s] - M), part_acc[(row * S + s) * D + c], o);
+      }
+    }
+    out[row * D + c] = from_float<E>(o * inv);
+  }
+}
+
+template <int D, int NG>
+cudaError_t launch_split_typed(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
+  auto kernel = decode_split_kernel<D, NG>;
+  if (plan.smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(p.S, p.H * p.nchunk, p.B);
+  kernel<<<grid, kThreads, plan.smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int D, int NG>
+cudaError_t occupancy_typed(size_t smem, int* blocks) {
+  auto kernel = decode_split_kernel<D, NG>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, smem);
+}
+
+template <typename F>
+cudaError_t with_shape(int D, int NG, F&& f) {
+#define HEADQ_DECODE_CASE(d, ng) \
+  if (D == d && NG == ng) return f(std::integral_constant<int, d>{}, std::integral_constant<int, ng>{});
+  HEADQ_DECODE_CASE(64, 1) HEADQ_DECODE_CASE(64, 2) HEADQ_DECODE_CASE(64, 4) HEADQ_DECODE_CASE(64, 8)
+  HEADQ_DECODE_CASE(128, 1) HEADQ_DECODE_CASE(128, 2) HEADQ_DECODE_CASE(128, 4)
+  HEADQ_DECODE_CASE(128, 8)
+#undef HEADQ_DECODE_CASE
+  return cudaErrorInvalidValue;  // head dim / group not supported by the fused kernel
+}
+
+}  // namespace
+
+cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePlan* plan) {
+  DecodePlan pl{};
+  pl.ng = p.ratio >= 8 ? 8 : (p.ratio >= 4 ? 4 : (p.ratio >= 2 ? 2 : 1));
+  if (p.ratio == 3) pl.ng = 4;
+  pl.nchunk = (p.ratio + pl.ng - 1) / pl.ng;
+  pl.smem = static_cast<size_t>(decode_smem(p, pl.ng).total);
+  int per_sm = 1;
+  const cudaError_t err = with_shape(p.D, pl.ng, [&](auto d, auto ng) {
+    return occupancy_typed<decltype(d)::value, decltype(ng)::value>(pl.smem, &per_sm);
+  });
+  if (err != cudaSuccess) return err;
+  per_sm = std::max(per_sm, 1);
+  // One full wave of resident blocks over the (b, kv head, head chunk) pairs.
+  const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl.nchunk;
+  const int64_t target = static_cast<int64_t>(sm_count) * per_sm;
+  const int tiles = (p.Tq + kTile - 1) / kTile;
+  // Round down: one block more than fits would start a second, nearly empty wave that
+  // doubles the step time (e.g. 9 splits x 64 pairs = 576 > 528 resident blocks).
+  const int want = static_cast<int>(std::max<int64_t>(1, target / pairs));
+  if (tiles > 0) {
+    const int sq = std::min(want, tiles);
+    const int chunk_tiles = (tiles + sq - 1) / sq;
+    pl.chunk_tokens = chunk_tiles * kTile;
+    pl.Sq = (tiles + chunk_tiles - 1) / chunk_tiles;
+  } else {
+    pl.chunk_tokens = kTile;
+    pl.Sq = 0;
+  }
+  if (p.W > 0) {
+    const int wtiles = (p.W + kTile - 1) / kTile;
+    const int wchunk_tiles = std::max(1, std::min(wtiles, pl.chunk_tokens / kTile));
+    pl.wchunk = wchunk_tiles * kTile;
+    pl.Sw = (p.W + pl.wchunk - 1) / pl.wchunk;
+  } else {
+    pl.wchunk = kTile;
+    pl.Sw = 0;
+  }
+  *plan = pl;
+  return cudaSuccess;
+}
+
+cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
+  if (p.S == 0 || p.B == 0 || p.H == 0) return cudaSuccess;
+  return with_shape(p.D, plan.ng, [&](auto d, auto ng) {
+    return launch_split_typed<decltype(d)::value, decltype(ng)::value>(p, plan, stream);
+  });
+}
+
+cudaError_t launch_decode_combine(const float* part_acc, const float* part_ml, int64_t BHq, int S,
+                                  int D, void* out, float* lse, DType dtype, cudaStream_t stream) {
+  if (BHq == 0) return cudaSuccess;
+  switch (dtype) {
+    case DType::kFloat16:
+      decode_combine_kernel<__half><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
+          part_acc, part_ml, S, D, static_cast<__half*>(out), lse);
+      break;
+    case DType::kBFloat16:
+      decode_combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
+          part_acc, part_ml, S, D, static_cast<__nv_bfloat16*>(out), lse);
+      break;
+    default:
+      decode_combine_kernel<float><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
+          part_acc, part_ml, S, D, static_cast<float*>(out), lse);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace headq

@@ -1,0 +1,142 @@
+// Device-only helpers of the headq CUDA kernels (torch-free): element types, vector loads,
+// ordered warp reductions and cp.async. The float/bit-exact math itself lives in
+// csrc/include/headq/*.h and is shared with the CPU path.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "headq/common.h"
+#include "headq/fp16.h"
+#include "headq/pack.h"
+#include "headq/quant.h"
+#include "launch.cuh"
+
+namespace headq {
+namespace cuda {
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Element i of a dense array of type `dt` as float32 (uniform switch; used off the hot loops).
+__device__ __forceinline__ float load_as_float(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::kFloat16:
+      return __half2float(static_cast<const __half*>(p)[i]);
+    case DType::kBFloat16:
+      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+// A stored float16 scale/zero as float32 (exact).
+__device__ __forceinline__ float f16_at(const __half* p, int64_t i) { return __half2float(p[i]); }
+
+// 8 consecutive elements (16-byte aligned row slice) as float32.
+template <typename T>
+__device__ __forceinline__ void load8(const void* p, float (&f)[8]);
+template <>
+__device__ __forceinline__ void load8<float>(const void* p, float (&f)[8]) {
+  const float4 a = static_cast<const float4*>(p)[0];
+  const float4 b = static_cast<const float4*>(p)[1];
+  f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w;
+  f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+template <>
+__device__ __forceinline__ void load8<__half>(const void* p, float (&f)[8]) {
+  const uint4 u = *static_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    f[2 * i] = v.x;
+    f[2 * i + 1] = v.y;
+  }
+}
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const void* p, float (&f)[8]) {
+  const uint4 u = *static_cast<const uint4*>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // bfloat16 -> float32 is a 16-bit shift of the bit pattern (exact).
+    f[2 * i] = __uint_as_float(w[i] << 16);
+    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+  }
+}
+
+// Butterfly sum / max over the 32 lanes (every lane gets the result). Order-insensitive uses only.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// Order-preserving NaN-propagating min/max over the 32 lanes, lane l holding the partial of
+// elements that precede those of lane l+1. Pairs are merged as (lower lanes, higher lanes) at
+// every level (offsets 1, 2, 4, ...), so ties between equal values (e.g. -0.0 and +0.0) resolve
+// to the first element exactly as the sequential CPU loop (nan_min/nan_max) does; cub's
+// WarpReduce does not document the operand order, hence this hand-written tree. The result is
+// broadcast from lane 0.
+__device__ __forceinline__ void warp_ordered_minmax(float& mn, float& mx) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const float omn = __shfl_down_sync(0xffffffffu, mn, off);
+    const float omx = __shfl_down_sync(0xffffffffu, mx, off);
+    if ((lane & (2 * off - 1)) == 0) {
+      mn = nan_min(mn, omn);
+      mx = nan_max(mx, omx);
+    }
+  }
+  mn = __shfl_sync(0xffffffffu, mn, 0);
+  mx = __shfl_sync(0xffffffffu, mx, 0);
+}
+
+// 16-byte global -> shared asynchronous copy (sm_80+), L2-only (.cg): the packed cache is
+// streamed once, so it should not evict anything from L1.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+// Copy nbytes (a multiple of 16; both pointers 16-byte aligned) with the whole block.
+__device__ __forceinline__ void block_copy_async(void* smem_dst, const void* gmem_src,
+                                                 int64_t nbytes, int tid, int nthreads) {
+  char* d = static_cast<char*>(smem_dst);
+  const char* s = static_cast<const char*>(gmem_src);
+  for (int64_t off = static_cast<int64_t>(tid) * 16; off < nbytes;
+       off += static_cast<int64_t>(nthreads) * 16) {
+    cp_async16(d + off, s + off);
+  }
+}
+
+}  // namespace cuda
+}  // namespace headq

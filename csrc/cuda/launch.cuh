@@ -1,0 +1,144 @@
+// Torch-free launchers of the headq CUDA kernels: raw pointers, strides and a stream in,
+// cudaError_t (of the launch) out. Implemented in quant_kernels.cu and decode_kernels.cu,
+// called by the ATen wrappers in ops.cu. All indices and strides are 64-bit.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace headq {
+namespace cuda {
+
+// Floating element type of an op's dense tensors (inputs are float32, float16 or bfloat16).
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// ---------------------------------------------------------------------------------------------
+// Quantisation ops (docs/LAYOUT.md). Packed outputs and float16 scale/zero tensors are
+// contiguous; dense inputs take element strides (sb, sh, st, sd) of [B, H, T, D].
+
+cudaError_t launch_quantize_keys(const void* k,  // [B, H, T, D] dtype, strides in elements
+                                 DType dtype, int64_t sb, int64_t sh, int64_t st, int64_t sd,
+                                 int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
+                                 uint8_t* codes,  // [B, H, T, D*bits/8]
+                                 void* scale,     // [B, H, T/G, D] f16
+                                 void* zero,      // [B, H, T/G, D] f16
+                                 cudaStream_t stream);
+
+cudaError_t launch_dequantize_keys(const uint8_t* codes,  // [B, H, T, D*bits/8]
+                                   const void* scale,     // [B, H, T/G, D] f16
+                                   const void* zero,      // [B, H, T/G, D] f16
+                                   int64_t BH, int64_t T, int64_t D, int bits, int G,
+                                   void* out,  // [B, H, T, D] out dtype, contiguous
+                                   DType out_dtype, cudaStream_t stream);
+
+cudaError_t launch_quantize_values(const void* v,  // [B, H, T, D] dtype, strides in elements
+                                   DType dtype, int64_t sb, int64_t sh, int64_t st, int64_t sd,
+                                   int64_t B, int64_t H, int64_t T, int64_t D, int bits, int Gv,
+                                   uint8_t* codes,  // [B, H, T, D*bits/8]
+                                   void* scale,     // [B, H, T, D/Gv] f16
+                                   void* zero,      // [B, H, T, D/Gv] f16
+                                   cudaStream_t stream);
+
+cudaError_t launch_dequantize_values(const uint8_t* codes,  // [B, H, T, D*bits/8]
+                                     const void* scale,     // [B, H, T, D/Gv] f16
+                                     const void* zero,      // [B, H, T, D/Gv] f16
+                                     int64_t rows, int64_t D, int bits, int Gv,
+                                     void* out,  // [B, H, T, D] out dtype, contiguous
+                                     DType out_dtype, cudaStream_t stream);
+
+cudaError_t launch_side_code(const void* k,  // [B, H, T, D] dtype, strides in elements
+                             DType dtype, int64_t sb, int64_t sh, int64_t st, int64_t sd,
+                             const uint8_t* k_codes,  // [B, H, T, D*key_bits/8]
+                             const void* k_scale,     // [B, H, T/G, D] f16
+                             const void* k_zero,      // [B, H, T/G, D] f16
+                             const float* basis,      // [H, D, r]
+                             int64_t B, int64_t H, int64_t T, int64_t D, int64_t r, int key_bits,
+                             int G, int side_bits, bool center,
+                             uint8_t* z_codes,  // [B, H, T, r*side_bits/8]
+                             void* z_scale,     // [B, H, T] f16
+                             cudaStream_t stream);
+
+cudaError_t launch_dequantize_side(const uint8_t* z_codes,  // [rows, r*side_bits/8]
+                                   const void* z_scale,     // [rows] f16
+                                   int64_t rows, int64_t r, int side_bits,
+                                   float* out,  // [rows, r]
+                                   cudaStream_t stream);
+
+// q [B, Hq, L, D] contiguous; z_codes/z_scale/basis may be null (no correction term).
+cudaError_t launch_corrected_logits(const void* q, DType dtype,  // [B, Hq, L, D]
+                                    const uint8_t* k_codes,      // [B, H, T, D*key_bits/8]
+                                    const void* k_scale,         // [B, H, T/G, D] f16
+                                    const void* k_zero,          // [B, H, T/G, D] f16
+                                    const uint8_t* z_codes,      // [B, H, T, r*bz/8] or null
+                                    const void* z_scale,         // [B, H, T] f16 or null
+                                    const float* basis,          // [H, D, r] or null
+                                    int64_t B, int64_t H, int64_t Hq, int64_t L, int64_t T,
+                                    int64_t D, int64_t r, int key_bits, int G, int side_bits,
+                                    float sign, float scale,
+                                    float* qu,   // [B, Hq, L, r] workspace (null without side)
+                                    float* out,  // [B, Hq, L, T]
+                                    cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// Fused decode attention (flash-decoding: split kernel + combine kernel).
+
+// Base pointer and byte strides of the leading dims of a tensor whose last dim is contiguous:
+// element (b, h, t, :) starts at p + b*sb + h*sh + t*st.
+struct Strided {
+  const char* p = nullptr;
+  int64_t sb = 0, sh = 0, st = 0;
+};
+
+struct DecodeParams {
+  Strided q;            // [B, Hq, D] dtype (st unused)
+  Strided k_codes;      // [B, H, Tq, D*kbits/8]   st == row bytes
+  Strided k_scale;      // [B, H, Tq/G, D] f16     st == 2*D
+  Strided k_zero;       // [B, H, Tq/G, D] f16
+  Strided z_codes;      // [B, H, Tq, r*zbits/8]   (p == null: no side code)
+  Strided z_scale;      // [B, H, Tq] f16
+  const float* basis;   // [H, D, r] contiguous (null without side code)
+  Strided v_codes;      // [B, H, Tq, D*vbits/8]   (p == null: dense values)
+  Strided v_scale;      // [B, H, Tq, D/Gv] f16
+  Strided v_zero;       // [B, H, Tq, D/Gv] f16
+  Strided v_dense;      // [B, H, Tq, D] dtype
+  Strided heavy_delta;  // [B, H, K, D] dtype (p == null: no heavy slots)
+  const int32_t* heavy_idx;  // [B, H, K] contiguous
+  Strided k_window;     // [B, H, W, D] dtype
+  Strided v_window;     // [B, H, W, D] dtype
+  const int32_t* n_quant;    // [B]
+  const int32_t* n_window;   // [B]
+  const int32_t* kv_start;   // [B] or null
+  float* part_acc;      // [B, Hq, S, D] unnormalised partial outputs of the splits
+  float* part_ml;       // [B, Hq, S, 2] (running max in log2 units, sum of exp2)
+  int B, H, Hq, D, ratio, nchunk, K;
+  int Tq, W, S, Sq, chunk_tokens, wchunk;  // splits: Sq over the quantised region, rest window
+  int kbits, G, zbits, r, vbits, Gv;
+  DType dtype;
+  float sign, scale_log2;  // scale * log2(e)
+};
+
+struct DecodePlan {
+  int ng;      // query heads per block (1, 2, 4, 8)
+  int nchunk;  // ceil(ratio / ng)
+  int Sq, Sw;  // quantised-region and window splits
+  int chunk_tokens, wchunk;
+  size_t smem;  // dynamic shared memory of the split kernel
+};
+
+// Fills the plan from the shape fields of p (B, H, Hq, D, ratio, Tq, W, knobs, dtype) and the
+// device's SM count / occupancy. Returns cudaSuccess or the error of an occupancy query.
+cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePlan* plan);
+
+cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan,
+                                cudaStream_t stream);
+
+cudaError_t launch_decode_combine(const float* part_acc,  // [B, Hq, S, D]
+                                  const float* part_ml,   // [B, Hq, S, 2]
+                                  int64_t BHq, int S, int D,
+                                  void* out,   // [B, Hq, D] dtype, contiguous
+                                  float* lse,  // [B, Hq] natural-log sum exp of visible logits
+                                  DType dtype, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace headq

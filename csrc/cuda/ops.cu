@@ -1,0 +1,371 @@
+// ATen host wrappers of the headq CUDA kernels and their registration for the CUDA dispatch
+// key. Each wrapper validates its arguments (validate.h), sets the device guard, allocates the
+// outputs, and launches the torch-free kernels of quant_kernels.cu / decode_kernels.cu on the
+// current stream, checking every launch. No kernel code lives here.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "launch.cuh"
+#include "validate.h"
+
+namespace headq {
+namespace {
+
+using cuda::DType;
+
+DType dtype_of(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat:
+      return DType::kFloat32;
+    case at::kHalf:
+      return DType::kFloat16;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", t, ", expected float32, float16 or bfloat16");
+  }
+}
+
+// The tensor itself when its layout suits the decode kernel, else a contiguous 16-byte aligned
+// copy. rows: the last two dims must form contiguous [T, R] rows per (b, h) (packed streams,
+// copied as one byte range per tile); otherwise every leading stride must be 16-byte aligned
+// (dense rows read with 16-byte vectors). The last dim is always unit-stride.
+at::Tensor decode_ready(const at::Tensor& t, bool rows) {
+  if (t.numel() == 0) return t;
+  const int64_t es = t.element_size();
+  const int nd = static_cast<int>(t.dim());
+  bool ok = t.stride(nd - 1) == 1 || t.size(nd - 1) <= 1;
+  ok = ok && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (rows) ok = ok && (t.size(nd - 2) <= 1 || t.stride(nd - 2) == t.size(nd - 1));
+  const int lead = rows ? nd - 2 : nd - 1;
+  for (int d = 0; d < lead; ++d) ok = ok && (t.size(d) <= 1 || (t.stride(d) * es) % 16 == 0);
+  if (ok) return t;
+  at::Tensor c = t.contiguous();
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = t.clone(at::MemoryFormat::Contiguous);
+  return c;
+}
+
+// Base pointer and byte strides of dims 0, 1, 2 (those that exist).
+cuda::Strided strided(const at::Tensor& t) {
+  cuda::Strided s;
+  if (t.numel() == 0) return s;
+  const int64_t es = t.element_size();
+  s.p = static_cast<const char*>(t.data_ptr());
+  s.sb = t.stride(0) * es;
+  s.sh = t.dim() > 1 ? t.stride(1) * es : 0;
+  s.st = t.dim() > 2 ? t.stride(2) * es : es;
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys_cuda(
+    const at::Tensor& k,  // [B, H, T, D] any strides
+    int64_t bits, int64_t group_size) {
+  validate_quantize_keys(k, bits, group_size);
+  const c10::cuda::CUDAGuard guard(k.device());
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3), G = group_size;
+  at::Tensor codes = at::empty({B, H, T, D * bits / 8}, k.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({B, H, T / G, D}, k.options().dtype(at::kHalf));
+  at::Tensor zero = at::empty({B, H, T / G, D}, k.options().dtype(at::kHalf));
+  const cudaError_t err = cuda::launch_quantize_keys(
+      k.data_ptr(), dtype_of(k.scalar_type(), "quantize_keys"), k.stride(0), k.stride(1),
+      k.stride(2), k.stride(3), B, H, T, D, static_cast<int>(bits), static_cast<int>(G),
+      codes.data_ptr<uint8_t>(), scale.data_ptr(), zero.data_ptr(),
+      at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {codes, scale, zero};
+}
+
+at::Tensor dequantize_keys_cuda(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
+                                const at::Tensor& scale_in,  // [B, H, T/G, D] f16
+                                const at::Tensor& zero_in,   // [B, H, T/G, D] f16
+                                int64_t bits, int64_t group_size, at::ScalarType out_dtype) {
+  validate_dequantize_keys(codes_in, scale_in, zero_in, bits, group_size, out_dtype);
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const at::Tensor zero = zero_in.contiguous();
+  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
+  const int64_t D = codes.size(3) * 8 / bits;
+  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
+  const cudaError_t err = cuda::launch_dequantize_keys(
+      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(), B * H, T, D,
+      static_cast<int>(bits), static_cast<int>(group_size), out.data_ptr(),
+      dtype_of(out_dtype, "dequantize_keys"), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values_cuda(
+    const at::Tensor& v,  // [B, H, T, D] any strides
+    int64_t bits, int64_t group_size) {
+  validate_quantize_values(v, bits, group_size);
+  const c10::cuda::CUDAGuard guard(v.device());
+  const int64_t B = v.size(0), H = v.size(1), T = v.size(2), D = v.size(3), Gv = group_size;
+  at::Tensor codes = at::empty({B, H, T, D * bits / 8}, v.options().dtype(at::kByte));
+  at::Tensor scale = at::empty({B, H, T, D / Gv}, v.options().dtype(at::kHalf));
+  at::Tensor zero = at::empty({B, H, T, D / Gv}, v.options().dtype(at::kHalf));
+  const cudaError_t err = cuda::launch_quantize_values(
+      v.data_ptr(), dtype_of(v.scalar_type(), "quantize_values"), v.stride(0), v.stride(1),
+      v.stride(2), v.stride(3), B, H, T, D, static_cast<int>(bits), static_cast<int>(Gv),
+      codes.data_ptr<uint8_t>(), scale.data_ptr(), zero.data_ptr(),
+      at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {codes, scale, zero};
+}
+
+at::Tensor dequantize_values_cuda(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
+                                  const at::Tensor& scale_in,  // [B, H, T, D/Gv] f16
+                                  const at::Tensor& zero_in,   // [B, H, T, D/Gv] f16
+                                  int64_t bits, int64_t group_size, at::ScalarType out_dtype) {
+  validate_dequantize_values(codes_in, scale_in, zero_in, bits, group_size, out_dtype);
+  const c10::cuda::CUDAGuard guard(codes_in.device());
+  const at::Tensor codes = codes_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  const at::Tensor zero = zero_in.contiguous();
+  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
+  const int64_t D = codes.size(3) * 8 / bits;
+  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
+  const cudaError_t err = cuda::launch_dequantize_values(
+      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(), B * H * T,
+      D, static_cast<int>(bits), static_cast<int>(group_size), out.data_ptr(),
+      dtype_of(out_dtype, "dequantize_values"), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> side_code_cuda(
+    const at::Tensor& k,          // [B, H, T, D] any strides
+    const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] uint8
+    const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
+    const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
+    const at::Tensor& basis_in,    // [H, D, r] f32
+    int64_t key_bits, int64_t group_size, int64_t side_bits, bool center) {
+  validate_side_code(k, k_codes_in, k_scale_in, k_zero_in, basis_in, key_bits, group_size,
+                     side_bits, center);
+  const c10::cuda::CUDAGuard guard(k.device());
+  const at::Tensor k_codes = k_codes_in.contiguous();
+  const at::Tensor k_scale = k_scale_in.contiguous();
+  const at::Tensor k_zero = k_zero_in.contiguous();
+  const at::Tensor basis = basis_in.contiguous();
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
+  const int64_t r = basis.size(2);
+  at::Tensor z_codes = at::empty({B, H, T, r * side_bits / 8}, k.options().dtype(at::kByte));
+  at::Tensor z_scale = at::empty({B, H, T}, k.options().dtype(at::kHalf));
+  const cudaError_t err = cuda::launch_side_code(
+      k.data_ptr(), dtype_of(k.scalar_type(), "side_code"), k.stride(0), k.stride(1), k.stride(2),
+      k.stride(3), k_codes.const_data_ptr<uint8_t>(), k_scale.const_data_ptr(),
+      k_zero.const_data_ptr(), basis.const_data_ptr<float>(), B, H, T, D, r,
+      static_cast<int>(key_bits), static_cast<int>(group_size), static_cast<int>(side_bits), center,
+      z_codes.data_ptr<uint8_t>(), z_scale.data_ptr(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {z_codes, z_scale};
+}
+
+at::Tensor dequantize_side_cuda(const at::Tensor& z_codes_in,  // [B, H, T, r*side_bits/8] uint8
+                                const at::Tensor& z_scale_in,  // [B, H, T] f16
+                                int64_t side_bits) {
+  validate_dequantize_side(z_codes_in, z_scale_in, side_bits);
+  const c10::cuda::CUDAGuard guard(z_codes_in.device());
+  const at::Tensor z_codes = z_codes_in.contiguous();
+  const at::Tensor z_scale = z_scale_in.contiguous();
+  const int64_t r = 8 * z_codes.size(-1) / side_bits;
+  std::vector<int64_t> shape(z_scale.sizes().begin(), z_scale.sizes().end());
+  shape.push_back(r);
+  at::Tensor out = at::empty(shape, z_codes.options().dtype(at::kFloat));
+  const cudaError_t err = cuda::launch_dequantize_side(
+      z_codes.const_data_ptr<uint8_t>(), z_scale.const_data_ptr(), z_scale.numel(), r,
+      static_cast<int>(side_bits), out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor corrected_logits_cuda(const at::Tensor& q_in,        // [B, Hq, L, D]
+                                 const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] uint8
+                                 const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
+                                 const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
+                                 const std::optional<at::Tensor>& z_codes_in,  // [B, H, T, r*bz/8]
+                                 const std::optional<at::Tensor>& z_scale_in,  // [B, H, T] f16
+                                 const std::optional<at::Tensor>& basis_in,    // [H, D, r] f32
+                                 int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                 double sign, double scale) {
+  validate_corrected_logits(q_in, k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in,
+                            basis_in, key_bits, group_size, side_bits, sign, scale);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k_codes = k_codes_in.contiguous();
+  const at::Tensor k_scale = k_scale_in.contiguous();
+  const at::Tensor k_zero = k_zero_in.contiguous();
+  const bool side = z_codes_in.has_value();
+  const at::Tensor z_codes = side ? z_codes_in->contiguous() : at::Tensor();
+  const at::Tensor z_scale = side ? z_scale_in->contiguous() : at::Tensor();
+  const at::Tensor basis = side ? basis_in->contiguous() : at::Tensor();
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t H = k_codes.size(1), T = k_codes.size(2);
+  const int64_t r = side ? basis.size(2) : 0;
+  at::Tensor out = at::empty({B, Hq, L, T}, q.options().dtype(at::kFloat));
+  at::Tensor qu = side ? at::empty({B, Hq, L, r}, q.options().dtype(at::kFloat)) : at::Tensor();
+  const cudaError_t err = cuda::launch_corrected_logits(
+      q.const_data_ptr(), dtype_of(q.scalar_type(), "corrected_logits"),
+      k_codes.const_data_ptr<uint8_t>(), k_scale.const_data_ptr(), k_zero.const_data_ptr(),
+      side ? z_codes.const_data_ptr<uint8_t>() : nullptr, side ? z_scale.const_data_ptr() : nullptr,
+      side ? basis.const_data_ptr<float>() : nullptr, B, H, Hq, L, T, D, r,
+      static_cast<int>(key_bits), static_cast<int>(group_size), static_cast<int>(side_bits),
+      static_cast<float>(sign), static_cast<float>(scale), side ? qu.data_ptr<float>() : nullptr,
+      out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
+    const at::Tensor& q_in,                          // [B, Hq, D]
+    const at::Tensor& k_codes_in,                    // [B, H, Tq, D*key_bits/8] uint8
+    const at::Tensor& k_scale_in,                    // [B, H, Tq/G, D] f16
+    const at::Tensor& k_zero_in,                     // [B, H, Tq/G, D] f16
+    const std::optional<at::Tensor>& z_codes_in,     // [B, H, Tq, r*bz/8] uint8
+    const std::optional<at::Tensor>& z_scale_in,     // [B, H, Tq] f16
+    const std::optional<at::Tensor>& basis_in,       // [H, D, r] f32
+    const std::optional<at::Tensor>& v_codes_in,     // [B, H, Tq, D*value_bits/8] uint8
+    const std::optional<at::Tensor>& v_scale_in,     // [B, H, Tq, D/Gv] f16
+    const std::optional<at::Tensor>& v_zero_in,      // [B, H, Tq, D/Gv] f16
+    const std::optional<at::Tensor>& v_dense_in,     // [B, H, Tq, D] q.dtype
+    const std::optional<at::Tensor>& heavy_delta_in,  // [B, H, K, D] q.dtype
+    const std::optional<at::Tensor>& heavy_idx_in,   // [B, H, K] int32
+    const at::Tensor& k_window_in,                   // [B, H, W, D] q.dtype
+    const at::Tensor& v_window_in,                   // [B, H, W, D] q.dtype
+    const at::Tensor& n_quant_in,                    // [B] int32
+    const at::Tensor& n_window_in,                   // [B] int32
+    const std::optional<at::Tensor>& kv_start_in,    // [B] int32
+    int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
+    int64_t value_group_size, double sign, double scale) {
+  validate_decode_attention(q_in, k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in,
+                            basis_in, v_codes_in, v_scale_in, v_zero_in, v_dense_in,
+                            heavy_delta_in, heavy_idx_in, k_window_in, v_window_in, n_quant_in,
+                            n_window_in, kv_start_in, key_bits, group_size, side_bits, value_bits,
+                            value_group_size, sign, scale);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
+  const int64_t H = k_codes_in.size(1), Tq = k_codes_in.size(2), W = k_window_in.size(2);
+  TORCH_CHECK(D == 64 || D == 128, "decode_attention (CUDA): head dim must be 64 or 128, got ", D,
+              " (the fused kernel is specialised on the head dim; use the CPU op otherwise)");
+  TORCH_CHECK(Tq <= INT32_MAX && W <= INT32_MAX && B <= 65535 && Hq <= 65535,
+              "decode_attention (CUDA): shape too large for the launch grid");
+
+  const at::Tensor q = q_in.stride(2) == 1 ? q_in : q_in.contiguous();
+  const at::Tensor k_codes = decode_ready(k_codes_in, true);
+  const at::Tensor k_scale = decode_ready(k_scale_in, true);
+  const at::Tensor k_zero = decode_ready(k_zero_in, true);
+  const bool side = z_codes_in.has_value();
+  const at::Tensor z_codes = side ? decode_ready(*z_codes_in, true) : at::Tensor();
+  const at::Tensor z_scale = side ? decode_ready(*z_scale_in, false) : at::Tensor();
+  const at::Tensor basis = side ? basis_in->contiguous() : at::Tensor();
+  const bool vcodes = v_codes_in.has_value();
+  const at::Tensor v_codes = vcodes ? decode_ready(*v_codes_in, true) : at::Tensor();
+  const at::Tensor v_scale = vcodes ? decode_ready(*v_scale_in, true) : at::Tensor();
+  const at::Tensor v_zero = vcodes ? decode_ready(*v_zero_in, true) : at::Tensor();
+  const at::Tensor v_dense = vcodes ? at::Tensor() : decode_ready(*v_dense_in, false);
+  const bool heavy = heavy_delta_in.has_value() && heavy_delta_in->numel() > 0;
+  const at::Tensor heavy_delta = heavy ? heavy_delta_in->contiguous() : at::Tensor();
+  const at::Tensor heavy_idx = heavy ? heavy_idx_in->contiguous() : at::Tensor();
+  const at::Tensor k_window = decode_ready(k_window_in, false);
+  const at::Tensor v_window = decode_ready(v_window_in, false);
+  const at::Tensor n_quant = n_quant_in.contiguous();
+  const at::Tensor n_window = n_window_in.contiguous();
+  const at::Tensor kv_start = kv_start_in.has_value() ? kv_start_in->contiguous() : at::Tensor();
+
+  cuda::DecodeParams p{};
+  p.q = strided(q);
+  p.k_codes = strided(k_codes);
+  p.k_scale = strided(k_scale);
+  p.k_zero = strided(k_zero);
+  if (side) {
+    p.z_codes = strided(z_codes);
+    p.z_scale = strided(z_scale);
+    p.basis = basis.const_data_ptr<float>();
+  }
+  if (vcodes) {
+    p.v_codes = strided(v_codes);
+    p.v_scale = strided(v_scale);
+    p.v_zero = strided(v_zero);
+  } else {
+    p.v_dense = strided(v_dense);
+  }
+  if (heavy) {
+    p.heavy_delta = strided(heavy_delta);
+    p.heavy_idx = heavy_idx.const_data_ptr<int32_t>();
+    p.K = static_cast<int>(heavy_idx.size(2));
+  }
+  p.k_window = strided(k_window);
+  p.v_window = strided(v_window);
+  p.n_quant = n_quant.const_data_ptr<int32_t>();
+  p.n_window = n_window.const_data_ptr<int32_t>();
+  p.kv_start = kv_start.defined() ? kv_start.const_data_ptr<int32_t>() : nullptr;
+  p.B = static_cast<int>(B);
+  p.H = static_cast<int>(H);
+  p.Hq = static_cast<int>(Hq);
+  p.D = static_cast<int>(D);
+  p.ratio = static_cast<int>(Hq / H);
+  p.Tq = static_cast<int>(Tq);
+  p.W = static_cast<int>(W);
+  p.kbits = static_cast<int>(key_bits);
+  p.G = static_cast<int>(group_size);
+  p.zbits = static_cast<int>(side_bits);
+  p.r = side ? static_cast<int>(basis.size(2)) : 0;
+  p.vbits = static_cast<int>(value_bits);
+  p.Gv = static_cast<int>(value_group_size);
+  p.dtype = dtype_of(q.scalar_type(), "decode_attention");
+  p.sign = static_cast<float>(sign);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+
+  cuda::DecodePlan plan{};
+  const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &plan));
+  p.nchunk = plan.nchunk;
+  p.Sq = plan.Sq;
+  p.S = plan.Sq + plan.Sw;
+  p.chunk_tokens = plan.chunk_tokens;
+  p.wchunk = plan.wchunk;
+
+  at::Tensor out = at::empty({B, Hq, D}, q.options());
+  at::Tensor lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
+  at::Tensor part_acc = at::empty({B, Hq, p.S, D}, q.options().dtype(at::kFloat));
+  at::Tensor part_ml = at::empty({B, Hq, p.S, 2}, q.options().dtype(at::kFloat));
+  p.part_acc = part_acc.data_ptr<float>();
+  p.part_ml = part_ml.data_ptr<float>();
+
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  C10_CUDA_CHECK(cuda::launch_decode_split(p, plan, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  C10_CUDA_CHECK(cuda::launch_decode_combine(p.part_acc, p.part_ml, B * Hq, p.S,
+                                             static_cast<int>(D), out.data_ptr(),
+                                             lse.data_ptr<float>(), p.dtype, stream));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+}  // namespace
+}  // namespace headq
+
+TORCH_LIBRARY_IMPL(headq, CUDA, m) {
+  m.impl("quantize_keys", &headq::quantize_keys_cuda);
+  m.impl("dequantize_keys", &headq::dequantize_keys_cuda);
+  m.impl("quantize_values", &headq::quantize_values_cuda);
+  m.impl("dequantize_values", &headq::dequantize_values_cuda);
+  m.impl("side_code", &headq::side_code_cuda);
+  m.impl("dequantize_side", &headq::dequantize_side_cuda);
+  m.impl("corrected_logits", &headq::corrected_logits_cuda);
+  m.impl("decode_attention", &headq::decode_attention_cuda);
+}

@@ -1,0 +1,486 @@
+// CUDA kernels of the quantisation ops (quantize/dequantize keys and values, side code,
+// dequantize_side, corrected_logits). Torch-free: raw pointers and strides in, launch error out.
+//
+// Codes, scales and zeros are bit-identical to docs/LAYOUT.md and the CPU path: all quantiser
+// arithmetic goes through the separately rounded helpers of headq/quant.h (__fdiv_rn, rintf,
+// __fmul_rn/__fadd_rn; never an FMA), and every reduction whose order is part of the contract
+// (min/max ties, the centring mean, the side-code projection) runs in the documented order.
+// None of these ops is on the decode hot path; they are written for exactness and clarity, with
+// coalesced stores and enough parallelism (one block per key group, one warp per value group).
+
+#include <algorithm>
+
+#include "device_common.cuh"
+
+namespace headq {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 128;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid size of a grid-stride elementwise kernel (capped: the loop covers the rest).
+unsigned elementwise_blocks(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(n, kThreads), 1 << 20)));
+}
+
+// Byte j of a packed row whose code i is code_of(i), for codes that may straddle bytes.
+template <typename CodeFn>
+__device__ __forceinline__ uint8_t pack_byte(int64_t j, int bits, int64_t n, CodeFn code_of) {
+  uint32_t byte = 0;
+  const int64_t c_lo = (8 * j) / bits;
+  const int64_t c_last = (8 * j + 7) / bits;
+  const int64_t c_hi = c_last < n - 1 ? c_last : n - 1;
+  for (int64_t c = c_lo; c <= c_hi; ++c) {
+    const uint32_t code = code_of(c);
+    const int64_t shift = c * bits - 8 * j;  // -7 .. 7
+    byte |= (shift >= 0) ? (code << shift) : (code >> (-shift));
+  }
+  return static_cast<uint8_t>(byte & 0xffu);
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantize_keys: one block per (b, h, key group). Thread c owns channel c for the min/max over
+// the G tokens (sequential, ascending t: same tie/NaN behaviour as the CPU loop), then the
+// block packs the group's G x D codes byte by byte (consecutive threads -> consecutive bytes).
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads)
+quantize_keys_kernel(const Elem* __restrict__ k,  // [B, H, T, D], element strides sb, sh, st, sd
+                     int64_t sb, int64_t sh, int64_t st, int64_t sd, int64_t H, int64_t T,
+                     int64_t D, int bits, int G,
+                     uint8_t* __restrict__ codes,  // [B, H, T, D*bits/8]
+                     __half* __restrict__ scale,   // [B, H, T/G, D]
+                     __half* __restrict__ zero) {  // [B, H, T/G, D]
+  extern __shared__ float qk_smem[];
+  float* s_s = qk_smem;      // [D] float32 value of the stored scale
+  float* z_s = qk_smem + D;  // [D] float32 value of the stored zero
+  const int64_t ngroups = T / G;
+  const int64_t bh = blockIdx.x / ngroups;
+  const int64_t g = blockIdx.x % ngroups;
+  const int64_t b = bh / H, h = bh % H;
+  const Elem* kbh = k + b * sb + h * sh + g * G * st;  // [G, D] of this group
+  const int64_t sg = bh * ngroups + g;              // scale/zero row
+
+  for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+    float mn = to_float(kbh[c * sd]);
+    float mx = mn;
+    for (int t = 1; t < G; ++t) {
+      const float x = to_float(kbh[t * st + c * sd]);
+      mn = nan_min(mn, x);
+      mx = nan_max(mx, x);
+    }
+    const AsymParams pr = asym_params(mn, mx, bits);
+    scale[sg * D + c] = __ushort_as_half(pr.scale_bits);
+    zero[sg * D + c] = __ushort_as_half(pr.zero_bits);
+    s_s[c] = pr.scale;
+    z_s[c] = pr.zero;
+  }
+  __syncthreads();
+
+  const int64_t rowb = D * bits / 8;
+  uint8_t* out = codes + (bh * T + g * G) * rowb;  // [G, rowb]
+  for (int64_t idx = threadIdx.x; idx < G * rowb; idx += blockDim.x) {
+    const int64_t t = idx / rowb, j = idx % rowb;
+    const Elem* xr = kbh + t * st;
+    out[idx] = pack_byte(j, bits, D, [&](int64_t c) {
+      return asym_code(to_float(xr[c * sd]), s_s[c], z_s[c], bits);
+    });
+  }
+}
+
+// dequantize_keys / dequantize_values: one thread per output element (grid-stride).
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads)
+dequantize_keys_kernel(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
+                       const __half* __restrict__ scale,   // [BH, T/G, D]
+                       const __half* __restrict__ zero,    // [BH, T/G, D]
+                       int64_t n, int64_t T, int64_t D, int bits, int G,
+                       Elem* __restrict__ out) {  // [BH, T, D]
+  const int64_t rowb = D * bits / 8;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % D, row = idx / D;
+    const int64_t t = row % T, bh = row / T;
+    const int64_t si = (bh * (T / G) + t / G) * D + c;
+    const uint32_t code = get_code(codes + row * rowb, c, bits);
+    out[idx] = from_float<Elem>(asym_dequant(code, f16_at(scale, si), f16_at(zero, si)));
+  }
+}
+
+// quantize_values: one warp per (token, channel group). Lane l reduces Gv/32 consecutive
+// channels in order, then an order-preserving shuffle tree combines the lanes; the lanes then
+// write the group's packed bytes (a group starts on a byte boundary: Gv*bits % 8 == 0).
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads)
+quantize_values_kernel(const Elem* __restrict__ v,  // [B, H, T, D], element strides
+                       int64_t sb, int64_t sh, int64_t st, int64_t sd, int64_t H, int64_t T,
+                       int64_t D, int bits, int Gv, int64_t nitems,
+                       uint8_t* __restrict__ codes,  // [B, H, T, D*bits/8]
+                       __half* __restrict__ scale,   // [B, H, T, D/Gv]
+                       __half* __restrict__ zero) {  // [B, H, T, D/Gv]
+  const int lane = threadIdx.x & 31;
+  const int64_t warps_total = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
+  const int64_t ngv = D / Gv;
+  const int per_lane = Gv / 32;
+  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x / 32) + (threadIdx.x >> 5);
+       item < nitems; item += warps_total) {
+    const int64_t row = item / ngv, g = item % ngv;
+    const int64_t t = row % T, bh = row / T;
+    const int64_t b = bh / H, h = bh % H;
+    const Elem* xr = v + b * sb + h * sh + t * st + g * Gv * sd;  // [Gv] of this group
+    float mn = to_float(xr[static_cast<int64_t>(lane) * per_lane * sd]);
+    float mx = mn;
+    for (int e = 1; e < per_lane; ++e) {
+      const float x = to_float(xr[(static_cast<int64_t>(lane) * per_lane + e) * sd]);
+      mn = nan_min(mn, x);
+      mx = nan_max(mx, x);
+    }
+    warp_ordered_minmax(mn, mx);
+    const AsymParams pr = asym_params(mn, mx, bits);
+    if (lane == 0) {
+      scale[item] = __ushort_as_half(pr.scale_bits);
+      zero[item] = __ushort_as_half(pr.zero_bits);
+    }
+    const int64_t gbytes = static_cast<int64_t>(Gv) * bits / 8;
+    uint8_t* out = codes + row * (D * bits / 8) + g * gbytes;
+    for (int64_t j = lane; j < gbytes; j += 32) {
+      out[j] = pack_byte(j, bits, Gv, [&](int64_t c) {
+        return asym_code(to_float(xr[c * sd]), pr.scale, pr.zero, bits);
+      });
+    }
+  }
+}
+
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads)
+dequantize_values_kernel(const uint8_t* __restrict__ codes,  // [rows, D*bits/8]
+                         const __half* __restrict__ scale,   // [rows, D/Gv]
+                         const __half* __restrict__ zero,    // [rows, D/Gv]
+                         int64_t n, int64_t D, int bits, int Gv,
+                         Elem* __restrict__ out) {  // [rows, D]
+  const int64_t rowb = D * bits / 8, ngv = D / Gv;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = idx % D, row = idx / D;
+    const int64_t si = row * ngv + c / Gv;
+    const uint32_t code = get_code(codes + row * rowb, c, bits);
+    out[idx] = from_float<Elem>(asym_dequant(code, f16_at(scale, si), f16_at(zero, si)));
+  }
+}
+
+// side_code: one block per (b, h, key group). The residual e of the group's tokens is formed in
+// shared memory 32 tokens at a time; thread (t, j) accumulates y[t, j] over ascending c with
+// separately rounded products and sums (the contract's order), then the per-token scale and
+// the offset-binary codes are written.
+constexpr int kSideChunk = 32;  // tokens per pass (G is a multiple of 32)
+
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads)
+side_code_kernel(const Elem* __restrict__ k,  // [B, H, T, D], element strides
+                 int64_t sb, int64_t sh, int64_t st, int64_t sd,
+                 const uint8_t* __restrict__ k_codes,  // [B, H, T, D*key_bits/8]
+                 const __half* __restrict__ k_scale,   // [B, H, T/G, D]
+                 const __half* __restrict__ k_zero,    // [B, H, T/G, D]
+                 const float* __restrict__ basis,      // [H, D, r]
+                 int64_t H, int64_t T, int64_t D, int64_t r, int key_bits, int G, int side_bits,
+                 bool center,
+                 uint8_t* __restrict__ z_codes,   // [B, H, T, r*side_bits/8]
+                 __half* __restrict__ z_scale) {  // [B, H, T]
+  extern __shared__ float sc_smem[];
+  float* mu_s = sc_smem;                    // [D] centring mean
+  float* e_s = mu_s + D;                    // [kSideChunk, D] residuals
+  float* y_s = e_s + kSideChunk * D;        // [kSideChunk, r] projections
+  float* zsc_s = y_s + kSideChunk * r;      // [kSideChunk] float32 of the stored side scale
+  const int64_t ngroups = T / G;
+  const int64_t bh = blockIdx.x / ngroups;
+  const int64_t g = blockIdx.x % ngroups;
+  const int64_t b = bh / H, h = bh % H;
+  const int64_t t0 = g * G;
+  const int64_t krowb = D * key_bits / 8;
+  const int64_t zrowb = r * side_bits / 8;
+  const Elem* kbh = k + b * sb + h * sh;
+  const uint8_t* kc = k_codes + bh * T * krowb;
+  const __half* ksg = k_scale + (bh * ngroups + g) * D;  // [D]
+  const __half* kzg = k_zero + (bh * ngroups + g) * D;   // [D]
+  const float* u = basis + h * D * r;                    // [D, r]
+
+  // Residual of token t (absolute index in [t0, t0+G)), channel c, before centring.
+  auto residual = [&](int64_t t, int64_t c) {
+    const float khat = asym_dequant(get_code(kc + t * krowb, c, key_bits), f16_at(ksg, c),
+                                    f16_at(kzg, c));
+    return sub_rn(to_float(kbh[t * st + c * sd]), khat);
+  };
+
+  if (center) {
+    for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
+      float acc = 0.0f;
+      for (int64_t t = t0; t < t0 + G; ++t) acc = add_rn(acc, residual(t, c));
+      mu_s[c] = div_rn(acc, static_cast<float>(G));
+    }
+  }
+  __syncthreads();
+
+  for (int64_t tc = t0; tc < t0 + G; tc += kSideChunk) {
+    for (int64_t idx = threadIdx.x; idx < kSideChunk * D; idx += blockDim.x) {
+      const int64_t tt = idx / D, c = idx % D;
+      const float e = residual(tc + tt, c);
+      e_s[idx] = center ? sub_rn(e, mu_s[c]) : e;
+    }
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < kSideChunk * r; idx += blockDim.x) {
+      const int64_t tt = idx / r, j = idx % r;
+      const float* et = e_s + tt * D;
+      float acc = 0.0f;
+      for (int64_t c = 0; c < D; ++c) acc = add_rn(acc, mul_rn(et[c], u[c * r + j]));
+      y_s[idx] = acc;
+    }
+    __syncthreads();
+    for (int64_t tt = threadIdx.x; tt < kSideChunk; tt += blockDim.x) {
+      const float* yt = y_s + tt * r;
+      float amax = fabsf(yt[0]);
+      for (int64_t j = 1; j < r; ++j) amax = nan_max(amax, fabsf(yt[j]));
+      const uint16_t sbits = sym_scale_bits(amax, side_bits);
+      z_scale[bh * T + tc + tt] = __ushort_as_half(sbits);
+      zsc_s[tt] = half_bits_to_float(sbits);
+    }
+    __syncthreads();
+    for (int64_t idx = threadIdx.x; idx < kSideChunk * zrowb; idx += blockDim.x) {
+      const int64_t tt = idx / zrowb, jb = idx % zrowb;
+      const float* yt = y_s + tt * r;
+      const float s = zsc_s[tt];
+      uint32_t byte;
+      if (side_bits == 8) {
+        byte = sym_code(yt[jb], s, 8);
+      } else {  // 4 bits: two codes a byte, the lower index in the low nibble
+        byte = sym_code(yt[2 * jb], s, 4) | (sym_code(yt[2 * jb + 1], s, 4) << 4);
+      }
+      z_codes[(bh * T + tc + tt) * zrowb + jb] = static_cast<uint8_t>(byte);
+    }
+    __syncthreads();
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+dequantize_side_kernel(const uint8_t* __restrict__ z_codes,  // [rows, r*bits/8]
+                       const __half* __restrict__ z_scale,   // [rows]
+                       int64_t n, int64_t r, int bits,
+                       float* __restrict__ out) {  // [rows, r]
+  const int64_t rowb = r * bits / 8;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = idx % r, row = idx / r;
+    out[idx] = sym_dequant(get_code(z_codes + row * rowb, j, bits), f16_at(z_scale, row), bits);
+  }
+}
+
+// corrected_logits, step 1: qu[b, hq, l, j] = sign * sum_c q[c] * U[h, c, j].
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads)
+query_basis_kernel(const Elem* __restrict__ q,        // [B, Hq, L, D]
+                   const float* __restrict__ basis,  // [H, D, r]
+                   int64_t n, int64_t Hq, int64_t ratio, int64_t L, int64_t D, int64_t r,
+                   float sign, float* __restrict__ qu) {  // [B, Hq, L, r]
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t j = idx % r, row = idx / r;  // row = (b*Hq + hq)*L + l
+    const int64_t hq = (row / L) % Hq;
+    const Elem* qr = q + row * D;
+    const float* u = basis + (hq / ratio) * D * r;
+    float acc = 0.0f;
+    for (int64_t c = 0; c < D; ++c) acc = fmaf(to_float(qr[c]), u[c * r + j], acc);
+    qu[idx] = sign * acc;
+  }
+}
+
+// corrected_logits, step 2: one thread per logit (t fastest, so stores coalesce).
+template <typename Elem>
+__global__ void __launch_bounds__(kThreads)
+corrected_logits_kernel(const Elem* __restrict__ q,              // [B, Hq, L, D]
+                        const uint8_t* __restrict__ k_codes,  // [B, H, T, D*kbits/8]
+                        const __half* __restrict__ k_scale,   // [B, H, T/G, D]
+                        const __half* __restrict__ k_zero,    // [B, H, T/G, D]
+                        const uint8_t* __restrict__ z_codes,  // [B, H, T, r*zbits/8] or null
+                        const __half* __restrict__ z_scale,   // [B, H, T] or null
+                        const float* __restrict__ qu,         // [B, Hq, L, r] or null
+                        int64_t n, int64_t H, int64_t Hq, int64_t L, int64_t T, int64_t D,
+                        int64_t r, int key_bits, int G, int side_bits, float scale,
+                        float* __restrict__ out) {  // [B, Hq, L, T]
+  const int64_t krowb = D * key_bits / 8, zrowb = r * side_bits / 8;
+  const int64_t ratio = Hq / H;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = idx % T, row = idx / T;  // row = (b*Hq + hq)*L + l
+    const int64_t bhq = row / L;
+    const int64_t b = bhq / Hq, hq = bhq % Hq;
+    const int64_t bh = b * H + hq / ratio;
+    const Elem* qr = q + row * D;
+    const uint8_t* kr = k_codes + (bh * T + t) * krowb;
+    const int64_t so = (bh * (T / G) + t / G) * D;
+    float acc = 0.0f;
+    for (int64_t c = 0; c < D; ++c) {
+      const float khat = asym_dequant(get_code(kr, c, key_bits), f16_at(k_scale, so + c),
+                                      f16_at(k_zero, so + c));
+      acc = fmaf(to_float(qr[c]), khat, acc);
+    }
+    if (z_codes != nullptr) {
+      const uint8_t* zr = z_codes + (bh * T + t) * zrowb;
+      const float zs = f16_at(z_scale, bh * T + t);
+      const float* qur = qu + row * r;
+      float corr = 0.0f;
+      for (int64_t j = 0; j < r; ++j) {
+        corr = fmaf(qur[j], sym_dequant(get_code(zr, j, side_bits), zs, side_bits), corr);
+      }
+      acc += corr;
+    }
+    out[idx] = acc * scale;
+  }
+}
+
+// Runs f with the element type of dt (the typed kernels are instantiated for the 3 types).
+template <typename F>
+cudaError_t with_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32:
+      return f(float{});
+    case DType::kFloat16:
+      return f(__half{});
+    case DType::kBFloat16:
+      return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Dynamic shared memory above the 48 KiB default needs an explicit opt-in.
+template <typename K>
+cudaError_t allow_smem(K kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+}  // namespace
+
+cudaError_t launch_quantize_keys(const void* k, DType dtype, int64_t sb, int64_t sh, int64_t st,
+                                 int64_t sd, int64_t B, int64_t H, int64_t T, int64_t D, int bits,
+                                 int G, uint8_t* codes, void* scale, void* zero,
+                                 cudaStream_t stream) {
+  const int64_t blocks = B * H * (T / G);
+  if (blocks == 0) return cudaSuccess;
+  const size_t smem = 2 * D * sizeof(float);
+  return with_dtype(dtype, [&](auto tag) {
+    using E = decltype(tag);
+    auto kernel = quantize_keys_kernel<E>;
+    cudaError_t err = allow_smem(kernel, smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+        static_cast<const E*>(k), sb, sh, st, sd, H, T, D, bits, G, codes,
+        static_cast<__half*>(scale), static_cast<__half*>(zero));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_dequantize_keys(const uint8_t* codes, const void* scale, const void* zero,
+                                   int64_t BH, int64_t T, int64_t D, int bits, int G, void* out,
+                                   DType out_dtype, cudaStream_t stream) {
+  const int64_t n = BH * T * D;
+  if (n == 0) return cudaSuccess;
+  return with_dtype(out_dtype, [&](auto tag) {
+    using E = decltype(tag);
+    dequantize_keys_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+        codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), n, T, D,
+        bits, G, static_cast<E*>(out));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_quantize_values(const void* v, DType dtype, int64_t sb, int64_t sh, int64_t st,
+                                   int64_t sd, int64_t B, int64_t H, int64_t T, int64_t D,
+                                   int bits, int Gv, uint8_t* codes, void* scale, void* zero,
+                                   cudaStream_t stream) {
+  const int64_t nitems = B * H * T * (D / Gv);
+  if (nitems == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(nitems, kThreads / 32), 1 << 20);
+  return with_dtype(dtype, [&](auto tag) {
+    using E = decltype(tag);
+    quantize_values_kernel<E><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
+        static_cast<const E*>(v), sb, sh, st, sd, H, T, D, bits, Gv, nitems, codes,
+        static_cast<__half*>(scale), static_cast<__half*>(zero));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_dequantize_values(const uint8_t* codes, const void* scale, const void* zero,
+                                     int64_t rows, int64_t D, int bits, int Gv, void* out,
+                                     DType out_dtype, cudaStream_t stream) {
+  const int64_t n = rows * D;
+  if (n == 0) return cudaSuccess;
+  return with_dtype(out_dtype, [&](auto tag) {
+    using E = decltype(tag);
+    dequantize_values_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+        codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), n, D, bits,
+        Gv, static_cast<E*>(out));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_side_code(const void* k, DType dtype, int64_t sb, int64_t sh, int64_t st,
+                             int64_t sd, const uint8_t* k_codes, const void* k_scale,
+                             const void* k_zero, const float* basis, int64_t B, int64_t H,
+                             int64_t T, int64_t D, int64_t r, int key_bits, int G, int side_bits,
+                             bool center, uint8_t* z_codes, void* z_scale, cudaStream_t stream) {
+  const int64_t blocks = B * H * (T / G);
+  if (blocks == 0) return cudaSuccess;
+  const size_t smem = (D + kSideChunk * D + kSideChunk * r + kSideChunk) * sizeof(float);
+  return with_dtype(dtype, [&](auto tag) {
+    using E = decltype(tag);
+    auto kernel = side_code_kernel<E>;
+    cudaError_t err = allow_smem(kernel, smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(
+        static_cast<const E*>(k), sb, sh, st, sd, k_codes, static_cast<const __half*>(k_scale),
+        static_cast<const __half*>(k_zero), basis, H, T, D, r, key_bits, G, side_bits, center,
+        z_codes, static_cast<__half*>(z_scale));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_dequantize_side(const uint8_t* z_codes, const void* z_scale, int64_t rows,
+                                   int64_t r, int side_bits, float* out, cudaStream_t stream) {
+  const int64_t n = rows * r;
+  if (n == 0) return cudaSuccess;
+  dequantize_side_kernel<<<elementwise_blocks(n), kThreads, 0, stream>>>(
+      z_codes, static_cast<const __half*>(z_scale), n, r, side_bits, out);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_corrected_logits(const void* q, DType dtype, const uint8_t* k_codes,
+                                    const void* k_scale, const void* k_zero,
+                                    const uint8_t* z_codes, const void* z_scale,
+                                    const float* basis, int64_t B, int64_t H, int64_t Hq,
+                                    int64_t L, int64_t T, int64_t D, int64_t r, int key_bits,
+                                    int G, int side_bits, float sign, float scale, float* qu,
+                                    float* out, cudaStream_t stream) {
+  const int64_t n = B * Hq * L * T;
+  if (n == 0) return cudaSuccess;
+  return with_dtype(dtype, [&](auto tag) {
+    using E = decltype(tag);
+    const bool side = z_codes != nullptr;
+    if (side) {
+      const int64_t nq = B * Hq * L * r;
+      query_basis_kernel<E><<<elementwise_blocks(nq), kThreads, 0, stream>>>(
+          static_cast<const E*>(q), basis, nq, Hq, Hq / H, L, D, r, sign, qu);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    corrected_logits_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
+        static_cast<const E*>(q), k_codes, static_cast<const __half*>(k_scale),
+        static_cast<const __half*>(k_zero), side ? z_codes : nullptr,
+        side ? static_cast<const __half*>(z_scale) : nullptr, side ? qu : nullptr, n, H, Hq, L,
+        T, D, r, key_bits, G, side_bits, scale, out);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace headq

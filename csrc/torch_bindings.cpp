@@ -1,0 +1,47 @@
+// Every headq op schema, in one place (docs/SCHEMAS.txt; layouts and arithmetic in
+// docs/LAYOUT.md). Backends only register implementations: csrc/cpu/*.cpp with
+// TORCH_LIBRARY_IMPL(headq, CPU, m), csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(headq, CUDA, m).
+// Fake (meta) kernels are registered from Python (headq_torch/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import headq_torch._C` loads this shared library, which runs the static registrations
+// below; the module itself is empty (pytorch/extension-cpp).
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      nullptr,  // doc
+      -1,  // size
+      nullptr,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(headq, m) {
+  m.def("quantize_keys(Tensor k, int bits, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dequantize_keys(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, "
+      "ScalarType out_dtype) -> Tensor");
+  m.def("quantize_values(Tensor v, int bits, int group_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "dequantize_values(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, "
+      "ScalarType out_dtype) -> Tensor");
+  m.def(
+      "side_code(Tensor k, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor basis, "
+      "int key_bits, int group_size, int side_bits, bool center) -> (Tensor, Tensor)");
+  m.def("dequantize_side(Tensor z_codes, Tensor z_scale, int side_bits) -> Tensor");
+  m.def(
+      "corrected_logits(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, "
+      "Tensor? z_codes, Tensor? z_scale, Tensor? basis, int key_bits, int group_size, "
+      "int side_bits, float sign, float scale) -> Tensor");
+  m.def(
+      "decode_attention(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, "
+      "Tensor? z_codes, Tensor? z_scale, Tensor? basis, Tensor? v_codes, Tensor? v_scale, "
+      "Tensor? v_zero, Tensor? v_dense, Tensor? heavy_delta, Tensor? heavy_idx, "
+      "Tensor k_window, Tensor v_window, Tensor n_quant, Tensor n_window, Tensor? kv_start, "
+      "int key_bits, int group_size, int side_bits, int value_bits, int value_group_size, "
+      "float sign, float scale) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,406 @@
+#include "validate.h"
+
+#include <cmath>
+#include <vector>
+
+#include <c10/util/Exception.h>
+
+namespace headq {
+namespace {
+
+// torch-style dtype names ("float16", "int32") for messages.
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kDouble:
+      return "float64";
+    case at::kByte:
+      return "uint8";
+    case at::kInt:
+      return "int32";
+    case at::kLong:
+      return "int64";
+    default:
+      return c10::toString(t);
+  }
+}
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_dims(const char* op, const char* name, const at::Tensor& t, int64_t dims,
+                const char* desc) {
+  TORCH_CHECK(t.dim() == dims, op, ": ", name, " must have ", dims, " dims ", desc, ", got ",
+              t.dim());
+}
+
+void check_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
+              " must have dtype float32, float16 or bfloat16, got ", dtype_name(t.scalar_type()));
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must have dtype ", dtype_name(want),
+              ", got ", dtype_name(t.scalar_type()));
+}
+
+void check_shape(const char* op, const char* name, const at::Tensor& t,
+                 const std::vector<int64_t>& want) {
+  TORCH_CHECK(t.sizes() == at::IntArrayRef(want), op, ": ", name, " must have shape ",
+              at::IntArrayRef(want), ", got ", t.sizes());
+}
+
+void check_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                  const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the same device as ",
+              ref_name, " (", ref.device(), "), got ", t.device());
+}
+
+void check_not_empty(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.numel() > 0, op, ": ", name, " must not be empty, got shape ", t.sizes());
+}
+
+void check_bits(const char* op, const char* name, int64_t bits) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, op, ": ", name,
+              " must be one of 2, 3, 4, 8, got ", bits);
+}
+
+void check_side_bits(const char* op, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 8, op, ": side_bits must be one of 4, 8, got ", bits);
+}
+
+void check_group(const char* op, const char* name, int64_t g) {
+  TORCH_CHECK(g == 32 || g == 64 || g == 128, op, ": ", name,
+              " must be one of 32, 64, 128, got ", g);
+}
+
+void check_head_dim(const char* op, int64_t D) {
+  TORCH_CHECK(D > 0 && D % 8 == 0, op, ": head_dim must be a positive multiple of 8, got ", D);
+}
+
+void check_token_groups(const char* op, int64_t T, int64_t G) {
+  TORCH_CHECK(T % G == 0, op, ": tokens (", T, ") must be a multiple of group_size (", G, ")");
+}
+
+// head_dim D implied by a packed code row of n_bytes bytes.
+int64_t head_dim_of_codes(const char* op, const char* name, int64_t n_bytes, int64_t bits) {
+  TORCH_CHECK((n_bytes * 8) % bits == 0, op, ": ", name, " last dim (", n_bytes,
+              " bytes) * 8 must be a multiple of bits (", bits, ")");
+  return n_bytes * 8 / bits;
+}
+
+void check_finite(const char* op, const char* name, double x) {
+  TORCH_CHECK(std::isfinite(x), op, ": ", name, " must be finite, got ", x);
+}
+
+// Packed key tensors [B, H, T, D*bits/8], scale/zero [B, H, T/G, D].
+void check_key_codes(const char* op, const at::Tensor& codes, const at::Tensor& scale,
+                     const at::Tensor& zero, int64_t B, int64_t H, int64_t T, int64_t D,
+                     int64_t bits, int64_t G) {
+  check_dtype(op, "k_codes", codes, at::kByte);
+  TORCH_CHECK(codes.size(3) * 8 == D * bits, op, ": k_codes last dim (", codes.size(3),
+              " bytes) must hold head_dim (", D, ") codes of key_bits (", bits, "), i.e. ",
+              D * bits / 8, " bytes");
+  check_shape(op, "k_codes", codes, {B, H, T, D * bits / 8});
+  check_dims(op, "k_scale", scale, 4, "[batch, heads, tokens/group_size, head_dim]");
+  check_dtype(op, "k_scale", scale, at::kHalf);
+  check_shape(op, "k_scale", scale, {B, H, T / G, D});
+  check_dtype(op, "k_zero", zero, at::kHalf);
+  check_shape(op, "k_zero", zero, {B, H, T / G, D});
+}
+
+// Optional side code: all of z_codes, z_scale and basis, or none. Returns true when present.
+bool check_side(const char* op, const std::optional<at::Tensor>& z_codes,
+                const std::optional<at::Tensor>& z_scale, const std::optional<at::Tensor>& basis,
+                int64_t B, int64_t H, int64_t T, int64_t D, int64_t side_bits,
+                const at::Tensor& ref) {
+  const int n = int(z_codes.has_value()) + int(z_scale.has_value()) + int(basis.has_value());
+  TORCH_CHECK(n == 0 || n == 3, op,
+              ": z_codes, z_scale and basis must be given together (or all None), got ", n,
+              " of 3");
+  if (n == 0) return false;
+  check_side_bits(op, side_bits);
+  const at::Tensor& zc = *z_codes;
+  const at::Tensor& zs = *z_scale;
+  const at::Tensor& u = *basis;
+  check_dims(op, "z_codes", zc, 4, "[batch, heads, tokens, r*side_bits/8]");
+  check_dtype(op, "z_codes", zc, at::kByte);
+  const int64_t r = zc.size(3) * 8 / side_bits;
+  TORCH_CHECK(r >= 1 && r <= D, op, ": side-code rank r (", r, ") must be in [1, head_dim (",
+              D, ")]");
+  check_shape(op, "z_codes", zc, {B, H, T, r * side_bits / 8});
+  check_dtype(op, "z_scale", zs, at::kHalf);
+  check_shape(op, "z_scale", zs, {B, H, T});
+  check_dims(op, "basis", u, 3, "[heads, head_dim, r]");
+  check_dtype(op, "basis", u, at::kFloat);
+  check_shape(op, "basis", u, {H, D, r});
+  check_device(op, "z_codes", zc, "the first tensor", ref);
+  check_device(op, "z_scale", zs, "the first tensor", ref);
+  check_device(op, "basis", u, "the first tensor", ref);
+  return true;
+}
+
+// Values of an int32 [B] length tensor: >= 0 and, when hi >= 0, <= hi (its capacity).
+void check_lengths_cpu(const char* op, const char* name, const at::Tensor& t, int64_t hi) {
+  if (!t.is_cpu()) return;  // CUDA kernels clamp instead (a check would need a sync)
+  const at::Tensor c = t.contiguous();
+  const int32_t* p = c.data_ptr<int32_t>();
+  for (int64_t b = 0; b < c.numel(); ++b) {
+    TORCH_CHECK(p[b] >= 0, op, ": ", name, "[", b, "] must be >= 0, got ", p[b]);
+    TORCH_CHECK(hi < 0 || p[b] <= hi, op, ": ", name, "[", b, "] (", p[b],
+                ") must be <= its capacity (", hi, ")");
+  }
+}
+
+}  // namespace
+
+void validate_quantize_keys(const at::Tensor& k, int64_t bits, int64_t group_size) {
+  const char* op = "quantize_keys";
+  check_dims(op, "k", k, 4, "[batch, heads, tokens, head_dim]");
+  check_float(op, "k", k);
+  check_not_empty(op, "k", k);
+  check_bits(op, "bits", bits);
+  check_group(op, "group_size", group_size);
+  check_head_dim(op, k.size(3));
+  check_token_groups(op, k.size(2), group_size);
+}
+
+void validate_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale,
+                              const at::Tensor& zero, int64_t bits, int64_t group_size,
+                              at::ScalarType out_dtype) {
+  const char* op = "dequantize_keys";
+  check_dims(op, "codes", codes, 4, "[batch, heads, tokens, head_dim*bits/8]");
+  check_dtype(op, "codes", codes, at::kByte);
+  check_not_empty(op, "codes", codes);
+  check_bits(op, "bits", bits);
+  check_group(op, "group_size", group_size);
+  TORCH_CHECK(is_float_dtype(out_dtype), op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
+  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
+  const int64_t D = head_dim_of_codes(op, "codes", codes.size(3), bits);
+  check_head_dim(op, D);
+  check_token_groups(op, T, group_size);
+  check_dims(op, "scale", scale, 4, "[batch, heads, tokens/group_size, head_dim]");
+  check_dtype(op, "scale", scale, at::kHalf);
+  check_shape(op, "scale", scale, {B, H, T / group_size, D});
+  check_dtype(op, "zero", zero, at::kHalf);
+  check_shape(op, "zero", zero, {B, H, T / group_size, D});
+  check_device(op, "scale", scale, "codes", codes);
+  check_device(op, "zero", zero, "codes", codes);
+}
+
+void validate_quantize_values(const at::Tensor& v, int64_t bits, int64_t group_size) {
+  const char* op = "quantize_values";
+  check_dims(op, "v", v, 4, "[batch, heads, tokens, head_dim]");
+  check_float(op, "v", v);
+  check_not_empty(op, "v", v);
+  check_bits(op, "bits", bits);
+  check_group(op, "group_size", group_size);
+  check_head_dim(op, v.size(3));
+  TORCH_CHECK(v.size(3) % group_size == 0, op, ": head_dim (", v.size(3),
+              ") must be a multiple of group_size (", group_size, ")");
+}
+
+void validate_dequantize_values(const at::Tensor& codes, const at::Tensor& scale,
+                                const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                at::ScalarType out_dtype) {
+  const char* op = "dequantize_values";
+  check_dims(op, "codes", codes, 4, "[batch, heads, tokens, head_dim*bits/8]");
+  check_dtype(op, "codes", codes, at::kByte);
+  check_not_empty(op, "codes", codes);
+  check_bits(op, "bits", bits);
+  check_group(op, "group_size", group_size);
+  TORCH_CHECK(is_float_dtype(out_dtype), op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
+  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
+  const int64_t D = head_dim_of_codes(op, "codes", codes.size(3), bits);
+  check_head_dim(op, D);
+  TORCH_CHECK(D % group_size == 0, op, ": head_dim (", D,
+              ") must be a multiple of group_size (", group_size, ")");
+  check_dims(op, "scale", scale, 4, "[batch, heads, tokens, head_dim/group_size]");
+  check_dtype(op, "scale", scale, at::kHalf);
+  check_shape(op, "scale", scale, {B, H, T, D / group_size});
+  check_dtype(op, "zero", zero, at::kHalf);
+  check_shape(op, "zero", zero, {B, H, T, D / group_size});
+  check_device(op, "scale", scale, "codes", codes);
+  check_device(op, "zero", zero, "codes", codes);
+}
+
+void validate_side_code(const at::Tensor& k, const at::Tensor& k_codes, const at::Tensor& k_scale,
+                        const at::Tensor& k_zero, const at::Tensor& basis, int64_t key_bits,
+                        int64_t group_size, int64_t side_bits, bool center) {
+  (void)center;
+  const char* op = "side_code";
+  check_dims(op, "k", k, 4, "[batch, heads, tokens, head_dim]");
+  check_float(op, "k", k);
+  check_not_empty(op, "k", k);
+  check_bits(op, "key_bits", key_bits);
+  check_group(op, "group_size", group_size);
+  check_side_bits(op, side_bits);
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
+  check_head_dim(op, D);
+  check_token_groups(op, T, group_size);
+  check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
+  check_key_codes(op, k_codes, k_scale, k_zero, B, H, T, D, key_bits, group_size);
+  check_dims(op, "basis", basis, 3, "[heads, head_dim, r]");
+  check_dtype(op, "basis", basis, at::kFloat);
+  const int64_t r = basis.size(2);
+  TORCH_CHECK(basis.size(0) == H && basis.size(1) == D, op, ": basis must have shape [heads (",
+              H, "), head_dim (", D, "), r], got ", basis.sizes());
+  TORCH_CHECK(r >= 1 && r <= D, op, ": side-code rank r (", r, ") must be in [1, head_dim (", D,
+              ")]");
+  TORCH_CHECK((r * side_bits) % 8 == 0, op, ": r * side_bits (", r, " * ", side_bits,
+              ") must be a multiple of 8");
+  check_device(op, "k_codes", k_codes, "k", k);
+  check_device(op, "k_scale", k_scale, "k", k);
+  check_device(op, "k_zero", k_zero, "k", k);
+  check_device(op, "basis", basis, "k", k);
+}
+
+void validate_dequantize_side(const at::Tensor& z_codes, const at::Tensor& z_scale,
+                              int64_t side_bits) {
+  const char* op = "dequantize_side";
+  check_dims(op, "z_codes", z_codes, 4, "[batch, heads, tokens, r*side_bits/8]");
+  check_dtype(op, "z_codes", z_codes, at::kByte);
+  check_not_empty(op, "z_codes", z_codes);
+  check_side_bits(op, side_bits);
+  check_dims(op, "z_scale", z_scale, 3, "[batch, heads, tokens]");
+  check_dtype(op, "z_scale", z_scale, at::kHalf);
+  check_shape(op, "z_scale", z_scale, {z_codes.size(0), z_codes.size(1), z_codes.size(2)});
+  check_device(op, "z_scale", z_scale, "z_codes", z_codes);
+}
+
+void validate_corrected_logits(const at::Tensor& q, const at::Tensor& k_codes,
+                               const at::Tensor& k_scale, const at::Tensor& k_zero,
+                               const std::optional<at::Tensor>& z_codes,
+                               const std::optional<at::Tensor>& z_scale,
+                               const std::optional<at::Tensor>& basis, int64_t key_bits,
+                               int64_t group_size, int64_t side_bits, double sign,
+                               double scale) {
+  const char* op = "corrected_logits";
+  check_dims(op, "q", q, 4, "[batch, query_heads, query_len, head_dim]");
+  check_float(op, "q", q);
+  check_not_empty(op, "q", q);
+  check_bits(op, "key_bits", key_bits);
+  check_group(op, "group_size", group_size);
+  check_finite(op, "sign", sign);
+  check_finite(op, "scale", scale);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3);
+  check_head_dim(op, D);
+  check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
+  const int64_t H = k_codes.size(1), T = k_codes.size(2);
+  TORCH_CHECK(H >= 1 && Hq % H == 0, op, ": query heads (", Hq,
+              ") must be a multiple of KV heads (", H, ")");
+  check_token_groups(op, T, group_size);
+  check_key_codes(op, k_codes, k_scale, k_zero, B, H, T, D, key_bits, group_size);
+  check_device(op, "k_codes", k_codes, "q", q);
+  check_device(op, "k_scale", k_scale, "q", q);
+  check_device(op, "k_zero", k_zero, "q", q);
+  check_side(op, z_codes, z_scale, basis, B, H, T, D, side_bits, q);
+}
+
+void validate_decode_attention(
+    const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale,
+    const at::Tensor& k_zero, const std::optional<at::Tensor>& z_codes,
+    const std::optional<at::Tensor>& z_scale, const std::optional<at::Tensor>& basis,
+    const std::optional<at::Tensor>& v_codes, const std::optional<at::Tensor>& v_scale,
+    const std::optional<at::Tensor>& v_zero, const std::optional<at::Tensor>& v_dense,
+    const std::optional<at::Tensor>& heavy_delta, const std::optional<at::Tensor>& heavy_idx,
+    const at::Tensor& k_window, const at::Tensor& v_window, const at::Tensor& n_quant,
+    const at::Tensor& n_window, const std::optional<at::Tensor>& kv_start, int64_t key_bits,
+    int64_t group_size, int64_t side_bits, int64_t value_bits, int64_t value_group_size,
+    double sign, double scale) {
+  const char* op = "decode_attention";
+  check_dims(op, "q", q, 3, "[batch, query_heads, head_dim]");
+  check_float(op, "q", q);
+  check_not_empty(op, "q", q);
+  check_bits(op, "key_bits", key_bits);
+  check_group(op, "group_size", group_size);
+  check_finite(op, "sign", sign);
+  check_finite(op, "scale", scale);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  check_head_dim(op, D);
+
+  check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
+  const int64_t H = k_codes.size(1), Tq = k_codes.size(2);
+  TORCH_CHECK(H >= 1 && Hq % H == 0, op, ": query heads (", Hq,
+              ") must be a multiple of KV heads (", H, ")");
+  check_token_groups(op, Tq, group_size);
+  check_key_codes(op, k_codes, k_scale, k_zero, B, H, Tq, D, key_bits, group_size);
+  check_device(op, "k_codes", k_codes, "q", q);
+  check_device(op, "k_scale", k_scale, "q", q);
+  check_device(op, "k_zero", k_zero, "q", q);
+  check_side(op, z_codes, z_scale, basis, B, H, Tq, D, side_bits, q);
+
+  TORCH_CHECK(v_codes.has_value() != v_dense.has_value(), op,
+              ": exactly one of v_codes and v_dense must be given, got ",
+              v_codes.has_value() ? "both" : "neither");
+  TORCH_CHECK(v_scale.has_value() == v_codes.has_value() &&
+                  v_zero.has_value() == v_codes.has_value(),
+              op, ": v_scale and v_zero must be given exactly when v_codes is");
+  if (v_codes.has_value()) {
+    check_bits(op, "value_bits", value_bits);
+    check_group(op, "value_group_size", value_group_size);
+    TORCH_CHECK(D % value_group_size == 0, op, ": head_dim (", D,
+                ") must be a multiple of value_group_size (", value_group_size, ")");
+    check_dims(op, "v_codes", *v_codes, 4, "[batch, heads, tokens, head_dim*value_bits/8]");
+    check_dtype(op, "v_codes", *v_codes, at::kByte);
+    check_shape(op, "v_codes", *v_codes, {B, H, Tq, D * value_bits / 8});
+    check_dtype(op, "v_scale", *v_scale, at::kHalf);
+    check_shape(op, "v_scale", *v_scale, {B, H, Tq, D / value_group_size});
+    check_dtype(op, "v_zero", *v_zero, at::kHalf);
+    check_shape(op, "v_zero", *v_zero, {B, H, Tq, D / value_group_size});
+    check_device(op, "v_codes", *v_codes, "q", q);
+    check_device(op, "v_scale", *v_scale, "q", q);
+    check_device(op, "v_zero", *v_zero, "q", q);
+  } else {
+    check_dtype(op, "v_dense", *v_dense, q.scalar_type());
+    check_shape(op, "v_dense", *v_dense, {B, H, Tq, D});
+    check_device(op, "v_dense", *v_dense, "q", q);
+  }
+
+  TORCH_CHECK(heavy_delta.has_value() == heavy_idx.has_value(), op,
+              ": heavy_delta and heavy_idx must be given together (or both None)");
+  if (heavy_delta.has_value()) {
+    check_dims(op, "heavy_idx", *heavy_idx, 3, "[batch, heads, slots]");
+    check_dtype(op, "heavy_idx", *heavy_idx, at::kInt);
+    const int64_t K = heavy_idx->size(2);
+    check_shape(op, "heavy_idx", *heavy_idx, {B, H, K});
+    check_dtype(op, "heavy_delta", *heavy_delta, q.scalar_type());
+    check_shape(op, "heavy_delta", *heavy_delta, {B, H, K, D});
+    check_device(op, "heavy_idx", *heavy_idx, "q", q);
+    check_device(op, "heavy_delta", *heavy_delta, "q", q);
+  }
+
+  check_dims(op, "k_window", k_window, 4, "[batch, heads, window, head_dim]");
+  check_dtype(op, "k_window", k_window, q.scalar_type());
+  const int64_t W = k_window.size(2);
+  check_shape(op, "k_window", k_window, {B, H, W, D});
+  check_dtype(op, "v_window", v_window, q.scalar_type());
+  check_shape(op, "v_window", v_window, {B, H, W, D});
+  check_device(op, "k_window", k_window, "q", q);
+  check_device(op, "v_window", v_window, "q", q);
+
+  check_dtype(op, "n_quant", n_quant, at::kInt);
+  check_shape(op, "n_quant", n_quant, {B});
+  check_dtype(op, "n_window", n_window, at::kInt);
+  check_shape(op, "n_window", n_window, {B});
+  check_device(op, "n_quant", n_quant, "q", q);
+  check_device(op, "n_window", n_window, "q", q);
+  check_lengths_cpu(op, "n_quant", n_quant, Tq);
+  check_lengths_cpu(op, "n_window", n_window, W);
+  if (kv_start.has_value()) {
+    check_dtype(op, "kv_start", *kv_start, at::kInt);
+    check_shape(op, "kv_start", *kv_start, {B});
+    check_device(op, "kv_start", *kv_start, "q", q);
+    check_lengths_cpu(op, "kv_start", *kv_start, -1);
+  }
+}
+
+}  // namespace headq

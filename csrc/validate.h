@@ -1,0 +1,78 @@
+// Device-agnostic argument checks of every headq op, shared by the CPU and CUDA host code.
+//
+// Each validate_<op> takes exactly the op's arguments and throws a c10::Error (TORCH_CHECK)
+// whose message names the op, the argument and what was expected. They check ranks, shapes,
+// dtypes, supported knobs and that all tensors live on the device of the first tensor.
+//
+// Lengths held in tensors (n_quant <= Tq, n_window <= W, kv_start >= 0, all >= 0) are only
+// checked for CPU tensors: reading them on CUDA would need a device sync. The CUDA kernels
+// clamp them instead (n_quant to [0, Tq], n_window to [0, W], kv_start to >= 0), like the CPU
+// kernel does after these checks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+#include <optional>
+
+namespace headq {
+
+void validate_quantize_keys(const at::Tensor& k,  // [B, H, T, D]
+                            int64_t bits, int64_t group_size);
+
+void validate_dequantize_keys(const at::Tensor& codes,  // [B, H, T, D*bits/8] uint8
+                              const at::Tensor& scale,  // [B, H, T/G, D] float16
+                              const at::Tensor& zero,   // [B, H, T/G, D] float16
+                              int64_t bits, int64_t group_size, at::ScalarType out_dtype);
+
+void validate_quantize_values(const at::Tensor& v,  // [B, H, T, D]
+                              int64_t bits, int64_t group_size);
+
+void validate_dequantize_values(const at::Tensor& codes,  // [B, H, T, D*bits/8] uint8
+                                const at::Tensor& scale,  // [B, H, T, D/Gv] float16
+                                const at::Tensor& zero,   // [B, H, T, D/Gv] float16
+                                int64_t bits, int64_t group_size, at::ScalarType out_dtype);
+
+void validate_side_code(const at::Tensor& k,        // [B, H, T, D]
+                        const at::Tensor& k_codes,  // [B, H, T, D*key_bits/8] uint8
+                        const at::Tensor& k_scale,  // [B, H, T/G, D] float16
+                        const at::Tensor& k_zero,   // [B, H, T/G, D] float16
+                        const at::Tensor& basis,    // [H, D, r] float32
+                        int64_t key_bits, int64_t group_size, int64_t side_bits, bool center);
+
+void validate_dequantize_side(const at::Tensor& z_codes,  // [B, H, T, r*side_bits/8] uint8
+                              const at::Tensor& z_scale,  // [B, H, T] float16
+                              int64_t side_bits);
+
+void validate_corrected_logits(const at::Tensor& q,        // [B, Hq, L, D]
+                               const at::Tensor& k_codes,  // [B, H, T, D*key_bits/8] uint8
+                               const at::Tensor& k_scale,  // [B, H, T/G, D] float16
+                               const at::Tensor& k_zero,   // [B, H, T/G, D] float16
+                               const std::optional<at::Tensor>& z_codes,  // [B, H, T, r*bz/8]
+                               const std::optional<at::Tensor>& z_scale,  // [B, H, T] float16
+                               const std::optional<at::Tensor>& basis,    // [H, D, r] float32
+                               int64_t key_bits, int64_t group_size, int64_t side_bits,
+                               double sign, double scale);
+
+void validate_decode_attention(
+    const at::Tensor& q,                            // [B, Hq, D]
+    const at::Tensor& k_codes,                      // [B, H, Tq, D*key_bits/8] uint8
+    const at::Tensor& k_scale,                      // [B, H, Tq/G, D] float16
+    const at::Tensor& k_zero,                       // [B, H, Tq/G, D] float16
+    const std::optional<at::Tensor>& z_codes,       // [B, H, Tq, r*bz/8] uint8
+    const std::optional<at::Tensor>& z_scale,       // [B, H, Tq] float16
+    const std::optional<at::Tensor>& basis,         // [H, D, r] float32
+    const std::optional<at::Tensor>& v_codes,       // [B, H, Tq, D*value_bits/8] uint8
+    const std::optional<at::Tensor>& v_scale,       // [B, H, Tq, D/Gv] float16
+    const std::optional<at::Tensor>& v_zero,        // [B, H, Tq, D/Gv] float16
+    const std::optional<at::Tensor>& v_dense,       // [B, H, Tq, D] q.dtype
+    const std::optional<at::Tensor>& heavy_delta,   // [B, H, K, D] q.dtype
+    const std::optional<at::Tensor>& heavy_idx,     // [B, H, K] int32
+    const at::Tensor& k_window,                     // [B, H, W, D] q.dtype
+    const at::Tensor& v_window,                     // [B, H, W, D] q.dtype
+    const at::Tensor& n_quant,                      // [B] int32
+    const at::Tensor& n_window,                     // [B] int32
+    const std::optional<at::Tensor>& kv_start,      // [B] int32
+    int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
+    int64_t value_group_size, double sign, double scale);
+
+}  // namespace headq

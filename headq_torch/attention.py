@@ -1,0 +1,206 @@
+"""The ``"headq"`` attention function, registered through transformers' attention interface.
+
+:func:`enable` switches a model to it, :func:`disable` switches back. For a layer of a
+:class:`~headq_torch.cache.HeadQCache` (recognised by the tag ``key._headq_layer`` that
+``HeadQLayer.update`` puts on the key tensor it returns, see :mod:`headq_torch.cache`):
+
+* one query token: :func:`headq_torch.ops.decode_attention` over the packed cache (keys, side
+  code, values, kept A² tokens, dense window), ``kv_start`` taken from the attention mask (left
+  padding); A² weights of the window and kept tokens from ``exp(logit − lse)``;
+* several query tokens (prefill or a chunk): the new tokens attend densely to themselves
+  (causal) and to the dense window, and to the quantised tokens through
+  :func:`headq_torch.ops.corrected_logits` and dequantised values (KIVI-style: prefill reads
+  this call's tokens at full precision). The logits are materialised, which gives the A² weights.
+
+Everything else (non-HeadQ layers such as Gemma 3 sliding layers, ``DynamicCache``, no cache,
+calibration runs) goes to transformers' ``sdpa`` function unchanged. The mask function registered
+under ``"headq"`` is transformers' ``sdpa_mask`` (boolean masks, or None for a plain causal one).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops
+from . import value_policy as vp
+
+__all__ = ["ATTN_IMPL", "headq_attention_forward", "register", "enable", "disable"]
+
+ATTN_IMPL = "headq"
+_PREVIOUS_ATTR = "_headq_previous_attn_implementation"
+
+
+def _visible_mask(attention_mask: Optional[torch.Tensor], L: int, T: int,
+                  device) -> Optional[torch.Tensor]:
+    """Boolean ``[B or 1, 1, L, T]`` (True = visible) from the mask transformers built, or a
+    causal mask (queries are the last ``L`` of ``T`` tokens) when it is None."""
+    if attention_mask is None:
+        return torch.ones(L, T, dtype=torch.bool, device=device).tril(T - L).view(1, 1, L, T)
+    m = attention_mask[..., -L:, :T]
+    if m.dtype != torch.bool:
+        m = m > torch.finfo(m.dtype).min / 2
+    return m
+
+
+def _kv_start(attention_mask: Optional[torch.Tensor], B: int, T: int, device):
+    """First visible token per sequence (left padding), int32 ``[B]``, or None."""
+    if attention_mask is None:
+        return None
+    vis = _visible_mask(attention_mask, 1, T, device)[:, 0, 0]  # [B or 1, T]
+    vis = vis.expand(B, T)
+    if bool(vis.all()):
+        return None
+    first = torch.where(vis.any(-1), vis.int().argmax(-1), torch.full((B,), T, device=device))
+    return first.to(torch.int32)
+
+
+def _prefill(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.Tensor:
+    """Attention of ``L`` query tokens over the packed region + the dense window."""
+    s = layer.s
+    B, Hq, L, D = query.shape
+    n_rep = Hq // layer.H
+    nq, nw = layer.n_quant, layer.n_window
+    T = nq + nw
+    qf = query.float()
+    parts = []
+    if nq:
+        if layer.quantise_keys:
+            G = s.group_size
+            b = layer.buf
+            has_side = layer.basis is not None
+            parts.append(ops.corrected_logits(
+                query.contiguous(), b["k_codes"][:, :, :nq].contiguous(),
+                b["k_scale"][:, :, :nq // G].contiguous(), b["k_zero"][:, :, :nq // G].contiguous(),
+                b["z_codes"][:, :, :nq].contiguous() if has_side else None,
+                b["z_scale"][:, :, :nq].contiguous() if has_side else None,
+                layer.basis if has_side else None, s.key_bits, G, s.side_bits, s.sign, scale))
+        else:
+            kq = layer.buf["k_dense"][:, :, :nq].float().repeat_interleave(n_rep, dim=1)
+            parts.append((qf @ kq.transpose(-1, -2)) * scale)
+    kw = layer.buf["k_window"][:, :, :nw].float().repeat_interleave(n_rep, dim=1)
+    parts.append((qf @ kw.transpose(-1, -2)) * scale)
+    logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    vis = _visible_mask(attention_mask, L, T, query.device)
+    logits = logits.masked_fill(~vis, float("-inf"))
+    a = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows (padding) -> 0
+    v = torch.cat([layer.quantised_values(torch.float32),
+                   layer.buf["v_window"][:, :, :nw].float()], dim=2)
+    out = a @ v.repeat_interleave(n_rep, dim=1)  # [B, Hq, L, D]
+    if layer.a2:
+        w = vp.squared_weights(a, layer.H)
+        layer.add_weights(w[..., :nq], w[..., nq:])
+    return out.to(query.dtype)
+
+
+def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.Tensor:
+    """One query token per sequence through the fused decode op."""
+    s, b = layer.s, layer.buf
+    B, Hq, _, D = query.shape
+    n_rep = Hq // layer.H
+    nq, nw = layer.n_quant, layer.n_window
+    T = nq + nw
+    q = query[:, :, 0].contiguous()
+    kv_start = _kv_start(attention_mask, B, T, query.device)
+    has_side = layer.basis is not None
+    heavy = layer.heavy_idx is not None and layer.heavy_idx.shape[-1] > 0
+    nq_t = torch.full((B,), nq, dtype=torch.int32, device=query.device)
+    nw_t = torch.full((B,), nw, dtype=torch.int32, device=query.device)
+    out, lse = ops.decode_attention(
+        q, b["k_codes"], b["k_scale"], b["k_zero"],
+        b["z_codes"] if has_side else None, b["z_scale"] if has_side else None,
+        layer.basis if has_side else None,
+        b.get("v_codes") if layer.quantise_values else None,
+        b.get("v_scale") if layer.quantise_values else None,
+        b.get("v_zero") if layer.quantise_values else None,
+        None if layer.quantise_values else b["v_dense"],
+        layer.heavy_delta.contiguous() if heavy else None,
+        layer.heavy_idx.contiguous() if heavy else None,
+        b["k_window"], b["v_window"], nq_t, nw_t, kv_start,
+        s.key_bits, s.group_size, s.side_bits, s.value_bits, s.value_group_size, s.sign, scale)
+    if layer.a2:
+        kw = b["k_window"][:, :, :nw].float().repeat_interleave(n_rep, dim=1)
+        lw = torch.einsum("bhd,bhtd->bht", q.float(), kw) * scale
+        aw = torch.exp(lw - lse.unsqueeze(-1))
+        if kv_start is not None:
+            pos = torch.arange(nq, T, device=query.device)
+            aw = aw * (pos.view(1, 1, -1) >= kv_start.view(-1, 1, 1))
+        aw = torch.nan_to_num(aw, 0.0)
+        w_window = (aw * aw).reshape(B, layer.H, n_rep, nw).sum(2)
+        w_heavy = None
+        if heavy:
+            ah = torch.nan_to_num(torch.exp(layer.heavy_logits(q, scale) - lse.unsqueeze(-1)), 0.0)
+            if kv_start is not None:
+                idx = layer.heavy_idx.repeat_interleave(n_rep, dim=1)
+                ah = ah * (idx >= kv_start.view(-1, 1, 1))
+            w_heavy = (ah * ah).reshape(B, layer.H, n_rep, -1).sum(2)
+        layer.add_weights(None, w_window, w_heavy)
+    return out.unsqueeze(2)
+
+
+def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                            scaling: Optional[float] = None, **kwargs):
+    """transformers attention function ``"headq"``: returns ``(out [B, L, Hq, D], None)``."""
+    layer = getattr(key, "_headq_layer", None)
+    if layer is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("headq attention: logit soft-capping is not supported")
+    if kwargs.get("sliding_window") is not None:
+        raise NotImplementedError("headq attention: a HeadQ layer cannot be a sliding layer")
+    scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
+    L = query.shape[2]
+    if L == 1 and layer.quantise_keys and layer.n_quant > 0:
+        out = _decode(layer, query, attention_mask, scale)
+    else:
+        out = _prefill(layer, query, attention_mask, scale)
+    layer.after_attention()
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Register ``"headq"`` in transformers' attention and mask interfaces (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(ATTN_IMPL, headq_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPL, sdpa_mask)
+
+
+def _set(model, impl: str) -> None:
+    try:
+        model.set_attn_implementation(impl)
+    except (AttributeError, ValueError, KeyError):
+        model.config._attn_implementation = impl
+    get = getattr(model.config, "get_text_config", None)
+    if get is not None:
+        tc = get(decoder=True)
+        if tc is not model.config:
+            tc._attn_implementation = impl
+
+
+def enable(model):
+    """Use the ``"headq"`` attention function in ``model`` (returns the model)."""
+    register()
+    current = model.config._attn_implementation
+    if current != ATTN_IMPL:
+        setattr(model, _PREVIOUS_ATTR, current)
+    _set(model, ATTN_IMPL)
+    return model
+
+
+def disable(model):
+    """Restore the attention implementation the model had before :func:`enable` (``sdpa`` if
+    unknown); returns the model."""
+    previous = getattr(model, _PREVIOUS_ATTR, None) or "sdpa"
+    _set(model, previous)
+    if hasattr(model, _PREVIOUS_ATTR):
+        delattr(model, _PREVIOUS_ATTR)
+    return model
+
+
+register()

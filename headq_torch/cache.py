@@ -1,0 +1,578 @@
+"""``HeadQCache``: a transformers cache that stores keys (and optionally values) packed.
+
+Use it wherever ``transformers.DynamicCache`` goes::
+
+    cache = HeadQCache(model.config, calibration, key_bits=2)
+    headq_torch.attention.enable(model)          # attention reads the packed cache directly
+    model.generate(**inputs, past_key_values=cache)
+
+Per quantised layer (:class:`HeadQLayer`) it stores packed key codes with per-channel fp16
+scales/zeros (groups of ``group_size`` tokens), the side code on the layer's query basis, the
+values (packed per token, or dense when ``value_bits=16``), the A² keep set
+(``heavy_delta``/``heavy_idx``) and a dense recent window. Buffers grow by doubling (amortised
+O(1) per token, no ``torch.cat`` per step). Quantisation rule: after new tokens are appended and
+attention has read them, while the window holds ``>= residual_length + group_size`` tokens its
+oldest ``group_size`` tokens are quantised (with ``residual_length=0`` a group is quantised as
+soon as it is complete).
+
+How the attention function reaches the cache layer
+----------------------------------------------------
+``HeadQCache`` keeps a reference to the model config it was built from. When that config's
+attention implementation is ``"headq"`` (:func:`headq_torch.attention.enable`), ``update()``
+returns views of the layer's *dense window only* and tags the key view with the layer
+(``key._headq_layer = layer``: a plain Python attribute on the tensor object the modelling code
+passes unchanged from ``cache.update`` to the attention function). The attention function reads
+the tag, computes attention over the packed region + the window through the ops, then calls
+``layer.after_attention(...)`` (A² weights, then quantisation of complete groups).
+
+With any other attention implementation (``sdpa``, ``eager``, ...), ``update()`` returns the full
+dense reconstruction, keys ``k̂ + sign·U ẑ`` (which gives exactly the corrected logits) and values
+``v̂ + delta``, and quantises at once: the cache stays correct, only slower and without A²
+weights (the keep set is then chosen among equal weights).
+
+Layer types: for configs with ``layer_types`` (Gemma 3), only ``full_attention`` layers are
+quantised; ``sliding_attention`` layers use transformers' ``DynamicSlidingWindowLayer`` (dense,
+at most ``sliding_window`` tokens) and any other type a ``DynamicLayer``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+
+from . import ops
+from .attention import ATTN_IMPL
+from . import value_policy as vp
+from .calibration import Calibration, CalibrationError
+from .config import HeadQSettings, layer_kinds, model_geometry, text_config
+from .reference import unpack_bits
+from .storage import storage_report
+
+__all__ = ["HeadQCache", "HeadQLayer"]
+
+
+
+def _grow(buf: Optional[torch.Tensor], needed: int, shape_tail: tuple, batch_heads: tuple,
+          dtype, device, multiple: int = 1, fill=0) -> torch.Tensor:
+    """Capacity ``>= needed`` along dim 2 (doubling; a multiple of ``multiple``)."""
+    cap = 0 if buf is None else buf.shape[2]
+    if cap >= needed:
+        return buf
+    new_cap = max(needed, 2 * cap, multiple)
+    new_cap = -(-new_cap // multiple) * multiple
+    out = torch.full((*batch_heads, new_cap, *shape_tail), fill, dtype=dtype, device=device)
+    if buf is not None and cap:
+        out[:, :, :cap] = buf
+    return out
+
+
+class HeadQLayer(CacheLayerMixin):
+    """One quantised layer of a :class:`HeadQCache` (see the module docstring)."""
+
+    is_sliding = False
+    is_compileable = False
+    # crop() inside the quantised region is lossy (the tokens come back dequantised)
+    is_croppable = False
+
+    def __init__(self, settings: HeadQSettings, basis: Optional[torch.Tensor], layer_idx: int,
+                 owner: "HeadQCache"):
+        super().__init__()
+        self.s = settings
+        self.basis_cpu = basis
+        self.layer_idx = layer_idx
+        self._owner = owner
+        self._clear()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.n_quant = 0
+        self.n_window = 0
+        self.buf: dict[str, Optional[torch.Tensor]] = {}
+        self.heavy_idx = self.heavy_w = self.heavy_delta = None
+        self.basis = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states=None) -> None:
+        self.B, self.H, _, self.D = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        if self.basis_cpu is not None:
+            self.basis = self.basis_cpu.to(device=self.device, dtype=torch.float32).contiguous()
+        self.is_initialized = True
+
+    @property
+    def quantise_keys(self) -> bool:
+        return self.s.key_bits < 16
+
+    @property
+    def quantise_values(self) -> bool:
+        return self.s.value_bits < 16
+
+    @property
+    def a2(self) -> bool:
+        return self.s.value_policy == "a2"
+
+    def _bh(self):
+        return (self.B, self.H)
+
+    def _ensure_quant(self, needed: int) -> None:
+        s, G, D, bh, dev = self.s, self.s.group_size, self.D, self._bh(), self.device
+        b = self.buf
+        if self.quantise_keys:
+            b["k_codes"] = _grow(b.get("k_codes"), needed, (D * s.key_bits // 8,), bh,
+                                 torch.uint8, dev, G)
+            cap = b["k_codes"].shape[2]
+            b["k_scale"] = _grow(b.get("k_scale"), cap // G, (D,), bh, torch.float16, dev)
+            b["k_zero"] = _grow(b.get("k_zero"), cap // G, (D,), bh, torch.float16, dev)
+            if self.basis is not None:
+                r = self.basis.shape[-1]
+                b["z_codes"] = _grow(b.get("z_codes"), cap, (r * s.side_bits // 8,), bh,
+                                     torch.uint8, dev)
+                b["z_scale"] = _grow(b.get("z_scale"), cap, (), bh, torch.float16, dev)
+        else:
+            b["k_dense"] = _grow(b.get("k_dense"), needed, (D,), bh, self.dtype, dev, G)
+            cap = b["k_dense"].shape[2]
+        if self.quantise_values:
+            ng = D // s.value_group_size
+            b["v_codes"] = _grow(b.get("v_codes"), cap, (D * s.value_bits // 8,), bh,
+                                 torch.uint8, dev)
+            b["v_scale"] = _grow(b.get("v_scale"), cap, (ng,), bh, torch.float16, dev)
+            b["v_zero"] = _grow(b.get("v_zero"), cap, (ng,), bh, torch.float16, dev)
+        else:
+            b["v_dense"] = _grow(b.get("v_dense"), cap, (D,), bh, self.dtype, dev)
+
+    def _ensure_window(self, needed: int) -> None:
+        b, bh, D = self.buf, self._bh(), self.D
+        b["k_window"] = _grow(b.get("k_window"), needed, (D,), bh, self.dtype, self.device)
+        b["v_window"] = _grow(b.get("v_window"), needed, (D,), bh, self.dtype, self.device)
+        if self.a2:
+            b["w_window"] = _grow(b.get("w_window"), needed, (), bh, torch.float32, self.device)
+
+    # -- transformers layer API --------------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        # tokens left by a forward whose attention did not consume them
+        self.flush()
+        L = key_states.shape[2]
+        nw = self.n_window
+        self._ensure_window(nw + L)
+        self.buf["k_window"][:, :, nw:nw + L] = key_states
+        self.buf["v_window"][:, :, nw:nw + L] = value_states
+        if self.a2:
+            self.buf["w_window"][:, :, nw:nw + L] = 0
+        self.n_window = nw + L
+        kw = self.buf["k_window"][:, :, :self.n_window]
+        vw = self.buf["v_window"][:, :, :self.n_window]
+        self.keys, self.values = kw, vw
+        if self._owner.attention_active():
+            kw = kw.view(kw.shape)  # a fresh tensor object to carry the tag
+            kw._headq_layer = self
+            return kw, vw
+        k_all, v_all = self.dense_kv()
+        self.flush()
+        return k_all, v_all
+
+    def get_seq_length(self) -> int:
+        return self.n_quant + self.n_window
+
+    def get_mask_sizes(self, query_length, *args) -> tuple[int, int]:
+        # transformers >= 5.2x passes the query length; earlier 5.x pass cache_position
+        q = query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+        return self.get_seq_length() + q, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # name in earlier transformers 5.x
+        return -1
+
+    def reset(self) -> None:
+        self._clear()
+
+    def _index_batch(self, fn) -> None:
+        if not self.is_initialized:
+            return
+        for k, t in list(self.buf.items()):
+            if t is not None:
+                self.buf[k] = fn(t)
+        for name in ("heavy_idx", "heavy_w", "heavy_delta"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        self.B = next((t.shape[0] for t in self.buf.values() if t is not None), self.B)
+        self._refresh_views()
+
+    def _refresh_views(self) -> None:
+        if "k_window" in self.buf and self.buf["k_window"] is not None:
+            self.keys = self.buf["k_window"][:, :, :self.n_window]
+            self.values = self.buf["v_window"][:, :, :self.n_window]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._index_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor)
+                                      else indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: remove that many tokens; positive: keep that many (earlier 5.x). Cropping
+        into the quantised region brings the surviving tokens of the cut group back to the window
+        dequantised (lossy)."""
+        n = self.get_seq_length()
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        new_len = n + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, n)
+        new_len = max(new_len, 0)
+        if new_len >= self.n_quant:
+            self.n_window = new_len - self.n_quant
+            self._refresh_views()
+            return
+        G = self.s.group_size
+        keep_q = (new_len // G) * G
+        k_all, v_all = self.dense_kv()
+        back_k = k_all[:, :, keep_q:new_len]
+        back_v = v_all[:, :, keep_q:new_len]
+        w_back = None
+        if self.a2 and self.heavy_idx is not None:
+            w_back = torch.zeros(self.B, self.H, new_len - keep_q, device=self.device)
+            for j in range(keep_q, new_len):
+                hit = (self.heavy_idx == j)
+                w_back[..., j - keep_q] = (self.heavy_w.clamp_min(0) * hit).sum(-1)
+            valid = (self.heavy_idx >= 0) & (self.heavy_idx < keep_q)
+            self.heavy_idx = torch.where(valid, self.heavy_idx, torch.full_like(self.heavy_idx, -1))
+            self.heavy_w = self.heavy_w.masked_fill(~valid, float("-inf"))
+            self.heavy_delta = self.heavy_delta * valid.unsqueeze(-1).to(self.heavy_delta.dtype)
+            self._shrink_keep_set(keep_q)
+        self.n_quant = keep_q
+        m = back_k.shape[2]
+        self.n_window = 0
+        self._ensure_window(m)
+        self.buf["k_window"][:, :, :m] = back_k
+        self.buf["v_window"][:, :, :m] = back_v
+        if self.a2:
+            self.buf["w_window"][:, :, :m] = 0 if w_back is None else w_back
+        self.n_window = m
+        self._refresh_views()
+
+    def _shrink_keep_set(self, n_quant: int) -> None:
+        budget = vp.keep_budget(self.s.value_keep_frac, n_quant)
+        if self.heavy_idx is None or self.heavy_idx.shape[-1] <= budget:
+            return
+        w, order = torch.sort(self.heavy_w, dim=-1, descending=True)
+        order = order[..., :budget]
+        self.heavy_w = w[..., :budget]
+        self.heavy_idx = torch.gather(self.heavy_idx, -1, order)
+        self.heavy_delta = torch.gather(self.heavy_delta, -2,
+                                        order.unsqueeze(-1).expand(-1, -1, -1, self.D))
+
+    # -- quantisation ------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Quantise the oldest complete groups of the window while it holds
+        ``>= residual_length + group_size`` tokens."""
+        if not self.is_initialized:
+            return
+        s, G = self.s, self.s.group_size
+        m = (self.n_window - s.residual_length) // G
+        if m <= 0:
+            return
+        n = m * G
+        nq, nw = self.n_quant, self.n_window
+        self._ensure_quant(nq + n)
+        b = self.buf
+        k = b["k_window"][:, :, :n].contiguous()
+        v = b["v_window"][:, :, :n].contiguous()
+        if self.quantise_keys:
+            codes, scale, zero = ops.quantize_keys(k, s.key_bits, G)
+            b["k_codes"][:, :, nq:nq + n] = codes
+            b["k_scale"][:, :, nq // G:nq // G + m] = scale
+            b["k_zero"][:, :, nq // G:nq // G + m] = zero
+            if self.basis is not None:
+                zc, zs = ops.side_code(k, codes, scale, zero, self.basis, s.key_bits, G,
+                                       s.side_bits, s.center)
+                b["z_codes"][:, :, nq:nq + n] = zc
+                b["z_scale"][:, :, nq:nq + n] = zs
+        else:
+            b["k_dense"][:, :, nq:nq + n] = k
+        if self.quantise_values:
+            vc, vs, vz = ops.quantize_values(v, s.value_bits, s.value_group_size)
+            b["v_codes"][:, :, nq:nq + n] = vc
+            b["v_scale"][:, :, nq:nq + n] = vs
+            b["v_zero"][:, :, nq:nq + n] = vz
+            if self.a2:
+                vhat = ops.dequantize_values(vc, vs, vz, s.value_bits, s.value_group_size,
+                                             torch.float32)
+                delta = (v.float() - vhat).to(self.dtype)
+                self.heavy_idx, self.heavy_w, self.heavy_delta = vp.update_keep_set(
+                    self.heavy_idx, self.heavy_w, self.heavy_delta, nq,
+                    b["w_window"][:, :, :n], delta, vp.keep_budget(s.value_keep_frac, nq + n))
+        else:
+            b["v_dense"][:, :, nq:nq + n] = v
+        rest = nw - n
+        if rest:
+            b["k_window"][:, :, :rest] = b["k_window"][:, :, n:nw].clone()
+            b["v_window"][:, :, :rest] = b["v_window"][:, :, n:nw].clone()
+            if self.a2:
+                b["w_window"][:, :, :rest] = b["w_window"][:, :, n:nw].clone()
+        self.n_quant = nq + n
+        self.n_window = rest
+        self._refresh_views()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def quantised_keys(self, out_dtype=torch.float32) -> torch.Tensor:
+        """Keys of the quantised region as attention reads them: ``k̂ + sign·U ẑ``
+        ``[B, H, n_quant, D]`` (``q·`` of it equals the corrected logit)."""
+        nq, s, b = self.n_quant, self.s, self.buf
+        if nq == 0:
+            return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
+        if not self.quantise_keys:
+            return b["k_dense"][:, :, :nq].to(out_dtype)
+        G = s.group_size
+        khat = ops.dequantize_keys(b["k_codes"][:, :, :nq].contiguous(),
+                                   b["k_scale"][:, :, :nq // G].contiguous(),
+                                   b["k_zero"][:, :, :nq // G].contiguous(), s.key_bits, G,
+                                   torch.float32)
+        if self.basis is not None:
+            zhat = ops.dequantize_side(b["z_codes"][:, :, :nq].contiguous(),
+                                       b["z_scale"][:, :, :nq].contiguous(), s.side_bits)
+            khat = khat + s.sign * torch.einsum("bhtr,hdr->bhtd", zhat, self.basis)
+        return khat.to(out_dtype)
+
+    def quantised_values(self, out_dtype=torch.float32) -> torch.Tensor:
+        """Values of the quantised region as attention reads them (``v̂``, plus the delta of
+        kept tokens) ``[B, H, n_quant, D]``."""
+        nq, s, b = self.n_quant, self.s, self.buf
+        if nq == 0:
+            return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
+        if not self.quantise_values:
+            return b["v_dense"][:, :, :nq].to(out_dtype)
+        v = ops.dequantize_values(b["v_codes"][:, :, :nq].contiguous(),
+                                  b["v_scale"][:, :, :nq].contiguous(),
+                                  b["v_zero"][:, :, :nq].contiguous(), s.value_bits,
+                                  s.value_group_size, torch.float32)
+        if self.heavy_idx is not None and self.heavy_idx.shape[-1]:
+            valid = (self.heavy_idx >= 0) & (self.heavy_idx < nq)
+            idx = self.heavy_idx.clamp_min(0).long()
+            delta = self.heavy_delta.float() * valid.unsqueeze(-1)
+            v = v.scatter_add(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.D), delta)
+        return v.to(out_dtype)
+
+    def dense_kv(self):
+        """Full dense reconstruction ``(keys, values)`` ``[B, H, n, D]`` in the cache dtype."""
+        k = torch.cat([self.quantised_keys(self.dtype),
+                       self.buf["k_window"][:, :, :self.n_window]], dim=2)
+        v = torch.cat([self.quantised_values(self.dtype),
+                       self.buf["v_window"][:, :, :self.n_window]], dim=2)
+        return k, v
+
+    def heavy_logits(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Corrected logits of the kept tokens, float32 ``[B, Hq, K]`` for ``q`` ``[B, Hq, D]``
+        (gathers their packed key rows and group scales; no dense key copy)."""
+        s, b, G = self.s, self.buf, self.s.group_size
+        B, Hq, D = q.shape
+        n_rep = Hq // self.H
+        idx = self.heavy_idx.clamp_min(0).long()  # [B, H, K]
+        K = idx.shape[-1]
+        if self.quantise_keys:
+            codes = torch.gather(b["k_codes"], 2,
+                                 idx.unsqueeze(-1).expand(-1, -1, -1, b["k_codes"].shape[-1]))
+            gi = (idx // G).unsqueeze(-1).expand(-1, -1, -1, D)
+            sc = torch.gather(b["k_scale"], 2, gi).float()
+            ze = torch.gather(b["k_zero"], 2, gi).float()
+            khat = unpack_bits(codes, s.key_bits, D).float() * sc + ze
+            if self.basis is not None:
+                zc = torch.gather(b["z_codes"], 2,
+                                  idx.unsqueeze(-1).expand(-1, -1, -1, b["z_codes"].shape[-1]))
+                zs = torch.gather(b["z_scale"], 2, idx)
+                zhat = ops.dequantize_side(zc.contiguous(), zs.contiguous(), s.side_bits)
+                khat = khat + s.sign * torch.einsum("bhkr,hdr->bhkd", zhat, self.basis)
+        else:
+            khat = torch.gather(b["k_dense"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, D)).float()
+        khat = khat.repeat_interleave(n_rep, dim=1)
+        return torch.einsum("bhd,bhkd->bhk", q.float(), khat) * scale
+
+    # -- after attention ---------------------------------------------------------------------
+
+    def add_weights(self, w_quant: Optional[torch.Tensor], w_window: torch.Tensor,
+                    w_heavy: Optional[torch.Tensor] = None) -> None:
+        """Accumulate A² weights (float32, summed over query heads per KV head):
+        ``w_quant`` ``[B, H, n_quant]`` (prefill: only the kept tokens' entries are used),
+        ``w_window`` ``[B, H, n_window]``, or ``w_heavy`` ``[B, H, K]`` directly (decode)."""
+        if not self.a2:
+            return
+        self.buf["w_window"][:, :, :self.n_window] += w_window
+        if self.heavy_idx is None or self.heavy_idx.shape[-1] == 0:
+            return
+        valid = self.heavy_idx >= 0
+        if w_heavy is None and w_quant is not None and w_quant.shape[-1]:
+            w_heavy = torch.gather(w_quant, -1, self.heavy_idx.clamp_min(0).long())
+        if w_heavy is not None:
+            self.heavy_w = self.heavy_w + torch.where(valid, w_heavy, torch.zeros_like(w_heavy))
+
+    def after_attention(self) -> None:
+        self.flush()
+
+    # -- accounting --------------------------------------------------------------------------
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes of every stored tensor at the current length (used rows, not spare capacity)."""
+        out: dict[str, int] = {}
+        if not self.is_initialized:
+            return out
+        nq, nw, G = self.n_quant, self.n_window, self.s.group_size
+        rows = {"k_codes": nq, "k_scale": nq // G, "k_zero": nq // G, "z_codes": nq,
+                "z_scale": nq, "k_dense": nq, "v_codes": nq, "v_scale": nq, "v_zero": nq,
+                "v_dense": nq, "k_window": nw, "v_window": nw, "w_window": nw}
+        for k, t in self.buf.items():
+            if t is None:
+                continue
+            per_row = t[:, :, :1].numel() * t.element_size() if t.shape[2] else 0
+            out[k] = rows[k] * per_row
+        for name in ("heavy_idx", "heavy_w", "heavy_delta"):
+            t = getattr(self, name)
+            if t is not None:
+                out[name] = t.numel() * t.element_size()
+        if self.basis is not None and nq:
+            out["basis"] = self.basis.numel() * self.basis.element_size()
+        return out
+
+    def allocated_bytes(self) -> int:
+        tensors = [t for t in self.buf.values() if t is not None]
+        tensors += [t for t in (self.heavy_idx, self.heavy_w, self.heavy_delta, self.basis)
+                    if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class HeadQCache(Cache):
+    """A drop-in for ``transformers.DynamicCache`` that stores the cache packed (HeadQ).
+
+    Args:
+        config: the model's config (pass ``model.config`` itself: the cache reads its attention
+            implementation to know whether the ``"headq"`` attention function is in use).
+        calibration: a :class:`~headq_torch.calibration.Calibration` of this model (query bases
+            for the side code), or None for the plain base code.
+        key_bits: 2, 3, 4, 8, or 16 (dense keys).
+        value_bits: 2, 3, 4, 8, or 16 (dense values, the default).
+        group_size: key group (tokens): 32, 64 or 128.
+        value_group_size: value group (channels): 32, 64 or 128, dividing the head dim.
+        residual_length: extra dense recent tokens kept beyond the incomplete group.
+        side_bits: 8 or 4.
+        center: centre the key residual per group before projecting (shift-invariance).
+        sign: +1.0 (HeadQ) or -1.0 (the wrong-sign control).
+        value_policy: 'uniform' or 'a2' (A²-weighted keep set, needs value_bits < 16).
+        value_keep_frac: fraction of quantised tokens whose values stay at full precision.
+        rank: expected side-code rank; must equal the calibration's rank if both are given.
+    """
+
+    def __init__(self, config, calibration: Optional[Calibration] = None, key_bits: int = 2,
+                 value_bits: int = 16, group_size: int = 64, value_group_size: int = 64,
+                 residual_length: int = 0, side_bits: int = 8, center: bool = False,
+                 sign: float = 1.0, value_policy: str = "uniform", value_keep_frac: float = 0.0,
+                 rank: Optional[int] = None):
+        n_layers, _, n_kv, head_dim = model_geometry(config)
+        settings = HeadQSettings(key_bits=key_bits, value_bits=value_bits, group_size=group_size,
+                                 value_group_size=value_group_size,
+                                 residual_length=residual_length, side_bits=side_bits,
+                                 center=bool(center), sign=float(sign),
+                                 value_policy=value_policy,
+                                 value_keep_frac=float(value_keep_frac))
+        if calibration is not None and not isinstance(calibration, Calibration):
+            raise TypeError(f"HeadQCache: calibration must be a Calibration or None, got "
+                            f"{type(calibration).__name__}")
+        if calibration is None and rank is not None:
+            raise ValueError(f"HeadQCache: rank={rank} was given without a calibration")
+        if calibration is not None:
+            if key_bits == 16:
+                raise ValueError("HeadQCache: a calibration (side code) needs key_bits < 16, "
+                                 "got key_bits=16")
+            try:
+                calibration.check_compatible(config, rank)
+            except CalibrationError as e:
+                raise CalibrationError(f"HeadQCache: calibration: {e}") from None
+            rank = calibration.rank
+        settings.validate(head_dim, rank)
+        self.settings = settings
+        self.calibration = calibration
+        self.model_config = config
+        self.head_dim = head_dim
+        self.num_kv_heads = n_kv
+        self.rank = rank or 0
+        self.layer_kinds = layer_kinds(config)
+        tc = text_config(config)
+        layers = []
+        for i, kind in enumerate(self.layer_kinds):
+            if kind == "headq":
+                basis = None if calibration is None else calibration.bases[i]
+                if calibration is not None and basis is None:
+                    raise CalibrationError(f"HeadQCache: calibration has no basis for layer {i}")
+                layers.append(HeadQLayer(settings, basis, i, self))
+            elif kind == "sliding":
+                layers.append(DynamicSlidingWindowLayer(sliding_window=tc.sliding_window))
+            else:
+                layers.append(DynamicLayer())
+        super().__init__(layers=layers)
+        self._warned_fallback = False
+
+    def attention_active(self) -> bool:
+        """Whether the model this cache was built for uses the ``"headq"`` attention function."""
+        impl = getattr(self.model_config, "_attn_implementation", None)
+        tc = text_config(self.model_config)
+        impl_text = getattr(tc, "_attn_implementation", None)
+        active = ATTN_IMPL in (impl, impl_text)
+        if not active and not self._warned_fallback:
+            self._warned_fallback = True
+            if self.settings.value_policy == "a2":
+                warnings.warn("HeadQCache: the model does not use the 'headq' attention function "
+                              "(headq_torch.attention.enable(model)); the A² value policy sees "
+                              "no attention weights in this mode", stacklevel=3)
+        return active
+
+    @property
+    def headq_layers(self) -> list[HeadQLayer]:
+        return [layer for layer in self.layers if isinstance(layer, HeadQLayer)]
+
+    def memory_bytes(self) -> int:
+        """Real bytes of every stored tensor (used rows), all layers, dense layers included."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, HeadQLayer):
+                total += sum(layer.memory_breakdown().values())
+            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
+                total += layer.keys.numel() * layer.keys.element_size()
+                total += layer.values.numel() * layer.values.element_size()
+        return total
+
+    def memory_breakdown(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for layer in self.headq_layers:
+            for k, v in layer.memory_breakdown().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def storage_report(self):
+        """:func:`headq_torch.storage.storage_report` of the quantised layers at the current
+        length (per KV head and layer averages; ``bytes_per_token_all_layers`` over them)."""
+        hq = self.headq_layers
+        n = self.get_seq_length(self.layer_kinds.index("headq")) if hq else 0
+        if n == 0:
+            raise ValueError("storage_report: the cache is empty")
+        s = self.settings
+        layer = next(layer for layer in hq if layer.is_initialized)
+        dense_bits = torch.finfo(layer.dtype).bits
+        return storage_report(head_dim=self.head_dim, context_len=n, key_bits=s.key_bits,
+                              value_bits=s.value_bits, group_size=s.group_size,
+                              value_group_size=s.value_group_size, rank=self.rank,
+                              side_bits=s.side_bits, residual_length=s.residual_length,
+                              value_keep_frac=s.value_keep_frac if s.value_policy == "a2" else 0.0,
+                              dense_bits=dense_bits, num_kv_heads=self.num_kv_heads,
+                              num_layers=len(hq))

@@ -1,0 +1,534 @@
+"""Calibration: capture post-RoPE queries as attention sees them, learn a query basis per
+(layer, KV head), and save / load it as a safetensors file.
+
+Capture goes through transformers' attention interface: :func:`capture_qk` switches the model to
+the attention function ``"headq_capture"``, which records ``query`` and ``key`` exactly as the
+model hands them to attention (after RoPE, after any q/k norm, at the model's scaling) and then
+runs ``sdpa``. RoPE is never re-implemented here.
+
+Basis methods (``learn_bases``), per (layer, KV head), over the queries of every query head
+that reads that KV head (grouped-query attention pools ``Hq / H`` heads):
+
+* ``'pca'``: top-``r`` eigenvectors of the query second moment ``E[q qᵀ]`` (the default).
+* ``'fisher'``: top-``r`` eigenvectors of the curvature-weighted moment
+  ``Σ_t c_t q_t q_tᵀ / Σ_t c_t`` with ``c_t = tr(diag(a_t) − a_t a_tᵀ) = 1 − ‖a_t‖²``,
+  ``a_t`` the attention of query ``t``. Reason: with independent zero-mean key errors ``e_j``
+  the logit error is ``Δs_j = q·e_j`` and the expected Fisher-space error
+  ``½ E[Δsᵀ (diag(a) − aaᵀ) Δs] = ½ Σ_j (a_j − a_j²) E[e_jᵀ q qᵀ e_j]``; for keys of equal error
+  statistics the weight of ``q qᵀ`` is ``Σ_j (a_j − a_j²) = 1 − ‖a‖²``. A query whose attention
+  is one-hot (``c = 0``) is insensitive to key error; a flat one (``c → 1``) is the most sensitive.
+* controls: ``'random'`` (a random orthonormal basis, seeded) and ``'key_pca'`` (top-``r``
+  eigenvectors of the key second moment ``E[k kᵀ]``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from .config import config_fingerprint, layer_kinds, model_geometry, model_name
+
+__all__ = [
+    "FORMAT_VERSION",
+    "METHODS",
+    "CalibrationError",
+    "LayerSamples",
+    "Moments",
+    "capture_qk",
+    "learn_bases",
+    "bases_from_moments",
+    "calibrate",
+    "Calibration",
+]
+
+FORMAT_VERSION = 1
+FORMAT_NAME = "headq-calibration"
+METHODS = ("pca", "fisher", "random", "key_pca")
+CAPTURE_IMPL = "headq_capture"
+
+
+class CalibrationError(ValueError):
+    """A calibration file or object that does not fit: wrong model, rank, shape, version, or a
+    file that is not a HeadQ calibration."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture through the attention interface
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerSamples:
+    """Post-RoPE samples of one layer, pooled per KV head.
+
+    queries: float32 ``[H, N, D]`` (``N`` = tokens x query heads per KV head);
+    keys: float32 ``[H, Nk, D]``; fisher_weights: float32 ``[H, N]`` (``1 − ‖a‖²`` of each query)
+    or None when not requested.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    fisher_weights: Optional[torch.Tensor] = None
+
+
+class _Recorder:
+    def __init__(self, fisher: bool):
+        self.fisher = fisher
+        self.records: dict[int, tuple] = {}
+
+
+_ACTIVE: list[_Recorder] = []
+
+
+def _pool_queries(query: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """``[B, Hq, L, D]`` -> ``[H, B*(Hq/H)*L, D]``: query head ``h`` reads KV head ``h // (Hq/H)``."""
+    B, Hq, L, D = query.shape
+    n_rep = Hq // n_kv
+    q = query.reshape(B, n_kv, n_rep, L, D).permute(1, 0, 2, 3, 4)
+    return q.reshape(n_kv, B * n_rep * L, D)
+
+
+def _fisher_weights(query, key, attention_mask, scaling) -> torch.Tensor:
+    """``1 − ‖a_t‖²`` per query, ``[B, Hq, L]``, from the attention the model computes."""
+    B, Hq, L, D = query.shape
+    H = key.shape[1]
+    k = key.float().repeat_interleave(Hq // H, dim=1)
+    s = (query.float() @ k.transpose(-1, -2)) * scaling
+    T = k.shape[2]
+    if attention_mask is None:
+        causal = torch.ones(L, T, dtype=torch.bool, device=s.device).tril(T - L)
+        s = s.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        s = s.masked_fill(~attention_mask[..., :T], float("-inf"))
+    else:
+        s = s + attention_mask[..., :T].float()
+    a = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    return 1.0 - (a * a).sum(-1)
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """Attention function ``"headq_capture"``: record q/k as attention sees them, then sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if _ACTIVE and getattr(module, "layer_idx", None) is not None:
+        rec = _ACTIVE[-1]
+        H = key.shape[1]
+        q = _pool_queries(query.detach().float(), H)
+        k = key.detach().float().permute(1, 0, 2, 3).reshape(H, -1, key.shape[-1])
+        w = None
+        if rec.fisher:
+            sc = scaling if scaling is not None else query.shape[-1] ** -0.5
+            fw = _fisher_weights(query.detach(), key.detach(), attention_mask, sc)
+            w = _pool_queries(fw.unsqueeze(-1), H).squeeze(-1)
+        rec.records[module.layer_idx] = (q, k, w)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                  **kwargs)
+
+
+def _register_capture() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_IMPL, sdpa_mask)
+
+
+def _set_attn(model, impl: str) -> None:
+    try:
+        model.set_attn_implementation(impl)
+    except (AttributeError, ValueError, KeyError):
+        model.config._attn_implementation = impl
+    tc = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else None
+    if tc is not None and tc is not model.config:
+        tc._attn_implementation = impl
+
+
+@torch.no_grad()
+def capture_qk(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+               fisher: bool = False) -> list[Optional[LayerSamples]]:
+    """Run ``model`` on ``input_ids`` and return, per layer, the post-RoPE queries pooled per KV
+    head ``[H, N, D]`` and the keys ``[H, Nk, D]`` (float32, CPU), as attention saw them.
+
+    ``fisher=True`` also returns each query's curvature weight ``1 − ‖a‖²`` (see the module
+    docstring). Layers the model did not run (none in practice) are ``None``. Padding positions
+    of ``attention_mask`` are included in the samples; pass unpadded text for calibration.
+    """
+    _register_capture()
+    previous = model.config._attn_implementation
+    rec = _Recorder(fisher)
+    _ACTIVE.append(rec)
+    _set_attn(model, CAPTURE_IMPL)
+    try:
+        model(input_ids=input_ids.to(model.device), attention_mask=attention_mask,
+              use_cache=False)
+    finally:
+        _ACTIVE.remove(rec)
+        _set_attn(model, previous)
+    n_layers = model_geometry(model.config)[0]
+    out: list[Optional[LayerSamples]] = []
+    for i in range(n_layers):
+        r = rec.records.get(i)
+        out.append(None if r is None else LayerSamples(r[0].cpu(), r[1].cpu(),
+                                                       None if r[2] is None else r[2].cpu()))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Bases
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Moments:
+    """Streaming second moments of one layer (float64 ``[H, D, D]`` each)."""
+
+    qq: torch.Tensor
+    fq: torch.Tensor
+    kk: torch.Tensor
+    n_q: int = 0
+    n_k: int = 0
+    fisher_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+    @classmethod
+    def zeros(cls, n_kv: int, head_dim: int) -> "Moments":
+        z = lambda: torch.zeros(n_kv, head_dim, head_dim, dtype=torch.float64)  # noqa: E731
+        return cls(z(), z(), z(), 0, 0, torch.zeros(n_kv, dtype=torch.float64))
+
+    def add(self, s: LayerSamples) -> None:
+        q = s.queries.double()
+        k = s.keys.double()
+        self.qq += q.transpose(1, 2) @ q
+        self.kk += k.transpose(1, 2) @ k
+        self.n_q += q.shape[1]
+        self.n_k += k.shape[1]
+        if s.fisher_weights is not None:
+            w = s.fisher_weights.double()
+            self.fq += (q * w.unsqueeze(-1)).transpose(1, 2) @ q
+            self.fisher_sum = self.fisher_sum + w.sum(1)
+
+
+def _top_eigvecs(m: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` eigenvectors ``[H, D, r]`` of symmetric ``[H, D, D]``, largest first, with a
+    deterministic sign (the largest-magnitude entry of each column is positive)."""
+    m = 0.5 * (m + m.transpose(1, 2))
+    _, vecs = torch.linalg.eigh(m)  # ascending
+    u = vecs.flip(-1)[..., :rank]
+    idx = u.abs().argmax(dim=1, keepdim=True)
+    sgn = torch.sign(torch.gather(u, 1, idx))
+    sgn[sgn == 0] = 1
+    return (u * sgn).to(torch.float32).contiguous()
+
+
+def _random_basis(n_kv: int, head_dim: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n_kv, head_dim, rank, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(a)
+    return q.to(torch.float32).contiguous()
+
+
+def bases_from_moments(m: Moments, rank: int, method: str = "pca", seed: int = 0) -> torch.Tensor:
+    """Basis ``[H, D, r]`` (orthonormal columns, float32) from accumulated moments."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    H, D, _ = m.qq.shape
+    if not 1 <= rank <= D:
+        raise ValueError(f"rank must be in [1, head_dim={D}], got {rank}")
+    if method == "pca":
+        return _top_eigvecs(m.qq / max(m.n_q, 1), rank)
+    if method == "fisher":
+        if not bool((m.fisher_sum > 0).any()):
+            raise ValueError("method='fisher' needs samples captured with fisher=True")
+        return _top_eigvecs(m.fq / m.fisher_sum.clamp_min(1e-30).view(H, 1, 1), rank)
+    if method == "key_pca":
+        return _top_eigvecs(m.kk / max(m.n_k, 1), rank)
+    return _random_basis(H, D, rank, seed)
+
+
+def learn_bases(samples, rank: int, method: str = "pca", seed: int = 0) -> torch.Tensor:
+    """Learn one layer's basis ``[H, D, r]`` (float32, orthonormal columns).
+
+    Args:
+        samples: a :class:`LayerSamples` (from :func:`capture_qk`), or a query tensor
+            ``[H, N, D]`` (enough for ``'pca'`` and ``'random'``).
+        rank: ``r``.
+        method: ``'pca'``, ``'fisher'`` (needs ``fisher_weights``), ``'random'`` or ``'key_pca'``.
+        seed: seed of the ``'random'`` control.
+    """
+    if isinstance(samples, torch.Tensor):
+        samples = LayerSamples(samples.float(), samples.float()[:, :0])
+        if method in ("fisher", "key_pca"):
+            raise ValueError(f"method={method!r} needs LayerSamples (keys / fisher weights), "
+                             "not a bare query tensor")
+    H, _, D = samples.queries.shape
+    m = Moments.zeros(H, D)
+    m.add(samples)
+    return bases_from_moments(m, rank, method, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# The calibration object and its file
+# ---------------------------------------------------------------------------------------------
+
+class Calibration:
+    """Per-layer query bases of one model.
+
+    ``bases[i]`` is float32 ``[H, D, r]`` for a quantised layer and ``None`` for a layer the
+    HeadQ cache keeps dense (sliding-window layers). Metadata: ``model_name``, ``fingerprint``
+    (see :func:`headq_torch.config.config_fingerprint`), ``num_layers``, ``num_kv_heads``,
+    ``head_dim``, ``rank``, ``method``, ``format_version``, ``n_tokens`` and free-form ``extra``.
+    """
+
+    def __init__(self, bases: list[Optional[torch.Tensor]], *, model_name: str, fingerprint: str,
+                 num_layers: int, num_kv_heads: int, head_dim: int, rank: int, method: str,
+                 n_tokens: int = 0, format_version: int = FORMAT_VERSION,
+                 extra: Optional[dict] = None, moments: Optional[list] = None):
+        if len(bases) != num_layers:
+            raise CalibrationError(f"{len(bases)} bases for num_layers={num_layers}")
+        for i, b in enumerate(bases):
+            if b is None:
+                continue
+            if tuple(b.shape) != (num_kv_heads, head_dim, rank):
+                raise CalibrationError(
+                    f"basis of layer {i} has shape {tuple(b.shape)}, expected "
+                    f"[num_kv_heads={num_kv_heads}, head_dim={head_dim}, rank={rank}]")
+        self.bases = [None if b is None else b.to(torch.float32).contiguous() for b in bases]
+        self.model_name = model_name
+        self.fingerprint = fingerprint
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.rank = rank
+        self.method = method
+        self.n_tokens = n_tokens
+        self.format_version = format_version
+        self.extra = dict(extra or {})
+        self._moments = moments  # kept in memory only, to build control bases cheaply
+
+    def __repr__(self) -> str:
+        n = sum(b is not None for b in self.bases)
+        return (f"Calibration(model={self.model_name!r}, method={self.method!r}, "
+                f"rank={self.rank}, layers={n}/{self.num_layers}, kv_heads={self.num_kv_heads}, "
+                f"head_dim={self.head_dim}, tokens={self.n_tokens})")
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def check_compatible(self, config, rank: Optional[int] = None) -> None:
+        """Raise :class:`CalibrationError` unless this calibration fits ``config`` (layers, KV
+        heads, head dim, fingerprint) and, if given, ``rank``."""
+        n_layers, _, n_kv, head_dim = model_geometry(config)
+        got = (self.num_layers, self.num_kv_heads, self.head_dim)
+        if got != (n_layers, n_kv, head_dim):
+            raise CalibrationError(
+                f"calibration is for another model: {self.model_name!r} with layers/kv_heads/"
+                f"head_dim {got}, the model has {(n_layers, n_kv, head_dim)}")
+        fp = config_fingerprint(config)
+        if fp != self.fingerprint:
+            raise CalibrationError(
+                f"calibration is for another model: fingerprint {self.fingerprint} "
+                f"({self.model_name!r}), the model's config has {fp} ({model_name(config)!r})")
+        if rank is not None and rank != self.rank:
+            raise CalibrationError(f"rank={rank} does not match the calibration's rank "
+                                   f"{self.rank}")
+
+    # -- controls ----------------------------------------------------------------------------
+
+    def with_bases(self, method: str, rank: Optional[int] = None, seed: int = 0) -> "Calibration":
+        """A calibration of the same model with bases from another method (``'random'``,
+        ``'key_pca'``, ``'pca'``, ``'fisher'``) or rank. ``'random'`` needs nothing more; the
+        others need the moments of :func:`calibrate` (kept on the object in memory)."""
+        rank = self.rank if rank is None else rank
+        if method != "random" and self._moments is None:
+            raise CalibrationError(
+                f"with_bases(method={method!r}) needs the calibration moments, which are not "
+                "saved to file; call calibrate() again (only 'random' works on a loaded file)")
+        bases = []
+        for i, b in enumerate(self.bases):
+            if b is None:
+                bases.append(None)
+            elif method == "random":
+                bases.append(_random_basis(self.num_kv_heads, self.head_dim, rank, seed + i))
+            else:
+                bases.append(bases_from_moments(self._moments[i], rank, method, seed))
+        return Calibration(bases, model_name=self.model_name, fingerprint=self.fingerprint,
+                           num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+                           head_dim=self.head_dim, rank=rank, method=method,
+                           n_tokens=self.n_tokens, extra=self.extra, moments=self._moments)
+
+    # -- file --------------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": str(self.format_version),
+            "model_name": self.model_name,
+            "fingerprint": self.fingerprint,
+            "num_layers": str(self.num_layers),
+            "num_kv_heads": str(self.num_kv_heads),
+            "head_dim": str(self.head_dim),
+            "rank": str(self.rank),
+            "method": self.method,
+            "n_tokens": str(self.n_tokens),
+            "layers": json.dumps([i for i, b in enumerate(self.bases) if b is not None]),
+            "extra": json.dumps(self.extra, default=str),
+        }
+
+    def save(self, path) -> None:
+        """Write ``path`` (safetensors): tensors ``layer.{i}.basis`` and the metadata above."""
+        from safetensors.torch import save_file
+
+        tensors = {f"layer.{i}.basis": b for i, b in enumerate(self.bases) if b is not None}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=self.metadata())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path, expected_config=None, expected_rank: Optional[int] = None
+             ) -> "Calibration":
+        """Read a calibration file. Never executes code (safetensors only).
+
+        Raises :class:`CalibrationError` for a missing, truncated, corrupt or non-safetensors
+        file, another format or version, inconsistent shapes, and, when ``expected_config`` /
+        ``expected_rank`` are given, another model or rank."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise CalibrationError(f"calibration file not found: {path}")
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+            if len(head) < 8:
+                raise CalibrationError(f"{path}: not a safetensors file (only {size} bytes)")
+            n = int.from_bytes(head, "little")
+            if n <= 0 or 8 + n > size:
+                raise CalibrationError(
+                    f"{path}: not a safetensors file, or truncated (header of {n} bytes in a "
+                    f"file of {size} bytes)")
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                names = list(f.keys())
+                tensors = {k: f.get_tensor(k) for k in names}
+        except CalibrationError:
+            raise
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise CalibrationError(f"{path}: not a readable safetensors file "
+                                   f"(truncated or corrupt): {e}") from e
+        if meta.get("format") != FORMAT_NAME:
+            raise CalibrationError(f"{path}: not a HeadQ calibration file "
+                                   f"(format={meta.get('format')!r})")
+        try:
+            version = int(meta["format_version"])
+        except (KeyError, ValueError) as e:
+            raise CalibrationError(f"{path}: missing or bad format_version") from e
+        if version != FORMAT_VERSION:
+            raise CalibrationError(f"{path}: calibration format version {version}, this "
+                                   f"headq_torch reads version {FORMAT_VERSION}")
+        try:
+            num_layers = int(meta["num_layers"])
+            n_kv = int(meta["num_kv_heads"])
+            head_dim = int(meta["head_dim"])
+            rank = int(meta["rank"])
+            layers = json.loads(meta["layers"])
+            extra = json.loads(meta.get("extra", "{}"))
+        except (KeyError, ValueError) as e:
+            raise CalibrationError(f"{path}: missing or bad metadata field: {e}") from e
+        expected_names = {f"layer.{i}.basis" for i in layers}
+        if set(names) != expected_names:
+            raise CalibrationError(f"{path}: tensors {sorted(names)} do not match the "
+                                   f"metadata's layers {layers}")
+        bases: list[Optional[torch.Tensor]] = [None] * num_layers
+        for i in layers:
+            if not 0 <= i < num_layers:
+                raise CalibrationError(f"{path}: layer index {i} outside num_layers={num_layers}")
+            t = tensors[f"layer.{i}.basis"]
+            if t.dtype != torch.float32:
+                raise CalibrationError(f"{path}: basis of layer {i} is {t.dtype}, expected "
+                                       "float32")
+            if not torch.isfinite(t).all():
+                raise CalibrationError(f"{path}: basis of layer {i} has non-finite values")
+            bases[i] = t
+        cal = cls(bases, model_name=meta.get("model_name", ""),
+                  fingerprint=meta.get("fingerprint", ""), num_layers=num_layers,
+                  num_kv_heads=n_kv, head_dim=head_dim, rank=rank,
+                  method=meta.get("method", ""), n_tokens=int(meta.get("n_tokens", 0)),
+                  format_version=version, extra=extra)
+        if expected_config is not None:
+            cal.check_compatible(expected_config, expected_rank)
+        elif expected_rank is not None and expected_rank != rank:
+            raise CalibrationError(f"rank={expected_rank} does not match the calibration's "
+                                   f"rank {rank}")
+        return cal
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate()
+# ---------------------------------------------------------------------------------------------
+
+def _token_ids(tokenizer, text) -> torch.Tensor:
+    if isinstance(text, torch.Tensor):
+        return text.reshape(-1).long()
+    if not isinstance(text, str):
+        text = "\n".join(text)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return ids.reshape(-1)
+
+
+@torch.no_grad()
+def calibrate(model, tokenizer, text, rank: int = 8, n_tokens: int = 8192, method: str = "pca",
+              chunk_len: int = 512, progress: bool = True, seed: int = 0) -> Calibration:
+    """Learn the query bases of ``model`` on ``text``.
+
+    Args:
+        model: a transformers causal LM (any attention implementation; it is restored).
+        tokenizer: its tokenizer (``text`` may also be a 1-D tensor of token ids).
+        text: a string (or a list of strings, joined by newlines).
+        rank: basis rank ``r``.
+        n_tokens: tokens of ``text`` to use (fewer if the text is shorter).
+        method: ``'pca'`` (default), ``'fisher'``, ``'random'`` or ``'key_pca'``.
+        chunk_len: tokens per forward pass; every chunk starts a fresh context.
+        progress: show a tqdm bar.
+
+    The moments of all four methods are accumulated in one pass, so
+    :meth:`Calibration.with_bases` builds the controls without running the model again.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if chunk_len < 2:
+        raise ValueError(f"chunk_len must be >= 2, got {chunk_len}")
+    n_layers, _, n_kv, head_dim = model_geometry(model.config)
+    if not 1 <= rank <= head_dim:
+        raise ValueError(f"rank must be in [1, head_dim={head_dim}], got {rank}")
+    ids = _token_ids(tokenizer, text)[:n_tokens]
+    if ids.numel() < 2:
+        raise ValueError("the calibration text has fewer than 2 tokens")
+    kinds = layer_kinds(model.config)
+    moments = [Moments.zeros(n_kv, head_dim) if k == "headq" else None for k in kinds]
+    chunks = [ids[i:i + chunk_len] for i in range(0, ids.numel(), chunk_len)]
+    chunks = [c for c in chunks if c.numel() >= 2]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(c.numel() for c in chunks), unit="tok", desc="calibrate")
+    try:
+        for c in chunks:
+            samples = capture_qk(model, c.unsqueeze(0), fisher=True)
+            for i, s in enumerate(samples):
+                if moments[i] is not None and s is not None:
+                    moments[i].add(s)
+            if bar is not None:
+                bar.update(c.numel())
+    finally:
+        if bar is not None:
+            bar.close()
+    bases = [None if m is None else bases_from_moments(m, rank, method, seed + i)
+             for i, m in enumerate(moments)]
+    return Calibration(bases, model_name=model_name(model.config),
+                       fingerprint=config_fingerprint(model.config), num_layers=n_layers,
+                       num_kv_heads=n_kv, head_dim=head_dim, rank=rank, method=method,
+                       n_tokens=int(sum(c.numel() for c in chunks)),
+                       extra={"chunk_len": chunk_len, "seed": seed}, moments=moments)

@@ -1,0 +1,240 @@
+"""Typed wrappers and fake (meta) kernels of the ``headq`` torch ops.
+
+The kernels live in the C++/CUDA extension ``headq_torch._C`` (schemas in
+``csrc/torch_bindings.cpp``); their pure-PyTorch twins are in :mod:`headq_torch.reference`.
+Layouts and the exact arithmetic are specified in ``docs/LAYOUT.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.headq.*)
+
+Tensor = torch.Tensor
+_ops = torch.ops.headq
+
+__all__ = [
+    "quantize_keys",
+    "dequantize_keys",
+    "quantize_values",
+    "dequantize_values",
+    "side_code",
+    "dequantize_side",
+    "corrected_logits",
+    "decode_attention",
+]
+
+
+def quantize_keys(k: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantise keys per channel in groups of ``group_size`` tokens.
+
+    Args:
+        k: float32/float16/bfloat16 ``[B, H, T, D]``, ``T % group_size == 0``, ``D % 8 == 0``.
+        bits: 2, 3, 4 or 8.
+        group_size: 32, 64 or 128 tokens.
+
+    Returns:
+        ``codes`` uint8 ``[B, H, T, D*bits/8]`` (bit-packed), ``scale`` and ``zero`` float16
+        ``[B, H, T/group_size, D]``.
+    """
+    return _ops.quantize_keys(k, bits, group_size)
+
+
+def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
+                    out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Unpack and dequantise keys: ``code * scale + zero`` as ``out_dtype`` ``[B, H, T, D]``."""
+    return _ops.dequantize_keys(codes, scale, zero, bits, group_size, out_dtype)
+
+
+def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantise values per token in groups of ``group_size`` channels.
+
+    Args:
+        v: float ``[B, H, T, D]``, ``D % group_size == 0``.
+        bits: 2, 3, 4 or 8.
+        group_size: 32, 64 or 128 channels.
+
+    Returns:
+        ``codes`` uint8 ``[B, H, T, D*bits/8]``, ``scale`` and ``zero`` float16
+        ``[B, H, T, D/group_size]``.
+    """
+    return _ops.quantize_values(v, bits, group_size)
+
+
+def dequantize_values(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
+                      out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Unpack and dequantise values as ``out_dtype`` ``[B, H, T, D]``."""
+    return _ops.dequantize_values(codes, scale, zero, bits, group_size, out_dtype)
+
+
+def side_code(k: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, basis: Tensor,
+              key_bits: int, group_size: int, side_bits: int = 8,
+              center: bool = False) -> tuple[Tensor, Tensor]:
+    """Side code ``Z = Q_z((K - Khat) U)`` of the key residual on the per-head query basis.
+
+    Args:
+        k: the float keys ``[B, H, T, D]`` that produced ``k_codes/k_scale/k_zero``.
+        basis: float32 ``[H, D, r]`` (orthonormal columns per KV head).
+        side_bits: 8 or 4 (``r * side_bits % 8 == 0``).
+        center: subtract each key group's mean residual per channel before projecting.
+
+    Returns:
+        ``z_codes`` uint8 ``[B, H, T, r*side_bits/8]``, ``z_scale`` float16 ``[B, H, T]``.
+    """
+    return _ops.side_code(k, k_codes, k_scale, k_zero, basis, key_bits, group_size, side_bits,
+                          center)
+
+
+def dequantize_side(z_codes: Tensor, z_scale: Tensor, side_bits: int = 8) -> Tensor:
+    """float32 ``[B, H, T, r]`` side code values."""
+    return _ops.dequantize_side(z_codes, z_scale, side_bits)
+
+
+def corrected_logits(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
+                     z_codes: Optional[Tensor], z_scale: Optional[Tensor],
+                     basis: Optional[Tensor], key_bits: int, group_size: int,
+                     side_bits: int = 8, sign: float = 1.0,
+                     scale: float = 1.0) -> Tensor:
+    """HeadQ logits ``(q . khat + sign * (q U) . zhat) * scale``.
+
+    Args:
+        q: float ``[B, Hq, L, D]``, ``Hq % H == 0`` (grouped-query attention).
+        k_codes, k_scale, k_zero: packed keys ``[B, H, T, ...]`` from :func:`quantize_keys`.
+        z_codes, z_scale, basis: side code and basis, or all ``None`` for the base logits.
+        sign: ``+1`` (HeadQ) or ``-1`` (the wrong-sign control).
+
+    Returns:
+        float32 ``[B, Hq, L, T]``.
+    """
+    return _ops.corrected_logits(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
+                                 key_bits, group_size, side_bits, float(sign), float(scale))
+
+
+def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
+                     z_codes: Optional[Tensor], z_scale: Optional[Tensor],
+                     basis: Optional[Tensor], v_codes: Optional[Tensor],
+                     v_scale: Optional[Tensor], v_zero: Optional[Tensor],
+                     v_dense: Optional[Tensor], heavy_delta: Optional[Tensor],
+                     heavy_idx: Optional[Tensor], k_window: Tensor, v_window: Tensor,
+                     n_quant: Tensor, n_window: Tensor, kv_start: Optional[Tensor],
+                     key_bits: int, group_size: int, side_bits: int, value_bits: int,
+                     value_group_size: int, sign: float = 1.0,
+                     scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """One decode step of attention over the packed cache, without a dense copy of K or V.
+
+    Args:
+        q: ``[B, Hq, D]`` (one query token per sequence).
+        k_codes/k_scale/k_zero: ``[B, H, Tq, D*b/8]``, ``[B, H, Tq/G, D]`` x2.
+        z_codes/z_scale/basis: ``[B, H, Tq, r*bz/8]``, ``[B, H, Tq]``, ``[H, D, r]`` or None.
+        v_codes/v_scale/v_zero: ``[B, H, Tq, D*bv/8]``, ``[B, H, Tq, D/Gv]`` x2, or None
+            when ``v_dense`` ``[B, H, Tq, D]`` holds the values of the quantised region.
+        heavy_delta/heavy_idx: ``[B, H, K, D]`` and int32 ``[B, H, K]`` (-1 = empty): tokens
+            of the quantised region that read ``vhat + delta`` (the A² value policy), or None.
+        k_window/v_window: dense recent tokens ``[B, H, W, D]``.
+        n_quant/n_window: int32 ``[B]`` valid tokens per sequence in each region.
+        kv_start: int32 ``[B]`` first visible logical token (left padding), or None.
+
+    Returns:
+        ``out`` ``[B, Hq, D]`` in ``q``'s dtype and ``lse`` float32 ``[B, Hq]``, the
+        log-sum-exp of the visible logits (``-inf`` where none is visible).
+    """
+    return _ops.decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
+                                 v_codes, v_scale, v_zero, v_dense, heavy_delta, heavy_idx,
+                                 k_window, v_window, n_quant, n_window, kv_start, key_bits,
+                                 group_size, side_bits, value_bits, value_group_size,
+                                 float(sign), float(scale))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake kernels: the shape rules, for torch.compile / FakeTensor / meta tensors.
+# ---------------------------------------------------------------------------------------------
+
+def _check(cond, msg: str) -> None:
+    torch._check(cond, lambda: msg)
+
+
+def _check_bits(name: str, bits: int, allowed=(2, 3, 4, 8)) -> None:
+    _check(bits in allowed, f"{name} must be one of {allowed}, got {bits}")
+
+
+def _check_group(name: str, g: int) -> None:
+    _check(g in (32, 64, 128), f"{name} must be one of (32, 64, 128), got {g}")
+
+
+@torch.library.register_fake("headq::quantize_keys")
+def _quantize_keys_fake(k, bits, group_size):
+    _check(k.dim() == 4, f"quantize_keys: k must be [B, H, T, D], got {k.dim()} dims")
+    _check_bits("bits", bits)
+    _check_group("group_size", group_size)
+    B, H, T, D = k.shape
+    _check(T % group_size == 0, f"tokens ({T}) must be a multiple of group_size ({group_size})")
+    codes = k.new_empty((B, H, T, D * bits // 8), dtype=torch.uint8)
+    scale = k.new_empty((B, H, T // group_size, D), dtype=torch.float16)
+    return codes, scale, torch.empty_like(scale)
+
+
+@torch.library.register_fake("headq::dequantize_keys")
+def _dequantize_keys_fake(codes, scale, zero, bits, group_size, out_dtype):
+    _check_bits("bits", bits)
+    B, H, T, nb = codes.shape
+    return codes.new_empty((B, H, T, nb * 8 // bits), dtype=out_dtype)
+
+
+@torch.library.register_fake("headq::quantize_values")
+def _quantize_values_fake(v, bits, group_size):
+    _check(v.dim() == 4, f"quantize_values: v must be [B, H, T, D], got {v.dim()} dims")
+    _check_bits("bits", bits)
+    _check_group("group_size", group_size)
+    B, H, T, D = v.shape
+    _check(D % group_size == 0, f"head_dim ({D}) must be a multiple of group_size ({group_size})")
+    codes = v.new_empty((B, H, T, D * bits // 8), dtype=torch.uint8)
+    scale = v.new_empty((B, H, T, D // group_size), dtype=torch.float16)
+    return codes, scale, torch.empty_like(scale)
+
+
+@torch.library.register_fake("headq::dequantize_values")
+def _dequantize_values_fake(codes, scale, zero, bits, group_size, out_dtype):
+    _check_bits("bits", bits)
+    B, H, T, nb = codes.shape
+    return codes.new_empty((B, H, T, nb * 8 // bits), dtype=out_dtype)
+
+
+@torch.library.register_fake("headq::side_code")
+def _side_code_fake(k, k_codes, k_scale, k_zero, basis, key_bits, group_size, side_bits, center):
+    _check_bits("side_bits", side_bits, (4, 8))
+    _check(basis.dim() == 3, f"basis must be [H, D, r], got {basis.dim()} dims")
+    B, H, T, D = k.shape
+    r = basis.shape[-1]
+    z_codes = k.new_empty((B, H, T, r * side_bits // 8), dtype=torch.uint8)
+    z_scale = k.new_empty((B, H, T), dtype=torch.float16)
+    return z_codes, z_scale
+
+
+@torch.library.register_fake("headq::dequantize_side")
+def _dequantize_side_fake(z_codes, z_scale, side_bits):
+    _check_bits("side_bits", side_bits, (4, 8))
+    B, H, T, nb = z_codes.shape
+    return z_codes.new_empty((B, H, T, nb * 8 // side_bits), dtype=torch.float32)
+
+
+@torch.library.register_fake("headq::corrected_logits")
+def _corrected_logits_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                           group_size, side_bits, sign, scale):
+    _check(q.dim() == 4, f"corrected_logits: q must be [B, Hq, L, D], got {q.dim()} dims")
+    B, Hq, L, D = q.shape
+    T = k_codes.shape[2]
+    return q.new_empty((B, Hq, L, T), dtype=torch.float32)
+
+
+@torch.library.register_fake("headq::decode_attention")
+def _decode_attention_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_codes,
+                           v_scale, v_zero, v_dense, heavy_delta, heavy_idx, k_window, v_window,
+                           n_quant, n_window, kv_start, key_bits, group_size, side_bits,
+                           value_bits, value_group_size, sign, scale):
+    _check(q.dim() == 3, f"decode_attention: q must be [B, Hq, D], got {q.dim()} dims")
+    _check((v_codes is None) != (v_dense is None),
+           "decode_attention: exactly one of v_codes and v_dense must be given")
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)

@@ -1,0 +1,267 @@
+"""Pure-PyTorch reference of every ``headq`` op.
+
+This module is the executable form of ``docs/LAYOUT.md``: the C++ and CUDA kernels are tested
+against it (codes, scales and zeros bit-exact; floating results within a tolerance judged
+against a float64 computation). It is slow and simple on purpose: it favours a fixed order of
+float32 operations over speed wherever that order is part of the contract.
+
+Shapes use ``B`` batch, ``H`` KV heads, ``Hq`` query heads, ``T`` tokens, ``D`` head dim,
+``G`` key group size (tokens), ``Gv`` value group size (channels), ``r`` side-code rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "pack_bits",
+    "unpack_bits",
+    "quantize_keys",
+    "dequantize_keys",
+    "quantize_values",
+    "dequantize_values",
+    "side_code",
+    "dequantize_side",
+    "corrected_logits",
+    "decode_attention",
+    "expand_kv",
+]
+
+
+def _f16(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to the nearest float16 (ties to even) and back to float32."""
+    return x.to(torch.float16).to(torch.float32)
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes ``[..., n]`` (values < 2**bits) into uint8 ``[..., n*bits/8]``.
+
+    Code ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of a little-endian bit stream.
+    """
+    n = codes.shape[-1]
+    if (n * bits) % 8:
+        raise ValueError(f"pack_bits: n*bits must be a multiple of 8, got n={n}, bits={bits}")
+    c = codes.to(torch.int64)
+    shifts = torch.arange(bits, device=c.device)
+    stream = ((c.unsqueeze(-1) >> shifts) & 1).reshape(*c.shape[:-1], n * bits)
+    stream = stream.reshape(*c.shape[:-1], n * bits // 8, 8)
+    weights = (1 << torch.arange(8, device=c.device)).to(torch.int64)
+    return (stream * weights).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: uint8 ``[..., n*bits/8]`` -> int64 codes ``[..., n]``."""
+    p = packed.to(torch.int64)
+    shifts = torch.arange(8, device=p.device)
+    stream = ((p.unsqueeze(-1) >> shifts) & 1).reshape(*p.shape[:-1], p.shape[-1] * 8)
+    stream = stream[..., : n * bits].reshape(*p.shape[:-1], n, bits)
+    weights = (1 << torch.arange(bits, device=p.device)).to(torch.int64)
+    return (stream * weights).sum(-1)
+
+
+def _asym_params(mn: torch.Tensor, mx: torch.Tensor, bits: int):
+    qmax = float(2**bits - 1)
+    scale = (mx - mn) / qmax
+    return scale.to(torch.float16), mn.to(torch.float16)
+
+
+def _asym_codes(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of float32 ``x`` with float32 scale/zero broadcast to it."""
+    qmax = float(2**bits - 1)
+    q = torch.round((x - z) / s)  # torch.round rounds half to even, like rintf
+    q = torch.nan_to_num(q, nan=0.0).clamp(0.0, qmax)
+    q = torch.where(s == 0, torch.zeros_like(q), q)
+    return q.to(torch.int64)
+
+
+def _dequant(codes: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return codes.to(torch.float32) * s + z
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group_size: int):
+    """Per-channel keys, grouped along tokens.
+
+    k: float ``[B, H, T, D]`` with ``T % group_size == 0``.
+    Returns codes uint8 ``[B, H, T, D*bits/8]``, scale and zero float16 ``[B, H, T/G, D]``.
+    """
+    B, H, T, D = k.shape
+    G = group_size
+    x = k.to(torch.float32).reshape(B, H, T // G, G, D)
+    scale, zero = _asym_params(x.amin(dim=3), x.amax(dim=3), bits)
+    s = scale.to(torch.float32).unsqueeze(3)
+    z = zero.to(torch.float32).unsqueeze(3)
+    codes = _asym_codes(x, s, z, bits).reshape(B, H, T, D)
+    return pack_bits(codes, bits), scale, zero
+
+
+def dequantize_keys(codes, scale, zero, bits: int, group_size: int, out_dtype=torch.float32):
+    """Inverse of :func:`quantize_keys` (up to the quantisation error): ``[B, H, T, D]``."""
+    B, H, T, nb = codes.shape
+    D = nb * 8 // bits
+    G = group_size
+    c = unpack_bits(codes, bits, D).reshape(B, H, T // G, G, D)
+    s = scale.to(torch.float32).unsqueeze(3)
+    z = zero.to(torch.float32).unsqueeze(3)
+    return _dequant(c, s, z).reshape(B, H, T, D).to(out_dtype)
+
+
+def quantize_values(v: torch.Tensor, bits: int, group_size: int):
+    """Per-token values, grouped along the head dim.
+
+    v: float ``[B, H, T, D]`` with ``D % group_size == 0``.
+    Returns codes uint8 ``[B, H, T, D*bits/8]``, scale and zero float16 ``[B, H, T, D/Gv]``.
+    """
+    B, H, T, D = v.shape
+    Gv = group_size
+    x = v.to(torch.float32).reshape(B, H, T, D // Gv, Gv)
+    scale, zero = _asym_params(x.amin(dim=-1), x.amax(dim=-1), bits)
+    s = scale.to(torch.float32).unsqueeze(-1)
+    z = zero.to(torch.float32).unsqueeze(-1)
+    codes = _asym_codes(x, s, z, bits).reshape(B, H, T, D)
+    return pack_bits(codes, bits), scale, zero
+
+
+def dequantize_values(codes, scale, zero, bits: int, group_size: int, out_dtype=torch.float32):
+    """Inverse of :func:`quantize_values` (up to the quantisation error): ``[B, H, T, D]``."""
+    B, H, T, nb = codes.shape
+    D = nb * 8 // bits
+    Gv = group_size
+    c = unpack_bits(codes, bits, D).reshape(B, H, T, D // Gv, Gv)
+    s = scale.to(torch.float32).unsqueeze(-1)
+    z = zero.to(torch.float32).unsqueeze(-1)
+    return _dequant(c, s, z).reshape(B, H, T, D).to(out_dtype)
+
+
+def _project_sequential(e: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``y[..., t, j] = sum_c e[..., t, c] * basis[h, c, j]`` in ascending ``c``, float32,
+    product rounded before the add (the order the kernels use).
+
+    e: ``[B, H, T, D]``; basis: ``[H, D, r]`` -> ``[B, H, T, r]``.
+    """
+    B, H, T, D = e.shape
+    r = basis.shape[-1]
+    u = basis.to(torch.float32)
+    acc = torch.zeros(B, H, T, r, dtype=torch.float32, device=e.device)
+    for c in range(D):
+        prod = e[..., c : c + 1] * u[:, c, :].reshape(1, H, 1, r)
+        acc = acc + prod
+    return acc
+
+
+def side_code(k, k_codes, k_scale, k_zero, basis, key_bits: int, group_size: int,
+              side_bits: int, center: bool):
+    """Side code of the key residual on the query basis.
+
+    k: float ``[B, H, T, D]``; key codes/scale/zero from :func:`quantize_keys`;
+    basis: float32 ``[H, D, r]``. Returns z_codes uint8 ``[B, H, T, r*side_bits/8]`` and
+    z_scale float16 ``[B, H, T]``.
+    """
+    B, H, T, D = k.shape
+    G = group_size
+    khat = dequantize_keys(k_codes, k_scale, k_zero, key_bits, group_size)
+    e = k.to(torch.float32) - khat
+    if center:
+        eg = e.reshape(B, H, T // G, G, D)
+        total = torch.zeros(B, H, T // G, D, dtype=torch.float32, device=e.device)
+        for t in range(G):
+            total = total + eg[:, :, :, t, :]
+        mu = total / float(G)
+        e = (eg - mu.unsqueeze(3)).reshape(B, H, T, D)
+    y = _project_sequential(e, basis)
+    qz = float(2 ** (side_bits - 1) - 1)
+    z_scale = (y.abs().amax(dim=-1) / qz).to(torch.float16)
+    s = z_scale.to(torch.float32).unsqueeze(-1)
+    q = torch.round(y / s)
+    q = torch.nan_to_num(q, nan=0.0).clamp(-qz, qz)
+    q = torch.where(s == 0, torch.zeros_like(q), q)
+    codes = q.to(torch.int64) + 2 ** (side_bits - 1)
+    return pack_bits(codes, side_bits), z_scale
+
+
+def dequantize_side(z_codes, z_scale, side_bits: int) -> torch.Tensor:
+    """float32 ``[B, H, T, r]`` from :func:`side_code`'s output."""
+    r = z_codes.shape[-1] * 8 // side_bits
+    c = unpack_bits(z_codes, side_bits, r) - 2 ** (side_bits - 1)
+    return c.to(torch.float32) * z_scale.to(torch.float32).unsqueeze(-1)
+
+
+def _work_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def expand_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """``[B, H, ...]`` -> ``[B, H*n_rep, ...]``: query head ``h`` reads KV head ``h // n_rep``."""
+    return x.repeat_interleave(n_rep, dim=1) if n_rep > 1 else x
+
+
+def corrected_logits(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits: int,
+                     group_size: int, side_bits: int, sign: float, scale: float):
+    """``(q . khat_t + sign * (q U) . zhat_t) * scale`` as float32 ``[B, Hq, L, T]``.
+
+    q: float ``[B, Hq, L, D]``; key tensors ``[B, H, ...]``; side code optional (None).
+    A float64 ``q`` makes the whole computation (after the exact dequantisation) float64 and
+    returns float64: the tests' high-precision twin.
+    """
+    Hq = q.shape[1]
+    H = k_codes.shape[1]
+    n_rep = Hq // H
+    wd = _work_dtype(q)
+    qf = q.to(wd)
+    khat = dequantize_keys(k_codes, k_scale, k_zero, key_bits, group_size).to(wd)
+    khat = expand_kv(khat, n_rep)
+    s = qf @ khat.transpose(-1, -2)
+    if z_codes is not None:
+        zhat = expand_kv(dequantize_side(z_codes, z_scale, side_bits).to(wd), n_rep)
+        u = expand_kv(basis.to(wd).unsqueeze(0), n_rep)  # [1, Hq, D, r]
+        qu = qf @ u  # [B, Hq, L, r]
+        s = s + sign * (qu @ zhat.transpose(-1, -2))
+    return s * scale
+
+
+def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_codes, v_scale,
+                     v_zero, v_dense, heavy_delta, heavy_idx, k_window, v_window, n_quant,
+                     n_window, kv_start, key_bits: int, group_size: int, side_bits: int,
+                     value_bits: int, value_group_size: int, sign: float, scale: float):
+    """One decode step over the packed cache (see docs/LAYOUT.md). Returns ``out``
+    ``[B, Hq, D]`` in ``q``'s dtype and ``lse`` float32 ``[B, Hq]`` (log-sum-exp of the
+    visible logits, ``-inf`` where none is visible). Computed densely in float32."""
+    B, Hq, D = q.shape
+    H = k_codes.shape[1]
+    n_rep = Hq // H
+    logits_q = corrected_logits(q.unsqueeze(2), k_codes, k_scale, k_zero, z_codes, z_scale,
+                                basis, key_bits, group_size, side_bits, sign, scale)[:, :, 0]
+    wd = _work_dtype(q)
+    if v_codes is not None:
+        vq = dequantize_values(v_codes, v_scale, v_zero, value_bits, value_group_size).to(wd)
+    else:
+        vq = v_dense.to(wd)
+    vq = expand_kv(vq, n_rep)
+    kw = expand_kv(k_window.to(wd), n_rep)
+    vw = expand_kv(v_window.to(wd), n_rep)
+    qf = q.to(wd)
+    out = torch.zeros(B, Hq, D, dtype=wd, device=q.device)
+    lse = torch.full((B, Hq), float("-inf"), dtype=wd, device=q.device)
+    for b in range(B):
+        nq = int(n_quant[b])
+        nw = int(n_window[b])
+        start = int(kv_start[b]) if kv_start is not None else 0
+        lw = torch.einsum("hd,htd->ht", qf[b], kw[b, :, :nw]) * scale
+        logits = torch.cat([logits_q[b, :, :nq], lw], dim=-1)
+        vals = torch.cat([vq[b, :, :nq], vw[b, :, :nw]], dim=1)
+        if start > 0:
+            logits[:, : min(start, nq + nw)] = float("-inf")
+        if nq + nw - start <= 0 or nq + nw == 0:
+            continue
+        lse[b] = torch.logsumexp(logits, dim=-1)
+        a = torch.softmax(logits, dim=-1)
+        o = torch.einsum("ht,htd->hd", a, vals)
+        if heavy_idx is not None:
+            hd = expand_kv(heavy_delta[b : b + 1].to(wd), n_rep)[0]
+            hi = expand_kv(heavy_idx[b : b + 1], n_rep)[0]
+            for h in range(Hq):
+                for i in range(hi.shape[-1]):
+                    idx = int(hi[h, i])
+                    if 0 <= idx < nq:
+                        o[h] = o[h] + a[h, idx] * hd[h, i]
+        out[b] = o
+    return out.to(q.dtype), lse.to(torch.float32 if wd == torch.float32 else wd)

@@ -1,0 +1,504 @@
+"""The headq ops (CPU kernels, and CUDA kernels where a GPU exists) against the pure-PyTorch
+reference in headq_torch.reference.
+
+Codes, scales and zeros must match the reference bit for bit. Floating results are judged the
+flash-attention way: the kernel's error against a float64 computation must stay within twice
+the error of the float32 reference path (plus a tiny absolute floor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import headq_torch
+from headq_torch import ops
+from headq_torch import reference as ref
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _dev_id(d):
+    return str(d)
+
+
+def _dt_id(d):
+    return str(d).replace("torch.", "")
+
+
+def make(shape, device, dtype=torch.float32, seed=0, noncontig=False, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    if noncontig:
+        # [B, T, H, D] storage viewed as [B, H, T, D]: the layout transformers' projections give.
+        B, H, T, D = shape
+        x = torch.randn(B, T, H, D, generator=g) * scale
+        return x.to(device=device, dtype=dtype).transpose(1, 2)
+    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+
+def orthonormal_basis(H, D, r, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(H, D, r, generator=g, dtype=torch.float64))
+    return q.to(torch.float32).to(device)
+
+
+def assert_close_to_fp64(out, ref32, ref64, floor=1e-6):
+    """Kernel error vs fp64 <= 2 x (fp32 reference error vs fp64) + floor."""
+    out, ref32, ref64 = (t.detach().to("cpu", torch.float64) for t in (out, ref32, ref64))
+    assert torch.isfinite(out).all()
+    err = (out - ref64).abs().max().item()
+    base = (ref32 - ref64).abs().max().item()
+    assert err <= 2 * base + floor, f"kernel error {err:.3e} vs reference error {base:.3e}"
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_quantize_keys_bit_exact(device, bits, group_size):
+    k = make((2, 3, 2 * group_size, 64), device, seed=bits + group_size)
+    got = ops.quantize_keys(k, bits, group_size)
+    want = ref.quantize_keys(k.cpu(), bits, group_size)
+    for g, w, name in zip(got, want, ("codes", "scale", "zero")):
+        assert g.dtype == w.dtype, name
+        assert torch.equal(g.cpu(), w), f"{name} differs from the reference"
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_quantize_keys_dtypes_noncontiguous(device, dtype, head_dim):
+    k = make((2, 4, 64, head_dim), device, dtype, seed=3, noncontig=True)
+    assert not k.is_contiguous()
+    got = ops.quantize_keys(k, 2, 32)
+    want = ref.quantize_keys(k.cpu(), 2, 32)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_dequantize_keys_and_error_bound(device, bits):
+    k = make((1, 2, 128, 64), device, seed=7)
+    codes, scale, zero = ops.quantize_keys(k, bits, 64)
+    khat = ops.dequantize_keys(codes, scale, zero, bits, 64)
+    want = ref.dequantize_keys(codes.cpu(), scale.cpu(), zero.cpu(), bits, 64)
+    torch.testing.assert_close(khat.cpu(), want, rtol=0, atol=1e-6)
+    # |x - xhat| <= scale / 2 (+ fp16 rounding of the zero point).
+    s = scale.float().cpu().repeat_interleave(64, dim=2)
+    z_err = (zero.float().cpu() - k.cpu().reshape(1, 2, 2, 64, 64).amin(3)).abs()
+    bound = s / 2 + z_err.repeat_interleave(64, dim=2) + 1e-6
+    assert ((khat.cpu() - k.cpu()).abs() <= bound).all()
+    half = ops.dequantize_keys(codes, scale, zero, bits, 64, torch.float16)
+    assert half.dtype == torch.float16
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_quantize_keys_constant_channel_and_single_group(device):
+    k = make((1, 1, 32, 64), device, seed=1)
+    k[..., 5] = 3.25  # zero range: scale 0, every code 0, exact reconstruction
+    codes, scale, zero = ops.quantize_keys(k, 2, 32)
+    assert scale[0, 0, 0, 5].item() == 0.0
+    khat = ops.dequantize_keys(codes, scale, zero, 2, 32)
+    assert torch.all(khat[..., 5] == 3.25)
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_quantize_values_bit_exact(device, bits, group_size, tokens):
+    v = make((2, 3, tokens, 128), device, seed=bits * 10 + tokens)
+    got = ops.quantize_values(v, bits, group_size)
+    want = ref.quantize_values(v.cpu(), bits, group_size)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+    vhat = ops.dequantize_values(*got, bits, group_size)
+    torch.testing.assert_close(vhat.cpu(), ref.dequantize_values(*want, bits, group_size),
+                               rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+def test_quantize_values_noncontiguous(device, dtype):
+    v = make((3, 2, 5, 64), device, dtype, seed=11, noncontig=True)
+    got = ops.quantize_values(v, 4, 64)
+    want = ref.quantize_values(v.cpu(), 4, 64)
+    for g, w in zip(got, want):
+        assert torch.equal(g.cpu(), w)
+
+
+# ----------------------------------------------------------------------------- side code
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("side_bits", [4, 8])
+@pytest.mark.parametrize("rank", [4, 8, 16])
+@pytest.mark.parametrize("center", [False, True])
+def test_side_code_bit_exact(device, side_bits, rank, center):
+    H, D, G = 3, 64, 32
+    k = make((2, H, 2 * G, D), device, seed=rank + side_bits)
+    basis = orthonormal_basis(H, D, rank, device)
+    kc = ops.quantize_keys(k, 2, G)
+    z_codes, z_scale = ops.side_code(k, *kc, basis, 2, G, side_bits, center)
+    wz_codes, wz_scale = ref.side_code(k.cpu(), *(t.cpu() for t in kc), basis.cpu(), 2, G,
+                                       side_bits, center)
+    assert z_codes.shape == (2, H, 2 * G, rank * side_bits // 8)
+    assert torch.equal(z_scale.cpu(), wz_scale)
+    assert torch.equal(z_codes.cpu(), wz_codes)
+    zhat = ops.dequantize_side(z_codes, z_scale, side_bits)
+    torch.testing.assert_close(zhat.cpu(), ref.dequantize_side(wz_codes, wz_scale, side_bits),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_side_code_bound_and_projection(device):
+    """The dequantised side code is the projected residual within half a side-code step."""
+    H, D, G, r = 2, 128, 64, 8
+    k = make((1, H, G, D), device, torch.bfloat16, seed=5, noncontig=True)
+    basis = orthonormal_basis(H, D, r, device, seed=2)
+    kc = ops.quantize_keys(k, 2, G)
+    zc, zs = ops.side_code(k, *kc, basis, 2, G, 8, False)
+    e = k.float() - ops.dequantize_keys(*kc, 2, G)
+    y = torch.einsum("bhtd,hdr->bhtr", e.double(), basis.double())
+    zhat = ops.dequantize_side(zc, zs, 8).double()
+    step = zs.double().unsqueeze(-1)
+    assert ((zhat - y).abs() <= step / 2 + 1e-3 * step + 1e-7).all()
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+def _logits_case(device, dtype, D=64, H=2, n_rep=3, T=64, L=3, rank=8, seed=0):
+    k = make((2, H, T, D), device, seed=seed)
+    q = make((2, H * n_rep, L, D), device, dtype, seed=seed + 1)
+    basis = orthonormal_basis(H, D, rank, device, seed)
+    kc = ops.quantize_keys(k, 2, 32)
+    zc = ops.side_code(k, *kc, basis, 2, 32, 8, False)
+    return q, kc, zc, basis
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_corrected_logits(device, dtype, head_dim, sign):
+    q, kc, zc, basis = _logits_case(device, dtype, D=head_dim)
+    scale = 1 / math.sqrt(head_dim)
+    got = ops.corrected_logits(q, *kc, *zc, basis, 2, 32, 8, sign, scale)
+    cpu = [t.cpu() for t in (q, *kc, *zc, basis)]
+    want32 = ref.corrected_logits(*cpu[:4], cpu[4], cpu[5], cpu[6], 2, 32, 8, sign, scale)
+    # float64 twin: same dequantised operands, float64 arithmetic.
+    khat = ref.dequantize_keys(*cpu[1:4], 2, 32).double()
+    zhat = ref.dequantize_side(cpu[4], cpu[5], 8).double()
+    n_rep = q.shape[1] // khat.shape[1]
+    q64 = cpu[0].double()
+    s64 = q64 @ ref.expand_kv(khat, n_rep).transpose(-1, -2)
+    qu = q64 @ ref.expand_kv(cpu[6].double().unsqueeze(0), n_rep)
+    s64 = (s64 + sign * qu @ ref.expand_kv(zhat, n_rep).transpose(-1, -2)) * scale
+    assert got.dtype == torch.float32 and got.shape == want32.shape
+    assert_close_to_fp64(got, want32, s64)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_corrected_logits_without_side_code(device):
+    q, kc, _, _ = _logits_case(device, torch.float32)
+    got = ops.corrected_logits(q, *kc, None, None, None, 2, 32, 8, 1.0, 0.125)
+    khat = ops.dequantize_keys(*kc, 2, 32)
+    want = q @ ref.expand_kv(khat, 3).transpose(-1, -2) * 0.125
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_side_code_reduces_logit_error_on_query_subspace():
+    """Queries that live in span(U): HeadQ logits are far closer to the true ones."""
+    torch.manual_seed(0)
+    H, D, r, T = 2, 64, 8, 128
+    basis = orthonormal_basis(H, D, r, "cpu", seed=4)
+    k = torch.randn(1, H, T, D)
+    q = torch.einsum("hdr,bhlr->bhld", basis, torch.randn(1, H, 5, r))
+    kc = ops.quantize_keys(k, 2, 64)
+    zc = ops.side_code(k, *kc, basis, 2, 64, 8, False)
+    true = q @ k.transpose(-1, -2)
+    base = ops.corrected_logits(q, *kc, None, None, None, 2, 64, 8, 1.0, 1.0)
+    hq = ops.corrected_logits(q, *kc, *zc, basis, 2, 64, 8, 1.0, 1.0)
+    wrong = ops.corrected_logits(q, *kc, *zc, basis, 2, 64, 8, -1.0, 1.0)
+    e_base = (base - true).pow(2).mean()
+    assert (hq - true).pow(2).mean() < 0.01 * e_base
+    assert (wrong - true).pow(2).mean() > 3 * e_base
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def _decode_case(device, dtype, *, B=3, H=2, n_rep=4, D=64, Tq=128, W=5, rank=8, G=32, Gv=32,
+                 key_bits=2, value_bits=2, dense_values=False, heavy=0, side=True,
+                 kv_start=False, seed=0):
+    k = make((B, H, Tq, D), device, seed=seed)
+    v = make((B, H, Tq, D), device, seed=seed + 1)
+    q = make((B, H * n_rep, D), device, dtype, seed=seed + 2)
+    kw = make((B, H, W, D), device, dtype, seed=seed + 3)
+    vw = make((B, H, W, D), device, dtype, seed=seed + 4)
+    kc = ops.quantize_keys(k, key_bits, G)
+    basis = orthonormal_basis(H, D, rank, device, seed) if side else None
+    zc = ops.side_code(k, *kc, basis, key_bits, G, 8, False) if side else (None, None)
+    if dense_values:
+        vc, vd = (None, None, None), v.to(dtype)
+    else:
+        vc, vd = ops.quantize_values(v, value_bits, Gv), None
+    hd = hi = None
+    if heavy:
+        g = torch.Generator().manual_seed(seed + 5)
+        hi = torch.randint(0, Tq, (B, H, heavy), generator=g, dtype=torch.int32)
+        hi[:, :, -1] = -1
+        hd = (torch.randn(B, H, heavy, D, generator=g) * 0.1).to(dtype)
+        hi, hd = hi.to(device), hd.to(device)
+    n_quant = torch.tensor([Tq, Tq - G, G // 2][:B], dtype=torch.int32, device=device)
+    n_window = torch.tensor([W, 0, max(W - 1, 0)][:B], dtype=torch.int32, device=device)
+    start = torch.tensor([0, 3, 40][:B], dtype=torch.int32, device=device) if kv_start else None
+    args = (q, *kc, *zc, basis, *vc, vd, hd, hi, kw, vw, n_quant, n_window, start,
+            key_bits, G, 8, value_bits, Gv, 1.0, 1 / math.sqrt(D))
+    return args
+
+
+def _upcast(args, dtype):
+    """Move to the CPU; cast q, windows, dense values, deltas and the basis to ``dtype``.
+    Scales and zeros (float16 storage) stay as they are: the reference reads them exactly."""
+    out = []
+    for i, t in enumerate(args):
+        if isinstance(t, torch.Tensor):
+            t = t.cpu()
+            if t.is_floating_point() and i not in _STORED_F16:
+                t = t.to(dtype)
+        out.append(t)
+    return out
+
+
+# Positions of float16 storage tensors in decode_attention's argument list.
+_STORED_F16 = {2, 3, 5, 8, 9}
+
+
+def _decode_fp64(args):
+    """float64 twin of the reference decode (exact dequantisation, float64 attention)."""
+    return ref.decode_attention(*_upcast(args, torch.float64))
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),
+        dict(key_bits=4, value_bits=4),
+        dict(key_bits=3, value_bits=8, G=64, Gv=64),
+        dict(dense_values=True),
+        dict(heavy=6),
+        dict(kv_start=True),
+        dict(side=False, W=0),
+        dict(n_rep=1, B=2),
+    ],
+    ids=["2bit", "4bit", "3k8v", "dense_v", "heavy", "kv_start", "no_side_no_window", "mha"],
+)
+def test_decode_attention(device, dtype, head_dim, case):
+    args = _decode_case(device, dtype, D=head_dim, **case)
+    out, lse = ops.decode_attention(*args)
+    want32, _ = ref.decode_attention(*_upcast(args, torch.float32))
+    want64, lse64 = _decode_fp64(args)
+    assert out.dtype == dtype and out.shape == args[0].shape
+    assert lse.dtype == torch.float32 and lse.shape == args[0].shape[:2]
+    if dtype == torch.float32:
+        assert_close_to_fp64(out, want32, want64, floor=1e-5)
+    else:
+        # Output rounding to the low-precision dtype dominates: compare with the reference's
+        # rounding of the float64 result.
+        tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+        torch.testing.assert_close(out.cpu().float(), want64.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu().double(), lse64, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_decode_attention_empty_sequence_gives_zeros(device):
+    args = list(_decode_case(device, torch.float32, kv_start=False))
+    args[15] = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)  # n_quant
+    args[16] = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)  # n_window
+    out, lse = ops.decode_attention(*args)
+    assert torch.all(out == 0)
+    assert torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_decode_attention_matches_dense_softmax_at_8_bits(device):
+    """End to end against plain attention over the original float keys and values."""
+    B, H, n_rep, D, T = 2, 2, 2, 64, 256
+    k = make((B, H, T, D), device, seed=1)
+    v = make((B, H, T, D), device, seed=2)
+    q = make((B, H * n_rep, D), device, seed=3)
+    kc = ops.quantize_keys(k, 8, 64)
+    vc = ops.quantize_values(v, 8, 64)
+    empty = k.new_zeros(B, H, 0, D)
+    n = torch.full((B,), T, dtype=torch.int32, device=device)
+    z = torch.zeros(B, dtype=torch.int32, device=device)
+    out, _ = ops.decode_attention(q, *kc, None, None, None, *vc, None, None, None, empty, empty,
+                                  n, z, None, 8, 64, 8, 8, 64, 1.0, D ** -0.5)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q.unsqueeze(2), ref.expand_kv(k, n_rep), ref.expand_kv(v, n_rep))[:, :, 0]
+    assert (out - dense).abs().max() < 2e-2
+
+
+# ----------------------------------------------------------------------------- opcheck
+
+
+def _opcheck_cases(device):
+    k = make((1, 2, 64, 64), device, seed=1)
+    kc = ops.quantize_keys(k, 2, 32)
+    basis = orthonormal_basis(2, 64, 8, device)
+    zc = ops.side_code(k, *kc, basis, 2, 32, 8, True)
+    vc = ops.quantize_values(k, 2, 32)
+    q = make((1, 4, 3, 64), device, seed=2)
+    dec = _decode_case(device, torch.float32, heavy=3, kv_start=True)
+    return {
+        "quantize_keys": (k, 2, 32),
+        "dequantize_keys": (*kc, 2, 32, torch.float32),
+        "quantize_values": (k, 2, 32),
+        "dequantize_values": (*vc, 2, 32, torch.float16),
+        "side_code": (k, *kc, basis, 2, 32, 8, True),
+        "dequantize_side": (*zc, 8),
+        "corrected_logits": (q, *kc, *zc, basis, 2, 32, 8, 1.0, 0.125),
+        "decode_attention": dec,
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("name", list(_opcheck_cases("cpu").keys()))
+def test_opcheck(device, name):
+    args = _opcheck_cases(device)[name]
+    torch.library.opcheck(getattr(torch.ops.headq, name).default, args)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _k(shape=(1, 2, 64, 64), dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: ops.quantize_keys(_k((2, 64, 64)), 2, 32), "k"),
+        (lambda: ops.quantize_keys(_k(), 5, 32), "bits"),
+        (lambda: ops.quantize_keys(_k(), 2, 48), "group_size"),
+        (lambda: ops.quantize_keys(_k((1, 2, 70, 64)), 2, 32), "group_size"),
+        (lambda: ops.quantize_keys(_k((1, 2, 64, 60)), 2, 32), "head_dim"),
+        (lambda: ops.quantize_keys(_k(dtype=torch.float64), 2, 32), "dtype"),
+        (lambda: ops.quantize_keys(torch.randint(0, 3, (1, 2, 64, 64)), 2, 32), "dtype"),
+        (lambda: ops.quantize_keys(_k((1, 2, 0, 64)), 2, 32), "empty|tokens"),
+        (lambda: ops.quantize_values(_k((1, 2, 5, 96)), 2, 64), "group_size"),
+        (lambda: ops.quantize_values(_k(), 1, 32), "bits"),
+        (lambda: ops.dequantize_keys(*ops.quantize_keys(_k(), 2, 32)[:2],
+                                     torch.zeros(1, 2, 1, 64, dtype=torch.float16), 2, 32,
+                                     torch.float32), "zero"),
+        (lambda: ops.dequantize_keys(ops.quantize_keys(_k(), 2, 32)[0].float(),
+                                     *ops.quantize_keys(_k(), 2, 32)[1:], 2, 32,
+                                     torch.float32), "codes"),
+    ],
+    ids=["rank", "bits", "group", "tokens", "head_dim", "float64", "int", "empty", "vgroup",
+         "vbits", "zero_shape", "codes_dtype"],
+)
+def test_bad_input_quantize(call, match):
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        call()
+
+
+def test_bad_input_side_code_and_logits():
+    k = _k()
+    kc = ops.quantize_keys(k, 2, 32)
+    with pytest.raises(RuntimeError, match="basis"):
+        ops.side_code(k, *kc, torch.randn(2, 32, 8), 2, 32, 8, False)  # head_dim mismatch
+    with pytest.raises(RuntimeError, match="basis"):
+        ops.side_code(k, *kc, torch.randn(3, 64, 8), 2, 32, 8, False)  # heads mismatch
+    with pytest.raises(RuntimeError, match="basis"):
+        ops.side_code(k, *kc, torch.randn(2, 64, 8, dtype=torch.float64), 2, 32, 8, False)
+    with pytest.raises(RuntimeError, match="side_bits"):
+        ops.side_code(k, *kc, torch.randn(2, 64, 8), 2, 32, 6, False)
+    with pytest.raises(RuntimeError, match="rank|r \\*|side_bits"):
+        ops.side_code(k, *kc, torch.randn(2, 64, 3), 2, 32, 4, False)  # 3*4 bits not bytes
+    q = torch.randn(1, 3, 1, 64)  # 3 query heads cannot share 2 KV heads
+    with pytest.raises(RuntimeError, match="heads"):
+        ops.corrected_logits(q, *kc, None, None, None, 2, 32, 8, 1.0, 1.0)
+
+
+def test_bad_input_decode():
+    args = list(_decode_case("cpu", torch.float32, heavy=3))
+    bad = list(args)
+    bad[15] = torch.tensor([10_000, 0, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="n_quant"):
+        ops.decode_attention(*bad)
+    bad = list(args)
+    bad[16] = torch.tensor([0, 0], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="n_window"):
+        ops.decode_attention(*bad)
+    bad = list(args)
+    bad[15] = args[15].long()
+    with pytest.raises(RuntimeError, match="n_quant"):
+        ops.decode_attention(*bad)
+    bad = list(args)
+    bad[10] = torch.zeros(3, 2, 128, 64)  # v_dense together with v_codes
+    with pytest.raises(RuntimeError, match="v_dense|v_codes"):
+        ops.decode_attention(*bad)
+    bad = list(args)
+    bad[12] = None  # heavy_delta without heavy_idx
+    with pytest.raises(RuntimeError, match="heavy"):
+        ops.decode_attention(*bad)
+    bad = list(args)
+    bad[0] = torch.randn(3, 8, 32)  # head dim of q differs from the cache's
+    with pytest.raises(RuntimeError, match="head_dim|q"):
+        ops.decode_attention(*bad)
+    bad = list(args)
+    bad[13] = args[13].half()  # window dtype differs from q's
+    with pytest.raises(RuntimeError, match="k_window"):
+        ops.decode_attention(*bad)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_nonfinite_input_is_confined_to_its_group(device):
+    """Documented policy: NaN/Inf are not rejected; they poison exactly their own group."""
+    k = make((1, 1, 64, 64), device, seed=9)
+    k[0, 0, 3, 7] = float("nan")
+    k[0, 0, 40, 9] = float("inf")
+    codes, scale, zero = ops.quantize_keys(k, 2, 32)
+    khat = ops.dequantize_keys(codes, scale, zero, 2, 32)
+    bad = ~torch.isfinite(khat)
+    assert bad[0, 0, :32, 7].all() and bad[0, 0, 32:, 9].all()
+    bad[0, 0, :32, 7] = False
+    bad[0, 0, 32:, 9] = False
+    assert not bad.any()
+
+
+# ----------------------------------------------------------------------------- storage
+
+
+def test_storage_report_counts_everything():
+    rep = headq_torch.storage_report(head_dim=128, context_len=32768, key_bits=2, value_bits=2,
+                                     group_size=64, value_group_size=64, rank=8, side_bits=8)
+    # keys: 2 bits * 128 + 32 bits * 128 / 64 (scale+zero) + 8 * 8 + 16 (side code + scale)
+    # values: 2 bits * 128 + 2 groups * 32 bits; basis 128*8*32 bits over 32768 tokens.
+    k_tok = 256 + 64 + 64 + 16 + 128 * 8 * 32 / 32768
+    v_tok = 256 + 64
+    assert rep.key_bits_per_token == pytest.approx(k_tok)
+    assert rep.value_bits_per_token == pytest.approx(v_tok)
+    assert rep.bits_per_element == pytest.approx((k_tok + v_tok) / 256)
+    assert rep.bits_per_element <= 3.0
+    assert rep.compression_vs_fp16 >= 5.3
+    dense = headq_torch.storage_report(head_dim=64, context_len=100, key_bits=16, value_bits=16)
+    assert dense.bits_per_element == 16
+    with pytest.raises(ValueError, match="context_len"):
+        headq_torch.storage_report(head_dim=64, context_len=0)
