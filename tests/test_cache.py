@@ -1,0 +1,203 @@
+"""HeadQCache semantics, modelled on what transformers tests for its own caches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny, tiny_calibration
+from headq_torch import attention
+from headq_torch import value_policy as vp
+from headq_torch.cache import HeadQCache
+from headq_torch.calibration import CalibrationError
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = make_tiny("llama")
+    cal = tiny_calibration(model)
+    attention.enable(model)
+    yield model, cal
+    attention.disable(model)
+
+
+def _ids(model, n, batch=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, n), generator=g)
+
+
+def _step(model, ids, cache):
+    with torch.no_grad():
+        return model(ids, past_key_values=cache, use_cache=True).logits
+
+
+KW = dict(key_bits=4, value_bits=4, group_size=32, value_group_size=32)
+
+
+@pytest.mark.parametrize("residual_length", [0, 16])
+def test_seq_length_and_quantisation_rule(llama, residual_length):
+    model, cal = llama
+    cache = HeadQCache(model.config, cal, residual_length=residual_length, **KW)
+    ids = _ids(model, 100)
+    _step(model, ids[:, :40], cache)
+    n = 40
+    for t in range(40, 100):
+        assert cache.get_seq_length() == n
+        assert cache.get_mask_sizes(1, 0) == (n + 1, 0)
+        _step(model, ids[:, t:t + 1], cache)
+        n += 1
+        for layer in cache.headq_layers:
+            # while the window holds >= residual + G tokens, its oldest G tokens are quantised
+            assert layer.n_window < residual_length + 32
+            assert layer.n_quant % 32 == 0
+            assert layer.n_quant + layer.n_window == n
+            assert layer.n_quant == max(0, (n - residual_length) // 32 * 32)
+    assert cache.get_seq_length() == 100
+
+
+def test_buffers_grow_amortised(llama):
+    model, cal = llama
+    cache = HeadQCache(model.config, cal, **KW)
+    ids = _ids(model, 400)
+    _step(model, ids[:, :8], cache)
+    layer = cache.headq_layers[0]
+    ptrs = set()
+    for t in range(8, 400):
+        _step(model, ids[:, t:t + 1], cache)
+        if layer.buf.get("k_codes") is not None:
+            ptrs.add(layer.buf["k_codes"].data_ptr())
+    assert layer.n_quant == 384
+    assert len(ptrs) <= 6  # doubling: log2(384/32) + 1 reallocations, not one per group
+
+
+def test_crop_within_window_and_into_quantised_region(llama):
+    model, cal = llama
+    ids = _ids(model, 90)
+    cache = HeadQCache(model.config, cal, **KW)
+    _step(model, ids[:, :80], cache)  # 64 quantised + 16 window
+    cache.crop(-10)
+    assert cache.get_seq_length() == 70
+    fresh = HeadQCache(model.config, cal, **KW)
+    _step(model, ids[:, :70], fresh)
+    # cropping inside the window is exact: the next step matches a fresh cache of 70 tokens
+    torch.testing.assert_close(_step(model, ids[:, 70:71], cache),
+                               _step(model, ids[:, 70:71], fresh), atol=1e-5, rtol=1e-5)
+    cache.crop(-31)  # 71 -> 40: cuts into the second group (lossy, tokens 32..39 come back)
+    layer = cache.headq_layers[0]
+    assert cache.get_seq_length() == 40 and layer.n_quant == 32 and layer.n_window == 8
+    out = _step(model, ids[:, 40:41], cache)
+    assert torch.isfinite(out).all() and cache.get_seq_length() == 41
+    cache.crop(20)  # earlier 5.x semantics: positive = keep that many tokens
+    assert cache.get_seq_length() == 20
+
+
+def test_reorder_select_repeat(llama):
+    model, cal = llama
+    ids = _ids(model, 75, batch=2, seed=5)
+    nxt = _ids(model, 1, batch=2, seed=6)
+    base = HeadQCache(model.config, cal, **KW)
+    _step(model, ids, base)
+    ref = _step(model, nxt, base)[:, -1]
+
+    c = HeadQCache(model.config, cal, **KW)
+    _step(model, ids, c)
+    c.reorder_cache(torch.tensor([1, 0]))
+    out = _step(model, nxt.flip(0), c)[:, -1]
+    torch.testing.assert_close(out, ref.flip(0), atol=1e-5, rtol=1e-5)
+
+    c = HeadQCache(model.config, cal, **KW)
+    _step(model, ids, c)
+    c.batch_select_indices(torch.tensor([1]))
+    out = _step(model, nxt[1:], c)[:, -1]
+    torch.testing.assert_close(out, ref[1:], atol=1e-5, rtol=1e-5)
+
+    c = HeadQCache(model.config, cal, **KW)
+    _step(model, ids, c)
+    c.batch_repeat_interleave(2)
+    out = _step(model, nxt.repeat_interleave(2, dim=0), c)[:, -1]
+    torch.testing.assert_close(out, ref.repeat_interleave(2, dim=0), atol=1e-5, rtol=1e-5)
+
+
+def test_beam_search_runs(llama):
+    model, cal = llama
+    ids = _ids(model, 70, seed=2)
+    out = model.generate(ids, num_beams=3, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                         past_key_values=HeadQCache(model.config, cal, **KW), pad_token_id=0)
+    assert out.shape == (1, 78)
+
+
+def test_reset(llama):
+    model, cal = llama
+    ids = _ids(model, 70)
+    cache = HeadQCache(model.config, cal, **KW)
+    first = _step(model, ids, cache)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.memory_bytes() == 0
+    torch.testing.assert_close(_step(model, ids, cache), first)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(key_bits=2, value_bits=16),
+    dict(key_bits=2, value_bits=2, residual_length=8),
+    dict(key_bits=3, value_bits=4, side_bits=4),
+    dict(key_bits=2, value_bits=2, value_policy="a2", value_keep_frac=0.1),
+], ids=["k2", "kv2_res8", "k3v4_z4", "kv2_a2"])
+def test_memory_bytes_matches_storage_report(llama, kw):
+    model, cal = llama
+    cache = HeadQCache(model.config, cal, group_size=32, value_group_size=32, **kw)
+    _step(model, _ids(model, 300), cache)
+    rep = cache.storage_report()
+    expected = rep.bytes_per_token_all_layers * 300
+    got = cache.memory_bytes()
+    # the A² policy also stores its float32 weights (window + kept tokens), not counted there
+    tol = 0.03 if kw.get("value_policy") == "a2" else 0.002
+    assert abs(got - expected) <= tol * expected, (got, expected, cache.memory_breakdown())
+    assert cache.memory_breakdown()["k_codes"] == 2 * 2 * 288 * 32 * kw["key_bits"] // 8
+
+
+def test_a2_keep_set_rule():
+    B, H, D = 1, 1, 4
+    idx, w, delta = vp.update_keep_set(None, None, None, 0, torch.tensor([[[0.1, 0.9, 0.5, 0.2]]]),
+                                       torch.arange(16.).view(B, H, 4, D), 2)
+    assert idx.tolist() == [[[1, 2]]] and idx.dtype == torch.int32
+    assert torch.equal(delta[0, 0, 0], torch.arange(4., 8.))
+    # the next group competes with the kept tokens by current weight; dropped tokens are gone
+    idx2, w2, _ = vp.update_keep_set(idx, w + torch.tensor([[[0.0, 0.6]]]), delta, 4,
+                                     torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]),
+                                     torch.zeros(B, H, 4, D), 3)
+    assert idx2.tolist() == [[[2, 4, 1]]]
+    assert torch.allclose(w2, torch.tensor([[[1.1, 1.0, 0.9]]]))
+    assert vp.keep_budget(0.1, 320) == 32 and vp.keep_budget(0.3, 10) == 3
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(key_bits=5), "key_bits=5"),
+    (dict(value_bits=1), "value_bits=1"),
+    (dict(group_size=48), "group_size=48"),
+    (dict(value_bits=4, value_group_size=48), "value_group_size=48"),
+    (dict(side_bits=6), "side_bits=6"),
+    (dict(value_policy="top"), "value_policy='top'"),
+    (dict(value_bits=16, value_policy="a2", value_keep_frac=0.1), "value_policy='a2'"),
+    (dict(value_keep_frac=0.2), "value_keep_frac=0.2"),
+    (dict(residual_length=-1), "residual_length=-1"),
+    (dict(sign=0.5), "sign=0.5"),
+])
+def test_bad_arguments_name_the_argument(llama, kw, match):
+    model, _ = llama
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        HeadQCache(model.config, **kw)
+
+
+def test_bad_calibration_for_cache():
+    llama, qwen = make_tiny("llama"), make_tiny("qwen2")
+    cal = tiny_calibration(llama, n_tokens=96)
+    with pytest.raises(CalibrationError, match="another model"):
+        HeadQCache(qwen.config, cal)
+    with pytest.raises(CalibrationError, match="rank=4"):
+        HeadQCache(llama.config, cal, rank=4)
+    with pytest.raises(ValueError, match="rank=8 was given without a calibration"):
+        HeadQCache(llama.config, None, rank=8)
+    with pytest.raises(ValueError, match="key_bits"):
+        HeadQCache(llama.config, cal, key_bits=16)
+    with pytest.raises(TypeError, match="calibration"):
+        HeadQCache(llama.config, "calib.safetensors")

@@ -1,0 +1,208 @@
+"""Calibration: capture through the attention interface, bases, the file format, the CLI."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from conftest import make_tiny, tiny_calibration
+from headq_torch.calibration import (FORMAT_VERSION, Calibration, CalibrationError, LayerSamples,
+                                     calibrate, capture_qk, learn_bases)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def llama_cal(llama):
+    return tiny_calibration(llama)
+
+
+def test_capture_is_post_rope_as_attention_sees_it(llama):
+    """The captured q/k reproduce the model's own attention probabilities (eager, causal)."""
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(0))
+    samples = capture_qk(llama, ids, fisher=True)
+    llama.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attn = llama(ids, output_attentions=True).attentions
+    finally:
+        llama.set_attn_implementation("sdpa")
+    assert llama.config._attn_implementation == "sdpa"  # capture restored the implementation
+    H, D, L, n_rep = 2, 32, 24, 2
+    for layer, s in enumerate(samples):
+        assert s.queries.shape == (H, n_rep * L, D) and s.keys.shape == (H, L, D)
+        assert s.fisher_weights.shape == (H, n_rep * L)
+        q = s.queries.view(H, n_rep, L, D).reshape(H * n_rep, L, D)  # query head h -> KV h//2
+        k = s.keys.repeat_interleave(n_rep, dim=0)
+        logits = (q @ k.transpose(-1, -2)) * D ** -0.5
+        logits = logits.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+        a = logits.softmax(-1)
+        torch.testing.assert_close(a, attn[layer][0], atol=1e-5, rtol=1e-4)
+        fw = (1 - (a * a).sum(-1)).view(H, n_rep * L)
+        torch.testing.assert_close(s.fisher_weights, fw, atol=1e-5, rtol=1e-4)
+        # RoPE is applied: the same token content at different positions gives different q
+        assert not torch.allclose(s.queries[:, :1], s.queries[:, 1:2])
+
+
+def test_learn_bases_methods():
+    g = torch.Generator().manual_seed(0)
+    H, N, D, r = 2, 2000, 32, 4
+    planted = torch.linalg.qr(torch.randn(H, D, r, generator=g))[0]
+    q = (torch.randn(H, N, r, generator=g) * 5) @ planted.transpose(1, 2)
+    q = q + 0.01 * torch.randn(H, N, D, generator=g)
+    keys = torch.randn(H, N, D, generator=g) * torch.cat([torch.full((r,), 10.0), torch.full((D - r,), 0.1)])
+    s = LayerSamples(q, keys, torch.rand(H, N, generator=g))
+    eye = torch.eye(r).expand(H, r, r)
+    for method in ("pca", "fisher", "random", "key_pca"):
+        u = learn_bases(s, r, method)
+        assert u.shape == (H, D, r) and u.dtype == torch.float32
+        torch.testing.assert_close(u.transpose(1, 2) @ u, eye, atol=1e-5, rtol=0)
+    proj = lambda u: u @ u.transpose(1, 2)  # noqa: E731
+    assert (proj(learn_bases(s, r, "pca")) - proj(planted)).abs().max() < 1e-2
+    assert (proj(learn_bases(s, r, "random")) - proj(planted)).abs().max() > 0.1
+    # key PCA finds the high-variance key channels 0..r-1
+    uk = learn_bases(s, r, "key_pca")
+    assert uk[:, :r].abs().sum() > 0.99 * uk.abs().sum()
+    # Fisher weighting: queries of weight 0 do not count
+    q2 = torch.cat([q, 100 * torch.randn(H, N, D, generator=g)], dim=1)
+    w2 = torch.cat([torch.ones(H, N), torch.zeros(H, N)], dim=1)
+    uf = learn_bases(LayerSamples(q2, keys, w2), r, "fisher")
+    assert (proj(uf) - proj(planted)).abs().max() < 1e-2
+    assert torch.equal(learn_bases(q, r, "pca"), learn_bases(s, r, "pca"))  # bare tensor
+    with pytest.raises(ValueError, match="method"):
+        learn_bases(s, r, "svd")
+    with pytest.raises(ValueError, match="fisher"):
+        learn_bases(q, r, "fisher")
+
+
+def test_calibrate_metadata_and_controls(llama, llama_cal):
+    cal = llama_cal
+    assert (cal.num_layers, cal.num_kv_heads, cal.head_dim, cal.rank) == (2, 2, 32, 8)
+    assert cal.method == "pca" and cal.model_name == "tiny-llama" and cal.n_tokens == 192
+    ctrl = {m: cal.with_bases(m) for m in ("random", "key_pca", "fisher", "pca")}
+    for m, c in ctrl.items():
+        assert c.method == m and c.bases[0].shape == (2, 32, 8)
+    assert torch.equal(ctrl["pca"].bases[1], cal.bases[1])
+    assert not torch.allclose(ctrl["random"].bases[0], cal.bases[0])
+    assert cal.with_bases("pca", rank=4).bases[0].shape == (2, 32, 4)
+    # one pass accumulates every method: calibrate(method='fisher') == with_bases('fisher')
+    fisher = tiny_calibration(llama, method="fisher")
+    torch.testing.assert_close(fisher.bases[0], ctrl["fisher"].bases[0])
+
+
+def test_gemma3_calibration_skips_sliding_layers():
+    cal = tiny_calibration(make_tiny("gemma3"), n_tokens=96)
+    assert [b is None for b in cal.bases] == [True, False, True, False]
+
+
+def test_round_trip(tmp_path, llama, llama_cal):
+    p = tmp_path / "c.safetensors"
+    llama_cal.save(p)
+    back = Calibration.load(p, expected_config=llama.config, expected_rank=8)
+    for a, b in zip(llama_cal.bases, back.bases):
+        assert torch.equal(a, b)
+    for f in ("model_name", "fingerprint", "num_layers", "num_kv_heads", "head_dim", "rank",
+              "method", "format_version", "n_tokens"):
+        assert getattr(back, f) == getattr(llama_cal, f)
+    assert back.format_version == FORMAT_VERSION
+    assert back.with_bases("random").bases[0].shape == (2, 32, 8)
+    with pytest.raises(CalibrationError, match="moments"):
+        back.with_bases("key_pca")
+
+
+def _rewrite_metadata(src, dst, **changes):
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"].update(changes)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    dst.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + n:])
+
+
+def test_bad_files(tmp_path, llama, llama_cal):
+    good = tmp_path / "c.safetensors"
+    llama_cal.save(good)
+    raw = good.read_bytes()
+
+    with pytest.raises(CalibrationError, match="not found"):
+        Calibration.load(tmp_path / "missing.safetensors")
+    (tmp_path / "trunc").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(CalibrationError, match="truncated|corrupt"):
+        Calibration.load(tmp_path / "trunc")
+    (tmp_path / "tiny").write_bytes(raw[:5])
+    with pytest.raises(CalibrationError, match="not a safetensors"):
+        Calibration.load(tmp_path / "tiny")
+    (tmp_path / "text").write_text("this is a text file, not a calibration\n" * 10)
+    with pytest.raises(CalibrationError, match="not a safetensors"):
+        Calibration.load(tmp_path / "text")
+    corrupt = bytearray(raw)
+    corrupt[10:30] = b"\xff" * 20  # inside the JSON header
+    (tmp_path / "corrupt").write_bytes(bytes(corrupt))
+    with pytest.raises(CalibrationError, match="truncated|corrupt"):
+        Calibration.load(tmp_path / "corrupt")
+
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CalibrationError, match="not a HeadQ calibration"):
+        Calibration.load(tmp_path / "other.safetensors")
+
+    _rewrite_metadata(good, tmp_path / "v99", format_version="99")
+    with pytest.raises(CalibrationError, match="version 99"):
+        Calibration.load(tmp_path / "v99")
+    _rewrite_metadata(good, tmp_path / "r4", rank="4")
+    with pytest.raises(CalibrationError, match="shape"):
+        Calibration.load(tmp_path / "r4")
+    _rewrite_metadata(good, tmp_path / "fp", fingerprint="0123456789abcdef")
+    with pytest.raises(CalibrationError, match="another model"):
+        Calibration.load(tmp_path / "fp", expected_config=llama.config)
+
+    qwen = make_tiny("qwen2")
+    with pytest.raises(CalibrationError, match="another model"):
+        Calibration.load(good, expected_config=qwen.config)
+    with pytest.raises(CalibrationError, match="rank=4"):
+        Calibration.load(good, expected_config=llama.config, expected_rank=4)
+
+
+def test_cli_calibrate(tmp_path, llama):
+    """`headq calibrate` on a local model folder (tokenizer from the packaged SmolLM2 is not
+    needed: a word-level tokenizer is saved next to the tiny model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from headq_torch.cli import main
+
+    vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
+    d = tmp_path / "tiny"
+    llama.save_pretrained(d)
+    tok.save_pretrained(d)
+    text = tmp_path / "text.txt"
+    g = torch.Generator().manual_seed(0)
+    text.write_text(" ".join(f"w{i}" for i in torch.randint(0, 127, (300,), generator=g).tolist()))
+    out = tmp_path / "calib.safetensors"
+    rc = main(["calibrate", "--model", str(d), "--text", str(text), "--rank", "4",
+               "--tokens", "256", "--chunk-len", "128", "--method", "fisher", "--out", str(out),
+               "--quiet"])
+    assert rc == 0
+    cal = Calibration.load(out, expected_config=llama.config, expected_rank=4)
+    assert cal.method == "fisher" and cal.n_tokens == 256 and cal.bases[0].shape == (2, 32, 4)
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--model", str(d), "--text", str(tmp_path / "nope.txt"),
+              "--out", str(out)])
+
+
+def test_calibrate_argument_errors(llama):
+    ids = torch.arange(64) % 128
+    with pytest.raises(ValueError, match="rank"):
+        calibrate(llama, None, ids, rank=0, progress=False)
+    with pytest.raises(ValueError, match="method"):
+        calibrate(llama, None, ids, method="svd", progress=False)
