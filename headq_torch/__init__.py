@@ -19,6 +19,24 @@ from .storage import StorageReport, storage_report
 
 __version__ = "0.1.0"
 
+# The transformers-facing parts import transformers; load them on first use.
+_LAZY = {
+    "HeadQCache": ("cache", "HeadQCache"),
+    "Calibration": ("calibration", "Calibration"),
+    "calibrate": ("calibration", "calibrate"),
+    "enable": ("attention", "enable"),
+    "disable": ("attention", "disable"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f"{__name__}.{mod}"), attr)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "ops",
     "reference",
@@ -32,4 +50,9 @@ __all__ = [
     "decode_attention",
     "storage_report",
     "StorageReport",
+    "HeadQCache",
+    "Calibration",
+    "calibrate",
+    "enable",
+    "disable",
 ]

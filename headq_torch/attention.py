@@ -56,8 +56,43 @@ def _kv_start(attention_mask: Optional[torch.Tensor], B: int, T: int, device):
     return first.to(torch.int32)
 
 
-def _prefill(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.Tensor:
+# Bytes of float32 logits one prefill chunk may materialise (query rows are processed in chunks
+# so that a long prompt never needs [B, Hq, L, T] logits at once).
+_PREFILL_LOGIT_BYTES = 1 << 30
+
+
+def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -> torch.Tensor:
     """Attention of ``L`` query tokens over the packed region + the dense window."""
+    B, Hq, L, D = query.shape
+    nq, nw = layer.n_quant, layer.n_window
+    T = nq + nw
+    if nq == 0 and not layer.a2:
+        # Nothing quantised yet (a first prompt): plain dense attention over the window, which
+        # holds exactly the tokens of this call and those before them.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        kw = layer.buf["k_window"][:, :, :nw]
+        vw = layer.buf["v_window"][:, :, :nw]
+        out, _ = sdpa_attention_forward(module, query, kw, vw, attention_mask, scaling=scale)
+        return out.transpose(1, 2)
+    rows = max(1, _PREFILL_LOGIT_BYTES // max(1, 4 * B * Hq * T))
+    if L > rows:
+        parts = []
+        for s0 in range(0, L, rows):
+            m = None
+            if attention_mask is not None:
+                m = attention_mask[..., s0:s0 + rows, :] if attention_mask.shape[-2] > 1 \
+                    else attention_mask
+            parts.append(_prefill_rows(layer, query[:, :, s0:s0 + rows], m, scale,
+                                       L - min(s0 + rows, L)))
+        return torch.cat(parts, dim=2)
+    return _prefill_rows(layer, query, attention_mask, scale, 0)
+
+
+def _prefill_rows(layer, query: torch.Tensor, attention_mask, scale: float,
+                  rows_after: int) -> torch.Tensor:
+    """``_prefill`` for a block of query rows; ``rows_after`` query tokens of this call follow
+    the block (they shape the causal mask when transformers passed none)."""
     s = layer.s
     B, Hq, L, D = query.shape
     n_rep = Hq // layer.H
@@ -82,7 +117,11 @@ def _prefill(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.
     kw = layer.buf["k_window"][:, :, :nw].float().repeat_interleave(n_rep, dim=1)
     parts.append((qf @ kw.transpose(-1, -2)) * scale)
     logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    vis = _visible_mask(attention_mask, L, T, query.device)
+    if attention_mask is None and rows_after:
+        vis = _visible_mask(None, L, T - rows_after, query.device)
+        vis = torch.cat([vis, vis.new_zeros(1, 1, L, rows_after)], dim=-1)
+    else:
+        vis = _visible_mask(attention_mask, L, T, query.device)
     logits = logits.masked_fill(~vis, float("-inf"))
     a = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows (padding) -> 0
     v = torch.cat([layer.quantised_values(torch.float32),
@@ -157,7 +196,7 @@ def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
     if L == 1 and layer.quantise_keys and layer.n_quant > 0:
         out = _decode(layer, query, attention_mask, scale)
     else:
-        out = _prefill(layer, query, attention_mask, scale)
+        out = _prefill(layer, module, query, attention_mask, scale)
     layer.after_attention()
     return out.transpose(1, 2).contiguous(), None
 

@@ -27,5 +27,17 @@ else
   echo "[setup] requirements already installed in $HEADQ_VENV"
 fi
 
+# transformers 5.17 (the GPU machine's version) beside the main one, for the compatibility run.
+HEADQ_COMPAT_TF=$HEADQ_VENV/compat-tf517
+export HEADQ_COMPAT_TF
+cstamp="$HEADQ_COMPAT_TF/.headq-requirements.sha256"
+cwant=$(sha256sum "$HEADQ_ROOT/requirements-compat.txt" | cut -d' ' -f1)
+if [ ! -f "$cstamp" ] || [ "$(cat "$cstamp")" != "$cwant" ]; then
+  echo "[setup] installing transformers 5.17 for the compatibility tests into $HEADQ_COMPAT_TF"
+  python -m pip install -q --no-deps --upgrade --target "$HEADQ_COMPAT_TF" \
+    -r "$HEADQ_ROOT/requirements-compat.txt"
+  echo "$cwant" > "$cstamp"
+fi
+
 echo "[setup] building the extension (MAX_JOBS=$MAX_JOBS; incremental when already built)"
 (cd "$HEADQ_ROOT" && python setup.py -q build_ext --inplace)

@@ -246,3 +246,31 @@ def test_smollm2_two_bit_logits_bound(smollm2, smollm2_calibration):
     kl_hq, dlogit_hq = results["headq"]
     assert kl_hq < 0.1 and kl_hq < 0.6 * kl_base, results
     assert dlogit_hq < 1.2, results
+
+
+def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch):
+    """Long multi-token calls are processed in query-row chunks (bounded logit memory): the
+    result equals the unchunked computation, for a first prompt (dense fast path) and for a
+    second chunk that reads quantised tokens."""
+    model = make_tiny("llama")
+    cal = tiny_calibration(model)
+    restore_attn.append(attention.enable(model))
+    ids = _prompt(model, n=120)
+    kw = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
+
+    def run():
+        with torch.no_grad():
+            c = HeadQCache(model.config, cal, **kw)
+            a = model(ids[:, :70], past_key_values=c, use_cache=True).logits
+            b = model(ids[:, 70:], past_key_values=c, use_cache=True).logits
+        return a, b
+
+    a_full, b_full = run()
+    monkeypatch.setattr(attention, "_PREFILL_LOGIT_BYTES", 4 * 4 * 90 * 7)  # ~7-row chunks
+    a_chunk, b_chunk = run()
+    torch.testing.assert_close(a_chunk, a_full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b_chunk, b_full, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        dense = model(ids[:, :70], past_key_values=DynamicCache(config=model.config),
+                      use_cache=True).logits
+    torch.testing.assert_close(a_full, dense, atol=1e-5, rtol=1e-5)
