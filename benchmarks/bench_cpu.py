@@ -68,6 +68,19 @@ def median_ms(fn, reps: int, warmup: int) -> float:
     return statistics.median(ts)
 
 
+def interleaved_ms(fns, reps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    ts = [[] for _ in fns]
+    for _ in range(reps):
+        for k, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            ts[k].append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(t) for t in ts]
+
+
 def make_case(B, Hq, H, D, T, kb, vb, G, Gv, r, bz, seed=0):
     ops = torch.ops.headq
     g = torch.Generator().manual_seed(seed)
@@ -131,9 +144,9 @@ def main() -> int:
         ref = F.scaled_dot_product_attention(q4, k, v, enable_gqa=True)[:, :, 0]
         err = (out - ref).abs().max().item()
 
-        t_gqa = median_ms(dense_gqa, a.reps, a.warmup)
-        t_rep = median_ms(dense_rep, a.reps, a.warmup)
-        t_hq = median_ms(headq, a.reps, a.warmup)
+        # The dense variants and headq are timed interleaved (one call of each per round) so
+        # that load from other processes on a shared box hits all of them alike.
+        t_gqa, t_rep, t_hq = interleaved_ms([dense_gqa, dense_rep, headq], a.reps, a.warmup)
         t_dq = median_ms(deq_sdpa, max(a.reps // 2, 10), 2)
         dense = min(t_gqa, t_rep)
         row = dict(context=T, batch=B, dense_ms=round(dense, 4),
@@ -150,6 +163,7 @@ def main() -> int:
         machine=dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform()),
         torch=torch.__version__,
         threads=torch.get_num_threads(),
+        load_average_at_end=os.getloadavg(),
         config=dict(Hq=Hq, H=H, D=D, key_bits=kb, value_bits=vb, group_size=G,
                     value_group_size=Gv, side_rank=r, side_bits=bz, window=0,
                     q_dtype="float32", reps=a.reps, warmup=a.warmup, statistic="median"),

@@ -15,13 +15,23 @@ import torch
 from headq_torch import evaluation as E
 from headq_torch import ops
 
-N_LAYERS = 4
+N_LAYERS = 2
+
+
+@pytest.fixture
+def one_thread():
+    """Token-by-token loops are thousands of tiny ops: one thread avoids OpenMP spin-waits
+    (3-5x faster on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
 def small(smollm2):
-    """The packaged SmolLM2 cut to its first 4 layers (a deep copy; the shared model is left
-    whole), its tokenizer, a rank-8 calibration and an 80-token window of the eval text."""
+    """The packaged SmolLM2 cut to its first 2 layers (a deep copy; the shared model is left
+    whole), its tokenizer, a rank-8 calibration and a 76-token window of the eval text."""
     from headq_torch.calibration import calibrate
     from headq_torch.data import calibration_eval_split
 
@@ -35,14 +45,13 @@ def small(smollm2):
     m.config.num_hidden_layers = N_LAYERS
     calib, ev = calibration_eval_split()
     cal = calibrate(m, tok, calib, rank=8, n_tokens=256, chunk_len=256, progress=False)
-    ids = E.eval_windows(tok, ev, 80, 1)[0]
+    ids = E.eval_windows(tok, ev, 76, 1)[0]
     return m, tok, cal, ids
 
 
 ROWS = {
     "headq-center-R8": E.EvalRow("h", key_bits=2, group_size=32, rank=8, center=True,
                                  residual_length=8),
-    "wrong-sign-3bit": E.EvalRow("w", key_bits=3, group_size=32, rank=8, sign=-1.0),
     "kv-a2-R5": E.EvalRow("a", mode="full_kv", key_bits=2, group_size=32, rank=8, value_bits=2,
                           value_group_size=32, value_policy="a2", value_keep_frac=0.1,
                           residual_length=5),
@@ -137,7 +146,7 @@ def test_simulated_logits_match_the_corrected_logits_op():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(ROWS))
-def test_one_pass_equals_token_by_token_decode_float64(small, name):
+def test_one_pass_equals_token_by_token_decode_float64(small, name, one_thread):
     """Feeding the text one token at a time (DynamicCache + step-by-step quantisation, A² rule
     applied at each group event) gives the one-pass NLL of every token, in float64 to 1e-9."""
     model, _, cal, ids = small
@@ -153,8 +162,8 @@ def test_one_pass_equals_token_by_token_decode_float64(small, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["headq-center-R8", "kv-a2-R5"])
-def test_one_pass_matches_headq_cache_decode(small, name):
+@pytest.mark.parametrize("name", ["kv-a2-R5"])
+def test_one_pass_matches_headq_cache_decode(small, name, one_thread):
     """Token by token through HeadQCache + the "headq" attention (fused decode op, float32):
     the same NLLs up to float32 noise amplified by the quantisers (a key or value within float32
     noise of a rounding boundary may flip a code)."""
@@ -187,12 +196,12 @@ def test_one_pass_matches_headq_cache_decode(small, name):
 
 
 @pytest.mark.slow
-def test_one_pass_matches_own_decode_through_the_op(small):
+def test_one_pass_matches_own_decode_through_the_op(small, one_thread):
     """The step-by-step decode through headq.decode_attention (float32) agrees too."""
     model, _, cal, ids = small
-    row = ROWS["kv-a2-R5"]
-    one = E.window_nll(model, ids[:, :72], row, cal.bases)
-    dec = E.decode_nll(model, ids[:, :72], row, cal.bases, use_op=True)
+    row = ROWS["headq-center-R8"]
+    one = E.window_nll(model, ids, row, cal.bases)
+    dec = E.decode_nll(model, ids, row, cal.bases, use_op=True)
     assert float((one - dec).abs().mean()) < 5e-3
 
 
@@ -259,7 +268,8 @@ def test_evaluate_rows_table_json_plot(tiny, tmp_path):
         assert math.isfinite(r["ppl"]) and r["ppl"] > 1
     by = {(r["mode"], r["method"]): r for r in out}
     assert by[("k_only", "dense")]["excess_ppl"] == 0.0
-    assert by[("k_only", "base 2-bit")]["excess_removed_frac"] == pytest.approx(0.0)
+    frac = by[("k_only", "base 2-bit")]["excess_removed_frac"]
+    assert math.isnan(frac) or frac == pytest.approx(0.0)  # NaN if the base is not worse
     assert by[("k_only", "dense")]["bits_per_element"] == 16.0
     # the null-space shift does not change attention: same perplexity as dense
     assert by[("k_only", "null-space")]["ppl"] == pytest.approx(by[("k_only", "dense")]["ppl"],
@@ -298,10 +308,17 @@ def test_metrics_experiment_tiny(tiny):
         assert c[k]["n"] > 0 and -1.0 <= c[k]["rho"] <= 1.0
 
 
+def test_headq_cli_has_eval():
+    from headq_torch import cli
+
+    args = cli.build_parser().parse_args(["eval", "--no-full-kv", "--window", "512"])
+    assert args.func is E.cmd_eval and args.no_full_kv and args.window == 512
+
+
 def test_eval_parser():
     p = argparse.ArgumentParser(prog="headq")
     sub = p.add_subparsers(dest="cmd")
     E.add_eval_parser(sub)
     args = p.parse_args(["eval", "--quick", "--eval-tokens", "1024", "--ranks", "4", "8"])
-    assert args.func is E.run_eval
+    assert args.func is E.cmd_eval
     assert args.quick and args.eval_tokens == 1024 and args.ranks == [4, 8]

@@ -5,8 +5,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "dispatch.h"
 #include "headq/attention_cpu.h"
@@ -156,41 +158,74 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   const int32_t* ks0_p = kv_start.has_value() ? kv_start->const_data_ptr<int32_t>() : nullptr;
   float* lse_p = lse.data_ptr<float>();  // [B, Hq]
 
+  // Work split: one task per (batch, KV head) slice. When there are fewer slices than
+  // threads (e.g. batch 1 with few KV heads), each slice's token range is also cut into
+  // n_split chunks (on kBlockTokens boundaries) whose online-softmax partials are merged.
+  const int64_t n_threads = at::get_num_threads();
+  const int64_t n_split = (B * H >= n_threads) ? 1 : (n_threads + B * H - 1) / (B * H);
+
   HEADQ_DISPATCH_FLOAT(q.scalar_type(), "decode_attention", [&] {
     const scalar_t* q_p = q.const_data_ptr<scalar_t>();  // [B, Hq, D]
     scalar_t* out_p = out.data_ptr<scalar_t>();          // [B, Hq, D]
-    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, h = bh % H;
-        const int64_t hq0 = b * Hq + h * n_rep;  // first query head of this KV head
-        cpu::DecodeSlice<scalar_t> a;
-        a.q = q_p + hq0 * D;
-        a.k_codes = k_codes.const_data_ptr<uint8_t>() + bh * Tq * k_row_bytes;
-        a.k_scale = half_bits(k_scale) + bh * (Tq / G) * D;
-        a.k_zero = half_bits(k_zero) + bh * (Tq / G) * D;
-        a.side = side_slice(z_codes, z_scale, basis, side_bits, bh, h);
-        if (v_codes.has_value()) {
-          a.v_codes = v_codes->const_data_ptr<uint8_t>() + bh * Tq * v_row_bytes;
-          a.v_scale = half_bits(*v_scale) + bh * Tq * (D / Gv);
-          a.v_zero = half_bits(*v_zero) + bh * Tq * (D / Gv);
-        } else {
-          a.v_dense = v_dense->const_data_ptr<scalar_t>() + bh * Tq * D;
-        }
-        if (heavy_idx.has_value()) {
-          a.heavy_delta = heavy_delta->const_data_ptr<scalar_t>() + bh * K * D;
-          a.heavy_idx = heavy_idx->const_data_ptr<int32_t>() + bh * K;
-          a.n_heavy = K;
-        }
-        a.k_window = k_window.const_data_ptr<scalar_t>() + bh * W * D;
-        a.v_window = v_window.const_data_ptr<scalar_t>() + bh * W * D;
-        a.n_quant = nq_p[b];
-        a.n_window = nw_p[b];
-        a.kv_start = ks0_p != nullptr ? ks0_p[b] : 0;
-        a.out = out_p + hq0 * D;
-        a.lse = lse_p + hq0;
-        cpu::decode_attention_slice<scalar_t>(a, sh);
+    auto slice_of = [&](int64_t bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const int64_t hq0 = b * Hq + h * n_rep;  // first query head of this KV head
+      cpu::DecodeSlice<scalar_t> a;
+      a.q = q_p + hq0 * D;
+      a.k_codes = k_codes.const_data_ptr<uint8_t>() + bh * Tq * k_row_bytes;
+      a.k_scale = half_bits(k_scale) + bh * (Tq / G) * D;
+      a.k_zero = half_bits(k_zero) + bh * (Tq / G) * D;
+      a.side = side_slice(z_codes, z_scale, basis, side_bits, bh, h);
+      if (v_codes.has_value()) {
+        a.v_codes = v_codes->const_data_ptr<uint8_t>() + bh * Tq * v_row_bytes;
+        a.v_scale = half_bits(*v_scale) + bh * Tq * (D / Gv);
+        a.v_zero = half_bits(*v_zero) + bh * Tq * (D / Gv);
+      } else {
+        a.v_dense = v_dense->const_data_ptr<scalar_t>() + bh * Tq * D;
+      }
+      if (heavy_idx.has_value()) {
+        a.heavy_delta = heavy_delta->const_data_ptr<scalar_t>() + bh * K * D;
+        a.heavy_idx = heavy_idx->const_data_ptr<int32_t>() + bh * K;
+        a.n_heavy = K;
+      }
+      a.k_window = k_window.const_data_ptr<scalar_t>() + bh * W * D;
+      a.v_window = v_window.const_data_ptr<scalar_t>() + bh * W * D;
+      a.n_quant = nq_p[b];
+      a.n_window = nw_p[b];
+      a.kv_start = ks0_p != nullptr ? ks0_p[b] : 0;
+      a.out = out_p + hq0 * D;
+      a.lse = lse_p + hq0;
+      return a;
+    };
+    if (n_split == 1) {
+      at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh)
+          cpu::decode_attention_slice<scalar_t>(slice_of(bh), sh);
+      });
+      return;
+    }
+    const int64_t n_tasks = B * H * n_split;
+    std::vector<OnlineSoftmax> st(n_tasks * n_rep);
+    std::vector<float> acc(n_tasks * n_rep * D);
+    at::parallel_for(0, n_tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bh = task / n_split, k = task % n_split;
+        const cpu::DecodeSlice<scalar_t> a = slice_of(bh);
+        const int64_t len = cpu::decode_logical_length(a, sh);
+        const int64_t n_blocks = (len + cpu::kBlockTokens - 1) / cpu::kBlockTokens;
+        const int64_t l0 = std::min(n_blocks * k / n_split * cpu::kBlockTokens, len);
+        const int64_t l1 = std::min(n_blocks * (k + 1) / n_split * cpu::kBlockTokens, len);
+        cpu::decode_attention_partial<scalar_t>(a, sh, l0, l1, st.data() + task * n_rep,
+                                                acc.data() + task * n_rep * D);
       }
     });
+    for (int64_t bh = 0; bh < B * H; ++bh) {
+      OnlineSoftmax* st0 = st.data() + bh * n_split * n_rep;
+      float* acc0 = acc.data() + bh * n_split * n_rep * D;
+      for (int64_t k = 1; k < n_split; ++k)
+        cpu::merge_decode_partial(st0, acc0, st0 + k * n_rep, acc0 + k * n_rep * D, n_rep, D);
+      cpu::decode_attention_finish<scalar_t>(slice_of(bh), sh, st0, acc0);
+    }
   });
   return {out, lse};
 }

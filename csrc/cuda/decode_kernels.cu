@@ -413,7 +413,7 @@ decode_split_kernel(const DecodeParams p) {
   float* az_s = reinterpret_cast<float*>(smem + L.az);      // [kWarps][NG][NGV]
   float* red_s = reinterpret_cast<float*>(smem + L.red);    // [kWarps][NG][D]
 
-  const int split = blockIdx.x;
+  const int split = blockIdx.x + p.split0;
   const int h = blockIdx.y / p.nchunk;
   const int chunk = blockIdx.y % p.nchunk;
   const int b = blockIdx.z;
@@ -769,7 +769,7 @@ cudaError_t launch_split_typed(const DecodeParams& p, const DecodePlan& plan, cu
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(p.S, p.H * p.nchunk, p.B);
+  const dim3 grid(p.S - p.split0, p.H * p.nchunk, p.B);
   kernel<<<grid, kThreads, plan.smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -840,7 +840,7 @@ cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePla
 }
 
 cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
-  if (p.S == 0 || p.B == 0 || p.H == 0) return cudaSuccess;
+  if (p.S - p.split0 <= 0 || p.B == 0 || p.H == 0) return cudaSuccess;
   return with_shape(p.D, plan.ng, [&](auto d, auto ng) {
     return launch_split_typed<decltype(d)::value, decltype(ng)::value>(p, plan, stream);
   });

@@ -116,6 +116,7 @@ struct DecodeParams {
   int kbits, G, zbits, r, vbits, Gv;
   DType dtype;
   float sign, scale_log2;  // scale * log2(e)
+  int split0;  // first split index of this launch (the window splits of the tensor-core path)
 };
 
 struct DecodePlan {
@@ -130,8 +131,21 @@ struct DecodePlan {
 // device's SM count / occupancy. Returns cudaSuccess or the error of an occupancy query.
 cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePlan* plan);
 
+// Launches splits split0 .. S-1 (grid.x = S - split0).
 cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan,
                                 cudaStream_t stream);
+
+// Tensor-core split kernel (decode_mma.cu) over the quantised region: splits 0 .. Sq-1 with the
+// same partial layout; the window splits Sq .. S-1 are left to launch_decode_split (split0 = Sq).
+// Supported: fp16/bf16 queries, D in {64, 128}, key bits in {2, 4}, packed values of 2 or 4
+// bits, optional side code with bz in {4, 8}, r <= 32 and 4-byte side-code rows, no heavy slots.
+bool decode_mma_supported(const DecodeParams& p);
+
+// Fills ng, nchunk, Sq, chunk_tokens (tensor-core kernel) and Sw, wchunk (window splits of the
+// SIMT kernel, whose own ng/nchunk/smem come from plan_decode_attention).
+cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, DecodePlan* plan);
+
+cudaError_t launch_decode_mma(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream);
 
 cudaError_t launch_decode_combine(const float* part_acc,  // [B, Hq, S, D]
                                   const float* part_ml,   // [B, Hq, S, 2]

@@ -224,6 +224,84 @@ INSTANTIATE_TEST_SUITE_P(
         DecodeCase{"empty_cache", 1, 32, 32, 32, 4, 4, 4, 32, 0, 8, false, 0, 0, 0, 0, 1.0f}),
     [](const ::testing::TestParamInfo<DecodeCase>& info) { return std::string(info.param.name); });
 
+// Split-K: partials over chunks of the logical token range (on block boundaries, as the ATen
+// wrapper cuts them when there are fewer slices than threads), merged, equal the one-pass slice.
+TEST_P(DecodeAttention, SplitPartialsMergeToOnePass) {
+  const DecodeCase& c = GetParam();
+  const Cache m = make_cache(c, 42);
+  const int64_t D = c.D;
+  headq::cpu::DecodeSlice<float> a;
+  a.q = m.q.data();
+  a.k_codes = m.k_codes.data();
+  a.k_scale = m.k_scale.data();
+  a.k_zero = m.k_zero.data();
+  a.side = side_of(c, m);
+  if (c.dense_v) {
+    a.v_dense = m.v.data();
+  } else {
+    a.v_codes = m.v_codes.data();
+    a.v_scale = m.v_scale.data();
+    a.v_zero = m.v_zero.data();
+  }
+  if (c.K > 0) {
+    a.heavy_delta = m.heavy_delta.data();
+    a.heavy_idx = m.heavy_idx.data();
+    a.n_heavy = c.K;
+  }
+  a.k_window = m.kw.data();
+  a.v_window = m.vw.data();
+  a.n_quant = c.n_quant;
+  a.n_window = c.n_window;
+  a.kv_start = c.kv_start;
+  headq::cpu::DecodeShape sh;
+  sh.n_rep = c.n_rep;
+  sh.D = D;
+  sh.Tq = c.Tq;
+  sh.W = c.W;
+  sh.G = c.G;
+  sh.Gv = c.Gv;
+  sh.key_bits = c.key_bits;
+  sh.value_bits = c.value_bits;
+  sh.sign = c.sign;
+  sh.scale = 1.0f / std::sqrt(static_cast<float>(D));
+
+  std::vector<float> out1(c.n_rep * D), lse1(c.n_rep);
+  a.out = out1.data();
+  a.lse = lse1.data();
+  headq::cpu::decode_attention_slice<float>(a, sh);
+
+  const int64_t len = headq::cpu::decode_logical_length(a, sh);
+  const int64_t NB = headq::cpu::kBlockTokens;
+  for (int64_t n_split : {2, 3, 5}) {
+    const int64_t n_blocks = (len + NB - 1) / NB;
+    std::vector<headq::OnlineSoftmax> st(n_split * c.n_rep);
+    std::vector<float> acc(n_split * c.n_rep * D);
+    for (int64_t k = 0; k < n_split; ++k) {
+      const int64_t l0 = std::min(n_blocks * k / n_split * NB, len);
+      const int64_t l1 = std::min(n_blocks * (k + 1) / n_split * NB, len);
+      headq::cpu::decode_attention_partial<float>(a, sh, l0, l1, st.data() + k * c.n_rep,
+                                                  acc.data() + k * c.n_rep * D);
+    }
+    for (int64_t k = 1; k < n_split; ++k)
+      headq::cpu::merge_decode_partial(st.data(), acc.data(), st.data() + k * c.n_rep,
+                                       acc.data() + k * c.n_rep * D, c.n_rep, D);
+    std::vector<float> out2(c.n_rep * D, -1.0f), lse2(c.n_rep);
+    a.out = out2.data();
+    a.lse = lse2.data();
+    headq::cpu::decode_attention_finish<float>(a, sh, st.data(), acc.data());
+    for (int64_t i = 0; i < c.n_rep; ++i) {
+      if (std::isinf(lse1[i])) {
+        EXPECT_EQ(lse2[i], lse1[i]);
+      } else {
+        EXPECT_NEAR(lse2[i], lse1[i], 1e-5);
+      }
+      for (int64_t d = 0; d < D; ++d)
+        ASSERT_NEAR(out2[i * D + d], out1[i * D + d], 1e-5 * (1 + std::fabs(out1[i * D + d])))
+            << "split " << n_split << " row " << i << " dim " << d;
+    }
+  }
+}
+
 class CorrectedLogits : public ::testing::TestWithParam<DecodeCase> {};
 
 TEST_P(CorrectedLogits, MatchesNaive) {

@@ -2,8 +2,9 @@
 // (batch, KV head) slice per call: all query heads that read the KV head are processed together
 // (GQA), so each block of packed keys/values is unpacked once.
 //
-// Blocks of kBlockTokens tokens are dequantised into small per-slice scratch buffers; no dense
-// K or V of the whole cache is ever materialised. Accumulation is float32.
+// Blocks of kBlockTokens tokens are dequantised (corrected_logits) or unpacked to float codes
+// (decode attention) into small per-slice scratch buffers; no dense K or V of the whole cache is
+// ever materialised. Accumulation is float32.
 #pragma once
 
 #include <algorithm>
@@ -100,9 +101,12 @@ void corrected_logits_slice(const T* q,  // [n_rows, D]
 // ------------------------------------------------------------------------------------------
 // Decode attention (docs/LAYOUT.md, "Decode attention").
 //
-// Speed notes (measured on the 2-core AMD EPYC dev box, B=1, 32/8 heads, D=128, 2-bit K and V,
-// G=Gv=64, rank-8 side code, 4096 tokens; the original per-element get_code + dequantise +
-// scalar dot-product kernel took ~48 ms there against ~16 ms for dense fp32 SDPA under load):
+// Speed notes. Measured on the 2-core AMD EPYC (Zen 5) dev box, B=1, 32 query / 8 KV heads,
+// D=128, 2-bit K and V, G=Gv=64, rank-8 side code, 4096 tokens, 1 thread, median thread CPU
+// time (the box is shared, so wall time is noisy): the previous kernel (per-element get_code,
+// dequantise a block to float, scalar dot products) took 21.3 ms vs 6.2 ms for dense fp32 SDPA;
+// the structure below takes 3.8 ms, and 3.5 ms after converting the value scales/zeros once per
+// block instead of once per query row. benchmarks/bench_cpu.py has the 2-thread wall times.
 //  * Keys are never dequantised. Within a key group, q . khat_t = sum_c (q_c s_c) code_tc +
 //    sum_c q_c z_c, so qs = q (.) s and qz = q . z are computed once per group and query row
 //    and the per-token work is a dot product of qs with the raw codes (as floats).
@@ -191,7 +195,8 @@ HEADQ_CPU_ALWAYS_INLINE void unpack_code_rows(const CodeTables& lut, const uint8
 
 // out[i*ld + t] = sum_c w[i, c] * x[t, c] for i < n_rows, t < n (len-long rows). Per (i, t): 8
 // lane partial sums over c, then a fixed tree; the same order for every token, so a logit does
-// not depend on where its block starts. Tokens go 4 at a time (one weight load, 4 FMAs-worth).
+// not depend on where its block starts. Tokens go 4 at a time: one weight load per 4
+// multiply-adds.
 HEADQ_CPU_ALWAYS_INLINE void dot_rows(const float* w,  // [n_rows, len]
                                       int64_t n_rows,
                                       const float* x,  // [n, len]
@@ -404,7 +409,7 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
       float* li = logits + i * NB;
       float bmax = -INFINITY;
       // Same result as fmaxf (a NaN logit is skipped) but inlined: fmaxf is a libm call
-      // without -ffast-math and cost as much as expf here (perf: 2.6% vs 2.8%).
+      // without -ffast-math and took as many cycles as expf here (perf: 2.6% vs 2.8%).
       for (int64_t t = 0; t < n; ++t) bmax = (li[t] > bmax) ? li[t] : bmax;
       const float alpha = st[i].raise(bmax);
       if (alpha != 1.0f) {
@@ -472,8 +477,7 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
     // Values.
     if (v_coded) {
       unpack_code_rows(lut, a.v_codes, D, sh.value_bits, t0, n, 0.0f, xb);
-      // Scales/zeros converted once per block, not once per query row (the per-row
-      // conversions were ~15% of the kernel in perf).
+      // Scales/zeros converted once per block, not once per query row (3.8 -> 3.5 ms above).
       for (int64_t k = 0; k < n * ng; ++k) {
         vsf[k] = half_bits_to_float(a.v_scale[t0 * ng + k]);
         vzf[k] = half_bits_to_float(a.v_zero[t0 * ng + k]);
