@@ -20,7 +20,12 @@ same-precision PyTorch path (plus a tiny absolute floor for float32).
 Only torch.ops.headq.* is used (importing headq_torch registers the ops; --lib loads a built
 extension directly).
 
+--impl picks the CUDA split kernel through HEADQ_DECODE_IMPL (read by the op at every call):
+auto (tensor-core kernel where supported, the default), mma (same), simt (SIMT kernel forced),
+or both: the check grid runs once per kernel and the timing table gets a row for each.
+
   python benchmarks/bench_decode.py --check
+  python benchmarks/bench_decode.py --check --impl both --contexts 4096,32768
   python benchmarks/bench_decode.py --contexts 4096,16384,32768,131072 --out benchmarks/results/gpu_decode.json
 """
 
@@ -50,6 +55,18 @@ def load_ops(lib: str | None) -> None:
 
 def ops():
     return torch.ops.headq
+
+
+def set_impl(impl: str) -> None:
+    """Select the CUDA decode split kernel (HEADQ_DECODE_IMPL, read by the op at every call)."""
+    if impl == "auto":
+        os.environ.pop("HEADQ_DECODE_IMPL", None)
+    else:
+        os.environ["HEADQ_DECODE_IMPL"] = impl
+
+
+def impls_of(arg: str) -> list[str]:
+    return ["simt", "mma"] if arg == "both" else [arg]
 
 
 # ----------------------------------------------------------------------------------- inputs ---
@@ -260,10 +277,13 @@ def check_grid(contexts: list[int], args) -> bool:
              Gv=args.value_group, name=f"bench shape {contexts[0]}"),
     ]
     all_ok = True
-    for c in cases:
-        ok, msg = check_case(c)
-        print(msg, flush=True)
-        all_ok &= ok
+    for impl in impls_of(args.impl):
+        set_impl(impl)
+        for c in cases:
+            ok, msg = check_case(c)
+            print(f"[{impl}] {msg}", flush=True)
+            all_ok &= ok
+    set_impl(args.impl if args.impl != "both" else "auto")
     return all_ok
 
 
@@ -314,7 +334,12 @@ def bench_context(T: int, args, copy_gbs: float) -> dict:
         return sdpa(s["q"], kh, vh)
 
     row["deq_sdpa"] = time_fn([lambda s=s: deq_sdpa(s) for s in sets], max(args.reps // 2, 5), 2)
-    row["headq"] = time_fn([lambda s=s: headq_decode(s, c) for s in sets], args.reps, args.warmup)
+    for impl in impls_of(args.impl):
+        set_impl(impl)
+        row[f"headq_{impl}"] = time_fn([lambda s=s: headq_decode(s, c) for s in sets], args.reps,
+                                       args.warmup)
+    set_impl(args.impl if args.impl != "both" else "auto")
+    row["headq"] = row[f"headq_{impls_of(args.impl)[-1]}"]
     nbytes = packed_bytes(sets[0]) + c.B * c.Hq * c.D * 2 + c.B * c.Hq * 4  # + out, lse
     dense_bytes = sum(t.numel() * t.element_size() for t in dense[0])
     t = row["headq"]["median_ms"] * 1e-3
@@ -351,6 +376,8 @@ def main() -> int:
     ap.add_argument("--sets", type=int, default=3, help="input sets rotated between repetitions")
     ap.add_argument("--check", action="store_true", help="run the correctness grid first; exit 1 on failure")
     ap.add_argument("--check-only", action="store_true", help="only the correctness grid")
+    ap.add_argument("--impl", default="auto", choices=["auto", "mma", "simt", "both"],
+                    help="decode split kernel (HEADQ_DECODE_IMPL); both: check and time each")
     ap.add_argument("--lib", default=None, help="path of a built _C .so to load instead of headq_torch")
     ap.add_argument("--out", default="benchmarks/results/gpu_decode.json")
     args = ap.parse_args()
@@ -375,18 +402,22 @@ def main() -> int:
 
     copy_gbs = copy_bandwidth()
     print(f"device {result['device']}  copy bandwidth {copy_gbs:.0f} GB/s (read + write)")
-    hdr = (f"{'ctx':>7} {'dense ms':>9} {'deq+sdpa':>9} {'headq ms':>9} {'p10':>7} {'p90':>7} "
+    hdr = (f"{'ctx':>12} {'dense ms':>9} {'deq+sdpa':>9} {'headq ms':>9} {'p10':>7} {'p90':>7} "
            f"{'MB read':>8} {'GB/s':>6} {'of copy':>7} {'x dense':>7} {'x deq':>6}")
     print(hdr)
     for T in contexts:
         row = bench_context(T, args, copy_gbs)
         result["rows"].append(row)
-        h = row["headq"]
-        print(f"{T:>7} {row['dense_sdpa']['median_ms']:>9.4f} {row['deq_sdpa']['median_ms']:>9.4f} "
-              f"{h['median_ms']:>9.4f} {h['p10_ms']:>7.4f} {h['p90_ms']:>7.4f} "
-              f"{row['headq_bytes'] / 1e6:>8.1f} {row['headq_gbs']:>6.0f} "
-              f"{row['fraction_of_copy_bw']:>7.2f} {row['speedup_vs_dense']:>7.2f} "
-              f"{row['speedup_vs_deq_sdpa']:>6.2f}", flush=True)
+        for impl in impls_of(args.impl):
+            h = row[f"headq_{impl}"]
+            t = h["median_ms"]
+            gbs = row["headq_bytes"] / (t * 1e-3) / 1e9
+            label = f"{T}" if args.impl != "both" else f"{T}:{impl}"
+            print(f"{label:>12} {row['dense_sdpa']['median_ms']:>9.4f} {row['deq_sdpa']['median_ms']:>9.4f} "
+                  f"{t:>9.4f} {h['p10_ms']:>7.4f} {h['p90_ms']:>7.4f} "
+                  f"{row['headq_bytes'] / 1e6:>8.1f} {gbs:>6.0f} "
+                  f"{gbs / copy_gbs:>7.2f} {row['dense_sdpa']['median_ms'] / t:>7.2f} "
+                  f"{row['deq_sdpa']['median_ms'] / t:>6.2f}", flush=True)
     result["copy_gbs"] = copy_gbs
     result["wall_s"] = time.time() - t_start
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -2,7 +2,7 @@
 
 A randomly initialised Llama-3-8B-shaped model (32 layers, hidden 4096, 32 query / 8 KV heads,
 head dim 128) in bf16 on one GPU. Each cache is prefilled with ``--context`` random tokens
-(chunked prefill), then ``--steps`` greedy decode steps are timed with CUDA events. Quality is
+(one prefill call by default), then ``--steps`` greedy decode steps are timed with CUDA events. Quality is
 meaningless with random weights; this measures time and bytes only.
 
     python benchmarks/bench_e2e.py --context 32768 --steps 32 --out benchmarks/results/gpu_e2e.json
@@ -85,6 +85,7 @@ def run_one(kind: str, model, context: int, steps: int, chunk: int, rank: int, b
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=g).to(device)
     t0 = time.perf_counter()
     out = None
+    chunk = chunk or context
     for s in range(0, context, chunk):
         out = model(ids[:, s:s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
     torch.cuda.synchronize()
@@ -119,7 +120,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--steps", type=int, default=32)
-    ap.add_argument("--chunk", type=int, default=4096, help="prefill chunk length")
+    ap.add_argument("--chunk", type=int, default=0,
+                    help="prefill chunk length (0: the whole context in one call)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)

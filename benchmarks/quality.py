@@ -52,6 +52,9 @@ def main(argv=None) -> None:
     p.add_argument("--resume", default=str(ROOT / "out" / "quality_runs.pt"))
     p.add_argument("--skip-metrics", action="store_true")
     p.add_argument("--skip-table", action="store_true")
+    p.add_argument("--worker", action="store_true",
+                   help="only fill the resume file (rows in reverse order) to help another "
+                        "run of this script; writes no results")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     res_dir = Path(args.results)
@@ -74,6 +77,9 @@ def main(argv=None) -> None:
             "window": args.window, "n_windows": len(windows),
             "eval_tokens": sum(w.shape[1] for w in windows),
             "calib_tokens": bases.get("_n_tokens"), "machine": machine()}
+    if args.worker:
+        E.evaluate_rows(model, windows, rows, bases, resume=args.resume, reverse=True)
+        return
     if not args.skip_table:
         t1 = time.time()
         out = E.evaluate_rows(model, windows, rows, bases, resume=args.resume)

@@ -187,6 +187,9 @@ def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    cfg = getattr(module, "config", None)
+    if cfg is not None:
+        layer._owner.check_model_config(cfg)  # a cache built for another model: a clear error
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("headq attention: logit soft-capping is not supported")
     if kwargs.get("sliding_window") is not None:

@@ -47,7 +47,8 @@ from . import ops
 from .attention import ATTN_IMPL
 from . import value_policy as vp
 from .calibration import Calibration, CalibrationError
-from .config import HeadQSettings, layer_kinds, model_geometry, text_config
+from .config import (HeadQSettings, config_fingerprint, layer_kinds, model_geometry, model_name,
+                     text_config)
 from .reference import unpack_bits
 from .storage import storage_report
 
@@ -59,7 +60,7 @@ def _grow(buf: Optional[torch.Tensor], needed: int, shape_tail: tuple, batch_hea
           dtype, device, multiple: int = 1, fill=0) -> torch.Tensor:
     """Capacity ``>= needed`` along dim 2 (doubling; a multiple of ``multiple``)."""
     cap = 0 if buf is None else buf.shape[2]
-    if cap >= needed:
+    if buf is not None and cap >= needed:
         return buf
     new_cap = max(needed, 2 * cap, multiple)
     new_cap = -(-new_cap // multiple) * multiple
@@ -154,7 +155,41 @@ class HeadQLayer(CacheLayerMixin):
 
     # -- transformers layer API --------------------------------------------------------------
 
+    def _check_states(self, key_states, value_states) -> None:
+        """Clear errors for states this layer cannot hold (instead of a failed copy deep inside,
+        or, worse, a cache that silently holds another geometry than its config says)."""
+        where = f"HeadQCache layer {self.layer_idx}"
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{where}: {name} must be [batch, kv_heads, tokens, head_dim], "
+                                 f"got shape {list(t.shape)}")
+            if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                raise TypeError(f"{where}: {name} must be float32, float16 or bfloat16, got "
+                                f"{t.dtype}")
+        if key_states.shape != value_states.shape:
+            raise ValueError(f"{where}: key_states {list(key_states.shape)} and value_states "
+                             f"{list(value_states.shape)} must have the same shape")
+        H, D = self._owner.num_kv_heads, self._owner.head_dim
+        if key_states.shape[1] != H or key_states.shape[3] != D:
+            raise ValueError(f"{where}: the cache was built for a config with {H} KV heads of "
+                             f"head_dim {D}, got states [batch, {key_states.shape[1]}, tokens, "
+                             f"{key_states.shape[3]}]: is it the config of another model?")
+        if key_states.device != value_states.device:
+            raise ValueError(f"{where}: key_states on {key_states.device}, value_states on "
+                             f"{value_states.device}")
+        if self.is_initialized:
+            if key_states.shape[0] != self.B:
+                raise ValueError(f"{where}: batch size {key_states.shape[0]} differs from the "
+                                 f"cache's {self.B} (use reorder_cache / batch_select_indices / "
+                                 f"batch_repeat_interleave, or reset())")
+            if key_states.device != self.device:
+                raise ValueError(f"{where}: states on {key_states.device}, the cache is on "
+                                 f"{self.device}")
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_states(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # tokens left by a forward whose attention did not consume them
@@ -217,6 +252,9 @@ class HeadQLayer(CacheLayerMixin):
         self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"HeadQCache: batch_repeat_interleave(repeats={repeats!r}): "
+                             "expected an integer >= 1")
         self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -227,6 +265,8 @@ class HeadQLayer(CacheLayerMixin):
         """Negative: remove that many tokens; positive: keep that many (earlier 5.x). Cropping
         into the quantised region brings the surviving tokens of the cut group back to the window
         dequantised (lossy)."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
+            raise TypeError(f"HeadQCache: crop({tokens_to_remove!r}): expected an integer")
         n = self.get_seq_length()
         if tokens_to_remove == 0 or not self.is_initialized:
             return
@@ -325,7 +365,21 @@ class HeadQLayer(CacheLayerMixin):
                 b["w_window"][:, :, :rest] = b["w_window"][:, :, n:nw].clone()
         self.n_quant = nq + n
         self.n_window = rest
+        self._shrink_window(s.residual_length + G)
         self._refresh_views()
+
+    def _shrink_window(self, steady: int) -> None:
+        """Give back window capacity a long prompt grew: after a flush the window holds fewer
+        than ``residual_length + group_size`` tokens, so capacity beyond twice that is waste
+        (a 32k-token prompt would otherwise keep 32k dense rows per layer allocated)."""
+        b = self.buf
+        cap = b["k_window"].shape[2]
+        if cap <= 2 * steady:
+            return
+        for name in ("k_window", "v_window", "w_window"):
+            t = b.get(name)
+            if t is not None:
+                b[name] = t[:, :, :steady].clone()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -479,7 +533,13 @@ class HeadQCache(Cache):
                  residual_length: int = 0, side_bits: int = 8, center: bool = False,
                  sign: float = 1.0, value_policy: str = "uniform", value_keep_frac: float = 0.0,
                  rank: Optional[int] = None):
+        if not hasattr(text_config(config), "num_hidden_layers"):
+            hint = " (pass model.config, not the model)" if hasattr(config, "config") else ""
+            raise TypeError(f"HeadQCache: config must be the model's transformers config"
+                            f"{hint}, got {type(config).__name__}")
         n_layers, _, n_kv, head_dim = model_geometry(config)
+        if not isinstance(center, (bool, int)) or center not in (0, 1):
+            raise ValueError(f"HeadQCache: center={center!r} is not supported; expected a bool")
         settings = HeadQSettings(key_bits=key_bits, value_bits=value_bits, group_size=group_size,
                                  value_group_size=value_group_size,
                                  residual_length=residual_length, side_bits=side_bits,
@@ -522,6 +582,7 @@ class HeadQCache(Cache):
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
         self._warned_fallback = False
+        self._checked_configs: set[int] = set()
 
     def attention_active(self) -> bool:
         """Whether the model this cache was built for uses the ``"headq"`` attention function."""
@@ -536,6 +597,19 @@ class HeadQCache(Cache):
                               "(headq_torch.attention.enable(model)); the A² value policy sees "
                               "no attention weights in this mode", stacklevel=3)
         return active
+
+    def check_model_config(self, config) -> None:
+        """Raise ``ValueError`` when ``config`` (the config of the model whose attention reads
+        this cache) is not the model the cache was built for (another shape fingerprint).
+        Checked once per config object."""
+        if config is self.model_config or id(config) in self._checked_configs:
+            return
+        mine, theirs = config_fingerprint(self.model_config), config_fingerprint(config)
+        if mine != theirs:
+            raise ValueError(f"HeadQCache: the cache was built for {model_name(self.model_config)!r} "
+                             f"(fingerprint {mine}) but is used by {model_name(config)!r} "
+                             f"(fingerprint {theirs}); build a HeadQCache from this model's config")
+        self._checked_configs.add(id(config))
 
     @property
     def headq_layers(self) -> list[HeadQLayer]:

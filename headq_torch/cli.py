@@ -85,7 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        rc = args.func(args)
+        # sub-commands return an exit status or their result (run_eval returns its dict)
+        return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
+    except (ValueError, OSError) as e:  # bad arguments or files (CalibrationError included)
+        print(f"headq {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

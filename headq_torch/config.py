@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import asdict, dataclass
 
 __all__ = [
@@ -57,6 +58,16 @@ class HeadQSettings:
 
     def validate(self, head_dim: int, rank: int | None) -> None:
         """Raise ``ValueError`` naming the first bad argument."""
+        for name in ("key_bits", "value_bits", "group_size", "value_group_size", "side_bits",
+                     "residual_length"):
+            v = getattr(self, name)
+            # 2.0 or True compare equal to allowed ints but are not: reject them by type
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                _fail(name, v, "an integer")
+        if not isinstance(self.center, (bool, numbers.Integral)) or self.center not in (0, 1):
+            _fail("center", self.center, "a bool")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral)):
+            _fail("rank", rank, "an integer")
         if self.key_bits not in KEY_BITS:
             _fail("key_bits", self.key_bits, f"one of {KEY_BITS} (16 = dense keys)")
         if self.value_bits not in VALUE_BITS:

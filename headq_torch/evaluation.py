@@ -45,13 +45,14 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import torch
 
 from . import metrics as M
+from . import ops
 from .storage import storage_report
 
 __all__ = [
@@ -83,17 +84,6 @@ SIM_IMPL = "headq_sim"
 DECODE_IMPL = "headq_decode_sim"
 MODES = ("k_only", "full_kv")
 BASES = ("pca", "fisher", "random", "key_pca")
-
-
-def _kernels():
-    """The ``headq`` ops (C++ extension), or the identical pure-PyTorch reference when the
-    extension is not built (same signatures)."""
-    try:
-        from . import ops
-        return ops
-    except ImportError:  # pragma: no cover - only before the extension is built
-        from . import reference
-        return reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,7 +302,6 @@ def simulate_layer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: f
     (the arithmetic of ``corrected_logits``, ~20x faster over a whole window than the op's CPU
     kernel, which is shaped for decode; ``tests/test_evaluation.py`` checks the two agree).
     """
-    ops = _kernels()
     B, Hq, T, D = q.shape
     H = k.shape[1]
     rep = Hq // H
@@ -448,7 +437,6 @@ def decode_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     ``use_op`` (float32 inputs): attention through :func:`headq_torch.ops.decode_attention` over
     the packed tensors; otherwise (and always for float64 inputs) a dense computation over the
     dequantised tensors in the input precision. Returns ``[B, Hq, D]``."""
-    ops = _kernels()
     B, Hq, D = q.shape
     H, n = k.shape[1], k.shape[2]
     rep = Hq // H
@@ -775,12 +763,14 @@ def _run_id(row: EvalRow, ids: torch.Tensor) -> str:
 @torch.no_grad()
 def evaluate_rows(model, windows: Sequence[torch.Tensor], rows: Sequence[EvalRow],
                   bases: Optional[dict] = None, progress: bool = True,
-                  resume: Optional[str] = None) -> list[dict]:
+                  resume: Optional[str] = None, reverse: bool = False) -> list[dict]:
     """Perplexity of every row over ``windows``; returns one dict per row (see module doc).
 
     ``resume``: a file of finished (row, window) NLLs; runs found there are not repeated and
     every finished run is added to it (so a long benchmark can be stopped and restarted). It
-    must belong to the same model and calibration (the caller's responsibility)."""
+    must belong to the same model and calibration (the caller's responsibility). Several
+    processes may share it (``reverse`` runs the rows in the opposite order, for a second
+    worker)."""
     from tqdm.auto import tqdm
 
     n_layers, _, n_kv, D = _geometry(model)
@@ -789,11 +779,21 @@ def evaluate_rows(model, windows: Sequence[torch.Tensor], rows: Sequence[EvalRow
     for r in rows:
         unique.setdefault(r.sim_key, r)
     done: dict[str, torch.Tensor] = {}
-    if resume and os.path.exists(resume):
-        done = torch.load(resume)
+
+    def merge_file() -> None:  # several processes may share one resume file
+        if resume and os.path.exists(resume):
+            try:
+                done.update(torch.load(resume))
+            except Exception:  # a file being replaced: read it next time
+                pass
+
+    merge_file()
     nll: dict[tuple, list] = {k: [] for k in unique}
+    order = list(unique.items())
+    if reverse:
+        order.reverse()
     bar = tqdm(total=len(unique) * len(windows), desc="eval", unit="run", disable=not progress)
-    for key, row in unique.items():
+    for key, row in order:
         b = bases.get((row.basis, row.rank)) if (bases and row.rank) else None
         if row.rank and b is None:
             raise ValueError(f"no bases for {row.basis!r} rank {row.rank} (row {row.method!r})")
@@ -801,10 +801,15 @@ def evaluate_rows(model, windows: Sequence[torch.Tensor], rows: Sequence[EvalRow
         for ids in windows:
             rid = _run_id(row, ids)
             if rid not in done:
-                done[rid] = window_nll(model, ids, row, b)
+                merge_file()
+            if rid not in done:
+                result = window_nll(model, ids, row, b)
+                merge_file()
+                done[rid] = result
                 if resume:
-                    torch.save(done, resume + ".tmp")
-                    os.replace(resume + ".tmp", resume)
+                    tmp = f"{resume}.{os.getpid()}.tmp"
+                    torch.save(done, tmp)
+                    os.replace(tmp, resume)
             nll[key].append(done[rid])
             bar.update(1)
     bar.close()
@@ -823,6 +828,7 @@ def evaluate_rows(model, windows: Sequence[torch.Tensor], rows: Sequence[EvalRow
             "basis": row.basis if row.rank else "",
             "group_size": row.group_size,
             "side_bits": row.side_bits if row.rank else 0,
+            "center": row.center,
             "sign": row.sign,
             "value_group_size": row.value_group_size,
             "value_policy": row.value_policy,
@@ -885,23 +891,40 @@ def plot_rows(rows: Sequence[dict], path) -> None:
     for ax, mode in zip(axes[0], modes):
         sub = [r for r in rows if r["mode"] == mode]
         dense = [r for r in sub if r["family"] == "dense"]
+        main = [r for r in sub if r["family"] not in ("dense", "control")]
+        # axis limits from the quantisers; controls outside them are listed, not drawn
+        ys = [r["ppl"] for r in main + dense]
+        lo, hi = min(ys), max(ys)
+        pad = 0.08 * (hi - lo or 1.0)
+        xmax = max([r["bits_per_element"] for r in main] + [3.0]) + 0.5
+        hidden = []
         for fam, (c, mk) in style.items():
             pts = [r for r in sub if r["family"] == fam and r["family"] != "dense"]
-            if not pts:
+            inside = [r for r in pts if lo - pad <= r["ppl"] <= hi + pad
+                      and r["bits_per_element"] <= xmax]
+            hidden += [r for r in pts if r not in inside]
+            if not inside:
                 continue
-            ax.scatter([r["bits_per_element"] for r in pts], [r["ppl"] for r in pts], c=c,
-                       marker=mk, label=fam, zorder=3)
-            for r in pts:
+            ax.scatter([r["bits_per_element"] for r in inside], [r["ppl"] for r in inside],
+                       c=c, marker=mk, label=fam, zorder=3)
+            for r in inside:
                 ax.annotate(r["method"], (r["bits_per_element"], r["ppl"]), fontsize=6,
                             xytext=(3, 2), textcoords="offset points")
         if dense:
             ax.axhline(dense[0]["ppl"], color="k", ls="--", lw=1, label="dense (fp16 cache)")
+        ax.set_xlim(right=xmax)
+        ax.set_ylim(lo - pad, hi + pad)
+        if hidden:
+            ax.text(0.99, 0.98, "off the axes:\n" + "\n".join(
+                f"{r['method']}: ppl {r['ppl']:.2f} @ {r['bits_per_element']:.2f}"
+                for r in hidden), transform=ax.transAxes, ha="right", va="top", fontsize=6,
+                bbox=dict(fc="white", ec="0.7"))
         ax.set_xlabel("bits per element (" + ("keys" if mode == "k_only" else "keys+values")
                       + ", all scales/side code/bases counted)")
         ax.set_ylabel("perplexity")
         ax.set_title(f"{mode}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

@@ -28,6 +28,21 @@ __all__ = [
 ]
 
 
+def _same_device(op: str, **tensors) -> None:
+    """Every tensor argument on one device. The kernels' own checks miss a meta (or other
+    foreign-device) tensor mixed with CPU tensors: the CPU kernel then reads memory that is not
+    there. Checking here costs no device sync."""
+    first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {first[0]} is on {first[1]}; "
+                               "every tensor argument must be on the same device")
+
+
 def quantize_keys(k: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """Quantise keys per channel in groups of ``group_size`` tokens.
 
@@ -46,6 +61,7 @@ def quantize_keys(k: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor
 def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
                     out_dtype: torch.dtype = torch.float32) -> Tensor:
     """Unpack and dequantise keys: ``code * scale + zero`` as ``out_dtype`` ``[B, H, T, D]``."""
+    _same_device("dequantize_keys", codes=codes, scale=scale, zero=zero)
     return _ops.dequantize_keys(codes, scale, zero, bits, group_size, out_dtype)
 
 
@@ -67,6 +83,7 @@ def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tens
 def dequantize_values(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
                       out_dtype: torch.dtype = torch.float32) -> Tensor:
     """Unpack and dequantise values as ``out_dtype`` ``[B, H, T, D]``."""
+    _same_device("dequantize_values", codes=codes, scale=scale, zero=zero)
     return _ops.dequantize_values(codes, scale, zero, bits, group_size, out_dtype)
 
 
@@ -84,12 +101,14 @@ def side_code(k: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, basis
     Returns:
         ``z_codes`` uint8 ``[B, H, T, r*side_bits/8]``, ``z_scale`` float16 ``[B, H, T]``.
     """
+    _same_device("side_code", k=k, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, basis=basis)
     return _ops.side_code(k, k_codes, k_scale, k_zero, basis, key_bits, group_size, side_bits,
                           center)
 
 
 def dequantize_side(z_codes: Tensor, z_scale: Tensor, side_bits: int = 8) -> Tensor:
     """float32 ``[B, H, T, r]`` side code values."""
+    _same_device("dequantize_side", z_codes=z_codes, z_scale=z_scale)
     return _ops.dequantize_side(z_codes, z_scale, side_bits)
 
 
@@ -109,6 +128,8 @@ def corrected_logits(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
     Returns:
         float32 ``[B, Hq, L, T]``.
     """
+    _same_device("corrected_logits", q=q, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero,
+                 z_codes=z_codes, z_scale=z_scale, basis=basis)
     return _ops.corrected_logits(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
                                  key_bits, group_size, side_bits, float(sign), float(scale))
 
@@ -141,6 +162,11 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
         ``out`` ``[B, Hq, D]`` in ``q``'s dtype and ``lse`` float32 ``[B, Hq]``, the
         log-sum-exp of the visible logits (``-inf`` where none is visible).
     """
+    _same_device("decode_attention", q=q, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero,
+                 z_codes=z_codes, z_scale=z_scale, basis=basis, v_codes=v_codes,
+                 v_scale=v_scale, v_zero=v_zero, v_dense=v_dense, heavy_delta=heavy_delta,
+                 heavy_idx=heavy_idx, k_window=k_window, v_window=v_window, n_quant=n_quant,
+                 n_window=n_window, kv_start=kv_start)
     return _ops.decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
                                  v_codes, v_scale, v_zero, v_dense, heavy_delta, heavy_idx,
                                  k_window, v_window, n_quant, n_window, kv_start, key_bits,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
+
+from .config import GROUP_SIZES, KEY_BITS, SIDE_BITS, VALUE_BITS
 
 __all__ = ["StorageReport", "storage_report"]
 
@@ -30,6 +33,53 @@ class StorageReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _validate(head_dim, context_len, key_bits, value_bits, group_size, value_group_size, rank,
+              side_bits, residual_length, value_keep_frac, dense_bits, basis_bits, num_kv_heads,
+              num_layers) -> None:
+    """Raise ``ValueError`` naming the first argument the cache (and the ops) would not accept:
+    the report of a configuration that cannot exist is a silent wrong answer."""
+    def fail(name, value, expected):
+        raise ValueError(f"storage_report: {name}={value!r} is not supported; expected {expected}")
+
+    if not _is_int(context_len) or context_len <= 0:
+        raise ValueError(f"storage_report: context_len must be positive (an integer), "
+                         f"got {context_len!r}")
+    if not _is_int(head_dim) or head_dim <= 0 or head_dim % 8:
+        raise ValueError(f"storage_report: head_dim must be positive and a multiple of 8, "
+                         f"got {head_dim!r}")
+    if key_bits not in KEY_BITS or not _is_int(key_bits):
+        fail("key_bits", key_bits, f"one of {KEY_BITS} (16 = dense keys)")
+    if value_bits not in VALUE_BITS or not _is_int(value_bits):
+        fail("value_bits", value_bits, f"one of {VALUE_BITS} (16 = dense values)")
+    if group_size not in GROUP_SIZES or not _is_int(group_size):
+        fail("group_size", group_size, f"one of {GROUP_SIZES} tokens")
+    if value_group_size not in GROUP_SIZES or not _is_int(value_group_size):
+        fail("value_group_size", value_group_size, f"one of {GROUP_SIZES} channels")
+    if value_bits < 16 and head_dim % value_group_size:
+        fail("value_group_size", value_group_size, f"a divisor of head_dim={head_dim}")
+    if not _is_int(rank) or not 0 <= rank <= head_dim:
+        fail("rank", rank, f"an integer in [0, head_dim={head_dim}] (0 = no side code)")
+    if rank and key_bits == 16:
+        fail("rank", rank, "0 with key_bits=16 (the side code corrects quantised keys)")
+    if rank and (side_bits not in SIDE_BITS or not _is_int(side_bits)):
+        fail("side_bits", side_bits, f"one of {SIDE_BITS}")
+    if rank and (rank * side_bits) % 8:
+        fail("rank", rank, f"a rank with rank*side_bits a multiple of 8 (side_bits={side_bits})")
+    if not _is_int(residual_length) or residual_length < 0:
+        fail("residual_length", residual_length, "an integer >= 0")
+    if not isinstance(value_keep_frac, numbers.Real) or not 0.0 <= value_keep_frac <= 1.0:
+        raise ValueError(f"storage_report: value_keep_frac must be in [0, 1], "
+                         f"got {value_keep_frac!r}")
+    for name, v in (("dense_bits", dense_bits), ("basis_bits", basis_bits),
+                    ("num_kv_heads", num_kv_heads), ("num_layers", num_layers)):
+        if not _is_int(v) or v <= 0:
+            fail(name, v, "a positive integer")
 
 
 def _dense_tokens(context_len: int, group_size: int, residual_length: int) -> int:
@@ -60,12 +110,9 @@ def storage_report(head_dim: int, context_len: int, key_bits: int = 2, value_bit
         dense_bits: bits per element of the dense window (16 for fp16/bf16 caches).
         basis_bits: bits per basis element (bases are stored as float32).
     """
-    if context_len <= 0:
-        raise ValueError(f"context_len must be positive, got {context_len}")
-    if head_dim <= 0:
-        raise ValueError(f"head_dim must be positive, got {head_dim}")
-    if not 0.0 <= value_keep_frac <= 1.0:
-        raise ValueError(f"value_keep_frac must be in [0, 1], got {value_keep_frac}")
+    _validate(head_dim, context_len, key_bits, value_bits, group_size, value_group_size, rank,
+              side_bits, residual_length, value_keep_frac, dense_bits, basis_bits, num_kv_heads,
+              num_layers)
     D = head_dim
     n = context_len
     quantise_keys = key_bits < 16

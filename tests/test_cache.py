@@ -201,3 +201,19 @@ def test_bad_calibration_for_cache():
         HeadQCache(llama.config, cal, key_bits=16)
     with pytest.raises(TypeError, match="calibration"):
         HeadQCache(llama.config, "calib.safetensors")
+
+
+def test_long_prompt_gives_back_window_capacity(restore_attn):
+    """A long prompt grows the dense window to the prompt length; once its complete groups are
+    quantised the spare capacity is released, so allocated bytes stay close to the used ones."""
+    model = make_tiny("llama")
+    restore_attn.append(attention.enable(model))
+    ids = torch.randint(0, model.config.vocab_size, (1, 600), generator=torch.Generator().manual_seed(0))
+    cache = HeadQCache(model.config, None, key_bits=2, value_bits=2, group_size=32,
+                       value_group_size=32)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    for layer in cache.headq_layers:
+        assert layer.buf["k_window"].shape[2] <= 2 * 32
+        assert layer.n_window == 600 % 32
+        assert layer.allocated_bytes() <= 1.3 * sum(layer.memory_breakdown().values())

@@ -4,7 +4,6 @@ never rot. Each notebook asserts its own findings in its last cells."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest

@@ -9,6 +9,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -330,9 +332,18 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   p.sign = static_cast<float>(sign);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
-  cuda::DecodePlan plan{};
+  // Tensor-core kernel where it applies (decode_mma.cu), the SIMT kernel otherwise.
+  // HEADQ_DECODE_IMPL=simt forces the SIMT kernel (A/B runs); mma (or unset) is the default.
+  const char* impl = std::getenv("HEADQ_DECODE_IMPL");
+  const bool force_simt = impl != nullptr && std::strcmp(impl, "simt") == 0;
+  const bool use_mma = !force_simt && cuda::decode_mma_supported(p);
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &plan));
+  cuda::DecodePlan plan{};
+  if (use_mma) {
+    C10_CUDA_CHECK(cuda::plan_decode_mma(p, sm_count, &plan));
+  } else {
+    C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &plan));
+  }
   p.nchunk = plan.nchunk;
   p.Sq = plan.Sq;
   p.S = plan.Sq + plan.Sw;
@@ -347,8 +358,22 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   p.part_ml = part_ml.data_ptr<float>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  C10_CUDA_CHECK(cuda::launch_decode_split(p, plan, stream));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (use_mma) {
+    C10_CUDA_CHECK(cuda::launch_decode_mma(p, plan, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.Sw > 0) {  // dense-window splits Sq .. S-1: SIMT kernel with its own head chunking
+      cuda::DecodePlan wplan{};
+      C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &wplan));
+      cuda::DecodeParams pw = p;
+      pw.nchunk = wplan.nchunk;
+      pw.split0 = p.Sq;
+      C10_CUDA_CHECK(cuda::launch_decode_split(pw, wplan, stream));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  } else {
+    C10_CUDA_CHECK(cuda::launch_decode_split(p, plan, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   C10_CUDA_CHECK(cuda::launch_decode_combine(p.part_acc, p.part_ml, B * Hq, p.S,
                                              static_cast<int>(D), out.data_ptr(),
                                              lse.data_ptr<float>(), p.dtype, stream));

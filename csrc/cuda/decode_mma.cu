@@ -1,0 +1,948 @@
+// Tensor-core split kernel of the fused decode attention (fp16/bf16 queries). Torch-free;
+// launched from ops.cu. Same contract (docs/LAYOUT.md), split decomposition, partial layout
+// [B, Hq, S, D] / [B, Hq, S, 2] and combine kernel as the SIMT kernel of decode_kernels.cu, which
+// stays the fallback (fp32 queries, 3/8-bit codes, dense values, heavy slots, other head dims)
+// and also runs the dense-window splits of this path (launch_decode_split with split0 = Sq).
+//
+// Work decomposition
+// ------------------
+// grid = (Sq, H * nchunk, B), 128 threads. A block owns one KV head, NG = 4 * NT query heads of
+// its GQA group (NT = 1 for ratio <= 4, else 2: chunks of 8) and a range of whole 256-token
+// tiles. Tiles are staged with cp.async into a double buffer exactly as in the SIMT kernel; each
+// of the 4 warps then runs a complete flash-decoding step on its own 64-token sub-tile (its own
+// running max, sum and accumulators: no block barrier inside a tile). The 4 warp partials are
+// merged once at the end of the split.
+//
+// Both inner products run on mma.sync.m16n8k16 (fp16 operands, fp32 accumulation):
+//   logits  [16 tokens x 8]  = codes [16 tokens x 16 channels] . Q' [16 channels x 8]
+//   values  [16 chan.  x 8]  = codes^T [16 chan. x 16 tokens]  . P' [16 tokens x 8]
+// The 8 columns are 4 query heads x (hi, lo): Q' = q*s (per key group) and P' = p*s_v (per token
+// and value group) are split into two fp16 halves hi + lo (about 22 significant bits), so the
+// logits and the output keep ~fp32 accuracy although the tensor-core operands are fp16. A lane
+// owns columns (2t, 2t+1) = (hi, lo) of head t, so hi + lo is one FADD in the lane; the logits'
+// C fragment (rows = tokens) becomes the P' B fragment of the value mma with one movmatrix.trans
+// per 8x8 block. Zero points are not on the tensor cores: q.z per (group, head) is a small mma
+// against q in fp16 (exact: q.z products are exact and fp32-accumulated), z_v is summed in fp32
+// as sum_t p_t z_v (as in the SIMT kernel).
+//
+// Unpacking: a b-bit code at bit p of a 16-bit half (p + b <= 10) masked out of its word with one
+// LOP3 is the fp16 *subnormal* code * 2^(p - 24), an exact tensor-core operand (fp16 subnormals
+// are not flushed by HMMA). A code therefore costs half a LOP3 (two codes per fp16x2) plus, per
+// word, one SHF (keys: the upper byte of each half) or one PRMT per fp16x2 (values: the two
+// codes of a pair come from two token rows). The 2^(p - 24) is folded into Q' (keys, per
+// channel) and into a per-lane power of two of the output rows (values). The k <-> channel
+// assignment inside a 16-channel block is a fixed permutation (kmap_*) chosen so that every
+// lane's codes sit at bit positions <= 6 of their half. -DHEADQ_MMA_NO_SUBNORMAL switches to the
+// 0x6400 magic number + one HSUB2 per fp16x2 (codes as normal fp16), should subnormals misbehave.
+//
+// Ranges: Q' = q^ * s * 2^(24 - pos) * 2^-e_g with q^ = q * 2^-e_h (|q^| < 1, per head) and e_g
+// from the group's largest scale, so |Q'| < 2^15; P' carries a per-warp power of two 2^kv chosen
+// from the largest value scale seen (non-increasing, accumulators rescaled when it drops) so
+// that |P'| < 2^15. Products smaller than ~2^-40 of the largest term lose relative precision
+// (fp16 subnormal range of hi/lo), which is far below the fp32 rounding of the logits.
+//
+// Instruction budget at the benchmark shape (D=128, 2-bit K/V, r=8, bz=8, G=Gv=64, 4 heads per
+// KV head), warp instructions per 16 tokens: key codes ~60 (8 k-blocks x (2 SHF + 4 LOP3 +
+// 1 HMMA) + 4 LDS.128), side code ~12, logit epilogue ~16, P' fragments ~45 (hi/lo split,
+// movmatrix, z_v and l sums), value codes ~80 (8 m-tiles x (4 PRMT + 4 LOP3 + 1 HMMA) + 8 LDS.128),
+// plus per 64-token sub-tile ~250 for the Q' fragments, q.z, the softmax and the P' power of two.
+// The SASS of the hot loop (sm_90, nvcc 13.0) has ~1.55k instructions per warp per 64-token
+// sub-tile, ~24 per token per KV head vs ~60 for the SIMT kernel: at 132 SMs x 4 schedulers
+// x ~1.9 GHz, 32k tokens x 64 (b, h) need ~50 us of issue, about the ~45 us of moving 189 MB at
+// copy bandwidth.
+//
+// Instantiations: D in {64, 128} x NT in {1, 2} = 4 kernels. Key bits, value bits x value groups
+// per head (templated inner phases) are warp-uniform runtime switches per sub-tile.
+
+#include <algorithm>
+#include <type_traits>
+
+#include "device_common.cuh"
+
+namespace headq {
+namespace cuda {
+namespace {
+
+constexpr int kThreadsM = 128;
+constexpr int kWarpsM = kThreadsM / 32;
+constexpr int kSub = 64;                   // tokens per warp per tile
+constexpr int kTileM = kWarpsM * kSub;     // tokens per staged tile
+constexpr int kSimtTile = 128;             // window tile of the SIMT kernel (decode_kernels.cu)
+
+#if defined(HEADQ_MMA_NO_SUBNORMAL)
+constexpr int kCodeShift = 0;   // codes enter the mma as normal fp16: code * 2^pos
+#else
+constexpr int kCodeShift = 24;  // codes enter the mma as fp16 subnormals: code * 2^(pos - 24)
+#endif
+
+__host__ __device__ constexpr int al16(int x) { return (x + 15) & ~15; }
+
+// Channel (within a 16-channel key block) of k-index k, and the bit position (within its 16-bit
+// half word) at which the lane finds its code. Lane t (= lane % 4) owns k = 2t, 2t+1 (a0/b0) and
+// 2t+8, 2t+9 (a2/b1): for 2 bits they are channels t, t+8 of word w (mask 3 << 2t in each half)
+// and t+4, t+12 (same mask on w >> 8); for 4 bits channels v, v+4 / v+2, v+6 (v = t & 1) of word
+// t >> 1 of the block's two words.
+__host__ __device__ constexpr int kmap_ch(int bits, int k) {
+  return bits == 2 ? ((k & 7) >> 1) + 8 * (k & 1) + 4 * (k >> 3)
+                   : 8 * ((k & 7) >> 2) + ((k >> 1) & 1) + 4 * (k & 1) + 2 * (k >> 3);
+}
+__host__ __device__ constexpr int kmap_pos(int bits, int k) {
+  return bits == 2 ? 2 * ((k & 7) >> 1) : 4 * ((k >> 1) & 1);
+}
+// Side code j (within a 16-j block) of k-index k, and its bit position: 8 bits: bytes 0, 2 of
+// word t (a0) and 1, 3 (a2, word >> 8); 4 bits: as 4-bit keys.
+__host__ __device__ constexpr int zmap_j(int bits, int k) {
+  return bits == 8 ? 4 * ((k & 7) >> 1) + 2 * (k & 1) + (k >> 3) : kmap_ch(4, k);
+}
+__host__ __device__ constexpr int zmap_pos(int bits, int k) { return bits == 8 ? 0 : kmap_pos(4, k); }
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory layout (bytes), identical on host and device.
+struct MmaSmem {
+  int qn;     // float [NG][D]  q * 2^-e_h (raw q during setup)
+  int qk;     // float [NG][D]  qn * 2^-kmap_pos in key k-order (kb*16 + k)
+  int qzf;    // uint2 [NT][D/16][32]  hi/lo B fragments of qn (zero-point mma)
+  int qu;     // float [NG][r]  sign * q.U (raw q)
+  int hexp;   // int [NG]       e_h
+  int qfrag;  // uint2 [warps][slots][NT][D/16][32]  per-warp Q' fragments of the key group(s)
+  int slots;
+  int stage0, stage_bytes;
+  int kc, ks, kz, zc, zs, vc, vs, vz;  // offsets inside a stage buffer
+  int red;                             // end-of-split merge (aliases the stages)
+  int total;
+};
+
+__host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT) {
+  const int D = p.D, NG = 4 * NT;
+  const bool side = p.z_codes.p != nullptr;
+  const int ngv = D / p.Gv;
+  const int gpt = kTileM / p.G;
+  MmaSmem s;
+  int o = 0;
+  s.qn = o;    o += al16(NG * D * 4);
+  s.qk = o;    o += al16(NG * D * 4);
+  s.qzf = o;   o += al16(NT * (D / 16) * 32 * 8);
+  s.qu = o;    o += al16(NG * (side ? p.r : 1) * 4);
+  s.hexp = o;  o += al16(NG * 4);
+  s.slots = p.G == 32 ? 2 : 1;
+  s.qfrag = o; o += kWarpsM * s.slots * NT * (D / 16) * 32 * 8;
+  int b = 0;
+  s.kc = b; b += al16(kTileM * D * p.kbits / 8);
+  s.ks = b; b += al16(gpt * D * 2);
+  s.kz = b; b += al16(gpt * D * 2);
+  s.zc = b; b += side ? al16(kTileM * p.r * p.zbits / 8) + 16 : 0;  // lanes read past a row
+  s.zs = b; b += side ? al16(kTileM * 2) : 0;
+  s.vc = b; b += al16(kTileM * D * p.vbits / 8);
+  s.vs = b; b += al16(kTileM * ngv * 2);
+  s.vz = b; b += al16(kTileM * ngv * 2);
+  s.stage0 = o;
+  s.stage_bytes = b;
+  s.red = o;
+  const int red_bytes = kWarpsM * NG * (D + 2 + D / 32) * 4;
+  o += (2 * b > red_bytes) ? 2 * b : red_bytes;
+  s.total = o;
+  return s;
+}
+
+// --------------------------------------------------------------------------- small helpers ---
+__device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                         uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Transpose of an 8x8 b16 matrix held as the standard fragment (lane l: row l/4, cols 2(l%4)+{0,1}).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+// fp16x2 bits of (a, b): a in the low half.
+__device__ __forceinline__ uint32_t pack_h2(float a, float b) {
+  const __half2 h = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+// x truncated to 11 significant bits: exactly an fp16 value when |x| is in the fp16 normal range.
+__device__ __forceinline__ float hi11(float x) { return __uint_as_float(__float_as_uint(x) & 0xFFFFE000u); }
+
+// (hi, lo) fp16 pair of x: hi + lo == x to ~2^-22 relative.
+__device__ __forceinline__ uint32_t pack_hilo(float x) {
+  const float h = hi11(x);
+  return pack_h2(h, x - h);
+}
+
+// Two masked codes as the fp16x2 tensor-core operand code * 2^(pos - kCodeShift).
+__device__ __forceinline__ uint32_t code_h2(uint32_t x, uint32_t mask) {
+#if defined(HEADQ_MMA_NO_SUBNORMAL)
+  uint32_t y = (x & mask) | 0x64006400u;  // 1024 + code * 2^pos in each half
+  __half2 h = __hsub2(*reinterpret_cast<__half2*>(&y), __floats2half2_rn(1024.0f, 1024.0f));
+  return *reinterpret_cast<uint32_t*>(&h);
+#else
+  return x & mask;
+#endif
+}
+
+// floor(log2(x)) of a normal, infinite or NaN float (128 for the last two).
+__device__ __forceinline__ int exp_of(float x) {
+  return static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127;
+}
+// 2^e for e in [-126, 127].
+__device__ __forceinline__ float pow2i(int e) { return __uint_as_float(static_cast<uint32_t>(e + 127) << 23); }
+
+// Per-lane constants.
+template <int NT>
+struct MmaLane {
+  int lane, gid, t4;
+  float fh[NT];                 // 2^e_h * scale*log2(e) of head t4 (+4 nt)
+  // side code
+  float fsd[NT], szd[NT];       // 2^es * scale_log2, sign*off*sum(qU)*scale_log2 of head t4
+  uint32_t sfrag[2][NT][2];     // B fragments of sign*qU (hi/lo), two 16-j blocks
+  uint32_t zmask;
+  int zword, zwpb, nrb, zrowb;  // lane's word in a 16-j block, words per block, blocks, row bytes
+  // codes
+  uint32_t kmask;
+  uint32_t vsel0, vsel1, vmask;
+  int vpos;
+};
+
+// Per-warp running state (lane-partial l and az; m identical in the lanes of a head).
+template <int D, int NT>
+struct WarpState {
+  float m[NT], l[NT];
+  float az[NT][D / 32];     // sum_t p_t * z_v[t, g]
+  float acc[D / 16][NT][4]; // value mma accumulators (m-tile, head tile)
+  int kv;                   // P' = p * s_v * 2^kv
+};
+
+// -------------------------------------------------------------------- key-group fragments ---
+// Q' B fragments of one key group for all NG heads, computed by the warp into dst
+// [NT][D/16][32] (lane order). Returns 2^e_g: q^ . (s * code) = C * 2^e_g for the mma result C.
+template <int D, int NT, int KB>
+__device__ __forceinline__ float build_qfrag(const __half* ksg,  // smem [D] f16 group scales
+                                             const float* qk,    // smem [NG][D] k-order
+                                             uint2* dst, int lane) {
+  constexpr int NKB = D / 16, NC = D / 4, NG = 4 * NT;
+  const int kb = lane >> 2, tt = lane & 3;
+  const bool act = lane < NC;
+  float s[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int k = 2 * tt + (e & 1) + 8 * (e >> 1);
+    s[e] = act ? __half2float(ksg[kb * 16 + kmap_ch(KB, k)]) : 0.0f;
+  }
+  const float smax = warp_max(fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3])));
+  const int E = smax > 0.0f ? exp_of(smax) : 0;
+  if (act) {
+    const float fs = pow2i(14 - E);  // s * fs < 2^15
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[e] *= fs;
+#pragma unroll
+    for (int hh = 0; hh < NG; ++hh) {
+      const float* qr = qk + hh * D + kb * 16 + 2 * tt;
+      const float2 qa = *reinterpret_cast<const float2*>(qr);
+      const float2 qb = *reinterpret_cast<const float2*>(qr + 8);
+      const float v0 = qa.x * s[0], v1 = qa.y * s[1], v2 = qb.x * s[2], v3 = qb.y * s[3];
+      const float h0 = hi11(v0), h1 = hi11(v1), h2 = hi11(v2), h3 = hi11(v3);
+      uint2* d = dst + ((hh >> 2) * NKB + kb) * 32 + tt;
+      d[(2 * (hh & 3)) * 4] = make_uint2(pack_h2(h0, h1), pack_h2(h2, h3));
+      d[(2 * (hh & 3) + 1) * 4] = make_uint2(pack_h2(v0 - h0, v1 - h1), pack_h2(v2 - h2, v3 - h3));
+    }
+  }
+  return pow2i(min(E + kCodeShift - 14, 127));
+}
+
+// qz[nt] (lane's head t4 + 4 nt) = q^ . z of one key group, on the tensor cores.
+template <int D, int NT>
+__device__ __forceinline__ void qz_mma(const __half* kzg,  // smem [D] f16 group zeros
+                                       const uint2* qzf,   // smem [NT][D/16][32]
+                                       int lane, float (&qz)[NT]) {
+  constexpr int NKB = D / 16;
+  const int tt = lane & 3;
+  float c[NT][4];
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.0f;
+#pragma unroll
+  for (int kb = 0; kb < NKB; ++kb) {
+    const uint32_t a0 = *reinterpret_cast<const uint32_t*>(kzg + kb * 16 + 2 * tt);
+    const uint32_t a2 = *reinterpret_cast<const uint32_t*>(kzg + kb * 16 + 2 * tt + 8);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const uint2 bq = qzf[(nt * NKB + kb) * 32 + lane];
+      mma16816(c[nt], a0, a0, a2, a2, bq.x, bq.y);
+    }
+  }
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) qz[nt] = c[nt][0] + c[nt][1];
+}
+
+template <int D, int NT>
+__device__ __forceinline__ void load_kf(const uint2* qf, uint32_t (&kf)[NT][D / 16][2], int lane) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int kb = 0; kb < D / 16; ++kb) {
+      const uint2 u = qf[(nt * (D / 16) + kb) * 32 + lane];
+      kf[nt][kb][0] = u.x;
+      kf[nt][kb][1] = u.y;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ key phase ---
+// Logits (log2 units, -inf when masked) of the warp's 64 tokens: x[nt][2*mt + r] is token
+// tl0 + 16 mt + gid + 8 r of the tile for head t4 + 4 nt.
+template <int D, int NT, int KB>
+__device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<NT>& c,
+                                          const unsigned char* sb, const MmaSmem& L, int tl0,
+                                          int tok0, int lo, int hi, const float* qk,
+                                          const uint2* qzf, uint2* qf, bool side,
+                                          float (&x)[NT][8]) {
+  constexpr int NKB = D / 16, KROWB = D * KB / 8;
+  const __half* ks_t = reinterpret_cast<const __half*>(sb + L.ks);  // [groups][D]
+  const __half* kz_t = reinterpret_cast<const __half*>(sb + L.kz);
+  const int nslot = L.slots;
+  float fg[2] = {0.0f, 0.0f}, qz[2][NT];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) qz[s][nt] = 0.0f;
+    if (s < nslot) {
+      const int gl = (tl0 + 32 * s) >> (p.G == 32 ? 5 : (p.G == 64 ? 6 : 7));  // tiles are group-aligned
+      fg[s] = build_qfrag<D, NT, KB>(ks_t + gl * D, qk, qf + s * NT * NKB * 32, c.lane);
+      qz_mma<D, NT>(kz_t + gl * D, qzf, c.lane, qz[s]);
+    }
+  }
+  __syncwarp();
+  uint32_t kf[NT][NKB][2];
+  load_kf<D, NT>(qf, kf, c.lane);
+  const unsigned char* kc = sb + L.kc;
+  const __half* zs_t = reinterpret_cast<const __half*>(sb + L.zs);
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+    const bool second = nslot == 2 && mt >= 2;
+    if (nslot == 2 && mt == 2) load_kf<D, NT>(qf + NT * NKB * 32, kf, c.lane);
+    const float fgm = second ? fg[1] : fg[0];
+    const int ra = tl0 + 16 * mt + c.gid, rb = ra + 8;
+    uint32_t wa[NKB], wb[NKB];
+    if constexpr (KB == 2) {
+#pragma unroll
+      for (int i = 0; i < NKB / 4; ++i) {
+        const uint4 ua = reinterpret_cast<const uint4*>(kc + ra * KROWB)[i];
+        const uint4 ub = reinterpret_cast<const uint4*>(kc + rb * KROWB)[i];
+        wa[4 * i] = ua.x; wa[4 * i + 1] = ua.y; wa[4 * i + 2] = ua.z; wa[4 * i + 3] = ua.w;
+        wb[4 * i] = ub.x; wb[4 * i + 1] = ub.y; wb[4 * i + 2] = ub.z; wb[4 * i + 3] = ub.w;
+      }
+    } else {
+#pragma unroll
+      for (int kb = 0; kb < NKB; ++kb) {
+        wa[kb] = reinterpret_cast<const uint32_t*>(kc + ra * KROWB)[2 * kb + (c.t4 >> 1)];
+        wb[kb] = reinterpret_cast<const uint32_t*>(kc + rb * KROWB)[2 * kb + (c.t4 >> 1)];
+      }
+    }
+    // Two accumulator chains (even / odd k-blocks) halve the dependent HMMA latency.
+    float ck[2][NT][4];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) ck[u][nt][0] = ck[u][nt][1] = ck[u][nt][2] = ck[u][nt][3] = 0.0f;
+    }
+#pragma unroll
+    for (int kb = 0; kb < NKB; ++kb) {
+      const uint32_t a0 = code_h2(wa[kb], c.kmask), a1 = code_h2(wb[kb], c.kmask);
+      const uint32_t a2 = code_h2(wa[kb] >> 8, c.kmask), a3 = code_h2(wb[kb] >> 8, c.kmask);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+        mma16816(ck[kb & 1][nt], a0, a1, a2, a3, kf[nt][kb][0], kf[nt][kb][1]);
+    }
+    float xa[NT], xb[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float qzm = second ? qz[1][nt] : qz[0][nt];
+      const float sa = (ck[0][nt][0] + ck[0][nt][1]) + (ck[1][nt][0] + ck[1][nt][1]);
+      const float sb = (ck[0][nt][2] + ck[0][nt][3]) + (ck[1][nt][2] + ck[1][nt][3]);
+      xa[nt] = fmaf(sa, fgm, qzm) * c.fh[nt];
+      xb[nt] = fmaf(sb, fgm, qzm) * c.fh[nt];
+    }
+    if (side) {
+      const unsigned char* zc = sb + L.zc;
+      float cs[NT][4];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) cs[nt][0] = cs[nt][1] = cs[nt][2] = cs[nt][3] = 0.0f;
+#pragma unroll
+      for (int rbk = 0; rbk < 2; ++rbk) {
+        if (rbk < c.nrb) {
+          const int wo = 4 * (rbk * c.zwpb + c.zword);
+          const uint32_t za = *reinterpret_cast<const uint32_t*>(zc + ra * c.zrowb + wo);
+          const uint32_t zb = *reinterpret_cast<const uint32_t*>(zc + rb * c.zrowb + wo);
+          const uint32_t a0 = code_h2(za, c.zmask), a1 = code_h2(zb, c.zmask);
+          const uint32_t a2 = code_h2(za >> 8, c.zmask), a3 = code_h2(zb >> 8, c.zmask);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            mma16816(cs[nt], a0, a1, a2, a3, c.sfrag[rbk][nt][0], c.sfrag[rbk][nt][1]);
+        }
+      }
+      const float zsa = __half2float(zs_t[ra]), zsb = __half2float(zs_t[rb]);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        xa[nt] = fmaf(zsa, fmaf(cs[nt][0] + cs[nt][1], c.fsd[nt], -c.szd[nt]), xa[nt]);
+        xb[nt] = fmaf(zsb, fmaf(cs[nt][2] + cs[nt][3], c.fsd[nt], -c.szd[nt]), xb[nt]);
+      }
+    }
+    const bool va = tok0 + ra >= lo && tok0 + ra < hi;
+    const bool vb = tok0 + rb >= lo && tok0 + rb < hi;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      x[nt][2 * mt] = va ? xa[nt] : -INFINITY;
+      x[nt][2 * mt + 1] = vb ? xb[nt] : -INFINITY;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------- value phase ---
+// NGV value groups per token as raw f16 words (0 when the token is masked).
+template <int NGV>
+struct HalfWords {
+  uint32_t w[(NGV + 1) / 2];
+  __device__ __forceinline__ void load(const __half* p, bool valid) {
+    if constexpr (NGV == 1) {
+      w[0] = valid ? static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) : 0u;
+    } else if constexpr (NGV == 2) {
+      w[0] = valid ? *reinterpret_cast<const uint32_t*>(p) : 0u;
+    } else {
+      const uint2 u = *reinterpret_cast<const uint2*>(p);
+      w[0] = valid ? u.x : 0u;
+      w[1] = valid ? u.y : 0u;
+    }
+  }
+  __device__ __forceinline__ float get(int g) const {  // g compile-time after unrolling
+    const uint32_t v = w[g >> 1];
+    return __half2float(__ushort_as_half(static_cast<unsigned short>((g & 1) ? (v >> 16) : (v & 0xFFFFu))));
+  }
+};
+
+// acc += codes^T . P' over the warp's 64 tokens; MPG value m-tiles (16 channels) per value group.
+template <int D, int NT, int VB, int MPG>
+__device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned char* sb,
+                                            const MmaSmem& L, int tl0, int tok0, int lo, int hi,
+                                            const float (&alpha)[NT], const float (&pw)[NT][8],
+                                            WarpState<D, NT>& st) {
+  constexpr int NKB = D / 16, NGV = NKB / MPG, VROWB = D * VB / 8, NCH = VROWB / 16;
+  const __half* vs_t = reinterpret_cast<const __half*>(sb + L.vs);  // [tokens][NGV]
+  const __half* vz_t = reinterpret_cast<const __half*>(sb + L.vz);
+  auto valid_row = [&](int row) { return tok0 + row >= lo && tok0 + row < hi; };
+
+  // Power of two of P' for this sub-tile: the largest visible value scale times 2^kv < 2^15.
+  float vmax = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int row = tl0 + 16 * (j >> 1) + c.gid + 8 * (j & 1);
+    HalfWords<NGV> sv;
+    sv.load(vs_t + row * NGV, valid_row(row));
+#pragma unroll
+    for (int g = 0; g < NGV; ++g) vmax = fmaxf(vmax, sv.get(g));
+  }
+  vmax = warp_max(vmax);
+  int kvn = st.kv;
+  if (vmax > 0.0f) kvn = min(st.kv, 14 - exp_of(vmax));
+  const float fk = exp2f(static_cast<float>(kvn - st.kv));
+  bool need = fk != 1.0f;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) need |= alpha[nt] != 1.0f;
+  if (__any_sync(0xffffffffu, need)) {  // lazy rescale: only when a max rose or kv dropped
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float f = alpha[nt] * fk;
+#pragma unroll
+      for (int i = 0; i < NKB; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st.acc[i][nt][e] *= f;
+      }
+    }
+  }
+  st.kv = kvn;
+  const float p2 = pow2i(kvn);
+
+  const unsigned char* vc = sb + L.vc;
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+    // P' B fragments (tokens 16 mt + 0..15 of the sub-tile, columns (head, hi/lo)).
+    uint32_t bf[NGV][NT][2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = tl0 + 16 * mt + c.gid + 8 * r;
+      const bool ok = valid_row(row);
+      HalfWords<NGV> sv, zv;
+      sv.load(vs_t + row * NGV, ok);
+      zv.load(vz_t + row * NGV, ok);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const float pr = pw[nt][2 * mt + r];
+        st.l[nt] += pr;
+        const float pp = pr * p2;
+#pragma unroll
+        for (int g = 0; g < NGV; ++g) {
+          bf[g][nt][r] = movmatrix_trans(pack_hilo(pp * sv.get(g)));
+          st.az[nt][g] = fmaf(pr, zv.get(g), st.az[nt][g]);
+        }
+      }
+    }
+    // codes^T A fragments: channel rows gid / gid+8, tokens 2t, 2t+1 / 2t+8, 2t+9.
+    const unsigned char* r0 = vc + (tl0 + 16 * mt + 2 * c.t4) * VROWB;
+    const unsigned char* r1 = r0 + VROWB;
+    const unsigned char* r2 = r0 + 8 * VROWB;
+    const unsigned char* r3 = r2 + VROWB;
+#pragma unroll
+    for (int ch = 0; ch < NCH; ++ch) {
+      const uint4 u0 = reinterpret_cast<const uint4*>(r0)[ch];
+      const uint4 u1 = reinterpret_cast<const uint4*>(r1)[ch];
+      const uint4 u2 = reinterpret_cast<const uint4*>(r2)[ch];
+      const uint4 u3 = reinterpret_cast<const uint4*>(r3)[ch];
+      const uint32_t w0[4] = {u0.x, u0.y, u0.z, u0.w}, w1[4] = {u1.x, u1.y, u1.z, u1.w};
+      const uint32_t w2[4] = {u2.x, u2.y, u2.z, u2.w}, w3[4] = {u3.x, u3.y, u3.z, u3.w};
+      if constexpr (VB == 2) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int i = 4 * ch + q;
+          const uint32_t a0 = code_h2(__byte_perm(w0[q], w1[q], c.vsel0), c.vmask);
+          const uint32_t a1 = code_h2(__byte_perm(w0[q], w1[q], c.vsel1), c.vmask);
+          const uint32_t a2 = code_h2(__byte_perm(w2[q], w3[q], c.vsel0), c.vmask);
+          const uint32_t a3 = code_h2(__byte_perm(w2[q], w3[q], c.vsel1), c.vmask);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            mma16816(st.acc[i][nt], a0, a1, a2, a3, bf[i / MPG][nt][0], bf[i / MPG][nt][1]);
+        }
+      } else {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int i = 2 * ch + q;
+          const uint32_t a0 = code_h2(__byte_perm(w0[2 * q], w1[2 * q], c.vsel0), c.vmask);
+          const uint32_t a1 = code_h2(__byte_perm(w0[2 * q + 1], w1[2 * q + 1], c.vsel0), c.vmask);
+          const uint32_t a2 = code_h2(__byte_perm(w2[2 * q], w3[2 * q], c.vsel0), c.vmask);
+          const uint32_t a3 = code_h2(__byte_perm(w2[2 * q + 1], w3[2 * q + 1], c.vsel0), c.vmask);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            mma16816(st.acc[i][nt], a0, a1, a2, a3, bf[i / MPG][nt][0], bf[i / MPG][nt][1]);
+        }
+      }
+    }
+  }
+}
+
+// --------------------------------------------------------------------------- split kernel ---
+// 3 blocks/SM for NT = 1 (<= 168 registers; ~60 KB of shared memory per block at the benchmark
+// shape), 2 for NT = 2 (64 accumulators + 32 fragment registers per lane).
+template <int D, int NT>
+__global__ void __launch_bounds__(kThreadsM, NT == 1 ? 3 : 2)
+decode_mma_kernel(const DecodeParams p) {
+  constexpr int NG = 4 * NT;
+  constexpr int NKB = D / 16;
+  constexpr int NGVMAX = D / 32;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const MmaSmem L = mma_smem(p, NT);
+  float* qn = reinterpret_cast<float*>(smem + L.qn);     // [NG][D]
+  float* qk = reinterpret_cast<float*>(smem + L.qk);     // [NG][D] k-order
+  uint2* qzf = reinterpret_cast<uint2*>(smem + L.qzf);   // [NT][NKB][32]
+  float* qu_s = reinterpret_cast<float*>(smem + L.qu);   // [NG][r]
+  int* hexp = reinterpret_cast<int*>(smem + L.hexp);     // [NG]
+
+  const int split = blockIdx.x;
+  const int h = blockIdx.y / p.nchunk;
+  const int chunk = blockIdx.y % p.nchunk;
+  const int b = blockIdx.z;
+  const int qh0 = h * p.ratio + chunk * NG;
+  const int nh = min(NG, p.ratio - chunk * NG);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int nq = min(max(p.n_quant[b], 0), p.Tq);
+  const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
+  const bool side = p.z_codes.p != nullptr;
+  uint2* qf = reinterpret_cast<uint2*>(smem + L.qfrag) + warp * L.slots * NT * NKB * 32;
+
+  const int s0 = split * p.chunk_tokens;
+  const int s1 = min(s0 + p.chunk_tokens, nq);
+  const int lo = max(s0, ks);
+
+  // ---- setup: q, its per-head power of two, k-order table, q.z fragments, side code ----
+  for (int idx = tid; idx < NG * D; idx += kThreadsM) {
+    const int hh = idx / D, cc = idx % D;
+    qn[idx] = hh < nh ? load_as_float(p.q.p + b * p.q.sb + static_cast<int64_t>(qh0 + hh) * p.q.sh,
+                                      p.dtype, cc)
+                      : 0.0f;
+  }
+  __syncthreads();
+  if (side) {
+    const float* u = p.basis + static_cast<int64_t>(h) * D * p.r;  // [D, r]
+    for (int pair = warp; pair < NG * p.r; pair += kWarpsM) {
+      const int hh = pair / p.r, j = pair % p.r;
+      float a = 0.0f;
+      for (int cc = lane; cc < D; cc += 32) a = fmaf(qn[hh * D + cc], u[cc * p.r + j], a);
+      a = warp_sum(a);
+      if (lane == 0) qu_s[pair] = p.sign * a;
+    }
+  }
+  for (int hh = warp; hh < NG; hh += kWarpsM) {
+    float mx = 0.0f;
+    for (int cc = lane; cc < D; cc += 32) mx = fmaxf(mx, fabsf(qn[hh * D + cc]));
+    mx = warp_max(mx);
+    int e = 0;
+    if (mx > 0.0f && mx <= 3.402823466e38f) frexpf(mx, &e);  // mx * 2^-e in [0.5, 1)
+    if (lane == 0) hexp[hh] = e;
+  }
+  __syncthreads();
+  for (int idx = tid; idx < NG * D; idx += kThreadsM) qn[idx] = ldexpf(qn[idx], -hexp[idx / D]);
+  __syncthreads();
+  for (int idx = tid; idx < NG * D; idx += kThreadsM) {
+    const int hh = idx / D, kk = idx % D, k = kk & 15;
+    const int ch = (kk & ~15) + kmap_ch(p.kbits, k);
+    qk[idx] = ldexpf(qn[hh * D + ch], -kmap_pos(p.kbits, k));
+  }
+  for (int e = tid; e < NT * NKB * 32; e += kThreadsM) {
+    const int nt = e / (NKB * 32), kb = (e / 32) % NKB, ln = e & 31;
+    const int head = nt * 4 + ((ln >> 2) >> 1), lo_part = (ln >> 2) & 1, tt = ln & 3;
+    const float* qr = qn + head * D + kb * 16 + 2 * tt;
+    float v[4] = {qr[0], qr[1], qr[8], qr[9]};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = lo_part ? v[i] - hi11(v[i]) : hi11(v[i]);
+    qzf[e] = make_uint2(pack_h2(v[0], v[1]), pack_h2(v[2], v[3]));
+  }
+  __syncthreads();
+
+  MmaLane<NT> c;
+  c.lane = lane;
+  c.gid = lane >> 2;
+  c.t4 = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) c.fh[nt] = ldexpf(p.scale_log2, hexp[nt * 4 + c.t4]);
+  c.kmask = p.kbits == 2 ? 0x00030003u << (2 * c.t4) : 0x000F000Fu << (4 * (c.t4 & 1));
+  if (p.vbits == 2) {
+    const int by = c.gid >> 2;
+    c.vsel0 = static_cast<uint32_t>(by | ((4 + by) << 8));
+    c.vsel1 = static_cast<uint32_t>((2 + by) | ((6 + by) << 8));
+    c.vmask = 0x00030003u << (2 * (c.gid & 3));
+    c.vpos = 2 * (c.gid & 3);
+  } else {
+    const int by = c.gid >> 1;
+    c.vsel0 = c.vsel1 = static_cast<uint32_t>(by | ((4 + by) << 8));
+    c.vmask = 0x000F000Fu << (4 * (c.gid & 1));
+    c.vpos = 4 * (c.gid & 1);
+  }
+  c.nrb = 0;
+  c.zrowb = 4;
+  c.zword = 0;
+  c.zwpb = 0;
+  c.zmask = 0;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    c.fsd[nt] = 0.0f;
+    c.szd[nt] = 0.0f;
+#pragma unroll
+    for (int rbk = 0; rbk < 2; ++rbk) c.sfrag[rbk][nt][0] = c.sfrag[rbk][nt][1] = 0u;
+  }
+  if (side) {
+    const int zb = p.zbits, r = p.r;
+    c.nrb = (r + 15) / 16;
+    c.zrowb = r * zb / 8;
+    c.zword = zb == 8 ? c.t4 : (c.t4 >> 1);
+    c.zwpb = zb == 8 ? 4 : 2;
+    c.zmask = zb == 8 ? 0x00FF00FFu : (0x000F000Fu << (4 * (c.t4 & 1)));
+    const float off = zb == 8 ? 128.0f : 8.0f;
+    // es: max_j |qU| * 2^(kCodeShift - es) in [2^14, 2^15) per head.
+    auto head_es = [&](int head) {
+      float mx = 0.0f;
+      for (int j = 0; j < r; ++j) mx = fmaxf(mx, fabsf(qu_s[head * r + j]));
+      int e = 0;
+      if (mx > 0.0f && mx <= 3.402823466e38f) frexpf(mx, &e);  // mx in [2^(e-1), 2^e)
+      return e - 1 + kCodeShift - 14;
+    };
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int hs = nt * 4 + c.t4;  // the lane's logit head
+      float su = 0.0f;
+      for (int j = 0; j < r; ++j) su += qu_s[hs * r + j];
+      c.fsd[nt] = ldexpf(p.scale_log2, head_es(hs));
+      c.szd[nt] = off * su * p.scale_log2;
+      const int hf = nt * 4 + (c.gid >> 1), part = c.gid & 1;  // the lane's B-fragment column
+      const int es = head_es(hf);
+#pragma unroll
+      for (int rbk = 0; rbk < 2; ++rbk) {
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int k = 2 * c.t4 + (e & 1) + 8 * (e >> 1);
+          const int j = rbk * 16 + zmap_j(zb, k);
+          const float a = j < r ? ldexpf(qu_s[hf * r + j], kCodeShift - zmap_pos(zb, k) - es) : 0.0f;
+          v[e] = part ? a - hi11(a) : hi11(a);
+        }
+        c.sfrag[rbk][nt][0] = pack_h2(v[0], v[1]);
+        c.sfrag[rbk][nt][1] = pack_h2(v[2], v[3]);
+      }
+    }
+  }
+
+  WarpState<D, NT> st;
+  st.kv = 127;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    st.m[nt] = -INFINITY;
+    st.l[nt] = 0.0f;
+#pragma unroll
+    for (int g = 0; g < NGVMAX; ++g) st.az[nt][g] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NKB; ++i) st.acc[i][nt][0] = st.acc[i][nt][1] = st.acc[i][nt][2] = st.acc[i][nt][3] = 0.0f;
+  }
+
+  if (lo < s1) {
+    const int krowb = D * p.kbits / 8, zrowb = side ? p.r * p.zbits / 8 : 0;
+    const int vrowb = D * p.vbits / 8, ngv = D / p.Gv;
+    const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh;  // [Tq, krowb]
+    const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh;  // [Tq/G, D] f16
+    const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh;
+    const char* zc_g = side ? p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh : nullptr;
+    const char* zs_g = side ? p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh : nullptr;
+    const char* vc_g = p.v_codes.p + b * p.v_codes.sb + h * p.v_codes.sh;
+    const char* vs_g = p.v_scale.p + b * p.v_scale.sb + h * p.v_scale.sh;
+    const char* vz_g = p.v_zero.p + b * p.v_zero.sb + h * p.v_zero.sh;
+
+    // Staged range of the tile at t0: whole 16-token chunks up to the capacity (Tq % 32 == 0).
+    auto staged_end = [&](int t0) { return min((min(t0 + kTileM, s1) + 15) & ~15, p.Tq); };
+    auto stage_tile = [&](int t0, int buf) {
+      const int tc = staged_end(t0);
+      const int n = tc - t0;
+      unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
+      block_copy_async(sb + L.kc, kc_g + static_cast<int64_t>(t0) * krowb,
+                       static_cast<int64_t>(n) * krowb, tid, kThreadsM);
+      const int g0 = t0 / p.G, g1 = (tc + p.G - 1) / p.G;
+      block_copy_async(sb + L.ks, ks_g + static_cast<int64_t>(g0) * D * 2,
+                       static_cast<int64_t>(g1 - g0) * D * 2, tid, kThreadsM);
+      block_copy_async(sb + L.kz, kz_g + static_cast<int64_t>(g0) * D * 2,
+                       static_cast<int64_t>(g1 - g0) * D * 2, tid, kThreadsM);
+      if (side) {
+        block_copy_async(sb + L.zc, zc_g + static_cast<int64_t>(t0) * zrowb,
+                         static_cast<int64_t>(n) * zrowb, tid, kThreadsM);
+        block_copy_async(sb + L.zs, zs_g + static_cast<int64_t>(t0) * 2,
+                         static_cast<int64_t>(n) * 2, tid, kThreadsM);
+      }
+      block_copy_async(sb + L.vc, vc_g + static_cast<int64_t>(t0) * vrowb,
+                       static_cast<int64_t>(n) * vrowb, tid, kThreadsM);
+      block_copy_async(sb + L.vs, vs_g + static_cast<int64_t>(t0) * ngv * 2,
+                       static_cast<int64_t>(n) * ngv * 2, tid, kThreadsM);
+      block_copy_async(sb + L.vz, vz_g + static_cast<int64_t>(t0) * ngv * 2,
+                       static_cast<int64_t>(n) * ngv * 2, tid, kThreadsM);
+      cp_async_commit();
+    };
+
+    const int mpg = p.Gv / 16;
+    const int t_first = s0 + (lo - s0) / kTileM * kTileM;  // tiles before kv_start are skipped
+    stage_tile(t_first, 0);
+    int buf = 0;
+    for (int t0 = t_first; t0 < s1; t0 += kTileM, buf ^= 1) {
+      cp_async_wait_all();
+      __syncthreads();  // tile t0 staged; the previous tile's readers are done
+      if (t0 + kTileM < s1) stage_tile(t0 + kTileM, buf ^ 1);
+      const unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
+      const int tl0 = warp * kSub;
+      if (t0 + tl0 + kSub <= lo || t0 + tl0 >= s1) continue;  // warp-uniform: nothing visible
+
+      float x[NT][8];
+      if (p.kbits == 2) {
+        key_phase<D, NT, 2>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
+      } else {
+        key_phase<D, NT, 4>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
+      }
+
+      // Online softmax of the sub-tile (per head: lanes of equal t4 hold the head's tokens).
+      float alpha[NT], pw[NT][8];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        float mx = x[nt][0];
+#pragma unroll
+        for (int j = 1; j < 8; ++j) mx = fmaxf(mx, x[nt][j]);
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        const float mnew = fmaxf(st.m[nt], mx);
+        alpha[nt] = mnew == -INFINITY ? 1.0f : exp2f(st.m[nt] - mnew);
+        st.m[nt] = mnew;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) pw[nt][j] = x[nt][j] == -INFINITY ? 0.0f : exp2f(x[nt][j] - mnew);
+        st.l[nt] *= alpha[nt];
+#pragma unroll
+        for (int g = 0; g < NGVMAX; ++g) st.az[nt][g] *= alpha[nt];
+      }
+
+      if (p.vbits == 2) {
+        if (mpg == 2) value_phase<D, NT, 2, 2>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else if (mpg == 4) value_phase<D, NT, 2, 4>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else if constexpr (D == 128) value_phase<D, NT, 2, 8>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+      } else {
+        if (mpg == 2) value_phase<D, NT, 4, 2>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else if (mpg == 4) value_phase<D, NT, 4, 4>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else if constexpr (D == 128) value_phase<D, NT, 4, 8>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+      }
+    }
+  }
+
+  // ---- end of split: merge the 4 warps ----
+  __syncthreads();  // staging buffers are free (red aliases them)
+  float* red = reinterpret_cast<float*>(smem + L.red);  // [warps][NG][D]
+  float* mlw = red + kWarpsM * NG * D;                   // [warps][NG][2]
+  float* azw = mlw + kWarpsM * NG * 2;                   // [warps][NG][NGVMAX]
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+    float l = st.l[nt];
+    l += __shfl_xor_sync(0xffffffffu, l, 4);
+    l += __shfl_xor_sync(0xffffffffu, l, 8);
+    l += __shfl_xor_sync(0xffffffffu, l, 16);
+    const int head = nt * 4 + c.t4;
+    if (c.gid == 0) {
+      mlw[(warp * NG + head) * 2] = st.m[nt];
+      mlw[(warp * NG + head) * 2 + 1] = l;
+    }
+#pragma unroll
+    for (int g = 0; g < NGVMAX; ++g) {
+      float a = st.az[nt][g];
+      a += __shfl_xor_sync(0xffffffffu, a, 4);
+      a += __shfl_xor_sync(0xffffffffu, a, 8);
+      a += __shfl_xor_sync(0xffffffffu, a, 16);
+      if (c.gid == 0) azw[(warp * NG + head) * NGVMAX + g] = a;
+    }
+    // Undo the operand powers of two: code * 2^(vpos - kCodeShift) and P' * 2^kv.
+    const float fv = ldexpf(1.0f, kCodeShift - c.vpos - st.kv);
+    float* o = red + (warp * NG + head) * D;
+#pragma unroll
+    for (int i = 0; i < NKB; ++i) {
+      o[16 * i + c.gid] = (st.acc[i][nt][0] + st.acc[i][nt][1]) * fv;
+      o[16 * i + c.gid + 8] = (st.acc[i][nt][2] + st.acc[i][nt][3]) * fv;
+    }
+  }
+  __syncthreads();
+  for (int idx = tid; idx < nh * D; idx += kThreadsM) {
+    const int hh = idx / D, cc = idx % D, g = cc / p.Gv;
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarpsM; ++w) M = fmaxf(M, mlw[(w * NG + hh) * 2]);
+    float o = 0.0f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarpsM; ++w) {
+        const float mw = mlw[(w * NG + hh) * 2];
+        if (mw != -INFINITY) {
+          o = fmaf(exp2f(mw - M), red[(w * NG + hh) * D + cc] + azw[(w * NG + hh) * NGVMAX + g], o);
+        }
+      }
+    }
+    const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + hh) * p.S + split;
+    p.part_acc[row * D + cc] = o;
+  }
+  if (tid < nh) {
+    float M = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarpsM; ++w) M = fmaxf(M, mlw[(w * NG + tid) * 2]);
+    float l = 0.0f;
+    if (M != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarpsM; ++w) {
+        const float mw = mlw[(w * NG + tid) * 2];
+        if (mw != -INFINITY) l = fmaf(exp2f(mw - M), mlw[(w * NG + tid) * 2 + 1], l);
+      }
+    }
+    const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + tid) * p.S + split;
+    p.part_ml[row * 2] = M;
+    p.part_ml[row * 2 + 1] = l;
+  }
+}
+
+template <int D, int NT>
+cudaError_t set_smem_attr(size_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(decode_mma_kernel<D, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(smem));
+}
+
+template <typename F>
+cudaError_t with_mma_shape(int D, int NT, F&& f) {
+  if (D == 64 && NT == 1) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 1>{});
+  if (D == 64 && NT == 2) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 2>{});
+  if (D == 128 && NT == 1) return f(std::integral_constant<int, 128>{}, std::integral_constant<int, 1>{});
+  if (D == 128 && NT == 2) return f(std::integral_constant<int, 128>{}, std::integral_constant<int, 2>{});
+  return cudaErrorInvalidValue;  // unsupported by the tensor-core kernel (decode_mma_supported)
+}
+
+}  // namespace
+
+bool decode_mma_supported(const DecodeParams& p) {
+  if (p.dtype != DType::kFloat16 && p.dtype != DType::kBFloat16) return false;
+  if (p.D != 64 && p.D != 128) return false;
+  if (p.kbits != 2 && p.kbits != 4) return false;
+  if (p.v_codes.p == nullptr || (p.vbits != 2 && p.vbits != 4)) return false;
+  if (p.heavy_delta.p != nullptr) return false;
+  if (p.G != 32 && p.G != 64 && p.G != 128) return false;
+  if (p.Gv < 32 || p.Gv > p.D || p.D % p.Gv != 0) return false;
+  if (p.z_codes.p != nullptr) {
+    if (p.zbits != 4 && p.zbits != 8) return false;
+    if (p.r < 1 || p.r > 32 || (p.r * p.zbits / 8) % 4 != 0) return false;
+  }
+  return true;
+}
+
+cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, DecodePlan* plan) {
+  DecodePlan pl{};
+  const int NT = p.ratio <= 4 ? 1 : 2;
+  pl.ng = 4 * NT;
+  pl.nchunk = (p.ratio + pl.ng - 1) / pl.ng;
+  pl.smem = static_cast<size_t>(mma_smem(p, NT).total);
+  int per_sm = 1;
+  const cudaError_t err = with_mma_shape(p.D, NT, [&](auto d, auto nt) {
+    constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value;
+    const cudaError_t e = set_smem_attr<Dv, NTv>(pl.smem);
+    if (e != cudaSuccess) return e;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_mma_kernel<Dv, NTv>,
+                                                         kThreadsM, pl.smem);
+  });
+  if (err != cudaSuccess) return err;
+  per_sm = std::max(per_sm, 1);
+  // One full wave of resident blocks over the (b, kv head, head chunk) pairs (rounded down, as
+  // in plan_decode_attention: one block too many starts a second, nearly empty wave).
+  const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl.nchunk;
+  const int64_t target = static_cast<int64_t>(sm_count) * per_sm;
+  const int tiles = (p.Tq + kTileM - 1) / kTileM;
+  const int want = static_cast<int>(std::max<int64_t>(1, target / std::max<int64_t>(pairs, 1)));
+  if (tiles > 0) {
+    const int sq = std::min(want, tiles);
+    const int chunk_tiles = (tiles + sq - 1) / sq;
+    pl.chunk_tokens = chunk_tiles * kTileM;
+    pl.Sq = (tiles + chunk_tiles - 1) / chunk_tiles;
+  } else {
+    pl.chunk_tokens = kTileM;
+    pl.Sq = 0;
+  }
+  if (p.W > 0) {  // window splits, run by the SIMT kernel in its 128-token tiles
+    const int wtiles = (p.W + kSimtTile - 1) / kSimtTile;
+    const int wchunk_tiles = std::max(1, std::min(wtiles, pl.chunk_tokens / kSimtTile));
+    pl.wchunk = wchunk_tiles * kSimtTile;
+    pl.Sw = (p.W + pl.wchunk - 1) / pl.wchunk;
+  } else {
+    pl.wchunk = kSimtTile;
+    pl.Sw = 0;
+  }
+  *plan = pl;
+  return cudaSuccess;
+}
+
+cudaError_t launch_decode_mma(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
+  if (p.Sq == 0 || p.B == 0 || p.H == 0) return cudaSuccess;
+  return with_mma_shape(p.D, plan.ng / 4, [&](auto d, auto nt) {
+    constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value;
+    const cudaError_t e = set_smem_attr<Dv, NTv>(plan.smem);
+    if (e != cudaSuccess) return e;
+    const dim3 grid(p.Sq, p.H * p.nchunk, p.B);
+    decode_mma_kernel<Dv, NTv><<<grid, kThreadsM, plan.smem, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace headq
