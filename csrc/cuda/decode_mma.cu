@@ -55,6 +55,7 @@
 // per head (templated inner phases) are warp-uniform runtime switches per sub-tile.
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 
 #include "device_common.cuh"
@@ -112,7 +113,23 @@ struct MmaSmem {
   int total;
 };
 
-__host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT) {
+// Kernel configurations (HEADQ_MMA_VARIANT, chosen per call on the host; NT = 2 always runs
+// variant 0, whose 255 registers leave no room for more blocks):
+//   0 "base":  two full stage buffers (tile t+1 loads during tile t), >= 3 blocks/SM (168 regs),
+//              ~60 KB of shared memory per block at the benchmark shape: 12 warps/SM.
+//   1 "ring4": one stage buffer used as a two-phase ring: the value part of tile t loads during
+//              the key phase of tile t, the key part of tile t+1 during the value phase of tile t
+//              (two block barriers per tile); ~37 KB per block, >= 4 blocks/SM (<= 128 regs):
+//              16 warps/SM.
+//   2 "ring5": as ring4 with >= 5 blocks/SM (<= 102 regs): 20 warps/SM.
+constexpr int kMmaVariants = 3;
+constexpr int kMmaDefaultVariant = 1;  // ring4
+__host__ __device__ constexpr bool mma_ring(int V) { return V != 0; }
+__host__ __device__ constexpr int mma_min_blocks(int NT, int V) {
+  return NT == 2 ? 2 : (V == 0 ? 3 : (V == 1 ? 4 : 5));
+}
+
+__host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool ring) {
   const int D = p.D, NG = 4 * NT;
   const bool side = p.z_codes.p != nullptr;
   const int ngv = D / p.Gv;
@@ -139,7 +156,8 @@ __host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT) {
   s.stage_bytes = b;
   s.red = o;
   const int red_bytes = kWarpsM * NG * (D + 2 + D / 32) * 4;
-  o += (2 * b > red_bytes) ? 2 * b : red_bytes;
+  const int nbuf = ring ? 1 : 2;
+  o += (nbuf * b > red_bytes) ? nbuf * b : red_bytes;
   s.total = o;
   return s;
 }
@@ -535,14 +553,15 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
 // --------------------------------------------------------------------------- split kernel ---
 // 3 blocks/SM for NT = 1 (<= 168 registers; ~60 KB of shared memory per block at the benchmark
 // shape), 2 for NT = 2 (64 accumulators + 32 fragment registers per lane).
-template <int D, int NT>
-__global__ void __launch_bounds__(kThreadsM, NT == 1 ? 3 : 2)
+template <int D, int NT, int V>
+__global__ void __launch_bounds__(kThreadsM, mma_min_blocks(NT, V))
 decode_mma_kernel(const DecodeParams p) {
   constexpr int NG = 4 * NT;
   constexpr int NKB = D / 16;
   constexpr int NGVMAX = D / 32;
+  constexpr bool kRing = mma_ring(V);
   extern __shared__ __align__(16) unsigned char smem[];
-  const MmaSmem L = mma_smem(p, NT);
+  const MmaSmem L = mma_smem(p, NT, kRing);
   float* qn = reinterpret_cast<float*>(smem + L.qn);     // [NG][D]
   float* qk = reinterpret_cast<float*>(smem + L.qk);     // [NG][D] k-order
   uint2* qzf = reinterpret_cast<uint2*>(smem + L.qzf);   // [NT][NKB][32]
@@ -708,7 +727,7 @@ decode_mma_kernel(const DecodeParams p) {
 
     // Staged range of the tile at t0: whole 16-token chunks up to the capacity (Tq % 32 == 0).
     auto staged_end = [&](int t0) { return min((min(t0 + kTileM, s1) + 15) & ~15, p.Tq); };
-    auto stage_tile = [&](int t0, int buf) {
+    auto stage_keys = [&](int t0, int buf) {  // key codes, scales, zeros, side code
       const int tc = staged_end(t0);
       const int n = tc - t0;
       unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
@@ -725,36 +744,29 @@ decode_mma_kernel(const DecodeParams p) {
         block_copy_async(sb + L.zs, zs_g + static_cast<int64_t>(t0) * 2,
                          static_cast<int64_t>(n) * 2, tid, kThreadsM);
       }
+    };
+    auto stage_values = [&](int t0, int buf) {  // value codes, scales, zeros
+      const int n = staged_end(t0) - t0;
+      unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
       block_copy_async(sb + L.vc, vc_g + static_cast<int64_t>(t0) * vrowb,
                        static_cast<int64_t>(n) * vrowb, tid, kThreadsM);
       block_copy_async(sb + L.vs, vs_g + static_cast<int64_t>(t0) * ngv * 2,
                        static_cast<int64_t>(n) * ngv * 2, tid, kThreadsM);
       block_copy_async(sb + L.vz, vz_g + static_cast<int64_t>(t0) * ngv * 2,
                        static_cast<int64_t>(n) * ngv * 2, tid, kThreadsM);
-      cp_async_commit();
     };
 
     const int mpg = p.Gv / 16;
-    const int t_first = s0 + (lo - s0) / kTileM * kTileM;  // tiles before kv_start are skipped
-    stage_tile(t_first, 0);
-    int buf = 0;
-    for (int t0 = t_first; t0 < s1; t0 += kTileM, buf ^= 1) {
-      cp_async_wait_all();
-      __syncthreads();  // tile t0 staged; the previous tile's readers are done
-      if (t0 + kTileM < s1) stage_tile(t0 + kTileM, buf ^ 1);
-      const unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
-      const int tl0 = warp * kSub;
-      if (t0 + tl0 + kSub <= lo || t0 + tl0 >= s1) continue;  // warp-uniform: nothing visible
-
+    const int tl0 = warp * kSub;
+    // Key phase + online softmax of the warp's sub-tile (per head: lanes of equal t4 hold the
+    // head's tokens).
+    auto key_softmax = [&](const unsigned char* sb, int t0, float (&alpha)[NT], float (&pw)[NT][8]) {
       float x[NT][8];
       if (p.kbits == 2) {
         key_phase<D, NT, 2>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
       } else {
         key_phase<D, NT, 4>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
       }
-
-      // Online softmax of the sub-tile (per head: lanes of equal t4 hold the head's tokens).
-      float alpha[NT], pw[NT][8];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         float mx = x[nt][0];
@@ -772,7 +784,8 @@ decode_mma_kernel(const DecodeParams p) {
 #pragma unroll
         for (int g = 0; g < NGVMAX; ++g) st.az[nt][g] *= alpha[nt];
       }
-
+    };
+    auto values = [&](const unsigned char* sb, int t0, const float (&alpha)[NT], const float (&pw)[NT][8]) {
       if (p.vbits == 2) {
         if (mpg == 2) value_phase<D, NT, 2, 2>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
         else if (mpg == 4) value_phase<D, NT, 2, 4>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
@@ -781,6 +794,50 @@ decode_mma_kernel(const DecodeParams p) {
         if (mpg == 2) value_phase<D, NT, 4, 2>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
         else if (mpg == 4) value_phase<D, NT, 4, 4>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
         else if constexpr (D == 128) value_phase<D, NT, 4, 8>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+      }
+    };
+
+    const int t_first = s0 + (lo - s0) / kTileM * kTileM;  // tiles before kv_start are skipped
+    if constexpr (!kRing) {
+      stage_keys(t_first, 0);
+      stage_values(t_first, 0);
+      cp_async_commit();
+      int buf = 0;
+      for (int t0 = t_first; t0 < s1; t0 += kTileM, buf ^= 1) {
+        cp_async_wait_all();
+        __syncthreads();  // tile t0 staged; the previous tile's readers are done
+        if (t0 + kTileM < s1) {
+          stage_keys(t0 + kTileM, buf ^ 1);
+          stage_values(t0 + kTileM, buf ^ 1);
+          cp_async_commit();
+        }
+        const unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
+        if (t0 + tl0 + kSub <= lo || t0 + tl0 >= s1) continue;  // warp-uniform: nothing visible
+        float alpha[NT], pw[NT][8];
+        key_softmax(sb, t0, alpha, pw);
+        values(sb, t0, alpha, pw);
+      }
+    } else {
+      // One stage buffer as a two-phase ring: V(t) loads during the key phase of t, K(t+1)
+      // during the value phase of t. Every thread passes both barriers of every tile.
+      const unsigned char* sb = smem + L.stage0;
+      stage_keys(t_first, 0);
+      cp_async_commit();
+      for (int t0 = t_first; t0 < s1; t0 += kTileM) {
+        cp_async_wait_all();
+        __syncthreads();  // K(t0) staged; all warps are done with the value part of t0 - 1
+        stage_values(t0, 0);
+        cp_async_commit();
+        const bool act = !(t0 + tl0 + kSub <= lo || t0 + tl0 >= s1);  // warp-uniform
+        float alpha[NT], pw[NT][8];
+        if (act) key_softmax(sb, t0, alpha, pw);
+        cp_async_wait_all();
+        __syncthreads();  // V(t0) staged; all warps are done with the key part of t0
+        if (t0 + kTileM < s1) {
+          stage_keys(t0 + kTileM, 0);
+          cp_async_commit();
+        }
+        if (act) values(sb, t0, alpha, pw);
       }
     }
   }
@@ -855,19 +912,40 @@ decode_mma_kernel(const DecodeParams p) {
   }
 }
 
-template <int D, int NT>
+template <int D, int NT, int V>
 cudaError_t set_smem_attr(size_t smem) {
   if (smem <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(decode_mma_kernel<D, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(smem));
+  return cudaFuncSetAttribute(decode_mma_kernel<D, NT, V>,
+                              cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
 }
 
+// f(D, NT, V) with the configuration's compile-time constants. NT = 2 always runs variant 0;
+// D = 64 and 128 with NT = 1 have all variants: 8 instantiations.
 template <typename F>
-cudaError_t with_mma_shape(int D, int NT, F&& f) {
-  if (D == 64 && NT == 1) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 1>{});
-  if (D == 64 && NT == 2) return f(std::integral_constant<int, 64>{}, std::integral_constant<int, 2>{});
-  if (D == 128 && NT == 1) return f(std::integral_constant<int, 128>{}, std::integral_constant<int, 1>{});
-  if (D == 128 && NT == 2) return f(std::integral_constant<int, 128>{}, std::integral_constant<int, 2>{});
+cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
+  using I64 = std::integral_constant<int, 64>;
+  using I128 = std::integral_constant<int, 128>;
+  using N1 = std::integral_constant<int, 1>;
+  using N2 = std::integral_constant<int, 2>;
+  using V0 = std::integral_constant<int, 0>;
+  using V1 = std::integral_constant<int, 1>;
+  using V2 = std::integral_constant<int, 2>;
+  if (NT == 2) {
+    if (D == 64) return f(I64{}, N2{}, V0{});
+    if (D == 128) return f(I128{}, N2{}, V0{});
+    return cudaErrorInvalidValue;
+  }
+  if (NT != 1) return cudaErrorInvalidValue;
+  if (D == 64) {
+    if (V == 1) return f(I64{}, N1{}, V1{});
+    if (V == 2) return f(I64{}, N1{}, V2{});
+    return f(I64{}, N1{}, V0{});
+  }
+  if (D == 128) {
+    if (V == 1) return f(I128{}, N1{}, V1{});
+    if (V == 2) return f(I128{}, N1{}, V2{});
+    return f(I128{}, N1{}, V0{});
+  }
   return cudaErrorInvalidValue;  // unsupported by the tensor-core kernel (decode_mma_supported)
 }
 
@@ -888,18 +966,29 @@ bool decode_mma_supported(const DecodeParams& p) {
   return true;
 }
 
-cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, DecodePlan* plan) {
+int decode_mma_variant(const char* name) {
+  if (name == nullptr || name[0] == '\0' || std::strcmp(name, "default") == 0) return kMmaDefaultVariant;
+  static const char* const names[kMmaVariants] = {"base", "ring4", "ring5"};
+  for (int v = 0; v < kMmaVariants; ++v) {
+    if (std::strcmp(name, names[v]) == 0) return v;
+  }
+  return -1;
+}
+
+cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, DecodePlan* plan) {
   DecodePlan pl{};
   const int NT = p.ratio <= 4 ? 1 : 2;
+  if (variant < 0 || variant >= kMmaVariants) return cudaErrorInvalidValue;
+  pl.variant = NT == 2 ? 0 : variant;
   pl.ng = 4 * NT;
   pl.nchunk = (p.ratio + pl.ng - 1) / pl.ng;
-  pl.smem = static_cast<size_t>(mma_smem(p, NT).total);
+  pl.smem = static_cast<size_t>(mma_smem(p, NT, mma_ring(pl.variant)).total);
   int per_sm = 1;
-  const cudaError_t err = with_mma_shape(p.D, NT, [&](auto d, auto nt) {
-    constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value;
-    const cudaError_t e = set_smem_attr<Dv, NTv>(pl.smem);
+  const cudaError_t err = with_mma_shape(p.D, NT, pl.variant, [&](auto d, auto nt, auto v) {
+    constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value, Vv = decltype(v)::value;
+    const cudaError_t e = set_smem_attr<Dv, NTv, Vv>(pl.smem);
     if (e != cudaSuccess) return e;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_mma_kernel<Dv, NTv>,
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_mma_kernel<Dv, NTv, Vv>,
                                                          kThreadsM, pl.smem);
   });
   if (err != cudaSuccess) return err;
@@ -934,12 +1023,12 @@ cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, DecodePlan* pla
 
 cudaError_t launch_decode_mma(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
   if (p.Sq == 0 || p.B == 0 || p.H == 0) return cudaSuccess;
-  return with_mma_shape(p.D, plan.ng / 4, [&](auto d, auto nt) {
-    constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value;
-    const cudaError_t e = set_smem_attr<Dv, NTv>(plan.smem);
+  return with_mma_shape(p.D, plan.ng / 4, plan.variant, [&](auto d, auto nt, auto v) {
+    constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value, Vv = decltype(v)::value;
+    const cudaError_t e = set_smem_attr<Dv, NTv, Vv>(plan.smem);
     if (e != cudaSuccess) return e;
     const dim3 grid(p.Sq, p.H * p.nchunk, p.B);
-    decode_mma_kernel<Dv, NTv><<<grid, kThreadsM, plan.smem, stream>>>(p);
+    decode_mma_kernel<Dv, NTv, Vv><<<grid, kThreadsM, plan.smem, stream>>>(p);
     return cudaGetLastError();
   });
 }

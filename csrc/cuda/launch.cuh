@@ -125,6 +125,7 @@ struct DecodePlan {
   int Sq, Sw;  // quantised-region and window splits
   int chunk_tokens, wchunk;
   size_t smem;  // dynamic shared memory of the split kernel
+  int variant = 0;  // tensor-core kernel configuration (decode_mma_variant)
 };
 
 // Fills the plan from the shape fields of p (B, H, Hq, D, ratio, Tq, W, knobs, dtype) and the
@@ -143,7 +144,12 @@ bool decode_mma_supported(const DecodeParams& p);
 
 // Fills ng, nchunk, Sq, chunk_tokens (tensor-core kernel) and Sw, wchunk (window splits of the
 // SIMT kernel, whose own ng/nchunk/smem come from plan_decode_attention).
-cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, DecodePlan* plan);
+// variant: a configuration index from decode_mma_variant (NT = 2 shapes always run variant 0).
+cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, DecodePlan* plan);
+
+// Configuration index of the tensor-core kernel named by HEADQ_MMA_VARIANT: null, "" or
+// "default" -> the default (ring4); "base", "ring4", "ring5" -> 0, 1, 2; anything else -> -1.
+int decode_mma_variant(const char* name);
 
 cudaError_t launch_decode_mma(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream);
 
