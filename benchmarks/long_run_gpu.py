@@ -93,11 +93,11 @@ def main() -> int:
     from headq_torch.config import config_fingerprint
 
     dev = torch.device(a.device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
     cuda = dev.type == "cuda"
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device is visible (use --device cpu)")
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     if a.chunk < 1 or a.tokens < 1:
