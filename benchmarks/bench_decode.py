@@ -27,6 +27,12 @@ or both: the check grid runs once per kernel and the timing table gets a row for
   python benchmarks/bench_decode.py --check
   python benchmarks/bench_decode.py --check --impl both --contexts 4096,32768
   python benchmarks/bench_decode.py --contexts 4096,16384,32768,131072 --out benchmarks/results/gpu_decode.json
+
+--variants base,ring4,ring5 runs the check grid and the timings once per configuration of the
+tensor-core kernel (HEADQ_MMA_VARIANT, read by the op at every call; see decode_mma.cu) for the
+mma / auto impls; rows are labelled impl:variant. Any failing case of any variant fails the run.
+
+  python benchmarks/bench_decode.py --check --impl mma --variants base,ring4,ring5
 """
 
 from __future__ import annotations
@@ -67,6 +73,33 @@ def set_impl(impl: str) -> None:
 
 def impls_of(arg: str) -> list[str]:
     return ["simt", "mma"] if arg == "both" else [arg]
+
+
+VARIANTS: list[str] = []  # --variants (empty: the op's default configuration)
+
+
+def set_variant(variant: str | None) -> None:
+    """Select the tensor-core kernel configuration (HEADQ_MMA_VARIANT, read at every call)."""
+    if variant is None:
+        os.environ.pop("HEADQ_MMA_VARIANT", None)
+    else:
+        os.environ["HEADQ_MMA_VARIANT"] = variant
+
+
+def runs_of(arg: str) -> list[tuple[str, str | None, str]]:
+    """(impl, variant, label) of every kernel configuration to check and time."""
+    out = []
+    for impl in impls_of(arg):
+        if impl != "simt" and VARIANTS:
+            out += [(impl, v, f"{impl}:{v}") for v in VARIANTS]
+        else:
+            out.append((impl, None, impl))
+    return out
+
+
+def select(impl: str, variant: str | None) -> None:
+    set_impl(impl)
+    set_variant(variant)
 
 
 # ----------------------------------------------------------------------------------- inputs ---
@@ -277,13 +310,18 @@ def check_grid(contexts: list[int], args) -> bool:
              Gv=args.value_group, name=f"bench shape {contexts[0]}"),
     ]
     all_ok = True
-    for impl in impls_of(args.impl):
-        set_impl(impl)
+    failed = []
+    for impl, variant, label in runs_of(args.impl):
+        select(impl, variant)
         for c in cases:
             ok, msg = check_case(c)
-            print(f"[{impl}] {msg}", flush=True)
+            print(f"[{label}] {msg}", flush=True)
             all_ok &= ok
-    set_impl(args.impl if args.impl != "both" else "auto")
+            if not ok:
+                failed.append(f"{label}: {c.name}")
+    select(args.impl if args.impl != "both" else "auto", None)
+    if failed:
+        print("bench_decode: FAILED cases: " + "; ".join(failed), file=sys.stderr, flush=True)
     return all_ok
 
 
@@ -334,12 +372,17 @@ def bench_context(T: int, args, copy_gbs: float) -> dict:
         return sdpa(s["q"], kh, vh)
 
     row["deq_sdpa"] = time_fn([lambda s=s: deq_sdpa(s) for s in sets], max(args.reps // 2, 5), 2)
-    for impl in impls_of(args.impl):
-        set_impl(impl)
-        row[f"headq_{impl}"] = time_fn([lambda s=s: headq_decode(s, c) for s in sets], args.reps,
-                                       args.warmup)
-    set_impl(args.impl if args.impl != "both" else "auto")
-    row["headq"] = row[f"headq_{impls_of(args.impl)[-1]}"]
+    for impl, variant, label in runs_of(args.impl):
+        select(impl, variant)
+        row[f"headq_{label}"] = time_fn([lambda s=s: headq_decode(s, c) for s in sets], args.reps,
+                                        args.warmup)
+    select(args.impl if args.impl != "both" else "auto", None)
+    labels = [label for _, _, label in runs_of(args.impl)]
+    if VARIANTS:  # summary columns: the fastest configuration
+        row["headq_best"] = min(labels, key=lambda lb: row[f"headq_{lb}"]["median_ms"])
+        row["headq"] = row[f"headq_{row['headq_best']}"]
+    else:
+        row["headq"] = row[f"headq_{labels[-1]}"]
     nbytes = packed_bytes(sets[0]) + c.B * c.Hq * c.D * 2 + c.B * c.Hq * 4  # + out, lse
     dense_bytes = sum(t.numel() * t.element_size() for t in dense[0])
     t = row["headq"]["median_ms"] * 1e-3
@@ -378,6 +421,9 @@ def main() -> int:
     ap.add_argument("--check-only", action="store_true", help="only the correctness grid")
     ap.add_argument("--impl", default="auto", choices=["auto", "mma", "simt", "both"],
                     help="decode split kernel (HEADQ_DECODE_IMPL); both: check and time each")
+    ap.add_argument("--variants", default="",
+                    help="comma list of tensor-core kernel configurations (HEADQ_MMA_VARIANT: "
+                         "base, ring4, ring5, default) to check and time one after another")
     ap.add_argument("--lib", default=None, help="path of a built _C .so to load instead of headq_torch")
     ap.add_argument("--out", default="benchmarks/results/gpu_decode.json")
     args = ap.parse_args()
@@ -385,6 +431,7 @@ def main() -> int:
         print("bench_decode: no CUDA device", file=sys.stderr)
         return 2
     load_ops(args.lib)
+    VARIANTS[:] = [v for v in args.variants.split(",") if v]
     torch.backends.cuda.matmul.allow_tf32 = False
     contexts = [int(x) for x in args.contexts.split(",") if x]
     t_start = time.time()
@@ -408,11 +455,12 @@ def main() -> int:
     for T in contexts:
         row = bench_context(T, args, copy_gbs)
         result["rows"].append(row)
-        for impl in impls_of(args.impl):
-            h = row[f"headq_{impl}"]
+        runs = runs_of(args.impl)
+        for impl, variant, lb in runs:
+            h = row[f"headq_{lb}"]
             t = h["median_ms"]
             gbs = row["headq_bytes"] / (t * 1e-3) / 1e9
-            label = f"{T}" if args.impl != "both" else f"{T}:{impl}"
+            label = f"{T}" if len(runs) == 1 else f"{T}:{lb}"
             print(f"{label:>12} {row['dense_sdpa']['median_ms']:>9.4f} {row['deq_sdpa']['median_ms']:>9.4f} "
                   f"{t:>9.4f} {h['p10_ms']:>7.4f} {h['p90_ms']:>7.4f} "
                   f"{row['headq_bytes'] / 1e6:>8.1f} {gbs:>6.0f} "

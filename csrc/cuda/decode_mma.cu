@@ -51,7 +51,8 @@
 // x ~1.9 GHz, 32k tokens x 64 (b, h) need ~50 us of issue, about the ~45 us of moving 189 MB at
 // copy bandwidth.
 //
-// Instantiations: D in {64, 128} x NT in {1, 2} = 4 kernels. Key bits, value bits x value groups
+// Instantiations: D in {64, 128} x NT in {1, 2} for variant 0 (base) plus D in {64, 128} x NT = 1
+// for the ring4 / ring5 variants (mma_min_blocks, HEADQ_MMA_VARIANT) = 8 kernels. Key bits, value bits x value groups
 // per head (templated inner phases) are warp-uniform runtime switches per sub-tile.
 
 #include <algorithm>
@@ -204,6 +205,14 @@ __device__ __forceinline__ uint32_t code_h2(uint32_t x, uint32_t mask) {
 #endif
 }
 
+// 2^x by one MUFU.EX2 (exp2f adds the denormal-result fixup; results below 2^-126 of the
+// running max are flushed to 0, far below the fp32 sum they enter).
+__device__ __forceinline__ float ex2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // floor(log2(x)) of a normal, infinite or NaN float (128 for the last two).
 __device__ __forceinline__ int exp_of(float x) {
   return static_cast<int>((__float_as_uint(x) >> 23) & 0xFFu) - 127;
@@ -313,7 +322,11 @@ __device__ __forceinline__ void load_kf(const uint2* qf, uint32_t (&kf)[NT][D / 
 // ------------------------------------------------------------------------------ key phase ---
 // Logits (log2 units, -inf when masked) of the warp's 64 tokens: x[nt][2*mt + r] is token
 // tl0 + 16 mt + gid + 8 r of the tile for head t4 + 4 nt.
-template <int D, int NT, int KB>
+// KFREG: hold the Q' fragments of the key group in registers over the 4 m-tiles (16 NT
+// registers); otherwise each HMMA reads its fragment from shared memory (one LDS.64 per HMMA).
+// ptxas showed no register/spill relief from false at 128 or 96 registers, so all variants use
+// true; kept for experiments.
+template <int D, int NT, int KB, bool KFREG>
 __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<NT>& c,
                                           const unsigned char* sb, const MmaSmem& L, int tl0,
                                           int tok0, int lo, int hi, const float* qk,
@@ -335,14 +348,17 @@ __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<N
     }
   }
   __syncwarp();
-  uint32_t kf[NT][NKB][2];
-  load_kf<D, NT>(qf, kf, c.lane);
+  uint32_t kf[NT][KFREG ? NKB : 1][2];
+  if constexpr (KFREG) load_kf<D, NT>(qf, kf, c.lane);
   const unsigned char* kc = sb + L.kc;
   const __half* zs_t = reinterpret_cast<const __half*>(sb + L.zs);
 #pragma unroll
   for (int mt = 0; mt < 4; ++mt) {
     const bool second = nslot == 2 && mt >= 2;
-    if (nslot == 2 && mt == 2) load_kf<D, NT>(qf + NT * NKB * 32, kf, c.lane);
+    if constexpr (KFREG) {
+      if (nslot == 2 && mt == 2) load_kf<D, NT>(qf + NT * NKB * 32, kf, c.lane);
+    }
+    const uint2* qfm = qf + (second ? NT * NKB * 32 : 0) + c.lane;
     const float fgm = second ? fg[1] : fg[0];
     const int ra = tl0 + 16 * mt + c.gid, rb = ra + 8;
     uint32_t wa[NKB], wb[NKB];
@@ -373,17 +389,25 @@ __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<N
       const uint32_t a0 = code_h2(wa[kb], c.kmask), a1 = code_h2(wb[kb], c.kmask);
       const uint32_t a2 = code_h2(wa[kb] >> 8, c.kmask), a3 = code_h2(wb[kb] >> 8, c.kmask);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        mma16816(ck[kb & 1][nt], a0, a1, a2, a3, kf[nt][kb][0], kf[nt][kb][1]);
+      for (int nt = 0; nt < NT; ++nt) {
+        if constexpr (KFREG) {
+          mma16816(ck[kb & 1][nt], a0, a1, a2, a3, kf[nt][kb][0], kf[nt][kb][1]);
+        } else {
+          const uint2 u = qfm[(nt * NKB + kb) * 32];
+          mma16816(ck[kb & 1][nt], a0, a1, a2, a3, u.x, u.y);
+        }
+      }
     }
     float xa[NT], xb[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const float qzm = second ? qz[1][nt] : qz[0][nt];
+      // (s * 2^e_g + qz) * fh as one FMA: 2^e_g * fh is exact (power of two), qz * fh one rounding.
+      const float qzm = (second ? qz[1][nt] : qz[0][nt]) * c.fh[nt];
+      const float fgh = fgm * c.fh[nt];
       const float sa = (ck[0][nt][0] + ck[0][nt][1]) + (ck[1][nt][0] + ck[1][nt][1]);
       const float sb = (ck[0][nt][2] + ck[0][nt][3]) + (ck[1][nt][2] + ck[1][nt][3]);
-      xa[nt] = fmaf(sa, fgm, qzm) * c.fh[nt];
-      xb[nt] = fmaf(sb, fgm, qzm) * c.fh[nt];
+      xa[nt] = fmaf(sa, fgh, qzm);
+      xb[nt] = fmaf(sb, fgh, qzm);
     }
     if (side) {
       const unsigned char* zc = sb + L.zc;
@@ -763,9 +787,9 @@ decode_mma_kernel(const DecodeParams p) {
     auto key_softmax = [&](const unsigned char* sb, int t0, float (&alpha)[NT], float (&pw)[NT][8]) {
       float x[NT][8];
       if (p.kbits == 2) {
-        key_phase<D, NT, 2>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
+        key_phase<D, NT, 2, true>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
       } else {
-        key_phase<D, NT, 4>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
+        key_phase<D, NT, 4, true>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
       }
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -779,7 +803,7 @@ decode_mma_kernel(const DecodeParams p) {
         alpha[nt] = mnew == -INFINITY ? 1.0f : exp2f(st.m[nt] - mnew);
         st.m[nt] = mnew;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) pw[nt][j] = x[nt][j] == -INFINITY ? 0.0f : exp2f(x[nt][j] - mnew);
+        for (int j = 0; j < 8; ++j) pw[nt][j] = x[nt][j] == -INFINITY ? 0.0f : ex2_ftz(x[nt][j] - mnew);
         st.l[nt] *= alpha[nt];
 #pragma unroll
         for (int g = 0; g < NGVMAX; ++g) st.az[nt][g] *= alpha[nt];
