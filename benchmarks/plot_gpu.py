@@ -1,0 +1,58 @@
+"""Plot the recorded GPU decode benchmark (benchmarks/results/gpu_decode.json) as time per
+decode step vs context, and achieved bandwidth vs the measured copy bandwidth.
+
+    python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    d = json.loads((RESULTS / "gpu_decode.json").read_text())
+    rows = d["rows"]
+    ctx = [r["context"] for r in rows]
+    series = {"dense fp16 SDPA": [r["dense_sdpa"]["median_ms"] for r in rows],
+              "dequantise + SDPA": [r["deq_sdpa"]["median_ms"] for r in rows]}
+    for key in sorted(k for k in rows[0] if k.startswith("headq_mma:")):
+        series["HeadQ fused " + key.split(":", 1)[1]] = [r[key]["median_ms"] for r in rows]
+    early = d.get("earlier_run_same_day", {}).get("rows", [])
+    if early and "headq_simt" in early[0]:
+        series["HeadQ fused SIMT"] = [r["headq_simt"]["median_ms"] for r in early]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, ys in series.items():
+        a.plot(ctx[:len(ys)], ys, marker="o", label=name)
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("context (tokens)")
+    a.set_ylabel("ms per decode step (median)")
+    a.set_title(f"decode attention, batch {rows[0]['batch']}, {rows[0]['q_heads']}/"
+                f"{rows[0]['kv_heads']} heads, D={rows[0]['head_dim']}")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    b.plot(ctx, [r["headq_gbs"] for r in rows], marker="o", label="HeadQ fused (best variant)")
+    b.plot(ctx, [r["dense_gbs"] for r in rows], marker="o", label="dense fp16 SDPA")
+    b.axhline(d["copy_gbs"], ls="--", color="k", label=f"copy bandwidth {d['copy_gbs']:.0f} GB/s")
+    b.axhline(0.8 * d["copy_gbs"], ls=":", color="k", label="80% target")
+    b.set_xscale("log", base=2)
+    b.set_xlabel("context (tokens)")
+    b.set_ylabel("GB/s read")
+    b.set_title(d.get("device", "GPU"))
+    b.grid(alpha=0.3)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gpu_decode.png", dpi=110)
+    print("wrote", RESULTS / "gpu_decode.png")
+
+
+if __name__ == "__main__":
+    main()
