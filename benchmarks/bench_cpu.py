@@ -46,15 +46,7 @@ def load_ops() -> None:
         import headq_torch  # noqa: F401
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from _common import cpu_model  # noqa: E402
 
 
 def median_ms(fn, reps: int, warmup: int) -> float:

@@ -49,6 +49,7 @@ from . import value_policy as vp
 from .calibration import Calibration, CalibrationError
 from .config import (HeadQSettings, config_fingerprint, layer_kinds, model_geometry, model_name,
                      text_config)
+from .tp import resolve_shard
 from .reference import unpack_bits
 from .storage import storage_report
 
@@ -173,9 +174,21 @@ class HeadQLayer(CacheLayerMixin):
                              f"{list(value_states.shape)} must have the same shape")
         H, D = self._owner.num_kv_heads, self._owner.head_dim
         if key_states.shape[1] != H or key_states.shape[3] != D:
+            got = (f"got states [batch, {key_states.shape[1]}, tokens, {key_states.shape[3]}]")
+            rank, world = self._owner.shard
+            if world > 1:
+                raise ValueError(
+                    f"{where}: the cache was built for a config with "
+                    f"{self._owner.total_kv_heads} KV heads of head_dim {D} sharded over {world} "
+                    f"tensor-parallel ranks ({H} KV heads on rank {rank}), {got}: is the model "
+                    f"tensor-parallel with {world} ranks (else pass shard=None)?")
+            hint = ""
+            if key_states.shape[3] == D and key_states.shape[1] and H % key_states.shape[1] == 0:
+                hint = (" (a tensor-parallel model? build the cache after "
+                        "torch.distributed is initialised from the model's own config, or pass "
+                        "shard=(rank, world_size))")
             raise ValueError(f"{where}: the cache was built for a config with {H} KV heads of "
-                             f"head_dim {D}, got states [batch, {key_states.shape[1]}, tokens, "
-                             f"{key_states.shape[3]}]: is it the config of another model?")
+                             f"head_dim {D}, {got}: is it the config of another model?{hint}")
         if key_states.device != value_states.device:
             raise ValueError(f"{where}: key_states on {key_states.device}, value_states on "
                              f"{value_states.device}")
@@ -526,18 +539,27 @@ class HeadQCache(Cache):
         value_policy: 'uniform' or 'a2' (A²-weighted keep set, needs value_bits < 16).
         value_keep_frac: fraction of quantised tokens whose values stay at full precision.
         rank: expected side-code rank; must equal the calibration's rank if both are given.
+        shard: tensor parallelism. ``"auto"`` (default): when ``config`` is the config of a model
+            transformers loaded with ``tp_plan`` (``config.distributed_config.tp_size > 1``) and
+            ``torch.distributed`` is initialised, this process's ``(tp_rank, tp_size)``; else the
+            whole model. ``(rank, world_size)``: that shard explicitly. ``None``: no sharding.
+            With a shard of ``world_size > 1`` the cache holds the KV heads
+            ``[rank·H/w, (rank+1)·H/w)`` only (the heads this rank's attention sees), and a
+            full ``calibration`` is sliced to them (a calibration that is already this shard,
+            ``Calibration.load(..., shard=...)``, is used as is).
     """
 
     def __init__(self, config, calibration: Optional[Calibration] = None, key_bits: int = 2,
                  value_bits: int = 16, group_size: int = 64, value_group_size: int = 64,
                  residual_length: int = 0, side_bits: int = 8, center: bool = False,
                  sign: float = 1.0, value_policy: str = "uniform", value_keep_frac: float = 0.0,
-                 rank: Optional[int] = None):
+                 rank: Optional[int] = None, shard="auto"):
         if not hasattr(text_config(config), "num_hidden_layers"):
             hint = " (pass model.config, not the model)" if hasattr(config, "config") else ""
             raise TypeError(f"HeadQCache: config must be the model's transformers config"
                             f"{hint}, got {type(config).__name__}")
         n_layers, _, n_kv, head_dim = model_geometry(config)
+        shard = resolve_shard(shard, config, n_kv, "HeadQCache: shard")
         if not isinstance(center, (bool, int)) or center not in (0, 1):
             raise ValueError(f"HeadQCache: center={center!r} is not supported; expected a bool")
         settings = HeadQSettings(key_bits=key_bits, value_bits=value_bits, group_size=group_size,
@@ -560,12 +582,21 @@ class HeadQCache(Cache):
             except CalibrationError as e:
                 raise CalibrationError(f"HeadQCache: calibration: {e}") from None
             rank = calibration.rank
+            if calibration.shard_info != shard:
+                if calibration.is_sharded:
+                    raise CalibrationError(
+                        f"HeadQCache: the calibration is the tensor-parallel shard "
+                        f"{calibration.shard_info} (rank, world_size), the cache is for shard "
+                        f"{shard}; pass the full calibration or the matching shard")
+                calibration = calibration.shard(*shard)
         settings.validate(head_dim, rank)
         self.settings = settings
         self.calibration = calibration
         self.model_config = config
         self.head_dim = head_dim
-        self.num_kv_heads = n_kv
+        self.shard = shard                     # (tp rank, tp size); (0, 1) without TP
+        self.total_kv_heads = n_kv             # the model's KV heads
+        self.num_kv_heads = n_kv // shard[1]   # the KV heads this cache holds (this rank's)
         self.rank = rank or 0
         self.layer_kinds = layer_kinds(config)
         tc = text_config(config)

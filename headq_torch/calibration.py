@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from .config import config_fingerprint, layer_kinds, model_geometry, model_name
+from .tp import check_shard, head_slice, resolve_shard
 
 __all__ = [
     "FORMAT_VERSION",
@@ -279,21 +280,33 @@ class Calibration:
     HeadQ cache keeps dense (sliding-window layers). Metadata: ``model_name``, ``fingerprint``
     (see :func:`headq_torch.config.config_fingerprint`), ``num_layers``, ``num_kv_heads``,
     ``head_dim``, ``rank``, ``method``, ``format_version``, ``n_tokens`` and free-form ``extra``.
+
+    Tensor parallelism: ``shard=(rank, world_size)`` marks the bases of one tensor-parallel
+    rank's KV heads only (``[num_kv_heads // world_size, D, r]``, heads
+    ``[rank·H/w, (rank+1)·H/w)``); ``num_kv_heads`` stays the model's total. Build one with
+    :meth:`shard` or ``Calibration.load(path, ..., shard=...)``; ``(0, 1)`` is the whole model.
     """
 
     def __init__(self, bases: list[Optional[torch.Tensor]], *, model_name: str, fingerprint: str,
                  num_layers: int, num_kv_heads: int, head_dim: int, rank: int, method: str,
                  n_tokens: int = 0, format_version: int = FORMAT_VERSION,
-                 extra: Optional[dict] = None, moments: Optional[list] = None):
+                 extra: Optional[dict] = None, moments: Optional[list] = None,
+                 shard: tuple[int, int] = (0, 1)):
         if len(bases) != num_layers:
             raise CalibrationError(f"{len(bases)} bases for num_layers={num_layers}")
+        try:
+            shard = check_shard(shard, num_kv_heads)
+        except ValueError as e:
+            raise CalibrationError(f"Calibration: {e}") from None
+        local = num_kv_heads // shard[1]
         for i, b in enumerate(bases):
             if b is None:
                 continue
-            if tuple(b.shape) != (num_kv_heads, head_dim, rank):
+            if tuple(b.shape) != (local, head_dim, rank):
+                tp = "" if shard[1] == 1 else f" // world_size={shard[1]}"
                 raise CalibrationError(
                     f"basis of layer {i} has shape {tuple(b.shape)}, expected "
-                    f"[num_kv_heads={num_kv_heads}, head_dim={head_dim}, rank={rank}]")
+                    f"[num_kv_heads={num_kv_heads}{tp}, head_dim={head_dim}, rank={rank}]")
         self.bases = [None if b is None else b.to(torch.float32).contiguous() for b in bases]
         self.model_name = model_name
         self.fingerprint = fingerprint
@@ -306,12 +319,53 @@ class Calibration:
         self.format_version = format_version
         self.extra = dict(extra or {})
         self._moments = moments  # kept in memory only, to build control bases cheaply
+        self.shard_info = shard  # (rank, world_size); (0, 1) = all heads
 
     def __repr__(self) -> str:
         n = sum(b is not None for b in self.bases)
+        tp = "" if self.shard_info[1] == 1 else f", shard={self.shard_info}"
         return (f"Calibration(model={self.model_name!r}, method={self.method!r}, "
                 f"rank={self.rank}, layers={n}/{self.num_layers}, kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, tokens={self.n_tokens})")
+                f"head_dim={self.head_dim}, tokens={self.n_tokens}{tp})")
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.shard_info[1] > 1
+
+    @property
+    def local_kv_heads(self) -> int:
+        """KV heads whose bases this object holds (``num_kv_heads // world_size``)."""
+        return self.num_kv_heads // self.shard_info[1]
+
+    # -- tensor parallelism ------------------------------------------------------------------
+
+    def shard(self, rank: int, world_size: int) -> "Calibration":
+        """The bases of tensor-parallel rank ``rank`` of ``world_size``: heads
+        ``[rank·H/w, (rank+1)·H/w)`` of every layer, as transformers' column-wise ``k_proj``
+        sharding gives that rank. ``shard(0, 1)`` is ``self``; sharding a shard again is an
+        error (unless it asks for the same shard). Raises :class:`CalibrationError` when
+        ``world_size`` does not divide the KV heads or ``rank`` is outside ``[0, world_size)``."""
+        try:
+            want = check_shard((rank, world_size), self.num_kv_heads, "shard")
+        except ValueError as e:
+            raise CalibrationError(f"Calibration.shard: {e}") from None
+        if want == self.shard_info:
+            return self
+        if self.is_sharded:
+            raise CalibrationError(f"Calibration.shard{want}: this calibration is already the "
+                                   f"shard {self.shard_info}; shard the full calibration")
+        sl = head_slice(want, self.num_kv_heads)
+        bases = [None if b is None else b[sl].clone() for b in self.bases]
+        moments = None
+        if self._moments is not None:
+            moments = [None if m is None else Moments(m.qq[sl], m.fq[sl], m.kk[sl], m.n_q, m.n_k,
+                                                      m.fisher_sum[sl])
+                       for m in self._moments]
+        return Calibration(bases, model_name=self.model_name, fingerprint=self.fingerprint,
+                           num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
+                           head_dim=self.head_dim, rank=self.rank, method=self.method,
+                           n_tokens=self.n_tokens, format_version=self.format_version,
+                           extra=self.extra, moments=moments, shard=want)
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -349,13 +403,16 @@ class Calibration:
             if b is None:
                 bases.append(None)
             elif method == "random":
-                bases.append(_random_basis(self.num_kv_heads, self.head_dim, rank, seed + i))
+                # all heads, then this shard's: every rank gets the bases of the full model
+                full = _random_basis(self.num_kv_heads, self.head_dim, rank, seed + i)
+                bases.append(full[head_slice(self.shard_info, self.num_kv_heads)].contiguous())
             else:
                 bases.append(bases_from_moments(self._moments[i], rank, method, seed))
         return Calibration(bases, model_name=self.model_name, fingerprint=self.fingerprint,
                            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                            head_dim=self.head_dim, rank=rank, method=method,
-                           n_tokens=self.n_tokens, extra=self.extra, moments=self._moments)
+                           n_tokens=self.n_tokens, extra=self.extra, moments=self._moments,
+                           shard=self.shard_info)
 
     # -- file --------------------------------------------------------------------------------
 
@@ -376,8 +433,14 @@ class Calibration:
         }
 
     def save(self, path) -> None:
-        """Write ``path`` (safetensors): tensors ``layer.{i}.basis`` and the metadata above."""
+        """Write ``path`` (safetensors): tensors ``layer.{i}.basis`` and the metadata above.
+        Only a full calibration is saved (shard it on load)."""
         from safetensors.torch import save_file
+
+        if self.is_sharded:
+            raise CalibrationError(f"Calibration.save: this is the tensor-parallel shard "
+                                   f"{self.shard_info}; save the full calibration and shard it "
+                                   "on load (Calibration.load(..., shard=...))")
 
         tensors = {f"layer.{i}.basis": b for i, b in enumerate(self.bases) if b is not None}
         path = Path(path)
@@ -386,13 +449,22 @@ class Calibration:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path, expected_config=None, expected_rank: Optional[int] = None
-             ) -> "Calibration":
+    def load(cls, path, expected_config=None, expected_rank: Optional[int] = None,
+             shard=None) -> "Calibration":
         """Read a calibration file. Never executes code (safetensors only).
 
+        ``shard``: None (all KV heads), ``(rank, world_size)`` (the heads of that tensor-parallel
+        rank, see :meth:`shard`), or ``"auto"``: the shard of this process when
+        ``expected_config`` belongs to a model transformers loaded with ``tp_plan`` and
+        ``torch.distributed`` is initialised (see :func:`headq_torch.tp.tp_shard`), else all heads.
+
         Raises :class:`CalibrationError` for a missing, truncated, corrupt or non-safetensors
-        file, another format or version, inconsistent shapes, and, when ``expected_config`` /
-        ``expected_rank`` are given, another model or rank."""
+        file, another format or version, inconsistent shapes, a shard that does not fit the
+        heads, and, when ``expected_config`` / ``expected_rank`` are given, another model or
+        rank."""
+        if isinstance(shard, str) and shard == "auto" and expected_config is None:
+            raise CalibrationError("Calibration.load(shard='auto') needs expected_config (the "
+                                   "config of the tensor-parallel model)")
         from safetensors import safe_open
 
         path = Path(path)
@@ -462,6 +534,12 @@ class Calibration:
         elif expected_rank is not None and expected_rank != rank:
             raise CalibrationError(f"rank={expected_rank} does not match the calibration's "
                                    f"rank {rank}")
+        if shard is not None:
+            try:
+                want = resolve_shard(shard, expected_config, n_kv, "shard")
+            except ValueError as e:
+                raise CalibrationError(f"{path}: {e}") from None
+            cal = cal.shard(*want)
         return cal
 
 
