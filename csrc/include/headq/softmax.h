@@ -44,7 +44,8 @@ struct OnlineSoftmax {
   HEADQ_HD HEADQ_INLINE float inv_sum() const { return (l > 0.0f) ? 1.0f / l : 0.0f; }
 
   // log(sum exp(x)) of everything pushed, -inf when nothing was visible.
-  HEADQ_HD HEADQ_INLINE float lse() const { return (l > 0.0f) ? m + logf(l) : -INFINITY; }
+  // A NaN sum (a NaN logit or query) stays NaN: -inf would claim that nothing was visible.
+  HEADQ_HD HEADQ_INLINE float lse() const { return (l > 0.0f || l != l) ? m + logf(l) : -INFINITY; }
 };
 
 // Merge partial states a and b into one; the merged accumulator is acc_a * (*ca) + acc_b * (*cb).
