@@ -33,6 +33,12 @@ weights (the keep set is then chosen among equal weights).
 Layer types: for configs with ``layer_types`` (Gemma 3), only ``full_attention`` layers are
 quantised; ``sliding_attention`` layers use transformers' ``DynamicSlidingWindowLayer`` (dense,
 at most ``sliding_window`` tokens) and any other type a ``DynamicLayer``.
+
+Tensor parallelism: under transformers' TP (``from_pretrained(..., tp_plan="auto")``) each rank's
+attention sees its block of KV heads only. ``HeadQCache(..., shard="auto")`` (the default) finds
+this process's ``(tp_rank, tp_size)`` from ``config.distributed_config`` and ``torch.distributed``
+(:func:`headq_torch.tp.tp_shard`), holds ``num_kv_heads // tp_size`` heads and slices a full
+calibration to them; see ``docs/TP.md``.
 """
 
 from __future__ import annotations

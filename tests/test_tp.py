@@ -175,7 +175,7 @@ def test_tp_shard_auto_without_distributed(model4):
 
 def test_tp_shard_needs_initialised_distributed(model4):
     """A config that says tp_size=2 but no process group: not sharded (nothing to shard on)."""
-    from transformers.distributed import DistributedConfig
+    DistributedConfig = pytest.importorskip("transformers.distributed").DistributedConfig
 
     cfg = model4.config.__class__.from_dict(model4.config.to_dict())
     cfg.distributed_config = DistributedConfig(tp_plan="auto", tp_size=2)
@@ -311,7 +311,12 @@ def _worker(model_dir: str, cal_path: str, out: str) -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, tp_plan="auto", dtype=torch.float32)
+    try:  # tp_plan="auto"; transformers >= 5.17 wants it in a DistributedConfig
+        from transformers.distributed import DistributedConfig
+        tp = dict(distributed_config=DistributedConfig(tp_plan="auto"))
+    except ImportError:
+        tp = dict(tp_plan="auto")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **tp)
     model.eval()
     assert dist.is_initialized() and dist.get_backend() == "gloo", dist.get_backend()
     w = model.model.layers[0].self_attn.k_proj.weight
