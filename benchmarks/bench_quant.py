@@ -1,0 +1,108 @@
+"""GPU quantise + pack throughput: the ops that write new tokens into the packed cache.
+
+    python benchmarks/bench_quant.py --out benchmarks/results/gpu_quant.json
+
+For a prefill-sized block (batch 8, 8 KV heads, head dim 128, fp16, many tokens) and a decode
+append (one complete key group of 64 tokens), times quantize_keys, side_code, quantize_values
+and the three together with CUDA events (warm-up, median over repetitions, 3 rotating input
+sets), and reports bytes moved (inputs read + outputs written, each once) over time against a
+device-to-device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import headq_torch as hq  # noqa: E402
+
+
+def timed(fn, sets, reps=50, warmup=5):
+    for i in range(warmup):
+        fn(*sets[i % len(sets)])
+    torch.cuda.synchronize()
+    out = []
+    for i in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn(*sets[i % len(sets)])
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e))
+    return statistics.median(out)
+
+
+def copy_bandwidth():
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    ms = timed(lambda x, y: y.copy_(x), [(a, b)], reps=20)
+    return 2 * a.numel() / ms / 1e6  # GB/s, read + write
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, nargs="+", default=[64, 4096, 32768])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--out", default="benchmarks/results/gpu_quant.json")
+    a = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_quant needs a CUDA device")
+    B, H, D, r, G = a.batch, a.heads, a.dim, a.rank, 64
+    basis = torch.linalg.qr(torch.randn(H, D, r, device="cuda"))[0].contiguous()
+    cbw = copy_bandwidth()
+    rows = []
+    for T in a.tokens:
+        sets = [(torch.randn(B, H, T, D, device="cuda", dtype=torch.float16),
+                 torch.randn(B, H, T, D, device="cuda", dtype=torch.float16)) for _ in range(3)]
+        kc = hq.quantize_keys(sets[0][0], 2, G)
+        n = B * H * T
+        kin = n * D * 2
+        kout = n * D * 2 // 8 + 2 * (n // G) * D * 2
+        zout = n * r + n * 2
+        vout = n * D * 2 // 8 + 2 * n * (D // 64) * 2
+
+        def keys(k, v):
+            return hq.quantize_keys(k, 2, G)
+
+        def side(k, v):
+            return hq.side_code(k, *kc, basis, 2, G, 8, False)
+
+        def vals(k, v):
+            return hq.quantize_values(v, 2, 64)
+
+        def all3(k, v):
+            c = hq.quantize_keys(k, 2, G)
+            hq.side_code(k, *c, basis, 2, G, 8, False)
+            hq.quantize_values(v, 2, 64)
+
+        t = {name: timed(fn, sets) for name, fn in
+             (("quantize_keys", keys), ("side_code", side), ("quantize_values", vals),
+              ("append_all", all3))}
+        by = {"quantize_keys": kin + kout, "side_code": kin + kout + zout,
+              "quantize_values": kin + vout, "append_all": 2 * (kin + kout) + kin + zout
+              + kin + vout}
+        row = dict(tokens=T, batch=B, kv_heads=H, head_dim=D)
+        for name in t:
+            gbs = by[name] / t[name] / 1e6
+            row[name] = dict(ms=t[name], bytes=by[name], gbs=gbs, fraction_of_copy=gbs / cbw)
+        rows.append(row)
+        print(f"T={T:6d} " + "  ".join(f"{k} {v['ms'] * 1e3:8.1f} us {v['gbs']:6.0f} GB/s"
+                                       for k, v in row.items() if isinstance(v, dict)))
+    res = dict(command=" ".join(["python"] + sys.argv), device=torch.cuda.get_device_name(),
+               torch=torch.__version__, cuda=torch.version.cuda, copy_gbs=cbw, rows=rows)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"copy bandwidth {cbw:.0f} GB/s; wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
