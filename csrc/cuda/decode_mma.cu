@@ -52,7 +52,7 @@
 // copy bandwidth.
 //
 // Instantiations: D in {64, 128} x NT in {1, 2} for variant 0 (base) plus D in {64, 128} x NT = 1
-// for the ring4 / ring5 variants (mma_min_blocks, HEADQ_MMA_VARIANT) = 8 kernels. Key bits, value bits x value groups
+// for the ring4 / ring5 / lean variants (mma_min_blocks, HEADQ_MMA_VARIANT) = 10 kernels. Key bits, value bits x value groups
 // per head (templated inner phases) are warp-uniform runtime switches per sub-tile.
 
 #include <algorithm>
@@ -123,11 +123,17 @@ struct MmaSmem {
 //              (two block barriers per tile); ~37 KB per block, >= 4 blocks/SM (<= 128 regs):
 //              16 warps/SM.
 //   2 "ring5": as ring4 with >= 5 blocks/SM (<= 102 regs): 20 warps/SM.
-constexpr int kMmaVariants = 3;
+//   3 "lean":  ring4 with fewer instructions per token: 2-bit value codes unpacked with one PRMT
+//              per two fp16x2 operands (rows gid / gid+8 of an m-tile are two bit positions of
+//              one byte: channels 4(gid>>1) + 2(gid&1) + {0, 1}, per-row output powers of two)
+//              and, for sub-tiles with no masked token, the P' power of two from one LDS.64 +
+//              HMNMX2 per lane instead of 8 row loads.
+constexpr int kMmaVariants = 4;
 constexpr int kMmaDefaultVariant = 1;  // ring4
 __host__ __device__ constexpr bool mma_ring(int V) { return V != 0; }
+__host__ __device__ constexpr bool mma_lean(int V) { return V == 3; }
 __host__ __device__ constexpr int mma_min_blocks(int NT, int V) {
-  return NT == 2 ? 2 : (V == 0 ? 3 : (V == 1 ? 4 : 5));
+  return NT == 2 ? 2 : (V == 0 ? 3 : (V == 1 || V == 3 ? 4 : 5));
 }
 
 __host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool ring) {
@@ -233,7 +239,10 @@ struct MmaLane {
   // codes
   uint32_t kmask;
   uint32_t vsel0, vsel1, vmask;
+  uint32_t vmask1;              // lean 2-bit values: mask of row gid + 8 (vmask: row gid)
   int vpos;
+  int vchA, vchB;               // channel (in the m-tile) of output rows gid / gid + 8
+  int vposA, vposB;             // their code bit positions
 };
 
 // Per-warp running state (lane-partial l and az; m identical in the lanes of a head).
@@ -467,7 +476,7 @@ struct HalfWords {
 };
 
 // acc += codes^T . P' over the warp's 64 tokens; MPG value m-tiles (16 channels) per value group.
-template <int D, int NT, int VB, int MPG>
+template <int D, int NT, int VB, int MPG, bool LEAN>
 __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned char* sb,
                                             const MmaSmem& L, int tl0, int tok0, int lo, int hi,
                                             const float (&alpha)[NT], const float (&pw)[NT][8],
@@ -479,13 +488,33 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
 
   // Power of two of P' for this sub-tile: the largest visible value scale times 2^kv < 2^15.
   float vmax = 0.0f;
+  // lean, no masked token in the sub-tile (warp-uniform): the sub-tile's 64 * NGV scales are
+  // contiguous (64 * NGV * 2 = 128 * NGV bytes, NGV in {1, 2, 4}), read as one 4/8/16-byte word
+  // per lane and reduced in fp16 (max of non-negative fp16 values is exact).
+  const bool full = LEAN && tok0 + tl0 >= lo && tok0 + tl0 + kSub <= hi;
+  if (full) {
+    const __half* base = vs_t + tl0 * NGV;
+    __half2 hm;
+    if constexpr (NGV == 1) {
+      hm = reinterpret_cast<const __half2*>(base)[c.lane];
+    } else if constexpr (NGV == 2) {
+      const uint2 u = reinterpret_cast<const uint2*>(base)[c.lane];
+      hm = __hmax2(*reinterpret_cast<const __half2*>(&u.x), *reinterpret_cast<const __half2*>(&u.y));
+    } else {
+      const uint4 u = reinterpret_cast<const uint4*>(base)[c.lane];
+      hm = __hmax2(__hmax2(*reinterpret_cast<const __half2*>(&u.x), *reinterpret_cast<const __half2*>(&u.y)),
+                   __hmax2(*reinterpret_cast<const __half2*>(&u.z), *reinterpret_cast<const __half2*>(&u.w)));
+    }
+    vmax = fmaxf(__low2float(hm), __high2float(hm));
+  } else {
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const int row = tl0 + 16 * (j >> 1) + c.gid + 8 * (j & 1);
-    HalfWords<NGV> sv;
-    sv.load(vs_t + row * NGV, valid_row(row));
+    for (int j = 0; j < 8; ++j) {
+      const int row = tl0 + 16 * (j >> 1) + c.gid + 8 * (j & 1);
+      HalfWords<NGV> sv;
+      sv.load(vs_t + row * NGV, valid_row(row));
 #pragma unroll
-    for (int g = 0; g < NGV; ++g) vmax = fmaxf(vmax, sv.get(g));
+      for (int g = 0; g < NGV; ++g) vmax = fmaxf(vmax, sv.get(g));
+    }
   }
   vmax = warp_max(vmax);
   int kvn = st.kv;
@@ -545,7 +574,20 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
       const uint4 u3 = reinterpret_cast<const uint4*>(r3)[ch];
       const uint32_t w0[4] = {u0.x, u0.y, u0.z, u0.w}, w1[4] = {u1.x, u1.y, u1.z, u1.w};
       const uint32_t w2[4] = {u2.x, u2.y, u2.z, u2.w}, w3[4] = {u3.x, u3.y, u3.z, u3.w};
-      if constexpr (VB == 2) {
+      if constexpr (VB == 2 && LEAN) {
+        // rows gid / gid + 8 = two bit positions of the same byte: one PRMT per token pair.
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int i = 4 * ch + q;
+          const uint32_t x01 = __byte_perm(w0[q], w1[q], c.vsel0);
+          const uint32_t x23 = __byte_perm(w2[q], w3[q], c.vsel0);
+          const uint32_t a0 = code_h2(x01, c.vmask), a1 = code_h2(x01, c.vmask1);
+          const uint32_t a2 = code_h2(x23, c.vmask), a3 = code_h2(x23, c.vmask1);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            mma16816(st.acc[i][nt], a0, a1, a2, a3, bf[i / MPG][nt][0], bf[i / MPG][nt][1]);
+        }
+      } else if constexpr (VB == 2) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const int i = 4 * ch + q;
@@ -584,6 +626,7 @@ decode_mma_kernel(const DecodeParams p) {
   constexpr int NKB = D / 16;
   constexpr int NGVMAX = D / 32;
   constexpr bool kRing = mma_ring(V);
+  constexpr bool kLean = mma_lean(V);
   extern __shared__ __align__(16) unsigned char smem[];
   const MmaSmem L = mma_smem(p, NT, kRing);
   float* qn = reinterpret_cast<float*>(smem + L.qn);     // [NG][D]
@@ -666,12 +709,30 @@ decode_mma_kernel(const DecodeParams p) {
     c.vsel1 = static_cast<uint32_t>((2 + by) | ((6 + by) << 8));
     c.vmask = 0x00030003u << (2 * (c.gid & 3));
     c.vpos = 2 * (c.gid & 3);
+    c.vchA = c.gid;
+    c.vchB = c.gid + 8;
+    c.vposA = c.vposB = c.vpos;
+    if constexpr (kLean) {
+      // byte gid >> 1 of the m-tile's word (channels 4 (gid >> 1) + 0..3 at bits 0, 2, 4, 6):
+      // row gid takes bits 4 (gid & 1), row gid + 8 the next code.
+      const int bl = c.gid >> 1;
+      c.vsel0 = c.vsel1 = static_cast<uint32_t>(bl | ((4 + bl) << 8));
+      c.vposA = 4 * (c.gid & 1);
+      c.vposB = c.vposA + 2;
+      c.vmask = 0x00030003u << c.vposA;
+      c.vchA = 4 * bl + 2 * (c.gid & 1);
+      c.vchB = c.vchA + 1;
+    }
   } else {
     const int by = c.gid >> 1;
     c.vsel0 = c.vsel1 = static_cast<uint32_t>(by | ((4 + by) << 8));
     c.vmask = 0x000F000Fu << (4 * (c.gid & 1));
     c.vpos = 4 * (c.gid & 1);
+    c.vchA = c.gid;
+    c.vchB = c.gid + 8;
+    c.vposA = c.vposB = c.vpos;
   }
+  c.vmask1 = 0x00030003u << c.vposB;
   c.nrb = 0;
   c.zrowb = 4;
   c.zword = 0;
@@ -811,13 +872,13 @@ decode_mma_kernel(const DecodeParams p) {
     };
     auto values = [&](const unsigned char* sb, int t0, const float (&alpha)[NT], const float (&pw)[NT][8]) {
       if (p.vbits == 2) {
-        if (mpg == 2) value_phase<D, NT, 2, 2>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
-        else if (mpg == 4) value_phase<D, NT, 2, 4>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
-        else if constexpr (D == 128) value_phase<D, NT, 2, 8>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        if (mpg == 2) value_phase<D, NT, 2, 2, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else if (mpg == 4) value_phase<D, NT, 2, 4, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else if constexpr (D == 128) value_phase<D, NT, 2, 8, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
       } else {
-        if (mpg == 2) value_phase<D, NT, 4, 2>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
-        else if (mpg == 4) value_phase<D, NT, 4, 4>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
-        else if constexpr (D == 128) value_phase<D, NT, 4, 8>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        if (mpg == 2) value_phase<D, NT, 4, 2, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else if (mpg == 4) value_phase<D, NT, 4, 4, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else if constexpr (D == 128) value_phase<D, NT, 4, 8, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
       }
     };
 
@@ -891,12 +952,13 @@ decode_mma_kernel(const DecodeParams p) {
       if (c.gid == 0) azw[(warp * NG + head) * NGVMAX + g] = a;
     }
     // Undo the operand powers of two: code * 2^(vpos - kCodeShift) and P' * 2^kv.
-    const float fv = ldexpf(1.0f, kCodeShift - c.vpos - st.kv);
+    const float fvA = ldexpf(1.0f, kCodeShift - c.vposA - st.kv);
+    const float fvB = ldexpf(1.0f, kCodeShift - c.vposB - st.kv);
     float* o = red + (warp * NG + head) * D;
 #pragma unroll
     for (int i = 0; i < NKB; ++i) {
-      o[16 * i + c.gid] = (st.acc[i][nt][0] + st.acc[i][nt][1]) * fv;
-      o[16 * i + c.gid + 8] = (st.acc[i][nt][2] + st.acc[i][nt][3]) * fv;
+      o[16 * i + c.vchA] = (st.acc[i][nt][0] + st.acc[i][nt][1]) * fvA;
+      o[16 * i + c.vchB] = (st.acc[i][nt][2] + st.acc[i][nt][3]) * fvB;
     }
   }
   __syncthreads();
@@ -954,6 +1016,7 @@ cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
   using V0 = std::integral_constant<int, 0>;
   using V1 = std::integral_constant<int, 1>;
   using V2 = std::integral_constant<int, 2>;
+  using V3 = std::integral_constant<int, 3>;
   if (NT == 2) {
     if (D == 64) return f(I64{}, N2{}, V0{});
     if (D == 128) return f(I128{}, N2{}, V0{});
@@ -963,11 +1026,13 @@ cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
   if (D == 64) {
     if (V == 1) return f(I64{}, N1{}, V1{});
     if (V == 2) return f(I64{}, N1{}, V2{});
+    if (V == 3) return f(I64{}, N1{}, V3{});
     return f(I64{}, N1{}, V0{});
   }
   if (D == 128) {
     if (V == 1) return f(I128{}, N1{}, V1{});
     if (V == 2) return f(I128{}, N1{}, V2{});
+    if (V == 3) return f(I128{}, N1{}, V3{});
     return f(I128{}, N1{}, V0{});
   }
   return cudaErrorInvalidValue;  // unsupported by the tensor-core kernel (decode_mma_supported)
@@ -992,7 +1057,7 @@ bool decode_mma_supported(const DecodeParams& p) {
 
 int decode_mma_variant(const char* name) {
   if (name == nullptr || name[0] == '\0' || std::strcmp(name, "default") == 0) return kMmaDefaultVariant;
-  static const char* const names[kMmaVariants] = {"base", "ring4", "ring5"};
+  static const char* const names[kMmaVariants] = {"base", "ring4", "ring5", "lean"};
   for (int v = 0; v < kMmaVariants; ++v) {
     if (std::strcmp(name, names[v]) == 0) return v;
   }

@@ -148,7 +148,7 @@ bool decode_mma_supported(const DecodeParams& p);
 cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, DecodePlan* plan);
 
 // Configuration index of the tensor-core kernel named by HEADQ_MMA_VARIANT: null, "" or
-// "default" -> the default (ring4); "base", "ring4", "ring5" -> 0, 1, 2; anything else -> -1.
+// "default" -> the default (ring4); "base", "ring4", "ring5", "lean" -> 0, 1, 2, 3; anything else -> -1.
 int decode_mma_variant(const char* name);
 
 cudaError_t launch_decode_mma(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream);

@@ -340,12 +340,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   const int sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   cuda::DecodePlan plan{};
   if (use_mma) {
-    // HEADQ_MMA_VARIANT (base | ring4 | ring5, unset: default) picks the tensor-core kernel's
+    // HEADQ_MMA_VARIANT (base | ring4 | ring5 | lean, unset: default) picks the tensor-core kernel's
     // configuration; read at every call like HEADQ_DECODE_IMPL so that one process can A/B them.
     const char* vname = std::getenv("HEADQ_MMA_VARIANT");
     const int variant = cuda::decode_mma_variant(vname);
     TORCH_CHECK(variant >= 0, "decode_attention (CUDA): unknown HEADQ_MMA_VARIANT '",
-                vname != nullptr ? vname : "", "' (expected base, ring4, ring5 or default)");
+                vname != nullptr ? vname : "", "' (expected base, ring4, ring5, lean or default)");
     C10_CUDA_CHECK(cuda::plan_decode_mma(p, sm_count, variant, &plan));
   } else {
     C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &plan));
