@@ -25,9 +25,11 @@ def main() -> None:
               "dequantise + SDPA": [r["deq_sdpa"]["median_ms"] for r in rows]}
     for key in sorted(k for k in rows[0] if k.startswith("headq_mma:")):
         series["HeadQ fused " + key.split(":", 1)[1]] = [r[key]["median_ms"] for r in rows]
-    early = d.get("earlier_run_same_day", {}).get("rows", [])
-    if early and "headq_simt" in early[0]:
-        series["HeadQ fused SIMT"] = [r["headq_simt"]["median_ms"] for r in early]
+    for run in d.get("earlier_runs", []):
+        rows_e = run.get("rows", [])
+        if rows_e and "headq_simt" in rows_e[0]:
+            series["HeadQ fused SIMT (earlier kernel)"] = [r["headq_simt"]["median_ms"]
+                                                          for r in rows_e]
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, ys in series.items():
         a.plot(ctx[:len(ys)], ys, marker="o", label=name)

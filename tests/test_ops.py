@@ -502,3 +502,18 @@ def test_storage_report_counts_everything():
     assert dense.bits_per_element == 16
     with pytest.raises(ValueError, match="context_len"):
         headq_torch.storage_report(head_dim=64, context_len=0)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_dt_id)
+def test_decode_attention_nan_query_propagates(device, dtype):
+    """A NaN query poisons exactly its own head (output and lse NaN), never a silent zero."""
+    args = list(_decode_case(device, dtype))
+    q = args[0].clone()
+    q[1, 2, 5] = float("nan")
+    args[0] = q
+    out, lse = ops.decode_attention(*args)
+    assert out[1, 2].isnan().all() and lse[1, 2].isnan()
+    keep = torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)
+    keep[1, 2] = False
+    assert torch.isfinite(out[keep]).all() and torch.isfinite(lse[keep]).all()

@@ -738,9 +738,22 @@ __global__ void __launch_bounds__(kThreads)
 decode_combine_kernel(const float* __restrict__ part_acc,  // [BHq, S, D]
                       const float* __restrict__ part_ml,   // [BHq, S, 2]
                       int S, int D, E* __restrict__ out,   // [BHq, D]
-                      float* __restrict__ lse) {           // [BHq]
+                      float* __restrict__ lse,             // [BHq]
+                      const Strided q, int Hq) {           // [B, Hq, D], last dim unit stride
   const int64_t row = blockIdx.x;
   const float* ml = part_ml + row * S * 2;
+  // A NaN query makes every logit NaN, which the splits' NaN-ignoring max turns into "nothing
+  // visible" (zeros, lse -inf): a silent wrong answer. Propagate it instead, as the reference
+  // and the CPU kernel do. The check reads D elements per row, next to S*D partials.
+  const E* qr = reinterpret_cast<const E*>(q.p + (row / Hq) * q.sb + (row % Hq) * q.sh);
+  bool bad = false;
+  for (int c = threadIdx.x; c < D; c += blockDim.x) bad |= isnan(to_float(qr[c]));
+  for (int s = threadIdx.x; s < S; s += blockDim.x) bad |= isnan(ml[2 * s]) || isnan(ml[2 * s + 1]);
+  if (__syncthreads_or(bad)) {
+    if (threadIdx.x == 0) lse[row] = NAN;
+    for (int c = threadIdx.x; c < D; c += blockDim.x) out[row * D + c] = from_float<E>(NAN);
+    return;
+  }
   float M = -INFINITY;
   for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
   float Lsum = 0.0f;
@@ -848,20 +861,21 @@ cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan, c
 }
 
 cudaError_t launch_decode_combine(const float* part_acc, const float* part_ml, int64_t BHq, int S,
-                                  int D, void* out, float* lse, DType dtype, cudaStream_t stream) {
+                                  int D, void* out, float* lse, DType dtype, const Strided& q,
+                                  int Hq, cudaStream_t stream) {
   if (BHq == 0) return cudaSuccess;
   switch (dtype) {
     case DType::kFloat16:
       decode_combine_kernel<__half><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
-          part_acc, part_ml, S, D, static_cast<__half*>(out), lse);
+          part_acc, part_ml, S, D, static_cast<__half*>(out), lse, q, Hq);
       break;
     case DType::kBFloat16:
       decode_combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
-          part_acc, part_ml, S, D, static_cast<__nv_bfloat16*>(out), lse);
+          part_acc, part_ml, S, D, static_cast<__nv_bfloat16*>(out), lse, q, Hq);
       break;
     default:
       decode_combine_kernel<float><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
-          part_acc, part_ml, S, D, static_cast<float*>(out), lse);
+          part_acc, part_ml, S, D, static_cast<float*>(out), lse, q, Hq);
       break;
   }
   return cudaGetLastError();

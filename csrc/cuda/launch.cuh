@@ -148,7 +148,7 @@ bool decode_mma_supported(const DecodeParams& p);
 cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, DecodePlan* plan);
 
 // Configuration index of the tensor-core kernel named by HEADQ_MMA_VARIANT: null, "" or
-// "default" -> the default (ring4); "base", "ring4", "ring5", "lean" -> 0, 1, 2, 3; anything else -> -1.
+// "default" -> the default (lean); "base", "ring4", "ring5", "lean" -> 0, 1, 2, 3; anything else -> -1.
 int decode_mma_variant(const char* name);
 
 cudaError_t launch_decode_mma(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream);
@@ -158,7 +158,9 @@ cudaError_t launch_decode_combine(const float* part_acc,  // [B, Hq, S, D]
                                   int64_t BHq, int S, int D,
                                   void* out,   // [B, Hq, D] dtype, contiguous
                                   float* lse,  // [B, Hq] natural-log sum exp of visible logits
-                                  DType dtype, cudaStream_t stream);
+                                  DType dtype,
+                                  const Strided& q,  // [B, Hq, D]: a NaN query row -> NaN out/lse
+                                  int Hq, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace headq

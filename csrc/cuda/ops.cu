@@ -382,7 +382,8 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   }
   C10_CUDA_CHECK(cuda::launch_decode_combine(p.part_acc, p.part_ml, B * Hq, p.S,
                                              static_cast<int>(D), out.data_ptr(),
-                                             lse.data_ptr<float>(), p.dtype, stream));
+                                             lse.data_ptr<float>(), p.dtype, p.q,
+                                             static_cast<int>(Hq), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
