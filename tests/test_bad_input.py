@@ -330,18 +330,8 @@ def test_nan_query_gives_nan_output():
 
     out, lse = _decode(q=poison)
     assert out[0, 0].isnan().all()
-    assert not torch.isfinite(lse[0, 0])
-    assert torch.isfinite(out[0, 1:]).all() and torch.isfinite(out[1:]).all()
-
-
-def test_nan_query_lse_is_nan():
-    def poison(q):
-        q = q.clone()
-        q[0, 0, 0] = float("nan")
-        return q
-
-    _, lse = _decode(q=poison)
     assert lse[0, 0].isnan()
+    assert torch.isfinite(out[0, 1:]).all() and torch.isfinite(out[1:]).all()
 
 
 def test_overflow_beyond_float16_is_visible():
