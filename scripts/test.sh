@@ -17,7 +17,7 @@ cmake --build build/cpp-asan -j "$MAX_JOBS" > /dev/null
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   ctest --test-dir build/cpp-asan --output-on-failure
 
-echo "[test] pytest, cache and transformers integration under transformers 5.17 (the GPU machine's)"
+echo "[test] pytest, cache and transformers integration under transformers $(PYTHONPATH="$HEADQ_COMPAT_TF" python -c "import transformers as t; print(t.__version__)") (the GPU machine's)"
 PYTHONPATH="$HEADQ_COMPAT_TF" python -m pytest -q -p no:cacheprovider tests/test_cache.py \
   tests/test_hf_integration.py -k "not smollm2"
 

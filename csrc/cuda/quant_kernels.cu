@@ -9,6 +9,8 @@
 // coalesced stores and enough parallelism (one block per key group, one warp per value group).
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "device_common.cuh"
 
@@ -359,6 +361,29 @@ cudaError_t allow_smem(K kernel, size_t bytes) {
                               static_cast<int>(bytes));
 }
 
+// The bandwidth-oriented kernels (quant_fast.cuh) are the default; HEADQ_QUANT_IMPL=old
+// (read at every launch) selects the original kernels above, e.g. to isolate a failure.
+#include "quant_fast.cuh"
+
+bool use_old_impl() {
+  const char* e = std::getenv("HEADQ_QUANT_IMPL");
+  return e != nullptr && std::strcmp(e, "old") == 0;
+}
+
+size_t dtype_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
+bool aligned_to(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
+
+// 16-byte vector loads of 8-channel chunks are legal: unit channel stride and every row start
+// 16-byte aligned.
+bool vec_rows(const void* p, DType dt, int64_t sb, int64_t sh, int64_t st, int64_t sd) {
+  const int64_t es = static_cast<int64_t>(dtype_size(dt));
+  return sd == 1 && aligned_to(p, 16) && (sb * es) % 16 == 0 && (sh * es) % 16 == 0 &&
+         (st * es) % 16 == 0;
+}
+
+constexpr size_t kFastSmemLimit = 200 * 1024;
+
 }  // namespace
 
 cudaError_t launch_quantize_keys(const void* k, DType dtype, int64_t sb, int64_t sh, int64_t st,
@@ -367,6 +392,24 @@ cudaError_t launch_quantize_keys(const void* k, DType dtype, int64_t sb, int64_t
                                  cudaStream_t stream) {
   const int64_t blocks = B * H * (T / G);
   if (blocks == 0) return cudaSuccess;
+  {
+    const int64_t threads = (G / fastq::kKeyTok) * (D / 8);
+    const size_t fsmem = (2 * (G / fastq::kKeyTok) * D + 2 * D) * sizeof(float);
+    if (!use_old_impl() && D % 8 == 0 && G % fastq::kKeyTok == 0 && threads >= 32 &&
+        threads <= 512 && fsmem <= kFastSmemLimit && aligned_to(codes, 8)) {
+      const bool vec = vec_rows(k, dtype, sb, sh, st, sd);
+      return with_dtype(dtype, [&](auto tag) {
+        using E = decltype(tag);
+        auto kernel = fastq::quantize_keys_fast<E>;
+        cudaError_t err = allow_smem(kernel, fsmem);
+        if (err != cudaSuccess) return err;
+        kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads), fsmem, stream>>>(
+            static_cast<const E*>(k), sb, sh, st, sd, H, T, static_cast<int>(D), bits, G, vec,
+            codes, static_cast<__half*>(scale), static_cast<__half*>(zero));
+        return cudaGetLastError();
+      });
+    }
+  }
   const size_t smem = 2 * D * sizeof(float);
   return with_dtype(dtype, [&](auto tag) {
     using E = decltype(tag);
@@ -400,6 +443,23 @@ cudaError_t launch_quantize_values(const void* v, DType dtype, int64_t sb, int64
                                    cudaStream_t stream) {
   const int64_t nitems = B * H * T * (D / Gv);
   if (nitems == 0) return cudaSuccess;
+  if (!use_old_impl() && D % 8 == 0 && Gv % 8 == 0 && Gv / 8 <= 32 &&
+      ((Gv / 8) & (Gv / 8 - 1)) == 0 && D % Gv == 0 && aligned_to(codes, 8)) {
+    const int64_t total = B * H * T * (D / 8);
+    const int64_t per_block = fastq::kValThreads * fastq::kValPer;
+    const int64_t fblocks = ceil_div(total, per_block);
+    if (fblocks <= 0x7fffffff) {
+      const bool vec = vec_rows(v, dtype, sb, sh, st, sd);
+      return with_dtype(dtype, [&](auto tag) {
+        using E = decltype(tag);
+        fastq::quantize_values_fast<E>
+            <<<static_cast<unsigned>(fblocks), fastq::kValThreads, 0, stream>>>(
+                static_cast<const E*>(v), sb, sh, st, sd, H, T, static_cast<int>(D / 8), bits,
+                Gv, total, vec, codes, static_cast<__half*>(scale), static_cast<__half*>(zero));
+        return cudaGetLastError();
+      });
+    }
+  }
   const int64_t blocks = std::min<int64_t>(ceil_div(nitems, kThreads / 32), 1 << 20);
   return with_dtype(dtype, [&](auto tag) {
     using E = decltype(tag);
@@ -431,6 +491,26 @@ cudaError_t launch_side_code(const void* k, DType dtype, int64_t sb, int64_t sh,
                              bool center, uint8_t* z_codes, void* z_scale, cudaStream_t stream) {
   const int64_t blocks = B * H * (T / G);
   if (blocks == 0) return cudaSuccess;
+  {
+    const int64_t R4 = (r + 3) / 4 * 4;
+    const size_t fsmem = (G * (D + 4) + D * R4 + G * r + G) * sizeof(float);
+    if (!use_old_impl() && D % 8 == 0 && fsmem <= kFastSmemLimit && aligned_to(k_codes, 8) &&
+        aligned_to(k_scale, 16) && aligned_to(k_zero, 16)) {
+      const bool vec = vec_rows(k, dtype, sb, sh, st, sd);
+      return with_dtype(dtype, [&](auto tag) {
+        using E = decltype(tag);
+        auto kernel = fastq::side_code_fast<E>;
+        cudaError_t err = allow_smem(kernel, fsmem);
+        if (err != cudaSuccess) return err;
+        kernel<<<static_cast<unsigned>(blocks), fastq::kSideThreads, fsmem, stream>>>(
+            static_cast<const E*>(k), sb, sh, st, sd, vec, k_codes,
+            static_cast<const __half*>(k_scale), static_cast<const __half*>(k_zero), basis, H, T,
+            static_cast<int>(D), static_cast<int>(r), key_bits, G, side_bits, center, z_codes,
+            static_cast<__half*>(z_scale));
+        return cudaGetLastError();
+      });
+    }
+  }
   const size_t smem = (D + kSideChunk * D + kSideChunk * r + kSideChunk) * sizeof(float);
   return with_dtype(dtype, [&](auto tag) {
     using E = decltype(tag);
