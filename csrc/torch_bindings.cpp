@@ -1,4 +1,4 @@
-// Every headq op schema, in one place (docs/SCHEMAS.txt; layouts and arithmetic in
+// Every headq op schema, in one place (layouts and arithmetic in
 // docs/LAYOUT.md). Backends only register implementations: csrc/cpu/*.cpp with
 // TORCH_LIBRARY_IMPL(headq, CPU, m), csrc/cuda/*.cu with TORCH_LIBRARY_IMPL(headq, CUDA, m).
 // Fake (meta) kernels are registered from Python (headq_torch/ops.py).
