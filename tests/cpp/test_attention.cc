@@ -113,12 +113,8 @@ double naive_logit(const DecodeCase& c, const Cache& m, int64_t i, int64_t t, fl
 
 class DecodeAttention : public ::testing::TestWithParam<DecodeCase> {};
 
-TEST_P(DecodeAttention, MatchesNaiveDense) {
-  const DecodeCase& c = GetParam();
-  const Cache m = make_cache(c, 42);
-  const int64_t D = c.D;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-
+// The decode inputs of a case's cache (outputs left for the caller to set).
+headq::cpu::DecodeSlice<float> slice_of(const DecodeCase& c, const Cache& m) {
   headq::cpu::DecodeSlice<float> a;
   a.q = m.q.data();
   a.k_codes = m.k_codes.data();
@@ -142,6 +138,16 @@ TEST_P(DecodeAttention, MatchesNaiveDense) {
   a.n_quant = c.n_quant;
   a.n_window = c.n_window;
   a.kv_start = c.kv_start;
+  return a;
+}
+
+TEST_P(DecodeAttention, MatchesNaiveDense) {
+  const DecodeCase& c = GetParam();
+  const Cache m = make_cache(c, 42);
+  const int64_t D = c.D;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+
+  headq::cpu::DecodeSlice<float> a = slice_of(c, m);
   std::vector<float> out(c.n_rep * D, -1.0f), lse(c.n_rep);
   a.out = out.data();
   a.lse = lse.data();
@@ -230,29 +236,7 @@ TEST_P(DecodeAttention, SplitPartialsMergeToOnePass) {
   const DecodeCase& c = GetParam();
   const Cache m = make_cache(c, 42);
   const int64_t D = c.D;
-  headq::cpu::DecodeSlice<float> a;
-  a.q = m.q.data();
-  a.k_codes = m.k_codes.data();
-  a.k_scale = m.k_scale.data();
-  a.k_zero = m.k_zero.data();
-  a.side = side_of(c, m);
-  if (c.dense_v) {
-    a.v_dense = m.v.data();
-  } else {
-    a.v_codes = m.v_codes.data();
-    a.v_scale = m.v_scale.data();
-    a.v_zero = m.v_zero.data();
-  }
-  if (c.K > 0) {
-    a.heavy_delta = m.heavy_delta.data();
-    a.heavy_idx = m.heavy_idx.data();
-    a.n_heavy = c.K;
-  }
-  a.k_window = m.kw.data();
-  a.v_window = m.vw.data();
-  a.n_quant = c.n_quant;
-  a.n_window = c.n_window;
-  a.kv_start = c.kv_start;
+  headq::cpu::DecodeSlice<float> a = slice_of(c, m);
   headq::cpu::DecodeShape sh;
   sh.n_rep = c.n_rep;
   sh.D = D;
