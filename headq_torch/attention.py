@@ -61,6 +61,20 @@ def _kv_start(attention_mask: Optional[torch.Tensor], B: int, T: int, device):
 _PREFILL_LOGIT_BYTES = 1 << 30
 
 
+def _kv_start_shared(layer, attention_mask, B: int, T: int, device):
+    """:func:`_kv_start` computed once per decode step: transformers passes the same mask object
+    to every layer of a forward, so the cache keeps the last result (and a reference to its
+    mask, so an identity match can never be a recycled object) instead of redoing the same
+    handful of small kernels in every layer."""
+    owner = layer._owner
+    memo = getattr(owner, "_kv_start_memo", None)
+    if memo is not None and memo[0] is attention_mask and memo[1] == (B, T):
+        return memo[2]
+    out = _kv_start(attention_mask, B, T, device)
+    owner._kv_start_memo = (attention_mask, (B, T), out)
+    return out
+
+
 def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -> torch.Tensor:
     """Attention of ``L`` query tokens over the packed region + the dense window."""
     B, Hq, L, D = query.shape
@@ -141,7 +155,7 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
     nq, nw = layer.n_quant, layer.n_window
     T = nq + nw
     q = query[:, :, 0].contiguous()
-    kv_start = _kv_start(attention_mask, B, T, query.device)
+    kv_start = _kv_start_shared(layer, attention_mask, B, T, query.device)
     has_side = layer.basis is not None
     heavy = layer.heavy_idx is not None and layer.heavy_idx.shape[-1] > 0
     nq_t = torch.full((B,), nq, dtype=torch.int32, device=query.device)
