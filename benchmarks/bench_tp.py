@@ -213,7 +213,13 @@ def random_calibration(cfg, rank: int):
 
 
 @torch.no_grad()
-def decode_bench(model, device: str, context: int, steps: int, chunk: int, tp: bool) -> dict:
+def decode_bench(model, device: str, context: int, steps: int, chunk: int, tp: bool,
+                 kind: str = "headq") -> dict:
+    """Prefill ``context`` tokens, then time ``steps`` greedy steps. ``kind``: "headq" (HeadQ
+    cache + "headq" attention) or "dynamic" (transformers' DynamicCache + sdpa: the control that
+    says how much of a TP slowdown is TP itself)."""
+    from transformers import DynamicCache
+
     from headq_torch import attention
     from headq_torch.cache import HeadQCache
 
@@ -225,10 +231,13 @@ def decode_bench(model, device: str, context: int, steps: int, chunk: int, tp: b
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     weights = torch.cuda.memory_allocated() if device == "cuda" else 0
-    attention.enable(model)
-    cache = HeadQCache(model.config, random_calibration(model.config, 8), key_bits=2,
-                       value_bits=2, group_size=64, value_group_size=64,
-                       shard="auto" if tp else None)
+    if kind == "headq":
+        attention.enable(model)
+        cache = HeadQCache(model.config, random_calibration(model.config, 8), key_bits=2,
+                           value_bits=2, group_size=64, value_group_size=64,
+                           shard="auto" if tp else None)
+    else:
+        cache = DynamicCache(config=model.config)
     ids = torch.randint(0, model.config.vocab_size, (1, context),
                         generator=torch.Generator().manual_seed(2)).to(model.device)
     barrier()
@@ -251,10 +260,16 @@ def decode_bench(model, device: str, context: int, steps: int, chunk: int, tp: b
         nxt = model(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
     sync(device)
     dt = time.perf_counter() - t0
-    attention.disable(model)
-    row = dict(context=context, steps=steps, decode_ms_per_step=1000.0 * dt / steps,
-               tokens_per_s=steps / dt, prefill_s=prefill_s, shard=list(cache.shard),
-               kv_heads_local=cache.num_kv_heads, headq_cache_bytes=cache.memory_bytes(),
+    if kind == "headq":
+        attention.disable(model)
+        extra = dict(shard=list(cache.shard), kv_heads_local=cache.num_kv_heads,
+                     headq_cache_bytes=cache.memory_bytes())
+    else:
+        extra = dict(dense_cache_bytes=sum(
+            t.numel() * t.element_size() for layer in cache.layers
+            for t in (layer.keys, layer.values) if t is not None))
+    row = dict(cache=kind, context=context, steps=steps, decode_ms_per_step=1000.0 * dt / steps,
+               tokens_per_s=steps / dt, prefill_s=prefill_s, **extra,
                weights_bytes=weights,
                cache_and_state_bytes_after_prefill=after_prefill - weights if weights else None,
                peak_memory_bytes=torch.cuda.max_memory_allocated() if device == "cuda" else None)
@@ -281,14 +296,24 @@ def part_speed(args, work: Path, device: str, rank: int, world: int) -> dict:
     row.update(rank=rank, load_s=load_s)
     rows = [None] * world
     dist.all_gather_object(rows, row)
+    dense_rows = None
+    if args.dense_control:
+        drow = decode_bench(model, device, args.context, args.steps, args.chunk, tp=True,
+                            kind="dynamic")
+        drow.update(rank=rank)
+        dense_rows = [None] * world
+        dist.all_gather_object(dense_rows, drow)
     del model
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
-    single = None
+    single = single_dense = None
     if args.single and rank == 0:
         model = load(path, dtype, device, tp=False)
         single = decode_bench(model, device, args.context, args.steps, args.chunk, tp=False)
+        if args.dense_control:
+            single_dense = decode_bench(model, device, args.context, args.steps, args.chunk,
+                                        tp=False, kind="dynamic")
         del model
         gc.collect()
     dist.barrier()
@@ -297,6 +322,7 @@ def part_speed(args, work: Path, device: str, rank: int, world: int) -> dict:
     return dict(model=("tiny smoke shape" if args.smoke else
                        f"random LlamaForCausalLM, Llama-3-8B shape, {args.layers} layers, bf16"),
                 save_s=save_s, tp_per_rank=rows, single_gpu=single,
+                dense_control_tp_per_rank=dense_rows, dense_control_single_gpu=single_dense,
                 cache="HeadQ 2-bit keys + 2-bit values, group 64, rank-8 random bases")
 
 
@@ -316,6 +342,9 @@ def main(argv=None):
     ap.add_argument("--workdir", default=None,
                     help="where the random models are saved (default: a temp dir, removed); "
                          "a model already there is reused")
+    ap.add_argument("--dense-control", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time DynamicCache + sdpa (TP and single GPU): how much of the TP "
+                         "cost is TP itself")
     ap.add_argument("--skip-equality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/gpu_tp.json")
@@ -398,6 +427,12 @@ def main(argv=None):
                 summary["single_peak_gib"] = (None if s["peak_memory_bytes"] is None else
                                               round(s["peak_memory_bytes"] / 2**30, 2))
                 summary["single_headq_cache_mib"] = round(s["headq_cache_bytes"] / 2**20, 1)
+            if sp["dense_control_tp_per_rank"]:
+                summary["dense_tp_tokens_per_s"] = min(
+                    r["tokens_per_s"] for r in sp["dense_control_tp_per_rank"])
+            if sp["dense_control_single_gpu"]:
+                summary["dense_single_tokens_per_s"] = sp["dense_control_single_gpu"][
+                    "tokens_per_s"]
         result["summary"] = summary
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
