@@ -1,20 +1,32 @@
 // Bandwidth-oriented CUDA kernels of quantize_keys, quantize_values and side_code.
 // Included by quant_kernels.cu only (inside headq::cuda::{anonymous}); the launchers there pick
-// these unless HEADQ_QUANT_IMPL=old or an input does not meet the fast path's alignment needs.
+// these unless HEADQ_QUANT_IMPL=old or an input does not meet the fast path's needs.
 //
 // Bit-exactness (docs/LAYOUT.md) is argued, not approximated:
-//  * min/max: nan_min(a, b) / nan_max(a, b) always return one of their operands bit for bit,
-//    namely the winner of a TOTAL order on (value, position): a NaN beats every non-NaN and a
-//    later NaN beats an earlier one; among non-NaNs the smaller (larger) value wins and on
-//    ties (-0.0 vs +0.0, equal values) the earlier element wins. Selecting the extremum of a
-//    total order is associative, so ANY reduction tree that only merges adjacent, position-
-//    ordered ranges as nan_min(earlier, later) returns exactly the element the sequential CPU
-//    loop returns. All reductions below merge contiguous ranges in ascending position order.
-//  * quantiser/dequantiser math goes through headq/quant.h (__fdiv_rn, rintf, __f*_rn).
+//  * min/max: the common case is a value-only NaN-propagating reduction (min_nanprop /
+//    max_nanprop: min.NaN / max.NaN, one instruction per element) in any order; by
+//    extremum_is_exact (headq/quant.h, argued there) its result IS the sequential nan_min /
+//    nan_max result unless it is NaN or +-0. In those cases the set is reduced again exactly:
+//    sequentially in ascending position (keys: thread c re-reads its channel in ascending t), or
+//    (values) per lane in ascending channel order and then by the ordered segmented shuffle tree
+//    that merges (lower lanes, higher lanes) at every level. nan_min/nan_max select the winner
+//    of a TOTAL order on (value, position) (a NaN beats every non-NaN, a later NaN an earlier
+//    one; among non-NaNs the smaller/larger value wins, ties go to the earlier element), which
+//    is associative, so any tree that merges adjacent ranges as (earlier, later) returns the
+//    sequential CPU result.
+//  * codes: asym_code_try / sym_code_try (headq/quant.h) replace the division by a multiply
+//    with the reciprocal scale and are accepted only when provably equal to asym_code /
+//    sym_code (quotient >= 2^-13 from every half-integer, scale with a normal reciprocal);
+//    otherwise that element takes asym_code / sym_code itself. Host tests:
+//    tests/cpp/test_quant_fast.cc.
+//  * scale/zero from headq/quant.h's asym_params (unchanged), dequantisation with asym_dequant
+//    semantics (float(code) is exact; multiply, round, add, round; no FMA).
 //  * the centring sum and the side-code projection are sequential in ascending t / c, one
-//    thread per (channel) / (token, j), exactly the documented order.
-//  * packing: 8 consecutive codes of b bits form exactly b whole bytes of the little-endian
-//    stream (chunk q of a row starts at byte q*b), written as one little-endian word.
+//    thread per (channel) / (token, 4 columns), exactly the documented order.
+//  * packing: code i of a row occupies bits [i*b, (i+1)*b) of the little-endian stream; 8
+//    consecutive codes form exactly b whole bytes (chunk q of a row starts at byte q*b).
+// The bit width is a template parameter of the per-element code (one kernel per element type
+// dispatches on it at run time), so all shifts and masks are immediates.
 #pragma once
 
 namespace fastq {
@@ -32,94 +44,343 @@ __device__ __forceinline__ void load_chunk(const E* p, int64_t sd, bool vec, flo
   }
 }
 
-// Pack 8 codes of `bits` bits into the low 8*bits bits (little-endian stream order).
-__device__ __forceinline__ uint64_t pack8(const uint32_t (&c)[8], int bits) {
-  uint64_t w = 0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) w |= static_cast<uint64_t>(c[i]) << (i * bits);
-  return w;
-}
+// 8 consecutive channels kept in their input encoding (16-bit types: one uint4 = 8 values, half
+// the registers of 8 floats), converted exactly to float32 where the arithmetic needs it.
+template <typename E>
+struct Raw8 {
+  float f[8];
+};
+template <>
+struct Raw8<__half> {
+  uint4 u;
+};
+template <>
+struct Raw8<__nv_bfloat16> {
+  uint4 u;
+};
 
-// Store the `bits` bytes of a packed chunk at p (p aligned to `bits` for bits 2/4/8).
-__device__ __forceinline__ void store_packed(uint8_t* p, uint64_t w, int bits) {
-  switch (bits) {
-    case 2:
-      *reinterpret_cast<uint16_t*>(p) = static_cast<uint16_t>(w);
-      break;
-    case 4:
-      *reinterpret_cast<uint32_t*>(p) = static_cast<uint32_t>(w);
-      break;
-    case 8:
-      *reinterpret_cast<unsigned long long*>(p) = static_cast<unsigned long long>(w);
-      break;
-    default:
-      for (int i = 0; i < bits; ++i) p[i] = static_cast<uint8_t>(w >> (8 * i));
-      break;
+template <typename E>
+__device__ __forceinline__ void load_raw(const E* p, int64_t sd, bool vec, Raw8<E>& r) {
+  if constexpr (sizeof(E) == 4) {
+    load_chunk<E>(p, sd, vec, r.f);
+  } else {
+    if (vec) {
+      r.u = *reinterpret_cast<const uint4*>(p);
+    } else {
+      uint32_t w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const uint16_t a = *reinterpret_cast<const uint16_t*>(p + (2 * i) * sd);
+        const uint16_t b = *reinterpret_cast<const uint16_t*>(p + (2 * i + 1) * sd);
+        w[i] = static_cast<uint32_t>(a) | (static_cast<uint32_t>(b) << 16);
+      }
+      r.u = make_uint4(w[0], w[1], w[2], w[3]);
+    }
   }
 }
 
-// Load the `bits` bytes of a packed chunk (same alignment as store_packed).
-__device__ __forceinline__ uint64_t load_packed(const uint8_t* p, int bits) {
+template <typename E>
+__device__ __forceinline__ void raw_to_float(const Raw8<E>& r, float (&f)[8]) {
+  if constexpr (sizeof(E) == 4) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = r.f[i];
+  } else {
+    load8<E>(&r.u, f);  // exact conversion of the 8 packed values
+  }
+}
+
+// Value-only NaN-propagating min/max of 8 channels over several chunks (see the header: only
+// the VALUE matters; NaN / +-0 results are redone exactly). 16-bit types reduce packed pairs
+// (min.NaN / max.NaN on f16x2 / bf16x2: exact selections, NaN-propagating; the conversion to
+// float32 afterwards is exact and preserves NaN-ness, zero signs and order).
+template <typename E>
+struct MinMax8 {
+  float mn[8], mx[8];
+  __device__ __forceinline__ void init(const Raw8<E>& r) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) mn[i] = mx[i] = r.f[i];
+  }
+  __device__ __forceinline__ void fold(const Raw8<E>& r) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      mn[i] = min_nanprop(mn[i], r.f[i]);
+      mx[i] = max_nanprop(mx[i], r.f[i]);
+    }
+  }
+  __device__ __forceinline__ void get(float (&a)[8], float (&b)[8]) const {
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      a[i] = mn[i];
+      b[i] = mx[i];
+    }
+  }
+};
+
+template <typename E2>
+struct MinMax8Packed {
+  E2 mn[4], mx[4];
+  __device__ __forceinline__ static E2 as2(uint32_t w) { return *reinterpret_cast<const E2*>(&w); }
+  __device__ __forceinline__ void init_u(const uint4& u) {
+    mn[0] = mx[0] = as2(u.x);
+    mn[1] = mx[1] = as2(u.y);
+    mn[2] = mx[2] = as2(u.z);
+    mn[3] = mx[3] = as2(u.w);
+  }
+  __device__ __forceinline__ void fold_u(const uint4& u) {
+    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      mn[i] = __hmin2_nan(mn[i], as2(w[i]));
+      mx[i] = __hmax2_nan(mx[i], as2(w[i]));
+    }
+  }
+  __device__ __forceinline__ void get_u(float (&a)[8], float (&b)[8]) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 fa = to_float2(mn[i]), fb = to_float2(mx[i]);
+      a[2 * i] = fa.x;
+      a[2 * i + 1] = fa.y;
+      b[2 * i] = fb.x;
+      b[2 * i + 1] = fb.y;
+    }
+  }
+  __device__ __forceinline__ static float2 to_float2(__half2 v) { return __half22float2(v); }
+  __device__ __forceinline__ static float2 to_float2(__nv_bfloat162 v) {
+    return __bfloat1622float2(v);
+  }
+};
+template <>
+struct MinMax8<__half> : MinMax8Packed<__half2> {
+  __device__ __forceinline__ void init(const Raw8<__half>& r) { init_u(r.u); }
+  __device__ __forceinline__ void fold(const Raw8<__half>& r) { fold_u(r.u); }
+  __device__ __forceinline__ void get(float (&a)[8], float (&b)[8]) const { get_u(a, b); }
+};
+template <>
+struct MinMax8<__nv_bfloat16> : MinMax8Packed<__nv_bfloat162> {
+  __device__ __forceinline__ void init(const Raw8<__nv_bfloat16>& r) { init_u(r.u); }
+  __device__ __forceinline__ void fold(const Raw8<__nv_bfloat16>& r) { fold_u(r.u); }
+  __device__ __forceinline__ void get(float (&a)[8], float (&b)[8]) const { get_u(a, b); }
+};
+
+// Codes of 8 elements packed into the low 8*BITS bits (code i at bit i*BITS). ZU: one zero and
+// scale for all 8 elements (values) instead of one per element (keys: one per channel).
+// Fast path: asym_code_try for all 8, accepted only if all 8 pass; otherwise the chunk is redone
+// with asym_code_rcp (== asym_code) element by element. One branch per chunk instead of per
+// element keeps the convergence bookkeeping out of the per-element cost.
+// Packing: asym_code_try's code is bits(m) - 0x4B400000; the sum of bits(m_i) << (i*BITS) over 4
+// codes, minus the same sum of 0x4B400000 << (i*BITS), is (mod 2^32) exactly the sum of
+// code_i << (i*BITS) < 2^(4*BITS) <= 2^32 (the codes do not overlap, so + is |): one LEA each.
+template <int BITS, bool ZU>
+__device__ __forceinline__ uint64_t code8(const float (&x)[8], const float* z, const float* rs,
+                                          const float* s) {
+  constexpr float qmax = static_cast<float>((1 << BITS) - 1);
+  constexpr uint32_t kSub = (kRintMagicBits) + (kRintMagicBits << BITS) +
+                            (kRintMagicBits << (2 * BITS)) + (kRintMagicBits << (3 * BITS));
+  uint32_t lo = 0, hi = 0;
+  bool ok = true;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const float zi = ZU ? z[0] : z[i];
+    const float ri = ZU ? rs[0] : rs[i];
+    const float y = mul_rn(sub_rn(x[i], zi), ri);
+    const float yc = clamp_nanprop(y, 0.0f, qmax);
+    const float m = add_rn(yc, kRintMagic);
+    const float t = sub_rn(yc, sub_rn(m, kRintMagic));
+    ok = ok & (fabsf(t) <= kNearHalfLimit);
+    if (i < 4) {
+      lo += __float_as_uint(m) << ((i & 3) * BITS);
+    } else {
+      hi += __float_as_uint(m) << ((i & 3) * BITS);
+    }
+  }
+  uint64_t w = static_cast<uint64_t>(lo - kSub) | (static_cast<uint64_t>(hi - kSub) << (4 * BITS));
+  if (__builtin_expect(!ok, 0)) {
+    w = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const float zi = ZU ? z[0] : z[i];
+      const float ri = ZU ? rs[0] : rs[i];
+      const float si = ZU ? s[0] : s[i];
+      w |= static_cast<uint64_t>(asym_code_rcp(x[i], si, zi, ri, BITS)) << (i * BITS);
+    }
+  }
+  return w;
+}
+
+// Store the BITS bytes of a packed chunk at p (p aligned to BITS for BITS 2/4/8).
+template <int BITS>
+__device__ __forceinline__ void store_packed(uint8_t* p, uint64_t w) {
+  if constexpr (BITS == 2) {
+    *reinterpret_cast<uint16_t*>(p) = static_cast<uint16_t>(w);
+  } else if constexpr (BITS == 4) {
+    *reinterpret_cast<uint32_t*>(p) = static_cast<uint32_t>(w);
+  } else if constexpr (BITS == 8) {
+    *reinterpret_cast<unsigned long long*>(p) = static_cast<unsigned long long>(w);
+  } else {
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) p[i] = static_cast<uint8_t>(w >> (8 * i));
+  }
+}
+
+// Load the BITS bytes of a packed chunk (same alignment as store_packed).
+template <int BITS>
+__device__ __forceinline__ uint64_t load_packed(const uint8_t* p) {
+  if constexpr (BITS == 2) {
+    return *reinterpret_cast<const uint16_t*>(p);
+  } else if constexpr (BITS == 4) {
+    return *reinterpret_cast<const uint32_t*>(p);
+  } else if constexpr (BITS == 8) {
+    return *reinterpret_cast<const unsigned long long*>(p);
+  } else {
+    uint64_t w = 0;
+#pragma unroll
+    for (int i = 0; i < BITS; ++i) w |= static_cast<uint64_t>(p[i]) << (8 * i);
+    return w;
+  }
+}
+
+template <int B>
+struct BitsC {
+  static constexpr int value = B;
+};
+
+// Runs f(BitsC<B>) for B = bits in {2, 3, 4, 8} (uniform branch; the ops accept no other).
+template <typename F>
+__device__ __forceinline__ void dispatch_bits(int bits, F&& f) {
   switch (bits) {
     case 2:
-      return *reinterpret_cast<const uint16_t*>(p);
+      f(BitsC<2>{});
+      break;
+    case 3:
+      f(BitsC<3>{});
+      break;
     case 4:
-      return *reinterpret_cast<const uint32_t*>(p);
-    case 8:
-      return *reinterpret_cast<const unsigned long long*>(p);
-    default: {
-      uint64_t w = 0;
-      for (int i = 0; i < bits; ++i) w |= static_cast<uint64_t>(p[i]) << (8 * i);
-      return w;
-    }
+      f(BitsC<4>{});
+      break;
+    default:
+      f(BitsC<8>{});
+      break;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// quantize_values: one thread per 8-channel chunk of a token row (flat chunk index
-// idx = row * D/8 + q). A value group is Gv/8 in {4, 8, 16} consecutive chunks; since D/8 is a
-// multiple of Gv/8 and Gv/8 divides 32, a group is an aligned segment of Gv/8 lanes of a warp.
-// Each thread reduces its 8 channels in ascending order, then an ordered segmented shuffle tree
-// (offsets 1, 2, 4, .., merging lower lanes with higher lanes) combines the segment. Threads
-// beyond the end form whole segments (the total is a multiple of Gv/8) and only skip stores.
-constexpr int kValThreads = 256;
-constexpr int kValPer = 2;  // chunks per thread (independent loads in flight)
+// quantize_values: grid (ceil(T / blockDim.y), H, B), block (D/32, by). Thread (x, y) owns the
+// 32 channels [32x, 32x+32) (4 chunks) of token blockIdx.x*by + y: a value group is Gv/32 in
+// {1, 2, 4} consecutive threads (x aligned; blockDim.x*blockDim.y is a multiple of 32 and
+// blockDim.x of Gv/32, so a group never straddles a warp). No integer division anywhere; 64-bit
+// arithmetic only for the final offsets. Threads past T load nothing and store nothing but take
+// part in the shuffles.
+constexpr int kValChunks = 4;  // chunks per thread
+
+template <typename E, int BITS>
+__device__ __forceinline__ void quantize_values_body(const Raw8<E> (&f)[kValChunks], float mn,
+                                                     float mx, bool valid, int lanes,
+                                                     uint8_t* __restrict__ out,
+                                                     __half* __restrict__ scale,
+                                                     __half* __restrict__ zero, int64_t si) {
+  const AsymParams pr = asym_params(mn, mx, BITS);
+  const float rs = quant_rcp(pr.scale);
+  if (!valid) return;
+  if ((threadIdx.x & (lanes - 1)) == 0) {
+    scale[si] = __ushort_as_half(pr.scale_bits);
+    zero[si] = __ushort_as_half(pr.zero_bits);
+  }
+  uint64_t w[kValChunks];
+#pragma unroll
+  for (int u = 0; u < kValChunks; ++u) {
+    float x[8];
+    raw_to_float<E>(f[u], x);
+    w[u] = code8<BITS, true>(x, &pr.zero, &rs, &pr.scale);
+  }
+  // 32 codes = 4*BITS bytes at out (aligned to 4*BITS; 4-byte words for BITS = 3).
+  if constexpr (BITS == 2) {
+    *reinterpret_cast<uint2*>(out) =
+        make_uint2(static_cast<uint32_t>(w[0] | (w[1] << 16)),
+                   static_cast<uint32_t>(w[2] | (w[3] << 16)));
+  } else if constexpr (BITS == 4) {
+    *reinterpret_cast<uint4*>(out) = make_uint4(static_cast<uint32_t>(w[0]),
+                                                static_cast<uint32_t>(w[1]),
+                                                static_cast<uint32_t>(w[2]),
+                                                static_cast<uint32_t>(w[3]));
+  } else if constexpr (BITS == 8) {
+    uint4* o = reinterpret_cast<uint4*>(out);
+    o[0] = make_uint4(static_cast<uint32_t>(w[0]), static_cast<uint32_t>(w[0] >> 32),
+                      static_cast<uint32_t>(w[1]), static_cast<uint32_t>(w[1] >> 32));
+    o[1] = make_uint4(static_cast<uint32_t>(w[2]), static_cast<uint32_t>(w[2] >> 32),
+                      static_cast<uint32_t>(w[3]), static_cast<uint32_t>(w[3] >> 32));
+  } else {  // BITS == 3: 96 bits, chunk u at bit 24u
+    uint32_t* o = reinterpret_cast<uint32_t*>(out);
+    o[0] = static_cast<uint32_t>(w[0] | (w[1] << 24));
+    o[1] = static_cast<uint32_t>((w[1] >> 8) | (w[2] << 16));
+    o[2] = static_cast<uint32_t>((w[2] >> 16) | (w[3] << 8));
+  }
+}
 
 template <typename E>
-__global__ void __launch_bounds__(kValThreads)
+__global__ void __launch_bounds__(256)
 quantize_values_fast(const E* __restrict__ v, int64_t sb, int64_t sh, int64_t st, int64_t sd,
-                     int64_t H, int64_t T, int nq, int bits, int Gv, int64_t total, bool vec,
-                     uint8_t* __restrict__ codes, __half* __restrict__ scale,
-                     __half* __restrict__ zero) {
-  const int lane = threadIdx.x & 31;
-  const int seg = Gv / kChunk;  // lanes per value group
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * (kValThreads * kValPer) + threadIdx.x;
-  float f[kValPer][8];
+                     int T, int D, int bits, int Gv, bool vec, uint8_t* __restrict__ codes,
+                     __half* __restrict__ scale, __half* __restrict__ zero) {
+  const int lane = (threadIdx.y * blockDim.x + threadIdx.x) & 31;
+  const int lanes = Gv / 32;  // threads per value group (1, 2 or 4)
+  const int t = blockIdx.x * blockDim.y + threadIdx.y;
+  const bool valid = t < T;
+  const int h = blockIdx.y, b = blockIdx.z;
+  Raw8<E> f[kValChunks];
+  if (valid) {
+    const E* p = v + b * sb + h * sh + static_cast<int64_t>(t) * st +
+                 static_cast<int64_t>(threadIdx.x) * (kValChunks * kChunk) * sd;
 #pragma unroll
-  for (int u = 0; u < kValPer; ++u) {
-    const int64_t idx = base + u * kValThreads;
-    if (idx < total) {
-      const int64_t row = idx / nq;
-      const int q = static_cast<int>(idx - row * nq);
-      const int64_t bh = row / T, t = row - bh * T;
-      const int64_t b = bh / H, h = bh - b * H;
-      load_chunk<E>(v + b * sb + h * sh + t * st + static_cast<int64_t>(q) * kChunk * sd, sd,
-                    vec, f[u]);
-    } else {
+    for (int u = 0; u < kValChunks; ++u) load_raw<E>(p + u * kChunk * sd, sd, vec, f[u]);
+  } else {
+    const E one = from_float<E>(1.0f);
 #pragma unroll
-      for (int i = 0; i < 8; ++i) f[u][i] = 0.0f;
-    }
+    for (int u = 0; u < kValChunks; ++u) load_raw<E>(&one, 0, false, f[u]);
   }
+  // Value-only min/max (any order), then the exact fallback where it may differ.
+  float mn, mx;
+  {
+    MinMax8<E> m;
+    m.init(f[0]);
 #pragma unroll
-  for (int u = 0; u < kValPer; ++u) {
-    const int64_t idx = base + u * kValThreads;
-    float mn = f[u][0], mx = f[u][0];
+    for (int u = 1; u < kValChunks; ++u) m.fold(f[u]);
+    float a[8], c[8];
+    m.get(a, c);
+    mn = a[0];
+    mx = c[0];
 #pragma unroll
     for (int i = 1; i < 8; ++i) {
-      mn = nan_min(mn, f[u][i]);
-      mx = nan_max(mx, f[u][i]);
+      mn = min_nanprop(mn, a[i]);
+      mx = max_nanprop(mx, c[i]);
     }
-    for (int off = 1; off < seg; off <<= 1) {
+  }
+  for (int off = 1; off < lanes; off <<= 1) {
+    mn = min_nanprop(mn, __shfl_xor_sync(0xffffffffu, mn, off));
+    mx = max_nanprop(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  }
+  const bool bad = !(extremum_is_exact(mn) && extremum_is_exact(mx));
+  if (__any_sync(0xffffffffu, bad)) {
+    // Exact: ascending channels within the lane, then the ordered segmented tree.
+    float x0[8];
+    raw_to_float<E>(f[0], x0);
+    mn = x0[0];
+    mx = x0[0];
+#pragma unroll
+    for (int i = 1; i < 8; ++i) {
+      mn = nan_min(mn, x0[i]);
+      mx = nan_max(mx, x0[i]);
+    }
+#pragma unroll
+    for (int u = 1; u < kValChunks; ++u) {
+      float x[8];
+      raw_to_float<E>(f[u], x);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        mn = nan_min(mn, x[i]);
+        mx = nan_max(mx, x[i]);
+      }
+    }
+    for (int off = 1; off < lanes; off <<= 1) {
       const float omn = __shfl_down_sync(0xffffffffu, mn, off);
       const float omx = __shfl_down_sync(0xffffffffu, mx, off);
       if ((lane & (2 * off - 1)) == 0) {
@@ -127,186 +388,303 @@ quantize_values_fast(const E* __restrict__ v, int64_t sb, int64_t sh, int64_t st
         mx = nan_max(mx, omx);
       }
     }
-    const int leader = lane & ~(seg - 1);
+    const int leader = lane & ~(lanes - 1);
     mn = __shfl_sync(0xffffffffu, mn, leader);
     mx = __shfl_sync(0xffffffffu, mx, leader);
-    if (idx < total) {
-      const AsymParams pr = asym_params(mn, mx, bits);
-      if (lane == leader) {
-        const int64_t si = idx / seg;  // = row * (D/Gv) + q / seg
-        scale[si] = __ushort_as_half(pr.scale_bits);
-        zero[si] = __ushort_as_half(pr.zero_bits);
-      }
-      uint32_t c[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) c[i] = asym_code(f[u][i], pr.scale, pr.zero, bits);
-      store_packed(codes + idx * bits, pack8(c, bits), bits);  // row*rowb + q*bits
-    }
   }
+  const int64_t row = (static_cast<int64_t>(b) * gridDim.y + h) * T + t;
+  const int ngv = D / Gv;
+  const int64_t si = row * ngv + (threadIdx.x >> (__ffs(lanes) - 1));  // lanes: power of 2
+  uint8_t* out = codes + row * (static_cast<int64_t>(D) * bits / 8) +
+                 static_cast<int64_t>(threadIdx.x) * (kValChunks * bits);
+  dispatch_bits(bits, [&](auto bc) {
+    quantize_values_body<E, decltype(bc)::value>(f, mn, mx, valid, lanes, out, scale, zero, si);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
-// quantize_keys: one block per (b, h, key group), blockDim = (G/4) * (D/8). Thread (s, q) loads
-// tokens [4s, 4s+4) of the group, chunk q (all loads in flight), reduces them in ascending t,
-// writes the partial to shared memory; thread c then merges the G/4 partials of channel c in
-// ascending s (an ordered merge of contiguous token ranges), and the block quantises and packs
-// its register tile (b bytes per token per thread, consecutive threads -> consecutive bytes).
+// quantize_keys: grid (T/G, H, B), block (D/8, G/4). Thread (q, s) loads tokens [4s, 4s+4) of
+// the group, chunk q (all loads in flight), reduces them value-only and writes the partial to
+// shared memory; thread c merges the G/4 partials of channel c (value-only) and, only when that
+// result is NaN or +-0, re-reduces channel c exactly in ascending t from global memory. Then
+// every thread quantises and packs its register tile (BITS bytes per token).
 constexpr int kKeyTok = 4;  // tokens per thread
+
+template <typename E, int BITS>
+__device__ __forceinline__ void quantize_keys_codes(const Raw8<E> (&f)[kKeyTok],
+                                                    const float* s_s, const float* z_s,
+                                                    const float* rs_s, uint8_t* out,
+                                                    int64_t rowb) {
+  const int c0 = threadIdx.x * kChunk;
+  float zz[8], rr[8];
+  {
+    const float4 z0 = *reinterpret_cast<const float4*>(z_s + c0);
+    const float4 z1 = *reinterpret_cast<const float4*>(z_s + c0 + 4);
+    const float4 r0 = *reinterpret_cast<const float4*>(rs_s + c0);
+    const float4 r1 = *reinterpret_cast<const float4*>(rs_s + c0 + 4);
+    zz[0] = z0.x; zz[1] = z0.y; zz[2] = z0.z; zz[3] = z0.w;
+    zz[4] = z1.x; zz[5] = z1.y; zz[6] = z1.z; zz[7] = z1.w;
+    rr[0] = r0.x; rr[1] = r0.y; rr[2] = r0.z; rr[3] = r0.w;
+    rr[4] = r1.x; rr[5] = r1.y; rr[6] = r1.z; rr[7] = r1.w;
+  }
+#pragma unroll
+  for (int t = 0; t < kKeyTok; ++t) {
+    float x[8];
+    raw_to_float<E>(f[t], x);
+    store_packed<BITS>(out + t * rowb, code8<BITS, false>(x, zz, rr, s_s + c0));
+  }
+}
 
 template <typename E>
 __global__ void __launch_bounds__(512)
 quantize_keys_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd,
-                   int64_t H, int64_t T, int D, int bits, int G, bool vec,
-                   uint8_t* __restrict__ codes, __half* __restrict__ scale,
-                   __half* __restrict__ zero) {
+                   int T, int D, int bits, int G, bool vec, uint8_t* __restrict__ codes,
+                   __half* __restrict__ scale, __half* __restrict__ zero) {
   extern __shared__ float qkf_smem[];
-  const int S = G / kKeyTok;
-  float* pmn = qkf_smem;           // [S, D]
-  float* pmx = pmn + S * D;        // [S, D]
-  float* s_s = pmx + S * D;        // [D]
-  float* z_s = s_s + D;            // [D]
-  const int nq = D / kChunk;
-  const int tid = threadIdx.x;
-  const int q = tid % nq, s = tid / nq;
-  const int64_t ngroups = T / G;
-  const int64_t bh = blockIdx.x / ngroups;
-  const int64_t g = blockIdx.x - bh * ngroups;
-  const int64_t b = bh / H, h = bh - b * H;
-  const int64_t t0 = g * G + static_cast<int64_t>(s) * kKeyTok;  // first token of this thread
-  const E* kp = k + b * sb + h * sh + t0 * st + static_cast<int64_t>(q) * kChunk * sd;
+  const int nq = blockDim.x;  // D / 8
+  const int S = blockDim.y;   // G / 4
+  float* pmn = qkf_smem;      // [S, D]
+  float* pmx = pmn + S * D;   // [S, D]
+  float* s_s = pmx + S * D;   // [D]
+  float* z_s = s_s + D;       // [D]
+  float* rs_s = z_s + D;      // [D]
+  const int q = threadIdx.x, s = threadIdx.y;
+  const int tid = s * nq + q;
+  const int g = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t bh = static_cast<int64_t>(b) * gridDim.y + h;
+  const E* kg = k + b * sb + h * sh + static_cast<int64_t>(g) * G * st;  // [G, D] of the group
+  const int t0 = s * kKeyTok;  // first token of this thread within the group
+  const E* kp = kg + static_cast<int64_t>(t0) * st + static_cast<int64_t>(q) * kChunk * sd;
 
-  float f[kKeyTok][8];
+  Raw8<E> f[kKeyTok];
 #pragma unroll
-  for (int t = 0; t < kKeyTok; ++t) load_chunk<E>(kp + t * st, sd, vec, f[t]);
+  for (int t = 0; t < kKeyTok; ++t) load_raw<E>(kp + t * st, sd, vec, f[t]);
 
-  float* pm = pmn + s * D + q * kChunk;
-  float* px = pmx + s * D + q * kChunk;
+  {
+    MinMax8<E> m;
+    m.init(f[0]);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    float mn = f[0][i], mx = f[0][i];
-#pragma unroll
-    for (int t = 1; t < kKeyTok; ++t) {
-      mn = nan_min(mn, f[t][i]);
-      mx = nan_max(mx, f[t][i]);
-    }
-    pm[i] = mn;
-    px[i] = mx;
+    for (int t = 1; t < kKeyTok; ++t) m.fold(f[t]);
+    float mn[8], mx[8];
+    m.get(mn, mx);
+    float4* pm = reinterpret_cast<float4*>(pmn + s * D + q * kChunk);
+    float4* px = reinterpret_cast<float4*>(pmx + s * D + q * kChunk);
+    pm[0] = make_float4(mn[0], mn[1], mn[2], mn[3]);
+    pm[1] = make_float4(mn[4], mn[5], mn[6], mn[7]);
+    px[0] = make_float4(mx[0], mx[1], mx[2], mx[3]);
+    px[1] = make_float4(mx[4], mx[5], mx[6], mx[7]);
   }
   __syncthreads();
 
+  const int ngroups = gridDim.x;
   const int64_t sg = bh * ngroups + g;  // scale/zero row
-  for (int c = tid; c < D; c += blockDim.x) {
+  for (int c = tid; c < D; c += nq * S) {
     float a = pmn[c], z = pmx[c];
     for (int j = 1; j < S; ++j) {
-      a = nan_min(a, pmn[j * D + c]);
-      z = nan_max(z, pmx[j * D + c]);
+      a = min_nanprop(a, pmn[j * D + c]);
+      z = max_nanprop(z, pmx[j * D + c]);
+    }
+    if (!(extremum_is_exact(a) && extremum_is_exact(z))) {
+      // Exact sequential reduction of channel c over the group (the CPU loop's order).
+      const E* kc = kg + static_cast<int64_t>(c) * sd;
+      a = to_float(kc[0]);
+      z = a;
+      for (int t = 1; t < G; ++t) {
+        const float x = to_float(kc[static_cast<int64_t>(t) * st]);
+        a = nan_min(a, x);
+        z = nan_max(z, x);
+      }
     }
     const AsymParams pr = asym_params(a, z, bits);
     scale[sg * D + c] = __ushort_as_half(pr.scale_bits);
     zero[sg * D + c] = __ushort_as_half(pr.zero_bits);
     s_s[c] = pr.scale;
     z_s[c] = pr.zero;
+    rs_s[c] = quant_rcp(pr.scale);
   }
   __syncthreads();
 
-  uint64_t w[kKeyTok];
-#pragma unroll
-  for (int t = 0; t < kKeyTok; ++t) w[t] = 0;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const float sc = s_s[q * kChunk + i], zc = z_s[q * kChunk + i];
-#pragma unroll
-    for (int t = 0; t < kKeyTok; ++t) {
-      w[t] |= static_cast<uint64_t>(asym_code(f[t][i], sc, zc, bits)) << (i * bits);
-    }
-  }
   const int64_t rowb = static_cast<int64_t>(nq) * bits;
-  uint8_t* out = codes + (bh * T + t0) * rowb + static_cast<int64_t>(q) * bits;
-#pragma unroll
-  for (int t = 0; t < kKeyTok; ++t) store_packed(out + t * rowb, w[t], bits);
+  uint8_t* out = codes + (bh * T + static_cast<int64_t>(g) * G + t0) * rowb +
+                 static_cast<int64_t>(q) * bits;
+  dispatch_bits(bits, [&](auto bc) {
+    quantize_keys_codes<E, decltype(bc)::value>(f, s_s, z_s, rs_s, out, rowb);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
-// side_code: one block per (b, h, key group). Phase 1 forms the residual of all G tokens in
-// shared memory (8-channel chunks, 4 chunks' loads in flight per thread); optional centring
-// (thread c: sequential ascending-t sum, then subtract); phase 2: thread (t, 4 columns j)
-// accumulates 4 independent projections over ascending c (the contract's order, separately
-// rounded), reading e as float4 (row stride D+4: conflict-free) and the basis as a broadcast;
-// then the per-token scale (sequential j) and the packed offset-binary codes.
-constexpr int kSideThreads = 256;
+// side_code: grid (T/G, H, B), kSideThreads threads, one block per key group.
+//  Phase 0: stored scale/zero of the group as float32, basis of the head transposed to
+//           [R4/4][D][4] (4 columns of one channel contiguous: float4 broadcasts in phase 2).
+//  Phase 1: residual e = x - (code*s + z) of all G tokens into shared memory (8-channel chunks,
+//           4 chunks' loads in flight per thread, (t, q) stepped without division).
+//  Optional centring (thread c: sequential ascending-t sum, then subtract).
+//  Phase 2: thread (t, 4 columns j) accumulates 4 independent projections over ascending c
+//           (the contract's order, separately rounded), e read as float4 (row stride D+4:
+//           conflict-free), the basis as float4 broadcasts.
+//  Phase 3: per token the scale (sequential j) and the packed offset-binary codes.
+constexpr int kSideThreads = 128;
 constexpr int kSideBatch = 4;
+
+// e[i] = x[i] - asym_dequant(code_i, s[i], z[i]) for the 8 codes of a packed chunk word.
+// float(code) exactly: the float with bits 0x4B000000 | code is 2^23 + code (code < 2^8), so
+// subtracting 2^23 is exact; then multiply, round, add, round, subtract (asym_dequant, no FMA).
+template <int KB>
+__device__ __forceinline__ void residual8(const float (&x)[8], uint64_t cw, const float (&sv)[8],
+                                          const float (&zv)[8], float (&e)[8]) {
+  constexpr uint32_t mask = (1u << KB) - 1u;
+  const uint32_t lo = static_cast<uint32_t>(cw);
+  const uint32_t hi = static_cast<uint32_t>(cw >> 32);  // only KB == 8 uses it
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    uint32_t code;
+    if constexpr (KB == 8) {
+      code = ((i < 4 ? lo : hi) >> ((i & 3) * 8)) & mask;
+    } else {
+      code = (lo >> (i * KB)) & mask;
+    }
+    const float cf = sub_rn(__uint_as_float(0x4B000000u | code), 8388608.0f);
+    const float khat = add_rn(mul_rn(cf, sv[i]), zv[i]);
+    e[i] = sub_rn(x[i], khat);
+  }
+}
+
+__device__ __forceinline__ void load8_smem(const float* p, float (&v)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(p);
+  const float4 b = *reinterpret_cast<const float4*>(p + 4);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
+__device__ __forceinline__ void store8_smem(float* p, const float (&v)[8]) {
+  reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// Residual of the group's G tokens into e_s [G, ES]. When D/8 divides the block size (D = 8,
+// 16, 32, 64, 128, ...), thread tid owns chunk q = tid % nq of tokens tid/nq + k*(128/nq): its
+// scale/zero stay in registers and its pointers advance by a constant. Otherwise a generic
+// mapping steps (t, q) through the flat item index without division.
+template <typename E, int KB>
+__device__ __forceinline__ void side_residual(const E* __restrict__ kg, int64_t st, int64_t sd,
+                                              bool vec, const uint8_t* __restrict__ kc,
+                                              int64_t krowb, const float* s_s, const float* z_s,
+                                              int G, int nq, float* e_s, int ES) {
+  const int tid = threadIdx.x;
+  if (kSideThreads % nq == 0) {
+    const int q = tid % nq, dt = kSideThreads / nq;
+    float sv[8], zv[8];
+    load8_smem(s_s + q * kChunk, sv);
+    load8_smem(z_s + q * kChunk, zv);
+    int t = tid / nq;
+    const E* xp = kg + static_cast<int64_t>(t) * st + static_cast<int64_t>(q) * kChunk * sd;
+    const uint8_t* cp = kc + t * krowb + q * KB;
+    const int64_t xstep = dt * st, cstep = dt * krowb;
+    float* ep = e_s + t * ES + q * kChunk;
+    const int estep = dt * ES;
+    for (; t < G; t += kSideBatch * dt) {
+      Raw8<E> x[kSideBatch];
+      uint64_t cw[kSideBatch];
+#pragma unroll
+      for (int w = 0; w < kSideBatch; ++w) {
+        if (t + w * dt < G) {
+          load_raw<E>(xp + w * xstep, sd, vec, x[w]);
+          cw[w] = load_packed<KB>(cp + w * cstep);
+        }
+      }
+#pragma unroll
+      for (int w = 0; w < kSideBatch; ++w) {
+        if (t + w * dt < G) {
+          float xf[8], e[8];
+          raw_to_float<E>(x[w], xf);
+          residual8<KB>(xf, cw[w], sv, zv, e);
+          store8_smem(ep + w * estep, e);
+        }
+      }
+      xp += kSideBatch * xstep;
+      cp += kSideBatch * cstep;
+      ep += kSideBatch * estep;
+    }
+    return;
+  }
+  const int dt = kSideThreads / nq, dq = kSideThreads - dt * nq;  // step of (t, q) per item
+  int t = tid / nq, q = tid - (tid / nq) * nq;
+  while (t < G) {
+    int tw[kSideBatch], qw[kSideBatch];
+    Raw8<E> x[kSideBatch];
+    uint64_t cw[kSideBatch];
+#pragma unroll
+    for (int w = 0; w < kSideBatch; ++w) {
+      tw[w] = t;
+      qw[w] = q;
+      if (t < G) {
+        load_raw<E>(kg + static_cast<int64_t>(t) * st + static_cast<int64_t>(q) * kChunk * sd,
+                    sd, vec, x[w]);
+        cw[w] = load_packed<KB>(kc + t * krowb + q * KB);
+      }
+      t += dt;
+      q += dq;
+      if (q >= nq) {
+        q -= nq;
+        ++t;
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < kSideBatch; ++w) {
+      if (tw[w] < G) {
+        float sv[8], zv[8], xf[8], e[8];
+        load8_smem(s_s + qw[w] * kChunk, sv);
+        load8_smem(z_s + qw[w] * kChunk, zv);
+        raw_to_float<E>(x[w], xf);
+        residual8<KB>(xf, cw[w], sv, zv, e);
+        store8_smem(e_s + tw[w] * ES + qw[w] * kChunk, e);
+      }
+    }
+  }
+}
 
 template <typename E>
 __global__ void __launch_bounds__(kSideThreads)
 side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd, bool vec,
                const uint8_t* __restrict__ k_codes, const __half* __restrict__ k_scale,
-               const __half* __restrict__ k_zero, const float* __restrict__ basis, int64_t H,
-               int64_t T, int D, int r, int key_bits, int G, int side_bits, bool center,
+               const __half* __restrict__ k_zero, const float* __restrict__ basis, int T, int D,
+               int r, int key_bits, int G, int side_bits, bool center,
                uint8_t* __restrict__ z_codes, __half* __restrict__ z_scale) {
   extern __shared__ float scf_smem[];
   const int ES = D + 4;             // residual row stride (floats)
   const int R4 = (r + 3) & ~3;      // basis columns padded to 4
+  const int nj4 = R4 / 4;
   float* e_s = scf_smem;            // [G, ES]
-  float* u_s = e_s + G * ES;        // [D, R4]
-  float* y_s = u_s + D * R4;        // [G, r]
-  float* zsc_s = y_s + G * r;       // [G]
+  float* u_s = e_s + G * ES;        // [nj4, D, 4]
+  float* y_s = u_s + D * R4;        // [G, R4]
+  float* s_s = y_s + G * R4;        // [D]
+  float* z_s = s_s + D;             // [D]
   const int tid = threadIdx.x;
   const int nq = D / kChunk;
-  const int64_t ngroups = T / G;
-  const int64_t bh = blockIdx.x / ngroups;
-  const int64_t g = blockIdx.x - bh * ngroups;
-  const int64_t b = bh / H, h = bh - b * H;
-  const int64_t t0 = g * G;
+  const int g = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int ngroups = gridDim.x;
+  const int64_t bh = static_cast<int64_t>(b) * gridDim.y + h;
+  const int64_t t0 = static_cast<int64_t>(g) * G;
   const int64_t krowb = static_cast<int64_t>(nq) * key_bits;
   const E* kg = k + b * sb + h * sh + t0 * st;
   const uint8_t* kc = k_codes + (bh * T + t0) * krowb;
   const __half* ksg = k_scale + (bh * ngroups + g) * D;
   const __half* kzg = k_zero + (bh * ngroups + g) * D;
-  const float* u = basis + h * static_cast<int64_t>(D) * r;
+  const float* u = basis + static_cast<int64_t>(h) * D * r;
 
-  for (int i = tid; i < D * R4; i += kSideThreads) {
-    const int c = i / R4, j = i - c * R4;
-    u_s[i] = j < r ? u[c * r + j] : 0.0f;
+  for (int c = tid; c < D; c += kSideThreads) {
+    s_s[c] = __half2float(ksg[c]);
+    z_s[c] = __half2float(kzg[c]);
   }
+  for (int c = tid; c < D; c += kSideThreads) {  // u_s[(j/4*D + c)*4 + j%4] = u[c, j]
+    const float* uc = u + static_cast<int64_t>(c) * r;
+    for (int j = 0; j < R4; ++j) u_s[((j >> 2) * D + c) * 4 + (j & 3)] = j < r ? uc[j] : 0.0f;
+  }
+  __syncthreads();  // side_residual reads other threads' s_s / z_s
 
-  const int nitems = G * nq;
-  for (int base = tid; base < nitems; base += kSideThreads * kSideBatch) {
-    float x[kSideBatch][8];
-    uint64_t cw[kSideBatch];
-    uint4 sv[kSideBatch], zv[kSideBatch];
-#pragma unroll
-    for (int w = 0; w < kSideBatch; ++w) {
-      const int it = base + w * kSideThreads;
-      if (it < nitems) {
-        const int t = it / nq, q = it - t * nq;
-        load_chunk<E>(kg + t * st + static_cast<int64_t>(q) * kChunk * sd, sd, vec, x[w]);
-        cw[w] = load_packed(kc + t * krowb + q * key_bits, key_bits);
-        sv[w] = *reinterpret_cast<const uint4*>(ksg + q * kChunk);
-        zv[w] = *reinterpret_cast<const uint4*>(kzg + q * kChunk);
-      }
-    }
-#pragma unroll
-    for (int w = 0; w < kSideBatch; ++w) {
-      const int it = base + w * kSideThreads;
-      if (it < nitems) {
-        const int t = it / nq, q = it - t * nq;
-        const uint32_t mask = (1u << key_bits) - 1u;
-        const uint16_t* sh16 = reinterpret_cast<const uint16_t*>(&sv[w]);
-        const uint16_t* zh16 = reinterpret_cast<const uint16_t*>(&zv[w]);
-        float e[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const uint32_t code = static_cast<uint32_t>(cw[w] >> (i * key_bits)) & mask;
-          const float khat = asym_dequant(code, __half2float(__ushort_as_half(sh16[i])),
-                                          __half2float(__ushort_as_half(zh16[i])));
-          e[i] = sub_rn(x[w][i], khat);
-        }
-        float* dst = e_s + t * ES + q * kChunk;
-        reinterpret_cast<float4*>(dst)[0] = make_float4(e[0], e[1], e[2], e[3]);
-        reinterpret_cast<float4*>(dst)[1] = make_float4(e[4], e[5], e[6], e[7]);
-      }
-    }
-  }
+  dispatch_bits(key_bits, [&](auto bc) {
+    side_residual<E, decltype(bc)::value>(kg, st, sd, vec, kc, krowb, s_s, z_s, G, nq, e_s, ES);
+  });
   __syncthreads();
 
   if (center) {
@@ -319,56 +697,61 @@ side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int6
     __syncthreads();
   }
 
-  const int nj4 = R4 / 4;
   for (int it = tid; it < G * nj4; it += kSideThreads) {
-    const int t = it % G, jb = it / G;
+    const int jb = it / G, t = it - jb * G;
     const float* et = e_s + t * ES;
-    const float* uj = u_s + jb * 4;
+    const float* uj = u_s + jb * D * 4;
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-    for (int c = 0; c < D; c += 4) {
-      const float4 e4 = *reinterpret_cast<const float4*>(et + c);
-      const float ev[4] = {e4.x, e4.y, e4.z, e4.w};
+#pragma unroll 2
+    for (int c = 0; c < D; c += 8) {  // D % 8 == 0
+      const float4 e4a = *reinterpret_cast<const float4*>(et + c);
+      const float4 e4b = *reinterpret_cast<const float4*>(et + c + 4);
+      const float ev[8] = {e4a.x, e4a.y, e4a.z, e4a.w, e4b.x, e4b.y, e4b.z, e4b.w};
 #pragma unroll
-      for (int cc = 0; cc < 4; ++cc) {
-        const float4 u4 = *reinterpret_cast<const float4*>(uj + (c + cc) * R4);
+      for (int cc = 0; cc < 8; ++cc) {
+        const float4 u4 = *reinterpret_cast<const float4*>(uj + (c + cc) * 4);
         a0 = add_rn(a0, mul_rn(ev[cc], u4.x));
         a1 = add_rn(a1, mul_rn(ev[cc], u4.y));
         a2 = add_rn(a2, mul_rn(ev[cc], u4.z));
         a3 = add_rn(a3, mul_rn(ev[cc], u4.w));
       }
     }
-    const int j = jb * 4;
-    float* yt = y_s + t * r;
-    yt[j] = a0;
-    if (j + 1 < r) yt[j + 1] = a1;
-    if (j + 2 < r) yt[j + 2] = a2;
-    if (j + 3 < r) yt[j + 3] = a3;
-  }
-  __syncthreads();
-
-  for (int t = tid; t < G; t += kSideThreads) {
-    const float* yt = y_s + t * r;
-    float amax = fabsf(yt[0]);
-    for (int j = 1; j < r; ++j) amax = nan_max(amax, fabsf(yt[j]));
-    const uint16_t sbits = sym_scale_bits(amax, side_bits);
-    z_scale[bh * T + t0 + t] = __ushort_as_half(sbits);
-    zsc_s[t] = half_bits_to_float(sbits);
+    *reinterpret_cast<float4*>(y_s + t * R4 + jb * 4) = make_float4(a0, a1, a2, a3);
   }
   __syncthreads();
 
   const int zrowb = r * side_bits / 8;
-  uint8_t* zout = z_codes + (bh * T + t0) * zrowb;  // [G, zrowb], contiguous
-  for (int idx = tid; idx < G * zrowb; idx += kSideThreads) {
-    const int tt = idx / zrowb, jb = idx - tt * zrowb;
-    const float* yt = y_s + tt * r;
-    const float s = zsc_s[tt];
-    uint32_t byte;
-    if (side_bits == 8) {
-      byte = sym_code(yt[jb], s, 8);
-    } else {
-      byte = sym_code(yt[2 * jb], s, 4) | (sym_code(yt[2 * jb + 1], s, 4) << 4);
+  for (int t = tid; t < G; t += kSideThreads) {
+    const float* yt = y_s + t * R4;
+    float amax = fabsf(yt[0]);
+    for (int j = 1; j < r; ++j) amax = nan_max(amax, fabsf(yt[j]));
+    const uint16_t sbits = sym_scale_bits(amax, side_bits);
+    z_scale[bh * T + t0 + t] = __ushort_as_half(sbits);
+    const float s = half_bits_to_float(sbits);
+    const float rs = quant_rcp(s);
+    uint8_t* zout = z_codes + (bh * T + t0 + t) * zrowb;
+    // Bytes of the token's code row, gathered 4 at a time when the row is word aligned.
+    const bool words = (zrowb & 3) == 0 && (reinterpret_cast<uintptr_t>(zout) & 3) == 0;
+    for (int jb = 0; jb < zrowb; jb += 4) {
+      uint32_t word = 0;
+      const int nb = words ? 4 : (zrowb - jb < 4 ? zrowb - jb : 4);
+      for (int bb = 0; bb < nb; ++bb) {
+        const int byte_i = jb + bb;
+        uint32_t byte;
+        if (side_bits == 8) {
+          byte = sym_code_rcp(yt[byte_i], s, rs, 8);
+        } else {
+          byte = sym_code_rcp(yt[2 * byte_i], s, rs, 4) |
+                 (sym_code_rcp(yt[2 * byte_i + 1], s, rs, 4) << 4);
+        }
+        if (words) {
+          word |= byte << (8 * bb);
+        } else {
+          zout[byte_i] = static_cast<uint8_t>(byte);
+        }
+      }
+      if (words) *reinterpret_cast<uint32_t*>(zout + jb) = word;
     }
-    zout[idx] = static_cast<uint8_t>(byte);
   }
 }
 

@@ -393,19 +393,25 @@ cudaError_t launch_quantize_keys(const void* k, DType dtype, int64_t sb, int64_t
   const int64_t blocks = B * H * (T / G);
   if (blocks == 0) return cudaSuccess;
   {
+    // Fast path: grid (T/G, H, B), block (D/8, G/4); partial min/max [G/4, D] x 2 and the
+    // float32 scale, zero and reciprocal scale [D] x 3 in shared memory.
     const int64_t threads = (G / fastq::kKeyTok) * (D / 8);
-    const size_t fsmem = (2 * (G / fastq::kKeyTok) * D + 2 * D) * sizeof(float);
+    const size_t fsmem = (2 * (G / fastq::kKeyTok) * D + 3 * D) * sizeof(float);
     if (!use_old_impl() && D % 8 == 0 && G % fastq::kKeyTok == 0 && threads >= 32 &&
-        threads <= 512 && fsmem <= kFastSmemLimit && aligned_to(codes, 8)) {
+        threads <= 512 && fsmem <= kFastSmemLimit && aligned_to(codes, 8) && H <= 65535 &&
+        B <= 65535 && T / G <= 0x7fffffff && T <= 0x7fffffff) {
       const bool vec = vec_rows(k, dtype, sb, sh, st, sd);
+      const dim3 grid(static_cast<unsigned>(T / G), static_cast<unsigned>(H),
+                      static_cast<unsigned>(B));
+      const dim3 block(static_cast<unsigned>(D / 8), static_cast<unsigned>(G / fastq::kKeyTok));
       return with_dtype(dtype, [&](auto tag) {
         using E = decltype(tag);
         auto kernel = fastq::quantize_keys_fast<E>;
         cudaError_t err = allow_smem(kernel, fsmem);
         if (err != cudaSuccess) return err;
-        kernel<<<static_cast<unsigned>(blocks), static_cast<unsigned>(threads), fsmem, stream>>>(
-            static_cast<const E*>(k), sb, sh, st, sd, H, T, static_cast<int>(D), bits, G, vec,
-            codes, static_cast<__half*>(scale), static_cast<__half*>(zero));
+        kernel<<<grid, block, fsmem, stream>>>(
+            static_cast<const E*>(k), sb, sh, st, sd, static_cast<int>(T), static_cast<int>(D),
+            bits, G, vec, codes, static_cast<__half*>(scale), static_cast<__half*>(zero));
         return cudaGetLastError();
       });
     }
@@ -443,22 +449,25 @@ cudaError_t launch_quantize_values(const void* v, DType dtype, int64_t sb, int64
                                    cudaStream_t stream) {
   const int64_t nitems = B * H * T * (D / Gv);
   if (nitems == 0) return cudaSuccess;
-  if (!use_old_impl() && D % 8 == 0 && Gv % 8 == 0 && Gv / 8 <= 32 &&
-      ((Gv / 8) & (Gv / 8 - 1)) == 0 && D % Gv == 0 && aligned_to(codes, 8)) {
-    const int64_t total = B * H * T * (D / 8);
-    const int64_t per_block = fastq::kValThreads * fastq::kValPer;
-    const int64_t fblocks = ceil_div(total, per_block);
-    if (fblocks <= 0x7fffffff) {
-      const bool vec = vec_rows(v, dtype, sb, sh, st, sd);
-      return with_dtype(dtype, [&](auto tag) {
-        using E = decltype(tag);
-        fastq::quantize_values_fast<E>
-            <<<static_cast<unsigned>(fblocks), fastq::kValThreads, 0, stream>>>(
-                static_cast<const E*>(v), sb, sh, st, sd, H, T, static_cast<int>(D / 8), bits,
-                Gv, total, vec, codes, static_cast<__half*>(scale), static_cast<__half*>(zero));
-        return cudaGetLastError();
-      });
-    }
+  // Fast path: grid (ceil(T/by), H, B), block (D/32, by), each thread 32 channels of a token;
+  // a value group is Gv/32 (a power of two <= 32) consecutive threads.
+  const int64_t spr = D / 32;
+  const int64_t by = 32 * std::max<int64_t>(1, 8 / std::max<int64_t>(spr, 1));
+  if (!use_old_impl() && D % 32 == 0 && Gv % 32 == 0 && Gv / 32 <= 32 &&
+      ((Gv / 32) & (Gv / 32 - 1)) == 0 && D % Gv == 0 && spr * by <= 1024 &&
+      aligned_to(codes, 16) && H <= 65535 && B <= 65535 && T <= 0x7fffffff &&
+      ceil_div(T, by) <= 0x7fffffff) {
+    const bool vec = vec_rows(v, dtype, sb, sh, st, sd);
+    const dim3 grid(static_cast<unsigned>(ceil_div(T, by)), static_cast<unsigned>(H),
+                    static_cast<unsigned>(B));
+    const dim3 block(static_cast<unsigned>(spr), static_cast<unsigned>(by));
+    return with_dtype(dtype, [&](auto tag) {
+      using E = decltype(tag);
+      fastq::quantize_values_fast<E><<<grid, block, 0, stream>>>(
+          static_cast<const E*>(v), sb, sh, st, sd, static_cast<int>(T), static_cast<int>(D),
+          bits, Gv, vec, codes, static_cast<__half*>(scale), static_cast<__half*>(zero));
+      return cudaGetLastError();
+    });
   }
   const int64_t blocks = std::min<int64_t>(ceil_div(nitems, kThreads / 32), 1 << 20);
   return with_dtype(dtype, [&](auto tag) {
@@ -492,21 +501,25 @@ cudaError_t launch_side_code(const void* k, DType dtype, int64_t sb, int64_t sh,
   const int64_t blocks = B * H * (T / G);
   if (blocks == 0) return cudaSuccess;
   {
+    // Fast path: grid (T/G, H, B); residual [G, D+4], basis [D, R4], projections [G, R4],
+    // scale and zero [D] in shared memory.
     const int64_t R4 = (r + 3) / 4 * 4;
-    const size_t fsmem = (G * (D + 4) + D * R4 + G * r + G) * sizeof(float);
-    if (!use_old_impl() && D % 8 == 0 && fsmem <= kFastSmemLimit && aligned_to(k_codes, 8) &&
-        aligned_to(k_scale, 16) && aligned_to(k_zero, 16)) {
+    const size_t fsmem = (G * (D + 4) + D * R4 + G * R4 + 2 * D) * sizeof(float);
+    if (!use_old_impl() && D % 8 == 0 && G % 4 == 0 && fsmem <= kFastSmemLimit &&
+        aligned_to(k_codes, 8) && H <= 65535 && B <= 65535 && T <= 0x7fffffff) {
       const bool vec = vec_rows(k, dtype, sb, sh, st, sd);
+      const dim3 grid(static_cast<unsigned>(T / G), static_cast<unsigned>(H),
+                      static_cast<unsigned>(B));
       return with_dtype(dtype, [&](auto tag) {
         using E = decltype(tag);
         auto kernel = fastq::side_code_fast<E>;
         cudaError_t err = allow_smem(kernel, fsmem);
         if (err != cudaSuccess) return err;
-        kernel<<<static_cast<unsigned>(blocks), fastq::kSideThreads, fsmem, stream>>>(
+        kernel<<<grid, fastq::kSideThreads, fsmem, stream>>>(
             static_cast<const E*>(k), sb, sh, st, sd, vec, k_codes,
-            static_cast<const __half*>(k_scale), static_cast<const __half*>(k_zero), basis, H, T,
-            static_cast<int>(D), static_cast<int>(r), key_bits, G, side_bits, center, z_codes,
-            static_cast<__half*>(z_scale));
+            static_cast<const __half*>(k_scale), static_cast<const __half*>(k_zero), basis,
+            static_cast<int>(T), static_cast<int>(D), static_cast<int>(r), key_bits, G,
+            side_bits, center, z_codes, static_cast<__half*>(z_scale));
         return cudaGetLastError();
       });
     }

@@ -1,0 +1,125 @@
+"""CUDA quantisers bit for bit against the CPU kernels on adversarial inputs (GPU only).
+
+The CUDA quantise kernels (csrc/cuda/quant_fast.cuh) take shortcuts that are exact only by
+argument: a reciprocal instead of a division with an exact fallback near half-integers, a
+one-instruction NaN-propagating min/max with an ordered re-reduction when the extremum is NaN or
++-0. These tests feed exactly the inputs those arguments are about (quotients on and next to
+half-integers, -0.0 / +0.0 ties, NaN and inf, constant sets, subnormal and huge magnitudes) over
+the shapes, strides and dtypes the launchers route differently, and compare codes, scales and
+zeros with the CPU kernels (themselves bit-exact with the reference, tests/test_ops.py).
+Skipped without CUDA; recorded runs: benchmarks/results/gpu_quant.json.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from headq_torch import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _adversarial(shape, dtype, seed, kind):
+    """Random data with special values planted. kind picks the plant."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    flat = x.view(-1)
+    n = flat.numel()
+    idx = lambda frac: torch.randperm(n, generator=g)[: max(1, int(n * frac))]  # noqa: E731
+    if kind == "halfway":
+        # values on a grid of (k + 1/2) * s + z and one ulp either side: quotients at and next to
+        # half-integers, where only a correctly rounded division decides the code.
+        s = 0.37
+        k = torch.randint(0, 4, (n,), generator=g).float()
+        base = (k + 0.5) * s - 1.0
+        nudge = torch.randint(-1, 2, (n,), generator=g).float()
+        flat.copy_(torch.nextafter(base, base + nudge))  # nudge 0: on the half-integer
+        flat[idx(0.01)] = -1.0  # pin the minimum of most sets near z = -1
+    elif kind == "zeros":
+        flat[idx(0.3)] = 0.0
+        flat[idx(0.3)] = -0.0
+    elif kind == "nan":
+        flat[idx(0.002)] = float("nan")
+        flat[idx(0.002)] = float("inf")
+        flat[idx(0.002)] = float("-inf")
+    elif kind == "constant":
+        x.fill_(1.5)
+        flat[idx(0.01)] = -0.0
+    elif kind == "tiny":
+        x.mul_(1e-6)
+        flat[idx(0.05)] = 6e-8  # fp16 subnormal range
+    elif kind == "huge":
+        x.mul_(3e4)
+    return x.to(dtype)
+
+
+KINDS = ["plain", "halfway", "zeros", "nan", "constant", "tiny", "huge"]
+
+
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode()) % 10_000
+
+
+def _same(got, want, what):
+    for g, w, name in zip(got, want, ("codes", "scale", "zero")):
+        g = g.cpu()
+        assert g.dtype == w.dtype and g.shape == w.shape, f"{what}: {name} dtype/shape"
+        if g.is_floating_point():  # compare bit patterns (-0.0 vs +0.0 matters) ...
+            nan_g, nan_w = torch.isnan(g), torch.isnan(w)
+            assert torch.equal(nan_g, nan_w), f"{what}: {name} NaN positions differ"
+            # ... except a NaN's sign and payload: arithmetic on NaN/inf yields the hardware's
+            # default NaN (x86: negative 0xFFC00000, CUDA: positive), so a poisoned group's
+            # stored NaN may differ in those bits (docs/LAYOUT.md, NaN/Inf policy).
+            g = g.view(torch.int16).masked_fill(nan_g, 0)
+            w = w.view(torch.int16).masked_fill(nan_w, 0)
+        assert torch.equal(g, w), f"{what}: {name} differs from the CPU kernel"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantize_keys_cuda_exact(kind, dtype, bits):
+    for G, D, T, noncontig in ((64, 128, 192, False), (32, 64, 96, True), (128, 128, 128, False)):
+        seed = _seed(kind, bits, G, D)
+        if noncontig:
+            k = _adversarial((2, T, 3, D), dtype, seed, kind).transpose(1, 2)
+        else:
+            k = _adversarial((2, 3, T, D), dtype, seed, kind)
+        _same(ops.quantize_keys(k.cuda(), bits, G), ops.quantize_keys(k, bits, G),
+              f"keys {kind} G{G} D{D}")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_quantize_values_cuda_exact(kind, dtype, bits):
+    for Gv, D, T, noncontig in ((64, 128, 77, False), (32, 64, 5, True), (128, 128, 33, False),
+                                (32, 128, 1, False), (64, 64, 130, True)):
+        seed = _seed(kind, bits, Gv, D, T)
+        if noncontig:
+            v = _adversarial((2, T, 3, D), dtype, seed, kind).transpose(1, 2)
+        else:
+            v = _adversarial((2, 3, T, D), dtype, seed, kind)
+        _same(ops.quantize_values(v.cuda(), bits, Gv), ops.quantize_values(v, bits, Gv),
+              f"values {kind} Gv{Gv} D{D} T{T}")
+
+
+@pytest.mark.parametrize("kind", ["plain", "halfway", "zeros", "nan", "constant", "tiny"])
+@pytest.mark.parametrize("side_bits", [4, 8])
+@pytest.mark.parametrize("center", [False, True])
+def test_side_code_cuda_exact(kind, side_bits, center):
+    for D, r, G, kbits in ((128, 8, 64, 2), (64, 4, 32, 3), (128, 16, 128, 4), (64, 12, 64, 2)):
+        seed = _seed(kind, side_bits, D, r)
+        k = _adversarial((2, 3, 2 * G, D), torch.float16, seed, kind)
+        g = torch.Generator().manual_seed(seed)
+        basis = torch.linalg.qr(torch.randn(3, D, r, generator=g, dtype=torch.float64))[0].float()
+        kc = ops.quantize_keys(k, kbits, G)
+        want = ops.side_code(k, *kc, basis, kbits, G, side_bits, center)
+        got = ops.side_code(k.cuda(), *(t.cuda() for t in kc), basis.cuda(), kbits, G,
+                            side_bits, center)
+        _same(got, want, f"side code {kind} D{D} r{r}")
