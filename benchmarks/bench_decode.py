@@ -28,7 +28,7 @@ or both: the check grid runs once per kernel and the timing table gets a row for
   python benchmarks/bench_decode.py --check --impl both --contexts 4096,32768
   python benchmarks/bench_decode.py --contexts 4096,16384,32768,131072 --out benchmarks/results/gpu_decode.json
 
---variants base,ring4,ring5,lean runs the check grid and the timings once per configuration of the
+--variants base,ring4,ring5,lean,fixed runs the check grid and the timings once per configuration of the
 tensor-core kernel (HEADQ_MMA_VARIANT, read by the op at every call; see decode_mma.cu) for the
 mma / auto impls; rows are labelled impl:variant. Any failing case of any variant fails the run.
 
@@ -423,7 +423,7 @@ def main() -> int:
                     help="decode split kernel (HEADQ_DECODE_IMPL); both: check and time each")
     ap.add_argument("--variants", default="",
                     help="comma list of tensor-core kernel configurations (HEADQ_MMA_VARIANT: "
-                         "base, ring4, ring5, lean, default) to check and time one after another")
+                         "base, ring4, ring5, lean, fixed, default) to check and time one after another")
     ap.add_argument("--lib", default=None, help="path of a built _C .so to load instead of headq_torch")
     ap.add_argument("--out", default="benchmarks/results/gpu_decode.json")
     args = ap.parse_args()

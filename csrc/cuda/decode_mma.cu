@@ -46,14 +46,15 @@
 // 1 HMMA) + 4 LDS.128), side code ~12, logit epilogue ~16, P' fragments ~45 (hi/lo split,
 // movmatrix, z_v and l sums), value codes ~80 (8 m-tiles x (4 PRMT + 4 LOP3 + 1 HMMA) + 8 LDS.128),
 // plus per 64-token sub-tile ~250 for the Q' fragments, q.z, the softmax and the P' power of two.
-// The SASS of the hot loop (sm_90, nvcc 13.0) has ~1.55k instructions per warp per 64-token
-// sub-tile, ~24 per token per KV head vs ~60 for the SIMT kernel: at 132 SMs x 4 schedulers
-// x ~1.9 GHz, 32k tokens x 64 (b, h) need ~50 us of issue, about the ~45 us of moving 189 MB at
-// copy bandwidth.
+// Measured (ncu, 32k, H200): lean executes ~1,835 warp instructions per 64-token sub-tile (28.7
+// per token per KV head: staging address math ~20%, masks, runtime format switches, a hot loop
+// of ~6k SASS instructions that misses the instruction cache); fixed ~1,480 (23.1) at 113.5 us.
+// At ~1.9 IPC per SM that, not the ~45 us of moving 189 MB at copy bandwidth, sets the time.
 //
 // Instantiations: D in {64, 128} x NT in {1, 2} for variant 0 (base) plus D in {64, 128} x NT = 1
-// for the ring4 / ring5 / lean variants (mma_min_blocks, HEADQ_MMA_VARIANT) = 10 kernels. Key bits, value bits x value groups
-// per head (templated inner phases) are warp-uniform runtime switches per sub-tile.
+// for the ring4 / ring5 / lean / fixed variants (mma_min_blocks, HEADQ_MMA_VARIANT) = 12 kernels.
+// Key bits, value bits x value groups per head (templated inner phases) are warp-uniform runtime
+// switches per sub-tile, except in "fixed", where they are constants.
 
 #include <algorithm>
 #include <cstring>
@@ -78,6 +79,12 @@ constexpr int kCodeShift = 24;  // codes enter the mma as fp16 subnormals: code 
 #endif
 
 __host__ __device__ constexpr int al16(int x) { return (x + 15) & ~15; }
+
+// uint2 slots per (head tile, k-block) row of the per-warp Q' fragments: the 32 lane slots plus
+// 4 of padding, so that build_qfrag's stores (8 k-blocks x 4 lanes per instruction, rows apart)
+// take the minimum 2 wavefronts instead of 8 (an unpadded row is 256 B: every k-block on the
+// same banks). load_kf still reads 32 consecutive slots.
+constexpr int kQfRow = 36;
 
 // Channel (within a 16-channel key block) of k-index k, and the bit position (within its 16-bit
 // half word) at which the lane finds its code. Lane t (= lane % 4) owns k = 2t, 2t+1 (a0/b0) and
@@ -128,17 +135,48 @@ struct MmaSmem {
 //              one byte: channels 4(gid>>1) + 2(gid&1) + {0, 1}, per-row output powers of two)
 //              and, for sub-tiles with no masked token, the P' power of two from one LDS.64 +
 //              HMNMX2 per lane instead of 8 row loads.
-constexpr int kMmaVariants = 4;
-constexpr int kMmaDefaultVariant = 3;  // lean: 137.5 us vs ring4 143.1 us at 32k on the H200 (gpu_decode.json)
+//   4 "fixed": lean compiled for one cache format, the library's default: 2-bit keys in groups
+//              of 64 tokens, 2-bit values in groups of 64 channels, an 8-bit rank-8 side code
+//              (mma_fixed_ok). Every size, offset and loop bound of the format is then a
+//              compile-time constant: full tiles are staged by unrolled cp.async with constant
+//              offsets, the runtime format switches and their code paths disappear (a hot loop
+//              about a third of lean's, which thrashed the instruction cache), group indices
+//              are shifts. Other formats run lean.
+//              Measured at 32k (gpu_decode.json): 118 us vs lean's 148 us; at >= 5 blocks/SM
+//              (96 registers, spills) it took 123 us.
+constexpr int kMmaVariants = 5;
+constexpr int kMmaFixed = 4;
+constexpr int kMmaDefaultVariant = kMmaFixed;  // fixed where the format allows, else lean (plan_decode_mma)
 __host__ __device__ constexpr bool mma_ring(int V) { return V != 0; }
-__host__ __device__ constexpr bool mma_lean(int V) { return V == 3; }
+__host__ __device__ constexpr bool mma_lean(int V) { return V >= 3; }
+__host__ __device__ constexpr bool mma_fixed(int V) { return V == kMmaFixed; }
 __host__ __device__ constexpr int mma_min_blocks(int NT, int V) {
-  return NT == 2 ? 2 : (V == 0 ? 3 : (V == 1 || V == 3 ? 4 : 5));
+  return NT == 2 ? 2 : (V == 0 ? 3 : (V == 2 ? 5 : 4));
 }
 
-__host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool ring) {
+// The format compiled into the "fixed" variant.
+constexpr int kFixKBits = 2, kFixG = 64, kFixVBits = 2, kFixGv = 64, kFixZBits = 8, kFixR = 8;
+__host__ __device__ inline bool mma_fixed_ok(const DecodeParams& p) {
+  return p.kbits == kFixKBits && p.G == kFixG && p.vbits == kFixVBits && p.Gv == kFixGv &&
+         p.z_codes.p != nullptr && p.zbits == kFixZBits && p.r == kFixR;
+}
+// p with the fixed format's fields as constants (the compiler folds them through every use).
+template <int D>
+__device__ __forceinline__ DecodeParams fix_params(const DecodeParams& p) {
+  DecodeParams f = p;
+  f.D = D;
+  f.kbits = kFixKBits;
+  f.G = kFixG;
+  f.vbits = kFixVBits;
+  f.Gv = kFixGv;
+  f.zbits = kFixZBits;
+  f.r = kFixR;
+  return f;
+}
+
+__host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool ring, bool fixed) {
   const int D = p.D, NG = 4 * NT;
-  const bool side = p.z_codes.p != nullptr;
+  const bool side = fixed || p.z_codes.p != nullptr;
   const int ngv = D / p.Gv;
   const int gpt = kTileM / p.G;
   MmaSmem s;
@@ -149,7 +187,7 @@ __host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool 
   s.qu = o;    o += al16(NG * (side ? p.r : 1) * 4);
   s.hexp = o;  o += al16(NG * 4);
   s.slots = p.G == 32 ? 2 : 1;
-  s.qfrag = o; o += kWarpsM * s.slots * NT * (D / 16) * 32 * 8;
+  s.qfrag = o; o += kWarpsM * s.slots * NT * (D / 16) * kQfRow * 8;
   int b = 0;
   s.kc = b; b += al16(kTileM * D * p.kbits / 8);
   s.ks = b; b += al16(gpt * D * 2);
@@ -170,6 +208,18 @@ __host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool 
 }
 
 // --------------------------------------------------------------------------- small helpers ---
+// block_copy_async of a compile-time byte count (a multiple of 16): unrolled, constant offsets.
+template <int NBYTES>
+__device__ __forceinline__ void block_copy_async_n(unsigned char* dst, const char* src, int tid) {
+  static_assert(NBYTES % 16 == 0, "whole 16-byte chunks");
+  constexpr int kChunks = NBYTES / 16;
+#pragma unroll
+  for (int i = 0; i < (kChunks + kThreadsM - 1) / kThreadsM; ++i) {
+    const int off = (i * kThreadsM + tid) * 16;
+    if (kChunks % kThreadsM == 0 || off < NBYTES) cp_async16(dst + off, src + off);
+  }
+}
+
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                          uint32_t a3, uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -283,7 +333,7 @@ __device__ __forceinline__ float build_qfrag(const __half* ksg,  // smem [D] f16
       const float2 qb = *reinterpret_cast<const float2*>(qr + 8);
       const float v0 = qa.x * s[0], v1 = qa.y * s[1], v2 = qb.x * s[2], v3 = qb.y * s[3];
       const float h0 = hi11(v0), h1 = hi11(v1), h2 = hi11(v2), h3 = hi11(v3);
-      uint2* d = dst + ((hh >> 2) * NKB + kb) * 32 + tt;
+      uint2* d = dst + ((hh >> 2) * NKB + kb) * kQfRow + tt;
       d[(2 * (hh & 3)) * 4] = make_uint2(pack_h2(h0, h1), pack_h2(h2, h3));
       d[(2 * (hh & 3) + 1) * 4] = make_uint2(pack_h2(v0 - h0, v1 - h1), pack_h2(v2 - h2, v3 - h3));
     }
@@ -321,7 +371,7 @@ __device__ __forceinline__ void load_kf(const uint2* qf, uint32_t (&kf)[NT][D / 
   for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
     for (int kb = 0; kb < D / 16; ++kb) {
-      const uint2 u = qf[(nt * (D / 16) + kb) * 32 + lane];
+      const uint2 u = qf[(nt * (D / 16) + kb) * kQfRow + lane];
       kf[nt][kb][0] = u.x;
       kf[nt][kb][1] = u.y;
     }
@@ -352,7 +402,7 @@ __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<N
     for (int nt = 0; nt < NT; ++nt) qz[s][nt] = 0.0f;
     if (s < nslot) {
       const int gl = (tl0 + 32 * s) >> (p.G == 32 ? 5 : (p.G == 64 ? 6 : 7));  // tiles are group-aligned
-      fg[s] = build_qfrag<D, NT, KB>(ks_t + gl * D, qk, qf + s * NT * NKB * 32, c.lane);
+      fg[s] = build_qfrag<D, NT, KB>(ks_t + gl * D, qk, qf + s * NT * NKB * kQfRow, c.lane);
       qz_mma<D, NT>(kz_t + gl * D, qzf, c.lane, qz[s]);
     }
   }
@@ -365,9 +415,9 @@ __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<N
   for (int mt = 0; mt < 4; ++mt) {
     const bool second = nslot == 2 && mt >= 2;
     if constexpr (KFREG) {
-      if (nslot == 2 && mt == 2) load_kf<D, NT>(qf + NT * NKB * 32, kf, c.lane);
+      if (nslot == 2 && mt == 2) load_kf<D, NT>(qf + NT * NKB * kQfRow, kf, c.lane);
     }
-    const uint2* qfm = qf + (second ? NT * NKB * 32 : 0) + c.lane;
+    const uint2* qfm = qf + (second ? NT * NKB * kQfRow : 0) + c.lane;
     const float fgm = second ? fg[1] : fg[0];
     const int ra = tl0 + 16 * mt + c.gid, rb = ra + 8;
     uint32_t wa[NKB], wb[NKB];
@@ -402,7 +452,7 @@ __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<N
         if constexpr (KFREG) {
           mma16816(ck[kb & 1][nt], a0, a1, a2, a3, kf[nt][kb][0], kf[nt][kb][1]);
         } else {
-          const uint2 u = qfm[(nt * NKB + kb) * 32];
+          const uint2 u = qfm[(nt * NKB + kb) * kQfRow];
           mma16816(ck[kb & 1][nt], a0, a1, a2, a3, u.x, u.y);
         }
       }
@@ -443,8 +493,10 @@ __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<N
         xb[nt] = fmaf(zsb, fmaf(cs[nt][2] + cs[nt][3], c.fsd[nt], -c.szd[nt]), xb[nt]);
       }
     }
-    const bool va = tok0 + ra >= lo && tok0 + ra < hi;
-    const bool vb = tok0 + rb >= lo && tok0 + rb < hi;
+    // lo <= tok0 + row < hi as one unsigned compare (hi - lo >= 0 is clamped)
+    const unsigned span = static_cast<unsigned>(max(hi - lo, 0));
+    const bool va = static_cast<unsigned>(tok0 + ra - lo) < span;
+    const bool vb = static_cast<unsigned>(tok0 + rb - lo) < span;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       x[nt][2 * mt] = va ? xa[nt] : -INFINITY;
@@ -484,7 +536,9 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
   constexpr int NKB = D / 16, NGV = NKB / MPG, VROWB = D * VB / 8, NCH = VROWB / 16;
   const __half* vs_t = reinterpret_cast<const __half*>(sb + L.vs);  // [tokens][NGV]
   const __half* vz_t = reinterpret_cast<const __half*>(sb + L.vz);
-  auto valid_row = [&](int row) { return tok0 + row >= lo && tok0 + row < hi; };
+  const unsigned span = static_cast<unsigned>(max(hi - lo, 0));
+  const int row_lo = lo - tok0;
+  auto valid_row = [&](int row) { return static_cast<unsigned>(row - row_lo) < span; };
 
   // Power of two of P' for this sub-tile: the largest visible value scale times 2^kv < 2^15.
   float vmax = 0.0f;
@@ -621,14 +675,20 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
 // shape), 2 for NT = 2 (64 accumulators + 32 fragment registers per lane).
 template <int D, int NT, int V>
 __global__ void __launch_bounds__(kThreadsM, mma_min_blocks(NT, V))
-decode_mma_kernel(const DecodeParams p) {
+decode_mma_kernel(const DecodeParams p_in) {
+  constexpr bool kFix = mma_fixed(V);
+  // Other variants read p_in directly (a local copy costs them registers: ptxas keeps the
+  // copied fields live instead of reloading them from the parameter bank).
+  DecodeParams pfix;
+  if constexpr (kFix) pfix = fix_params<D>(p_in);
+  const DecodeParams& p = kFix ? pfix : p_in;
   constexpr int NG = 4 * NT;
   constexpr int NKB = D / 16;
   constexpr int NGVMAX = D / 32;
   constexpr bool kRing = mma_ring(V);
   constexpr bool kLean = mma_lean(V);
   extern __shared__ __align__(16) unsigned char smem[];
-  const MmaSmem L = mma_smem(p, NT, kRing);
+  const MmaSmem L = mma_smem(p, NT, kRing, kFix);
   float* qn = reinterpret_cast<float*>(smem + L.qn);     // [NG][D]
   float* qk = reinterpret_cast<float*>(smem + L.qk);     // [NG][D] k-order
   uint2* qzf = reinterpret_cast<uint2*>(smem + L.qzf);   // [NT][NKB][32]
@@ -644,8 +704,8 @@ decode_mma_kernel(const DecodeParams p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int nq = min(max(p.n_quant[b], 0), p.Tq);
   const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
-  const bool side = p.z_codes.p != nullptr;
-  uint2* qf = reinterpret_cast<uint2*>(smem + L.qfrag) + warp * L.slots * NT * NKB * 32;
+  const bool side = kFix || p.z_codes.p != nullptr;  // fixed: launched only with a side code
+  uint2* qf = reinterpret_cast<uint2*>(smem + L.qfrag) + warp * L.slots * NT * NKB * kQfRow;
 
   const int s0 = split * p.chunk_tokens;
   const int s1 = min(s0 + p.chunk_tokens, nq);
@@ -816,6 +876,19 @@ decode_mma_kernel(const DecodeParams p) {
       const int tc = staged_end(t0);
       const int n = tc - t0;
       unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
+      if constexpr (kFix) {
+        if (n == kTileM) {  // a full, group-aligned tile: constant sizes
+          constexpr int kKrow = D * kFixKBits / 8, kZrow = kFixR * kFixZBits / 8;
+          constexpr int kGroups = kTileM / kFixG;
+          const int g0 = t0 / kFixG;
+          block_copy_async_n<kTileM * kKrow>(sb + L.kc, kc_g + static_cast<int64_t>(t0) * kKrow, tid);
+          block_copy_async_n<kGroups * D * 2>(sb + L.ks, ks_g + static_cast<int64_t>(g0) * D * 2, tid);
+          block_copy_async_n<kGroups * D * 2>(sb + L.kz, kz_g + static_cast<int64_t>(g0) * D * 2, tid);
+          block_copy_async_n<kTileM * kZrow>(sb + L.zc, zc_g + static_cast<int64_t>(t0) * kZrow, tid);
+          block_copy_async_n<kTileM * 2>(sb + L.zs, zs_g + static_cast<int64_t>(t0) * 2, tid);
+          return;
+        }
+      }
       block_copy_async(sb + L.kc, kc_g + static_cast<int64_t>(t0) * krowb,
                        static_cast<int64_t>(n) * krowb, tid, kThreadsM);
       const int g0 = t0 / p.G, g1 = (tc + p.G - 1) / p.G;
@@ -833,6 +906,15 @@ decode_mma_kernel(const DecodeParams p) {
     auto stage_values = [&](int t0, int buf) {  // value codes, scales, zeros
       const int n = staged_end(t0) - t0;
       unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
+      if constexpr (kFix) {
+        if (n == kTileM) {
+          constexpr int kVrow = D * kFixVBits / 8, kNgv = D / kFixGv;
+          block_copy_async_n<kTileM * kVrow>(sb + L.vc, vc_g + static_cast<int64_t>(t0) * kVrow, tid);
+          block_copy_async_n<kTileM * kNgv * 2>(sb + L.vs, vs_g + static_cast<int64_t>(t0) * kNgv * 2, tid);
+          block_copy_async_n<kTileM * kNgv * 2>(sb + L.vz, vz_g + static_cast<int64_t>(t0) * kNgv * 2, tid);
+          return;
+        }
+      }
       block_copy_async(sb + L.vc, vc_g + static_cast<int64_t>(t0) * vrowb,
                        static_cast<int64_t>(n) * vrowb, tid, kThreadsM);
       block_copy_async(sb + L.vs, vs_g + static_cast<int64_t>(t0) * ngv * 2,
@@ -1006,7 +1088,7 @@ cudaError_t set_smem_attr(size_t smem) {
 }
 
 // f(D, NT, V) with the configuration's compile-time constants. NT = 2 always runs variant 0;
-// D = 64 and 128 with NT = 1 have all variants: 8 instantiations.
+// D = 64 and 128 with NT = 1 have all variants: 12 instantiations.
 template <typename F>
 cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
   using I64 = std::integral_constant<int, 64>;
@@ -1017,6 +1099,7 @@ cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
   using V1 = std::integral_constant<int, 1>;
   using V2 = std::integral_constant<int, 2>;
   using V3 = std::integral_constant<int, 3>;
+  using V4 = std::integral_constant<int, 4>;
   if (NT == 2) {
     if (D == 64) return f(I64{}, N2{}, V0{});
     if (D == 128) return f(I128{}, N2{}, V0{});
@@ -1027,12 +1110,14 @@ cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
     if (V == 1) return f(I64{}, N1{}, V1{});
     if (V == 2) return f(I64{}, N1{}, V2{});
     if (V == 3) return f(I64{}, N1{}, V3{});
+    if (V == 4) return f(I64{}, N1{}, V4{});
     return f(I64{}, N1{}, V0{});
   }
   if (D == 128) {
     if (V == 1) return f(I128{}, N1{}, V1{});
     if (V == 2) return f(I128{}, N1{}, V2{});
     if (V == 3) return f(I128{}, N1{}, V3{});
+    if (V == 4) return f(I128{}, N1{}, V4{});
     return f(I128{}, N1{}, V0{});
   }
   return cudaErrorInvalidValue;  // unsupported by the tensor-core kernel (decode_mma_supported)
@@ -1057,7 +1142,7 @@ bool decode_mma_supported(const DecodeParams& p) {
 
 int decode_mma_variant(const char* name) {
   if (name == nullptr || name[0] == '\0' || std::strcmp(name, "default") == 0) return kMmaDefaultVariant;
-  static const char* const names[kMmaVariants] = {"base", "ring4", "ring5", "lean"};
+  static const char* const names[kMmaVariants] = {"base", "ring4", "ring5", "lean", "fixed"};
   for (int v = 0; v < kMmaVariants; ++v) {
     if (std::strcmp(name, names[v]) == 0) return v;
   }
@@ -1068,10 +1153,11 @@ cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, De
   DecodePlan pl{};
   const int NT = p.ratio <= 4 ? 1 : 2;
   if (variant < 0 || variant >= kMmaVariants) return cudaErrorInvalidValue;
+  if (mma_fixed(variant) && !mma_fixed_ok(p)) variant = 3;  // another format: lean
   pl.variant = NT == 2 ? 0 : variant;
   pl.ng = 4 * NT;
   pl.nchunk = (p.ratio + pl.ng - 1) / pl.ng;
-  pl.smem = static_cast<size_t>(mma_smem(p, NT, mma_ring(pl.variant)).total);
+  pl.smem = static_cast<size_t>(mma_smem(p, NT, mma_ring(pl.variant), mma_fixed(pl.variant)).total);
   int per_sm = 1;
   const cudaError_t err = with_mma_shape(p.D, NT, pl.variant, [&](auto d, auto nt, auto v) {
     constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value, Vv = decltype(v)::value;
