@@ -1,7 +1,9 @@
-"""Plot the recorded GPU decode benchmark (benchmarks/results/gpu_decode.json) as time per
-decode step vs context, and achieved bandwidth vs the measured copy bandwidth.
+"""Plot the recorded GPU benchmarks: the decode benchmark (benchmarks/results/gpu_decode.json) as
+time per decode step vs context and achieved bandwidth vs the measured copy bandwidth, and the
+quantise + pack benchmark (gpu_quant.json) as GB/s per op and token count, current kernels
+against the earlier ones.
 
-    python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png
+    python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png, gpu_quant.png
 """
 
 from __future__ import annotations
@@ -54,6 +56,32 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "gpu_decode.png", dpi=110)
     print("wrote", RESULTS / "gpu_decode.png")
+    plot_quant()
+
+
+def plot_quant() -> None:
+    q = json.loads((RESULTS / "gpu_quant.json").read_text())
+    ops = ["quantize_keys", "side_code", "quantize_values", "append_all"]
+    runs = [("current kernels", q["rows"])]
+    for run in q.get("earlier_kernels", [])[:1]:
+        runs.append(("previous kernels", run["rows"]))
+    big = max(r["tokens"] for r in q["rows"])
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    width = 0.8 / len(runs)
+    for i, (name, rows) in enumerate(runs):
+        row = next(r for r in rows if r["tokens"] == big)
+        ax.bar([j + i * width for j in range(len(ops))], [row[o]["gbs"] for o in ops], width,
+               label=name)
+    ax.axhline(q["copy_gbs"], ls="--", color="k", label=f"copy bandwidth {q['copy_gbs']:.0f} GB/s")
+    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(ops))])
+    ax.set_xticklabels(["keys", "side code", "values", "all three"])
+    ax.set_ylabel("GB/s (read + written)")
+    ax.set_title(f"quantise + pack, {big} tokens x batch 8 x 8 heads, D=128, {q.get('device', '')}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gpu_quant.png", dpi=110)
+    print("wrote", RESULTS / "gpu_quant.png")
 
 
 if __name__ == "__main__":
