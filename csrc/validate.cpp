@@ -276,6 +276,49 @@ void validate_dequantize_side(const at::Tensor& z_codes, const at::Tensor& z_sca
   check_device(op, "z_scale", z_scale, "z_codes", z_codes);
 }
 
+namespace {
+
+// The checks corrected_logits and decode_attention share: the query (q_dims dimensions, head dim
+// last), the key codes with their scales/zeros, the side code, sign and scale.
+struct QueryKeyShape {
+  int64_t B, Hq, D, H, T;
+};
+
+QueryKeyShape check_query_keys(const char* op, const at::Tensor& q, int64_t q_dims,
+                               const char* q_layout, const at::Tensor& k_codes,
+                               const at::Tensor& k_scale, const at::Tensor& k_zero,
+                               const std::optional<at::Tensor>& z_codes,
+                               const std::optional<at::Tensor>& z_scale,
+                               const std::optional<at::Tensor>& basis, int64_t key_bits,
+                               int64_t group_size, int64_t side_bits, double sign, double scale) {
+  check_dims(op, "q", q, q_dims, q_layout);
+  check_float(op, "q", q);
+  check_not_empty(op, "q", q);
+  check_bits(op, "key_bits", key_bits);
+  check_group(op, "group_size", group_size);
+  check_finite(op, "sign", sign);
+  check_finite(op, "scale", scale);
+  QueryKeyShape s{};
+  s.B = q.size(0);
+  s.Hq = q.size(1);
+  s.D = q.size(q_dims - 1);
+  check_head_dim(op, s.D);
+  check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
+  s.H = k_codes.size(1);
+  s.T = k_codes.size(2);
+  TORCH_CHECK(s.H >= 1 && s.Hq % s.H == 0, op, ": query heads (", s.Hq,
+              ") must be a multiple of KV heads (", s.H, ")");
+  check_token_groups(op, s.T, group_size);
+  check_key_codes(op, k_codes, k_scale, k_zero, s.B, s.H, s.T, s.D, key_bits, group_size);
+  check_device(op, "k_codes", k_codes, "q", q);
+  check_device(op, "k_scale", k_scale, "q", q);
+  check_device(op, "k_zero", k_zero, "q", q);
+  check_side(op, z_codes, z_scale, basis, s.B, s.H, s.T, s.D, side_bits, q);
+  return s;
+}
+
+}  // namespace
+
 void validate_corrected_logits(const at::Tensor& q, const at::Tensor& k_codes,
                                const at::Tensor& k_scale, const at::Tensor& k_zero,
                                const std::optional<at::Tensor>& z_codes,
@@ -283,26 +326,9 @@ void validate_corrected_logits(const at::Tensor& q, const at::Tensor& k_codes,
                                const std::optional<at::Tensor>& basis, int64_t key_bits,
                                int64_t group_size, int64_t side_bits, double sign,
                                double scale) {
-  const char* op = "corrected_logits";
-  check_dims(op, "q", q, 4, "[batch, query_heads, query_len, head_dim]");
-  check_float(op, "q", q);
-  check_not_empty(op, "q", q);
-  check_bits(op, "key_bits", key_bits);
-  check_group(op, "group_size", group_size);
-  check_finite(op, "sign", sign);
-  check_finite(op, "scale", scale);
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3);
-  check_head_dim(op, D);
-  check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
-  const int64_t H = k_codes.size(1), T = k_codes.size(2);
-  TORCH_CHECK(H >= 1 && Hq % H == 0, op, ": query heads (", Hq,
-              ") must be a multiple of KV heads (", H, ")");
-  check_token_groups(op, T, group_size);
-  check_key_codes(op, k_codes, k_scale, k_zero, B, H, T, D, key_bits, group_size);
-  check_device(op, "k_codes", k_codes, "q", q);
-  check_device(op, "k_scale", k_scale, "q", q);
-  check_device(op, "k_zero", k_zero, "q", q);
-  check_side(op, z_codes, z_scale, basis, B, H, T, D, side_bits, q);
+  check_query_keys("corrected_logits", q, 4, "[batch, query_heads, query_len, head_dim]",
+                   k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits, group_size,
+                   side_bits, sign, scale);
 }
 
 void validate_decode_attention(
@@ -317,26 +343,10 @@ void validate_decode_attention(
     int64_t group_size, int64_t side_bits, int64_t value_bits, int64_t value_group_size,
     double sign, double scale) {
   const char* op = "decode_attention";
-  check_dims(op, "q", q, 3, "[batch, query_heads, head_dim]");
-  check_float(op, "q", q);
-  check_not_empty(op, "q", q);
-  check_bits(op, "key_bits", key_bits);
-  check_group(op, "group_size", group_size);
-  check_finite(op, "sign", sign);
-  check_finite(op, "scale", scale);
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  check_head_dim(op, D);
-
-  check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
-  const int64_t H = k_codes.size(1), Tq = k_codes.size(2);
-  TORCH_CHECK(H >= 1 && Hq % H == 0, op, ": query heads (", Hq,
-              ") must be a multiple of KV heads (", H, ")");
-  check_token_groups(op, Tq, group_size);
-  check_key_codes(op, k_codes, k_scale, k_zero, B, H, Tq, D, key_bits, group_size);
-  check_device(op, "k_codes", k_codes, "q", q);
-  check_device(op, "k_scale", k_scale, "q", q);
-  check_device(op, "k_zero", k_zero, "q", q);
-  check_side(op, z_codes, z_scale, basis, B, H, Tq, D, side_bits, q);
+  const QueryKeyShape qk =
+      check_query_keys(op, q, 3, "[batch, query_heads, head_dim]", k_codes, k_scale, k_zero,
+                       z_codes, z_scale, basis, key_bits, group_size, side_bits, sign, scale);
+  const int64_t B = qk.B, D = qk.D, H = qk.H, Tq = qk.T;
 
   TORCH_CHECK(v_codes.has_value() != v_dense.has_value(), op,
               ": exactly one of v_codes and v_dense must be given, got ",
