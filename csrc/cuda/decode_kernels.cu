@@ -827,28 +827,11 @@ cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePla
   // One full wave of resident blocks over the (b, kv head, head chunk) pairs.
   const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl.nchunk;
   const int64_t target = static_cast<int64_t>(sm_count) * per_sm;
-  const int tiles = (p.Tq + kTile - 1) / kTile;
-  // Round down: one block more than fits would start a second, nearly empty wave that
-  // doubles the step time (e.g. 9 splits x 64 pairs = 576 > 528 resident blocks).
-  const int want = static_cast<int>(std::max<int64_t>(1, target / pairs));
-  if (tiles > 0) {
-    const int sq = std::min(want, tiles);
-    const int chunk_tiles = (tiles + sq - 1) / sq;
-    pl.chunk_tokens = chunk_tiles * kTile;
-    pl.Sq = (tiles + chunk_tiles - 1) / chunk_tiles;
-  } else {
-    pl.chunk_tokens = kTile;
-    pl.Sq = 0;
-  }
-  if (p.W > 0) {
-    const int wtiles = (p.W + kTile - 1) / kTile;
-    const int wchunk_tiles = std::max(1, std::min(wtiles, pl.chunk_tokens / kTile));
-    pl.wchunk = wchunk_tiles * kTile;
-    pl.Sw = (p.W + pl.wchunk - 1) / pl.wchunk;
-  } else {
-    pl.wchunk = kTile;
-    pl.Sw = 0;
-  }
+  const SplitPlan sp = plan_splits(p.Tq, p.W, pairs, target, kTile, kTile);
+  pl.chunk_tokens = sp.chunk_tokens;
+  pl.Sq = sp.Sq;
+  pl.wchunk = sp.wchunk;
+  pl.Sw = sp.Sw;
   *plan = pl;
   return cudaSuccess;
 }

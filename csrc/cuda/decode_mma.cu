@@ -1172,26 +1172,11 @@ cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, De
   // in plan_decode_attention: one block too many starts a second, nearly empty wave).
   const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl.nchunk;
   const int64_t target = static_cast<int64_t>(sm_count) * per_sm;
-  const int tiles = (p.Tq + kTileM - 1) / kTileM;
-  const int want = static_cast<int>(std::max<int64_t>(1, target / std::max<int64_t>(pairs, 1)));
-  if (tiles > 0) {
-    const int sq = std::min(want, tiles);
-    const int chunk_tiles = (tiles + sq - 1) / sq;
-    pl.chunk_tokens = chunk_tiles * kTileM;
-    pl.Sq = (tiles + chunk_tiles - 1) / chunk_tiles;
-  } else {
-    pl.chunk_tokens = kTileM;
-    pl.Sq = 0;
-  }
-  if (p.W > 0) {  // window splits, run by the SIMT kernel in its 128-token tiles
-    const int wtiles = (p.W + kSimtTile - 1) / kSimtTile;
-    const int wchunk_tiles = std::max(1, std::min(wtiles, pl.chunk_tokens / kSimtTile));
-    pl.wchunk = wchunk_tiles * kSimtTile;
-    pl.Sw = (p.W + pl.wchunk - 1) / pl.wchunk;
-  } else {
-    pl.wchunk = kSimtTile;
-    pl.Sw = 0;
-  }
+  const SplitPlan sp = plan_splits(p.Tq, p.W, pairs, target, kTileM, kSimtTile);
+  pl.chunk_tokens = sp.chunk_tokens;
+  pl.Sq = sp.Sq;
+  pl.wchunk = sp.wchunk;
+  pl.Sw = sp.Sw;
   *plan = pl;
   return cudaSuccess;
 }

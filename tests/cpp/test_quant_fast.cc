@@ -34,8 +34,6 @@ std::vector<float> edge_values() {
   return v;
 }
 
-uint32_t ref_asym(float x, float s, float z, int bits) { return asym_code(x, s, z, bits); }
-
 void expect_asym(float x, float s, float z, int bits) {
   const uint32_t want = asym_code(x, s, z, bits);
   const uint32_t got = asym_code_rcp(x, s, z, quant_rcp(s), bits);

@@ -1,0 +1,51 @@
+// How the fused decode attention splits each sequence over thread blocks (flash-decoding):
+// host-side arithmetic shared by the SIMT and tensor-core plans (csrc/cuda/decode_kernels.cu,
+// decode_mma.cu), torch- and CUDA-free so that tests/cpp/test_split_plan.cc can check it.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace headq {
+
+struct SplitPlan {
+  int chunk_tokens;  // quantised tokens per split (a multiple of tile)
+  int Sq;            // splits over the quantised region (0 when Tq == 0)
+  int wchunk;        // window tokens per window split (a multiple of wtile)
+  int Sw;            // splits over the dense window (0 when W == 0)
+};
+
+// Tq quantised-region capacity and W window tokens per sequence; `pairs` independent
+// (batch, KV head, head chunk) pairs; `resident_blocks` = SMs x blocks per SM. The quantised
+// region gets as many splits as one full wave of resident blocks allows (rounded down: one
+// block more than fits starts a second, nearly empty wave that doubles the step time), in whole
+// tiles of `tile` tokens, and no empty split; the window is cut into chunks no longer than a
+// quantised chunk (whole tiles of `wtile` tokens, at least one).
+inline SplitPlan plan_splits(int Tq, int W, int64_t pairs, int64_t resident_blocks, int tile,
+                             int wtile) {
+  SplitPlan s{};
+  const int tiles = (Tq + tile - 1) / tile;
+  const int want =
+      static_cast<int>(std::max<int64_t>(1, resident_blocks / std::max<int64_t>(pairs, 1)));
+  if (tiles > 0) {
+    const int sq = std::min(want, tiles);
+    const int chunk_tiles = (tiles + sq - 1) / sq;
+    s.chunk_tokens = chunk_tiles * tile;
+    s.Sq = (tiles + chunk_tiles - 1) / chunk_tiles;
+  } else {
+    s.chunk_tokens = tile;
+    s.Sq = 0;
+  }
+  if (W > 0) {
+    const int wtiles = (W + wtile - 1) / wtile;
+    const int wchunk_tiles = std::max(1, std::min(wtiles, s.chunk_tokens / wtile));
+    s.wchunk = wchunk_tiles * wtile;
+    s.Sw = (W + s.wchunk - 1) / s.wchunk;
+  } else {
+    s.wchunk = wtile;
+    s.Sw = 0;
+  }
+  return s;
+}
+
+}  // namespace headq

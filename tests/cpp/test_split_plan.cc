@@ -1,0 +1,74 @@
+// plan_splits (csrc/include/headq/split_plan.h): the split arithmetic of the fused decode.
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <random>
+
+#include "headq/split_plan.h"
+
+namespace {
+
+using headq::plan_splits;
+using headq::SplitPlan;
+
+// The properties every plan must have, whatever the inputs.
+void check_plan(int Tq, int W, int64_t pairs, int64_t resident, int tile, int wtile) {
+  const SplitPlan s = plan_splits(Tq, W, pairs, resident, tile, wtile);
+  SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " W=" << W << " pairs=" << pairs
+                                    << " resident=" << resident << " tile=" << tile);
+  ASSERT_GT(s.chunk_tokens, 0);
+  EXPECT_EQ(s.chunk_tokens % tile, 0);
+  const int64_t want = std::max<int64_t>(1, resident / pairs);
+  if (Tq == 0) {
+    EXPECT_EQ(s.Sq, 0);
+  } else {
+    EXPECT_GE(int64_t{s.Sq} * s.chunk_tokens, Tq);        // every token is in a split
+    EXPECT_LT(int64_t{s.Sq - 1} * s.chunk_tokens, Tq);    // no empty split
+    EXPECT_LE(s.Sq, want);                                // one wave (rounded down)
+    EXPECT_GE(s.Sq, 1);
+  }
+  ASSERT_GT(s.wchunk, 0);
+  EXPECT_EQ(s.wchunk % wtile, 0);
+  if (W == 0) {
+    EXPECT_EQ(s.Sw, 0);
+  } else {
+    EXPECT_GE(int64_t{s.Sw} * s.wchunk, W);
+    EXPECT_LT(int64_t{s.Sw - 1} * s.wchunk, W);
+    EXPECT_LE(s.wchunk, std::max(wtile, s.chunk_tokens));  // a window chunk is no longer
+  }
+}
+
+TEST(SplitPlan, BenchmarkShapeFillsOneWave) {
+  // H200: 132 SMs x 4 blocks, batch 8 x 8 KV heads, 32k tokens in 256-token tiles.
+  const SplitPlan s = plan_splits(32768, 0, 64, 528, 256, 128);
+  EXPECT_EQ(s.Sq, 8);
+  EXPECT_EQ(s.chunk_tokens, 4096);
+  EXPECT_EQ(s.Sw, 0);
+  // One block too many would start a second wave: 9 x 64 = 576 > 528.
+  EXPECT_LE(int64_t{s.Sq} * 64, 528);
+}
+
+TEST(SplitPlan, ShortSequencesAndWindows) {
+  const SplitPlan a = plan_splits(100, 0, 1, 1000, 128, 128);  // one partial tile
+  EXPECT_EQ(a.Sq, 1);
+  EXPECT_EQ(a.chunk_tokens, 128);
+  const SplitPlan b = plan_splits(0, 300, 4, 100, 256, 128);   // window only
+  EXPECT_EQ(b.Sq, 0);
+  EXPECT_EQ(b.wchunk, 256);  // capped by the (one-tile) chunk of an empty region
+  EXPECT_EQ(b.Sw, 2);
+  const SplitPlan c = plan_splits(1 << 20, 64, 4096, 528, 128, 128);  // more pairs than blocks
+  EXPECT_EQ(c.Sq, 1);
+  EXPECT_EQ(c.chunk_tokens, 1 << 20);
+  EXPECT_EQ(c.Sw, 1);
+}
+
+TEST(SplitPlan, PropertiesOnRandomShapes) {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> tq(0, 1 << 20), w(0, 2000), pr(1, 8192), res(1, 4096);
+  for (int i = 0; i < 20000; ++i) {
+    const int tile = (i & 1) ? 256 : 128;
+    check_plan(i % 7 == 0 ? 0 : tq(rng), i % 5 == 0 ? 0 : w(rng), pr(rng), res(rng), tile, 128);
+  }
+}
+
+}  // namespace
