@@ -8,9 +8,15 @@ does for one layer at equal bits: ``QuantizedCache(backend="quanto", nbits=2, q_
 residual_length=128)`` holding the context, then per step ``layer.update(k_new, v_new)`` (which
 dequantises the whole quantised part and concatenates it with the residual window) followed by
 SDPA with GQA. Every 128 steps the layer re-quantises everything, so the steps are timed in runs
-of 128 consecutive steps (CUDA events around each step): ``mean_ms`` includes that amortised
-re-quantisation, ``median_ms`` is the typical step. Shapes as bench_decode.py: batch 8, 32 query /
-8 KV heads, head dim 128, fp16. Needs optimum-quanto (carry the wheel to the GPU machine).
+of 128 consecutive steps (CUDA events around each step and its two parts, plus the host clock):
+``mean_ms`` includes that amortised re-quantisation, ``median_ms`` is the typical step,
+``update_median_ms`` / ``sdpa_median_ms`` its parts, ``host_median_ms`` the wall time.
+``--sdpa-backends default|pinned`` leaves the SDPA backend to torch or pins flash / efficient /
+math. Shapes as bench_decode.py: batch 8, 32 query / 8 KV heads, head dim 128, fp16. Needs
+optimum-quanto (carry the wheel to the GPU machine).
+
+Not recorded yet: its first GPU run (default backends, whole step) gave a flat ~35 ms per step
+at every context, which does not fit the e2e benchmark; see the comment in step_times.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ def quanto_layer_cache(B, Hq, H, D):
                           residual_length=128)
 
 
-def step_times(T, B, Hq, H, D, steps, device, dtype):
+def step_times(T, B, Hq, H, D, steps, device, dtype, backends="pinned"):
     g = torch.Generator(device=device).manual_seed(T)
     cache = quanto_layer_cache(B, Hq, H, D)
     k = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g)
@@ -46,40 +52,60 @@ def step_times(T, B, Hq, H, D, steps, device, dtype):
     kn = torch.randn(B, H, 1, D, device=device, dtype=dtype, generator=g)
     vn = torch.randn(B, H, 1, D, device=device, dtype=dtype, generator=g)
 
+    import contextlib
+
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # The key length grows by one every step. A first run of this script (default SDPA backend
+    # choice, whole step timed) measured a flat ~35 ms per step at every context from 4k to 128k
+    # (fp16 and bf16): a per-step cost independent of the data, far above the whole e2e decode
+    # step of QuantizedCache (157 ms for 32 layers). Suspects: per-shape planning of the SDPA
+    # backend torch picks, or host-side work in the step. So the step is timed in parts (update
+    # = quanto dequantise + concatenation, sdpa) with CUDA events and on the host clock, with
+    # the SDPA backends either left to torch ("default") or pinned to flash / efficient / math.
+    def sdpa_ctx():
+        if backends == "default":
+            return contextlib.nullcontext()
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                            SDPBackend.MATH])
 
     def one():
         ks, vs = cache.update(kn, vn, 0)
-        # The key length grows by one every step. A first run of this script (default SDPA
-        # backend choice) measured a flat ~35 ms per step at every context from 4k to 128k,
-        # i.e. a per-step cost independent of the data: per-shape planning of cuDNN attention
-        # is the suspect (not verified). The step is therefore timed on the flash / efficient /
-        # math backends, which do not plan per shape.
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                          SDPBackend.MATH]):
+        with sdpa_ctx():
             return F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
 
     for _ in range(3):
         one()
     cuda = device == "cuda"
-    times = []
+    times, t_update, t_sdpa, t_host = [], [], [], []
     for _ in range(steps):
+        h0 = time.perf_counter()
         if cuda:
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            one()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+            ev[0].record()
+            ks, vs = cache.update(kn, vn, 0)
+            ev[1].record()
+            with sdpa_ctx():
+                F.scaled_dot_product_attention(q, ks, vs, enable_gqa=True)
+            ev[2].record()
+            ev[2].synchronize()
+            t_update.append(ev[0].elapsed_time(ev[1]))
+            t_sdpa.append(ev[1].elapsed_time(ev[2]))
+            times.append(ev[0].elapsed_time(ev[2]))
+            del ks, vs
         else:
-            t0 = time.perf_counter()
             one()
-            times.append(1e3 * (time.perf_counter() - t0))
+            times.append(1e3 * (time.perf_counter() - h0))
+        t_host.append(1e3 * (time.perf_counter() - h0))
     del cache
     if cuda:
         torch.cuda.empty_cache()
-    return dict(context=T, steps=steps, mean_ms=statistics.fmean(times),
-                median_ms=statistics.median(times), max_ms=max(times))
+    med = statistics.median
+    row = dict(context=T, steps=steps, sdpa_backends=backends, mean_ms=statistics.fmean(times),
+               median_ms=med(times), max_ms=max(times), host_median_ms=med(t_host))
+    if t_update:
+        row.update(update_median_ms=med(t_update), sdpa_median_ms=med(t_sdpa))
+    return row
 
 
 def main(argv=None) -> int:
@@ -92,6 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=128, help="timed steps (128 = one re-quantisation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
+    ap.add_argument("--sdpa-backends", default="pinned", choices=["pinned", "default"],
+                    help="pinned: flash / efficient / math only; default: torch's choice")
     ap.add_argument("--out", default="benchmarks/results/gpu_quanto_step.json")
     args = ap.parse_args(argv)
     import optimum.quanto
@@ -106,10 +134,14 @@ def main(argv=None) -> int:
                shape=dict(batch=args.batch, q_heads=args.hq, kv_heads=args.hkv, head_dim=args.dim,
                           dtype=args.dtype), rows=[])
     for T in (int(x) for x in args.contexts.split(",") if x):
-        row = step_times(T, args.batch, args.hq, args.hkv, args.dim, args.steps, args.device, dtype)
+        row = step_times(T, args.batch, args.hq, args.hkv, args.dim, args.steps, args.device, dtype,
+                         args.sdpa_backends)
         res["rows"].append(row)
         print(f"T={T:>7}  QuantizedCache(quanto 2-bit) step: mean {row['mean_ms']:.3f} ms  "
-              f"median {row['median_ms']:.3f} ms  max {row['max_ms']:.3f} ms", flush=True)
+              f"median {row['median_ms']:.3f} ms  max {row['max_ms']:.3f} ms  (update "
+              f"{row.get('update_median_ms', float('nan')):.3f}, sdpa "
+              f"{row.get('sdpa_median_ms', float('nan')):.3f}, host {row['host_median_ms']:.3f})",
+              flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {args.out}")
