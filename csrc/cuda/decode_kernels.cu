@@ -823,15 +823,7 @@ cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePla
     return occupancy_typed<decltype(d)::value, decltype(ng)::value>(pl.smem, &per_sm);
   });
   if (err != cudaSuccess) return err;
-  per_sm = std::max(per_sm, 1);
-  // One full wave of resident blocks over the (b, kv head, head chunk) pairs.
-  const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl.nchunk;
-  const int64_t target = static_cast<int64_t>(sm_count) * per_sm;
-  const SplitPlan sp = plan_splits(p.Tq, p.W, pairs, target, kTile, kTile);
-  pl.chunk_tokens = sp.chunk_tokens;
-  pl.Sq = sp.Sq;
-  pl.wchunk = sp.wchunk;
-  pl.Sw = sp.Sw;
+  set_plan_splits(p, sm_count, per_sm, kTile, kTile, &pl);
   *plan = pl;
   return cudaSuccess;
 }

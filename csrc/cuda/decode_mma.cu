@@ -1167,16 +1167,8 @@ cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, De
                                                          kThreadsM, pl.smem);
   });
   if (err != cudaSuccess) return err;
-  per_sm = std::max(per_sm, 1);
-  // One full wave of resident blocks over the (b, kv head, head chunk) pairs (rounded down, as
-  // in plan_decode_attention: one block too many starts a second, nearly empty wave).
-  const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl.nchunk;
-  const int64_t target = static_cast<int64_t>(sm_count) * per_sm;
-  const SplitPlan sp = plan_splits(p.Tq, p.W, pairs, target, kTileM, kSimtTile);
-  pl.chunk_tokens = sp.chunk_tokens;
-  pl.Sq = sp.Sq;
-  pl.wchunk = sp.wchunk;
-  pl.Sw = sp.Sw;
+  // quantised region in the tensor-core kernel's tiles, window splits in the SIMT kernel's
+  set_plan_splits(p, sm_count, per_sm, kTileM, kSimtTile, &pl);
   *plan = pl;
   return cudaSuccess;
 }

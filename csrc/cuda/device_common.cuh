@@ -13,7 +13,6 @@
 #include "headq/fp16.h"
 #include "headq/pack.h"
 #include "headq/quant.h"
-#include "headq/split_plan.h"
 #include "launch.cuh"
 
 namespace headq {

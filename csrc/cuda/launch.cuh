@@ -5,7 +5,10 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+
+#include "headq/split_plan.h"
 
 namespace headq {
 namespace cuda {
@@ -127,6 +130,20 @@ struct DecodePlan {
   size_t smem;  // dynamic shared memory of the split kernel
   int variant = 0;  // tensor-core kernel configuration (decode_mma_variant)
 };
+
+// The split fields of a plan (chunk_tokens, Sq, wchunk, Sw) once its nchunk is set, from the
+// kernel's resident blocks per SM: one full wave over the (batch, KV head, head chunk) pairs,
+// quantised tokens in tiles of `tile`, window tokens in tiles of `wtile` (headq/split_plan.h).
+inline void set_plan_splits(const DecodeParams& p, int sm_count, int blocks_per_sm, int tile,
+                            int wtile, DecodePlan* pl) {
+  const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl->nchunk;
+  const int64_t resident = static_cast<int64_t>(sm_count) * std::max(blocks_per_sm, 1);
+  const SplitPlan sp = plan_splits(p.Tq, p.W, pairs, resident, tile, wtile);
+  pl->chunk_tokens = sp.chunk_tokens;
+  pl->Sq = sp.Sq;
+  pl->wchunk = sp.wchunk;
+  pl->Sw = sp.Sw;
+}
 
 // Fills the plan from the shape fields of p (B, H, Hq, D, ratio, Tq, W, knobs, dtype) and the
 // device's SM count / occupancy. Returns cudaSuccess or the error of an occupancy query.
