@@ -486,14 +486,7 @@ quantize_keys_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, 
     }
     if (!(extremum_is_exact(a) && extremum_is_exact(z))) {
       // Exact sequential reduction of channel c over the group (the CPU loop's order).
-      const E* kc = kg + static_cast<int64_t>(c) * sd;
-      a = to_float(kc[0]);
-      z = a;
-      for (int t = 1; t < G; ++t) {
-        const float x = to_float(kc[static_cast<int64_t>(t) * st]);
-        a = nan_min(a, x);
-        z = nan_max(z, x);
-      }
+      channel_minmax_exact(kg + static_cast<int64_t>(c) * sd, st, G, a, z);
     }
     const AsymParams pr = asym_params(a, z, bits);
     scale[sg * D + c] = __ushort_as_half(pr.scale_bits);

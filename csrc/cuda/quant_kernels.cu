@@ -46,6 +46,20 @@ __device__ __forceinline__ uint8_t pack_byte(int64_t j, int bits, int64_t n, Cod
 // quantize_keys: one block per (b, h, key group). Thread c owns channel c for the min/max over
 // the G tokens (sequential, ascending t: same tie/NaN behaviour as the CPU loop), then the
 // block packs the group's G x D codes byte by byte (consecutive threads -> consecutive bytes).
+// The exact min / max of one key channel over a group's G tokens: nan_min / nan_max in ascending
+// token order, the CPU loop's order (kc: the channel's first element, st: token stride).
+template <typename Elem>
+__device__ __forceinline__ void channel_minmax_exact(const Elem* kc, int64_t st, int G,
+                                                     float& mn, float& mx) {
+  mn = to_float(kc[0]);
+  mx = mn;
+  for (int t = 1; t < G; ++t) {
+    const float x = to_float(kc[t * st]);
+    mn = nan_min(mn, x);
+    mx = nan_max(mx, x);
+  }
+}
+
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads)
 quantize_keys_kernel(const Elem* __restrict__ k,  // [B, H, T, D], element strides sb, sh, st, sd
@@ -65,13 +79,8 @@ quantize_keys_kernel(const Elem* __restrict__ k,  // [B, H, T, D], element strid
   const int64_t sg = bh * ngroups + g;              // scale/zero row
 
   for (int64_t c = threadIdx.x; c < D; c += blockDim.x) {
-    float mn = to_float(kbh[c * sd]);
-    float mx = mn;
-    for (int t = 1; t < G; ++t) {
-      const float x = to_float(kbh[t * st + c * sd]);
-      mn = nan_min(mn, x);
-      mx = nan_max(mx, x);
-    }
+    float mn, mx;
+    channel_minmax_exact(kbh + c * sd, st, G, mn, mx);
     const AsymParams pr = asym_params(mn, mx, bits);
     scale[sg * D + c] = __ushort_as_half(pr.scale_bits);
     zero[sg * D + c] = __ushort_as_half(pr.zero_bits);
