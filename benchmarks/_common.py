@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import platform
+import sys
 
 
 def cpu_model() -> str:
@@ -15,3 +17,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def finish(result: dict, ok_message: str) -> int:
+    """End of a checking benchmark: print result["summary"], then the failures (exit code 1) or
+    ok_message (exit code 0)."""
+    print(json.dumps(result["summary"], indent=1))
+    if result["failures"]:
+        print("FAILED:\n  " + "\n  ".join(result["failures"]), file=sys.stderr)
+        return 1
+    print(ok_message)
+    return 0

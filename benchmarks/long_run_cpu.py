@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-from _common import cpu_model  # noqa: E402
+from _common import cpu_model, finish  # noqa: E402
 
 
 def machine(torch) -> dict:
@@ -313,12 +313,8 @@ def main() -> int:
     }
     result["plot"] = plot_path
     write()
-    print(json.dumps(result["summary"], indent=1))
-    if result["failures"]:
-        print("FAILED:\n  " + "\n  ".join(result["failures"]), file=sys.stderr)
-        return 1
-    print(f"ok: memory matches the storage report at every checkpoint; wrote {a.out}, {plot_path}")
-    return 0
+    return finish(result, "ok: memory matches the storage report at every checkpoint; "
+                          f"wrote {a.out}, {plot_path}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-from _common import cpu_model  # noqa: E402
+from _common import cpu_model, finish  # noqa: E402
 
 
 def main() -> int:
@@ -269,12 +269,7 @@ def main() -> int:
         "decode_step_ms": result.get("decode_step_ms"),
     }
     write()
-    print(json.dumps(result["summary"], indent=1))
-    if result["failures"]:
-        print("FAILED:\n  " + "\n  ".join(result["failures"]), file=sys.stderr)
-        return 1
-    print(f"ok; wrote {a.out}")
-    return 0
+    return finish(result, f"ok; wrote {a.out}")
 
 
 if __name__ == "__main__":
