@@ -142,8 +142,8 @@ struct MmaSmem {
 //              offsets, the runtime format switches and their code paths disappear (a hot loop
 //              about a third of lean's, which thrashed the instruction cache), group indices
 //              are shifts. Other formats run lean.
-//              Measured at 32k (gpu_decode.json): 118 us vs lean's 148 us; at >= 5 blocks/SM
-//              (96 registers, spills) it took 123 us.
+//              Measured at 32k: 116 us vs lean's 135 us (gpu_decode.json); in an earlier run
+//              (118 vs 148 us) a >= 5 blocks/SM build (96 registers, spills) took 123 us.
 constexpr int kMmaVariants = 5;
 constexpr int kMmaFixed = 4;
 constexpr int kMmaDefaultVariant = kMmaFixed;  // fixed where the format allows, else lean (plan_decode_mma)
