@@ -15,8 +15,10 @@ of 128 consecutive steps (CUDA events around each step and its two parts, plus t
 math. Shapes as bench_decode.py: batch 8, 32 query / 8 KV heads, head dim 128, fp16. Needs
 optimum-quanto (carry the wheel to the GPU machine).
 
-Not recorded yet: its first GPU run (default backends, whole step) gave a flat ~35 ms per step
-at every context, which does not fit the e2e benchmark; see the comment in step_times.
+Recorded in benchmarks/results/gpu_quanto_step.json (pinned backends; the default-backend run is
+kept there too). With torch's default choice SDPA runs cuDNN attention for these shapes, and
+cuDNN builds a new plan on the host every time the key length changes, i.e. every decode step
+(~40 ms of CPU per call, ``--profile`` shows it), so ``pinned`` is the default here.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def quanto_layer_cache(B, Hq, H, D):
                           residual_length=128)
 
 
-def step_times(T, B, Hq, H, D, steps, device, dtype, backends="pinned"):
+def step_times(T, B, Hq, H, D, steps, device, dtype, backends="pinned", profile=False):
     g = torch.Generator(device=device).manual_seed(T)
     cache = quanto_layer_cache(B, Hq, H, D)
     k = torch.randn(B, H, T, D, device=device, dtype=dtype, generator=g)
@@ -56,13 +58,11 @@ def step_times(T, B, Hq, H, D, steps, device, dtype, backends="pinned"):
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # The key length grows by one every step. A first run of this script (default SDPA backend
-    # choice, whole step timed) measured a flat ~35 ms per step at every context from 4k to 128k
-    # (fp16 and bf16): a per-step cost independent of the data, far above the whole e2e decode
-    # step of QuantizedCache (157 ms for 32 layers). Suspects: per-shape planning of the SDPA
-    # backend torch picks, or host-side work in the step. So the step is timed in parts (update
-    # = quanto dequantise + concatenation, sdpa) with CUDA events and on the host clock, with
-    # the SDPA backends either left to torch ("default") or pinned to flash / efficient / math.
+    # The key length grows by one every step. With the default backend choice torch runs cuDNN
+    # attention here, which re-plans on the host for every new key length (~40 ms per call on the
+    # H200 machine: a flat per-step cost at every context). "pinned" restricts SDPA to flash /
+    # efficient / math; those per-layer times agree with bench_e2e.py's QuantizedCache step
+    # (157 ms for 32 layers at 32k), so the e2e run does not pay the re-planning.
     def sdpa_ctx():
         if backends == "default":
             return contextlib.nullcontext()
@@ -77,6 +77,17 @@ def step_times(T, B, Hq, H, D, steps, device, dtype, backends="pinned"):
     for _ in range(3):
         one()
     cuda = device == "cuda"
+    profile_table = None
+    if profile and cuda:
+        # Which kernels (and how many launches) make up a step: a few steps under the profiler.
+        from torch.profiler import ProfilerActivity, profile as tprofile
+
+        with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(4):
+                one()
+            torch.cuda.synchronize()
+        profile_table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+        print(profile_table, flush=True)
     times, t_update, t_sdpa, t_host = [], [], [], []
     for _ in range(steps):
         h0 = time.perf_counter()
@@ -105,6 +116,8 @@ def step_times(T, B, Hq, H, D, steps, device, dtype, backends="pinned"):
                median_ms=med(times), max_ms=max(times), host_median_ms=med(t_host))
     if t_update:
         row.update(update_median_ms=med(t_update), sdpa_median_ms=med(t_sdpa))
+    if profile_table is not None:
+        row["profile_4_steps"] = profile_table.splitlines()
     return row
 
 
@@ -120,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"])
     ap.add_argument("--sdpa-backends", default="pinned", choices=["pinned", "default"],
                     help="pinned: flash / efficient / math only; default: torch's choice")
+    ap.add_argument("--profile", action="store_true",
+                    help="also run 4 steps of the first context under torch.profiler and record "
+                         "the kernel table")
     ap.add_argument("--out", default="benchmarks/results/gpu_quanto_step.json")
     args = ap.parse_args(argv)
     import optimum.quanto
@@ -133,9 +149,9 @@ def main(argv=None) -> int:
                cache="QuantizedCache(backend='quanto', nbits=2, q_group_size=64, residual_length=128)",
                shape=dict(batch=args.batch, q_heads=args.hq, kv_heads=args.hkv, head_dim=args.dim,
                           dtype=args.dtype), rows=[])
-    for T in (int(x) for x in args.contexts.split(",") if x):
+    for i, T in enumerate(int(x) for x in args.contexts.split(",") if x):
         row = step_times(T, args.batch, args.hq, args.hkv, args.dim, args.steps, args.device, dtype,
-                         args.sdpa_backends)
+                         args.sdpa_backends, profile=args.profile and i == 0)
         res["rows"].append(row)
         print(f"T={T:>7}  QuantizedCache(quanto 2-bit) step: mean {row['mean_ms']:.3f} ms  "
               f"median {row['median_ms']:.3f} ms  max {row['max_ms']:.3f} ms  (update "

@@ -25,6 +25,9 @@ def main() -> None:
     ctx = [r["context"] for r in rows]
     series = {"dense fp16 SDPA": [r["dense_sdpa"]["median_ms"] for r in rows],
               "dequantise + SDPA": [r["deq_sdpa"]["median_ms"] for r in rows]}
+    if all("quantized_cache_step" in r for r in rows):
+        series["transformers QuantizedCache (quanto 2-bit) step"] = [
+            r["quantized_cache_step"]["median_ms"] for r in rows]
     for key in sorted(k for k in rows[0] if k.startswith("headq_mma:")):
         series["HeadQ fused " + key.split(":", 1)[1]] = [r[key]["median_ms"] for r in rows]
     for run in d.get("earlier_runs", []):
