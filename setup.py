@@ -5,6 +5,8 @@ Environment:
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default "9.0", Hopper).
   DEBUG=1                 -O0 -g instead of -O3.
   MAX_JOBS                parallel compile jobs (default 2).
+  HEADQ_NVCC_FLAGS        extra nvcc flags, space-separated (kernel experiments, e.g.
+                          "-DHEADQ_MMA_KEY_CHAINS=4"; see the macros in csrc/cuda/*.cu).
 
 Bit-exactness: host code is compiled with -ffp-contract=off (no FMA contraction of the
 quantiser arithmetic); nvcc never gets --use_fast_math (it changes division and rounding).
@@ -48,6 +50,7 @@ def _extension():
     cxx_flags = opt + ["-ffp-contract=off", "-fopenmp"]
     if _build_cuda(cuda_sources):
         nvcc_flags = opt + ["-lineinfo"] + (["-G"] if debug else [])
+        nvcc_flags += os.environ.get("HEADQ_NVCC_FLAGS", "").split()
         return CUDAExtension(
             name="headq_torch._C",
             sources=cpp_sources + cuda_sources,

@@ -60,6 +60,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <cub/block/block_reduce.cuh>
 
 #include "device_common.cuh"
 
@@ -731,6 +732,10 @@ decode_split_kernel(const DecodeParams p) {
 }
 
 // ---------------------------------------------------------------------------- combine kernel --
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
 // out[b, hq, c] = sum_s 2^(m_s - M) acc_s[c] / sum_s 2^(m_s - M) l_s  (0 when nothing visible),
 // lse[b, hq] = ln(sum_t exp(logit_t)) = (M + log2(sum_s 2^(m_s - M) l_s)) * ln 2  (-inf: none).
 template <typename E>
@@ -754,14 +759,28 @@ decode_combine_kernel(const float* __restrict__ part_acc,  // [BHq, S, D]
     for (int c = threadIdx.x; c < D; c += blockDim.x) out[row * D + c] = from_float<E>(NAN);
     return;
   }
-  float M = -INFINITY;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, ml[2 * s]);
-  float Lsum = 0.0f;
+  // M = max_s m_s and Lsum = sum_s 2^(m_s - M) l_s: block-wide reductions over the splits
+  // (cub::BlockReduce; thread i takes splits i, i + blockDim.x, ...). No NaN reaches them.
+  using BlockReduceF = cub::BlockReduce<float, kThreads>;
+  __shared__ typename BlockReduceF::TempStorage red_tmp;
+  __shared__ float red_out;
+  float m_part = -INFINITY;
+  for (int s = threadIdx.x; s < S; s += kThreads) m_part = fmaxf(m_part, ml[2 * s]);
+  const float m_all = BlockReduceF(red_tmp).Reduce(m_part, MaxOp{});  // valid in thread 0
+  if (threadIdx.x == 0) red_out = m_all;
+  __syncthreads();
+  const float M = red_out;
+  float l_part = 0.0f;
   if (M != -INFINITY) {
-    for (int s = 0; s < S; ++s) {
-      if (ml[2 * s] != -INFINITY) Lsum += exp2f(ml[2 * s] - M) * ml[2 * s + 1];
+    for (int s = threadIdx.x; s < S; s += kThreads) {
+      if (ml[2 * s] != -INFINITY) l_part += exp2f(ml[2 * s] - M) * ml[2 * s + 1];
     }
   }
+  const float l_all = BlockReduceF(red_tmp).Sum(l_part);  // red_tmp reuse: after the barrier above
+  __syncthreads();  // every thread has read red_out
+  if (threadIdx.x == 0) red_out = l_all;
+  __syncthreads();
+  const float Lsum = red_out;
   const float inv = Lsum > 0.0f ? 1.0f / Lsum : 0.0f;
   if (threadIdx.x == 0) lse[row] = Lsum > 0.0f ? (M + log2f(Lsum)) * 0.6931471805599453f : -INFINITY;
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
