@@ -1,30 +1,33 @@
 #!/usr/bin/env bash
 # One GPU step on a CUDA machine that already has torch + transformers (the device tool's H200
 # image): build the extension, run the CUDA tests, the decode benchmark with its accuracy grid,
-# and compute-sanitizer on a slice of the GPU tests. Everything it writes goes under $OUT
-# (default ./gpu_out); the logs end with the summary lines recorded in benchmarks/results.
+# and compute-sanitizer on a slice of the GPU tests. Result JSONs go under $OUT (default
+# ./gpu_out), logs under $LOGDIR (their tails are printed: the lines recorded in
+# benchmarks/results).
 #
 #   OUT=/tmp/out bash scripts/gpu_check.sh            # everything
 #   STEPS="build tests decode" bash scripts/gpu_check.sh
 #
 # STEPS: any of build tests decode quant sanitize ncu exp (default: build tests decode sanitize).
-# exp: a second build of a copy of the tree with HEADQ_NVCC_FLAGS=$EXP_FLAGS (built in parallel
-# with "build"), its fixed decode kernel benchmarked at $EXP_CONTEXTS through bench_decode --lib.
+# exp: a second build of a copy of the tree with HEADQ_NVCC_FLAGS=$EXP_FLAGS and the files under
+# $EXP_OVERLAY (if set) copied over it (built in parallel with "build"), its fixed decode kernel
+# benchmarked at $EXP_CONTEXTS through bench_decode --lib, then the main build's again (A/B).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
+LOGDIR=${LOGDIR:-/tmp/gpu_check_logs}  # logs stay on the machine; $OUT gets the JSON results
 STEPS=${STEPS:-"build tests decode sanitize"}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$LOGDIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
 status=0
-run() {  # run NAME CMD...: log to $OUT/NAME.log, print its tail, remember a failure
+run() {  # run NAME CMD...: log to $LOGDIR/NAME.log, print its tail, remember a failure
   local name=$1; shift
   echo "== $name: $*"
   local t0=$SECONDS
-  "$@" >"$OUT/$name.log" 2>&1
+  "$@" >"$LOGDIR/$name.log" 2>&1
   local rc=$?
-  tail -n "${TAIL:-6}" "$OUT/$name.log"
+  tail -n "${TAIL:-6}" "$LOGDIR/$name.log"
   echo "== $name: rc=$rc, $((SECONDS - t0)) s"
   [[ $rc -eq 0 ]] || status=1
 }
@@ -32,18 +35,22 @@ run() {  # run NAME CMD...: log to $OUT/NAME.log, print its tail, remember a fai
 EXP_DIR=/tmp/headq_exp
 if has exp; then
   rm -rf "$EXP_DIR" && mkdir -p "$EXP_DIR" && cp -r setup.py pyproject.toml csrc headq_torch "$EXP_DIR"/
-  (cd "$EXP_DIR" && MAX_JOBS=8 HEADQ_NVCC_FLAGS="${EXP_FLAGS:?set EXP_FLAGS}" \
-     python3 setup.py -q build_ext --inplace >"$OUT/exp_build.log" 2>&1; echo $? >"$OUT/exp_build.rc") &
+  [[ -n "${EXP_OVERLAY:-}" ]] && cp -r "$EXP_OVERLAY"/. "$EXP_DIR"/
+  (cd "$EXP_DIR" && MAX_JOBS=8 HEADQ_NVCC_FLAGS="${EXP_FLAGS:-}" \
+     python3 setup.py -q build_ext --inplace >"$LOGDIR/exp_build.log" 2>&1; echo $? >"$LOGDIR/exp_build.rc") &
 fi
 if has build; then
   run build env MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace
 fi
 if has exp; then
   wait
-  echo "== exp build ($EXP_FLAGS): rc=$(cat "$OUT/exp_build.rc")"
-  TAIL=4 run exp_decode python3 benchmarks/bench_decode.py --impl mma --variants fixed \
-    --contexts ${EXP_CONTEXTS:-32768,131072} --lib "$(ls "$EXP_DIR"/headq_torch/_C*.so)" \
-    --out "$OUT/exp_decode.json"
+  echo "== exp build (flags '${EXP_FLAGS:-}', overlay '${EXP_OVERLAY:-}'): rc=$(cat "$LOGDIR/exp_build.rc")"
+  for ab in exp main exp main; do
+    lib="$(ls "$EXP_DIR"/headq_torch/_C*.so)"
+    [[ $ab == main ]] && lib="$(ls headq_torch/_C*.so)"
+    TAIL=3 run "ab_$ab" python3 benchmarks/bench_decode.py --impl mma --variants fixed \
+      --contexts ${EXP_CONTEXTS:-32768,131072} --lib "$lib" --out "$LOGDIR/ab_$ab.json"
+  done
 fi
 if has tests; then
   run tests python3 -m pytest -q tests/test_ops.py tests/test_bad_input.py \
@@ -68,6 +75,10 @@ if has ncu; then
   run ncu ncu -k regex:decode_mma --launch-skip 2 --launch-count 1 --clock-control none \
     --metrics gpu__time_duration.sum,smsp__inst_executed.sum,launch__registers_per_thread,sm__warps_active.avg.per_cycle_active,smsp__warps_eligible.avg.per_cycle_active,dram__throughput.avg.pct_of_peak_sustained_elapsed \
     python3 benchmarks/bench_decode.py --impl mma --variants fixed --contexts 32768 --reps 3 --warmup 1 --sets 1 \
-    --out "$OUT/ncu_decode.json"
+    --out "$LOGDIR/ncu_decode.json"
+  run ncu_combine ncu -k regex:decode_combine --launch-skip 2 --launch-count 1 --clock-control none \
+    --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+    python3 benchmarks/bench_decode.py --impl mma --variants fixed --contexts 32768 --reps 3 --warmup 1 --sets 1 \
+    --out "$LOGDIR/ncu_decode2.json"
 fi
 exit $status

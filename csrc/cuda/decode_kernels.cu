@@ -783,11 +783,28 @@ decode_combine_kernel(const float* __restrict__ part_acc,  // [BHq, S, D]
   const float Lsum = red_out;
   const float inv = Lsum > 0.0f ? 1.0f / Lsum : 0.0f;
   if (threadIdx.x == 0) lse[row] = Lsum > 0.0f ? (M + log2f(Lsum)) * 0.6931471805599453f : -INFINITY;
+  // Splits in blocks of 8 whose partial loads are all issued before the (sequential, ascending
+  // s) accumulation: one memory latency per 8 splits instead of one per split (a rolled loop
+  // took 7.3 us at 32k, batch 8, on the H200).
   for (int c = threadIdx.x; c < D; c += blockDim.x) {
     float o = 0.0f;
     if (inv != 0.0f) {
-      for (int s = 0; s < S; ++s) {
-        if (ml[2 * s] != -INFINITY) o = fmaf(exp2f(ml[2 * s] - M), part_acc[(row * S + s) * D + c], o);
+      const float* pa = part_acc + row * S * D + c;
+      int s = 0;
+      for (; s + 8 <= S; s += 8) {
+        float a[8], m[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          a[u] = pa[(s + u) * D];
+          m[u] = ml[2 * (s + u)];
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          if (m[u] != -INFINITY) o = fmaf(exp2f(m[u] - M), a[u], o);
+        }
+      }
+      for (; s < S; ++s) {
+        if (ml[2 * s] != -INFINITY) o = fmaf(exp2f(ml[2 * s] - M), pa[s * D], o);
       }
     }
     out[row * D + c] = from_float<E>(o * inv);
