@@ -738,13 +738,26 @@ decode_mma_kernel(const DecodeParams p_in) {
   }
   __syncthreads();
   if (side) {
+    // qU[hh][j] = q[hh] . U[:, j]: 4 threads per (hh, j) pair, thread q4 summing channels
+    // q4, q4 + 4, ... (a warp's loads of one step are 32 consecutive floats of U when r = 8),
+    // every load of the D/4 steps issued before the sums, then 2 shuffles. Rounds of 32 pairs
+    // keep the shuffles warp-uniform.
     const float* u = p.basis + static_cast<int64_t>(h) * D * p.r;  // [D, r]
-    for (int pair = warp; pair < NG * p.r; pair += kWarpsM) {
-      const int hh = pair / p.r, j = pair % p.r;
+    const int q4 = tid & 3;
+    const int npairs = NG * p.r;
+    for (int base = 0; base < npairs; base += kThreadsM / 4) {
+      const int pair = base + (tid >> 2);
+      const bool ok = pair < npairs;
+      const int hh = ok ? pair / p.r : 0, j = ok ? pair % p.r : 0;
+      float uv[D / 4];
+#pragma unroll
+      for (int i = 0; i < D / 4; ++i) uv[i] = ok ? u[(4 * i + q4) * p.r + j] : 0.0f;
       float a = 0.0f;
-      for (int cc = lane; cc < D; cc += 32) a = fmaf(qn[hh * D + cc], u[cc * p.r + j], a);
-      a = warp_sum(a);
-      if (lane == 0) qu_s[pair] = p.sign * a;
+#pragma unroll
+      for (int i = 0; i < D / 4; ++i) a = fmaf(qn[hh * D + 4 * i + q4], uv[i], a);
+      a += __shfl_xor_sync(0xffffffffu, a, 1);
+      a += __shfl_xor_sync(0xffffffffu, a, 2);
+      if (ok && q4 == 0) qu_s[pair] = p.sign * a;
     }
   }
   for (int hh = warp; hh < NG; hh += kWarpsM) {
