@@ -48,8 +48,9 @@
 // plus per 64-token sub-tile ~250 for the Q' fragments, q.z, the softmax and the P' power of two.
 // Measured (ncu, 32k, H200): lean executes ~1,835 warp instructions per 64-token sub-tile (28.7
 // per token per KV head: staging address math ~20%, masks, runtime format switches, a hot loop
-// of ~6k SASS instructions that misses the instruction cache); fixed ~1,480 (23.1) at 113.5 us.
-// At ~1.9 IPC per SM that, not the ~45 us of moving 189 MB at copy bandwidth, sets the time.
+// of ~6k SASS instructions that misses the instruction cache); fixed ~1,460 (22.8) at 106 us
+// (ncu, 1.76 GHz; profile and what was tried: docs/PERF.md).
+// At ~2 IPC per SM that, not the ~45 us of moving 189 MB at copy bandwidth, sets the time.
 //
 // Instantiations: D in {64, 128} x NT in {1, 2} for variant 0 (base) plus D in {64, 128} x NT = 1
 // for the ring4 / ring5 / lean / fixed variants (mma_min_blocks, HEADQ_MMA_VARIANT) = 12 kernels.
