@@ -141,6 +141,22 @@ headq::cpu::DecodeSlice<float> slice_of(const DecodeCase& c, const Cache& m) {
   return a;
 }
 
+// The decode shape of a case at softmax scale `scale`.
+headq::cpu::DecodeShape shape_of(const DecodeCase& c, float scale) {
+  headq::cpu::DecodeShape sh;
+  sh.n_rep = c.n_rep;
+  sh.D = c.D;
+  sh.Tq = c.Tq;
+  sh.W = c.W;
+  sh.G = c.G;
+  sh.Gv = c.Gv;
+  sh.key_bits = c.key_bits;
+  sh.value_bits = c.value_bits;
+  sh.sign = c.sign;
+  sh.scale = scale;
+  return sh;
+}
+
 TEST_P(DecodeAttention, MatchesNaiveDense) {
   const DecodeCase& c = GetParam();
   const Cache m = make_cache(c, 42);
@@ -151,17 +167,7 @@ TEST_P(DecodeAttention, MatchesNaiveDense) {
   std::vector<float> out(c.n_rep * D, -1.0f), lse(c.n_rep);
   a.out = out.data();
   a.lse = lse.data();
-  headq::cpu::DecodeShape sh;
-  sh.n_rep = c.n_rep;
-  sh.D = D;
-  sh.Tq = c.Tq;
-  sh.W = c.W;
-  sh.G = c.G;
-  sh.Gv = c.Gv;
-  sh.key_bits = c.key_bits;
-  sh.value_bits = c.value_bits;
-  sh.sign = c.sign;
-  sh.scale = scale;
+  const headq::cpu::DecodeShape sh = shape_of(c, scale);
   headq::cpu::decode_attention_slice<float>(a, sh);
 
   const int64_t nq = c.n_quant, nw = c.n_window;
@@ -237,17 +243,7 @@ TEST_P(DecodeAttention, SplitPartialsMergeToOnePass) {
   const Cache m = make_cache(c, 42);
   const int64_t D = c.D;
   headq::cpu::DecodeSlice<float> a = slice_of(c, m);
-  headq::cpu::DecodeShape sh;
-  sh.n_rep = c.n_rep;
-  sh.D = D;
-  sh.Tq = c.Tq;
-  sh.W = c.W;
-  sh.G = c.G;
-  sh.Gv = c.Gv;
-  sh.key_bits = c.key_bits;
-  sh.value_bits = c.value_bits;
-  sh.sign = c.sign;
-  sh.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  const headq::cpu::DecodeShape sh = shape_of(c, 1.0f / std::sqrt(static_cast<float>(D)));
 
   std::vector<float> out1(c.n_rep * D), lse1(c.n_rep);
   a.out = out1.data();
