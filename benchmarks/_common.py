@@ -28,3 +28,40 @@ def finish(result: dict, ok_message: str) -> int:
         return 1
     print(ok_message)
     return 0
+
+
+def add_cache_args(p) -> None:
+    """The HeadQ cache-format flags of the long-run benchmarks (see cache_kwargs)."""
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--key-bits", type=int, default=2)
+    p.add_argument("--value-bits", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--value-group-size", type=int, default=64)
+    p.add_argument("--residual-length", type=int, default=0)
+
+
+def cache_kwargs(a) -> dict:
+    """HeadQCache keyword arguments from the flags of add_cache_args (rank goes to calibration)."""
+    return dict(key_bits=a.key_bits, value_bits=a.value_bits, group_size=a.group_size,
+                value_group_size=a.value_group_size, residual_length=a.residual_length)
+
+
+_WINDOW_BUFFERS = ("k_window", "v_window", "w_window")
+
+
+def capacity_terms(layer, group_size: int) -> tuple[int, int]:
+    """What a HeadQ layer's allocation may hold beyond its stored tokens, for the long-run
+    memory bounds: (fixed, per_group) bytes. fixed: the dense window buffers and the basis (they
+    do not grow with the length); per_group: one more key group of every token-indexed packed
+    buffer (the capacity grows in such steps)."""
+    fixed = per_group = 0
+    if layer.basis is not None:
+        fixed += layer.basis.numel() * layer.basis.element_size()
+    for k, t in layer.buf.items():
+        if t is None:
+            continue
+        if k in _WINDOW_BUFFERS:
+            fixed += t.numel() * t.element_size()
+        elif t.shape[2]:
+            per_group += t[:, :, :1].numel() * t.element_size() * group_size
+    return fixed, per_group

@@ -54,7 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-from _common import cpu_model, finish  # noqa: E402
+from _common import add_cache_args, cache_kwargs, capacity_terms, cpu_model, finish  # noqa: E402
 
 
 def machine(torch) -> dict:
@@ -101,12 +101,7 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=64,
                    help="prompt: the first tokens of the packaged evaluation text")
     p.add_argument("--calib-tokens", type=int, default=512)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--key-bits", type=int, default=2)
-    p.add_argument("--value-bits", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--value-group-size", type=int, default=64)
-    p.add_argument("--residual-length", type=int, default=0)
+    add_cache_args(p)
     p.add_argument("--value-policy", default="uniform", choices=("uniform", "a2"))
     p.add_argument("--value-keep-frac", type=float, default=0.0)
     p.add_argument("--sample", action="store_true",
@@ -156,9 +151,7 @@ def main() -> int:
                     chunk_len=min(256, a.calib_tokens), progress=not a.no_progress)
     calib_s = time.time() - t0
     attention.enable(model)
-    cache = HeadQCache(cfg, cal, key_bits=a.key_bits, value_bits=a.value_bits,
-                       group_size=a.group_size, value_group_size=a.value_group_size,
-                       residual_length=a.residual_length, value_policy=a.value_policy,
+    cache = HeadQCache(cfg, cal, **cache_kwargs(a), value_policy=a.value_policy,
                        value_keep_frac=a.value_keep_frac)
     prompt = tok(eval_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     prompt = prompt[:, :a.prompt_tokens]
@@ -216,18 +209,9 @@ def main() -> int:
         layers = cache.headq_layers
         allocated = sum(layer.allocated_bytes() for layer in layers)
         # the part of the capacity that does not scale with the length
-        fixed = 0
-        per_group = 0
-        for layer in layers:
-            for k in ("k_window", "v_window", "w_window"):
-                t = layer.buf.get(k)
-                if t is not None:
-                    fixed += t.numel() * t.element_size()
-            if layer.basis is not None:
-                fixed += layer.basis.numel() * layer.basis.element_size()
-            for k, t in layer.buf.items():
-                if t is not None and k not in ("k_window", "v_window", "w_window") and t.shape[2]:
-                    per_group += t[:, :, :1].numel() * t.element_size() * a.group_size
+        terms = [capacity_terms(layer, a.group_size) for layer in layers]
+        fixed = sum(f for f, _ in terms)
+        per_group = sum(g for _, g in terms)
         limit = 2 * report_bytes + fixed + per_group
         rss = proc.memory_info().rss
         if not first:

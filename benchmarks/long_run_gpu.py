@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-from _common import cpu_model, finish  # noqa: E402
+from _common import add_cache_args, cache_kwargs, capacity_terms, cpu_model, finish  # noqa: E402
 
 
 def main() -> int:
@@ -58,12 +58,7 @@ def main() -> int:
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--q-heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--key-bits", type=int, default=2)
-    p.add_argument("--value-bits", type=int, default=2)
-    p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--value-group-size", type=int, default=64)
-    p.add_argument("--residual-length", type=int, default=0)
+    add_cache_args(p)
     p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
     p.add_argument("--slack-mb", type=float, default=64.0,
                    help="allowed device memory beyond the cache's own buffers (CUDA)")
@@ -120,9 +115,7 @@ def main() -> int:
         base = torch.cuda.memory_allocated(dev)
     else:
         base = proc.memory_info().rss
-    cache = HeadQCache(cfg, cal, key_bits=a.key_bits, value_bits=a.value_bits,
-                       group_size=a.group_size, value_group_size=a.value_group_size,
-                       residual_length=a.residual_length)
+    cache = HeadQCache(cfg, cal, **cache_kwargs(a))
     layer = cache.headq_layers[0]
     assert cache.attention_active()
 
@@ -160,15 +153,7 @@ def main() -> int:
         report = rep.bytes_per_token_all_layers * n
         used = cache.memory_bytes()
         allocated = layer.allocated_bytes()
-        fixed = layer.basis.numel() * 4 if layer.basis is not None else 0
-        per_group = 0
-        for k, t in layer.buf.items():
-            if t is None:
-                continue
-            if k in ("k_window", "v_window", "w_window"):
-                fixed += t.numel() * t.element_size()
-            elif t.shape[2]:
-                per_group += t[:, :, :1].numel() * t.element_size() * a.group_size
+        fixed, per_group = capacity_terms(layer, a.group_size)
         limit = 2 * report + fixed + per_group
         if cuda:
             device_bytes = torch.cuda.memory_allocated(dev) - base
