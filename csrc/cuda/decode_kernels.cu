@@ -465,16 +465,7 @@ decode_split_kernel(const DecodeParams p) {
         qu_s[idx] = p.sign * a;
       }
     }
-    const int krowb = D * p.kbits / 8, zrowb = side ? p.r * p.zbits / 8 : 0;
-    const int vrowb = D * p.vbits / 8;
-    const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh;  // [Tq, krowb]
-    const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh;  // [Tq/G, D] f16
-    const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh;
-    const char* zc_g = side ? p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh : nullptr;
-    const char* zs_g = side ? p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh : nullptr;
-    const char* vc_g = vcodes ? p.v_codes.p + b * p.v_codes.sb + h * p.v_codes.sh : nullptr;
-    const char* vs_g = vcodes ? p.v_scale.p + b * p.v_scale.sb + h * p.v_scale.sh : nullptr;
-    const char* vz_g = vcodes ? p.v_zero.p + b * p.v_zero.sb + h * p.v_zero.sh : nullptr;
+    const PackedStreams<D> ps(p, b, h, side, vcodes);
     const char* vd_g = vcodes ? nullptr : p.v_dense.p + b * p.v_dense.sb + h * p.v_dense.sh;
 
     // Stage tile [t0, t0 + kTile) into buffer buf: whole 16-token chunks up to the capacity
@@ -483,29 +474,9 @@ decode_split_kernel(const DecodeParams p) {
     auto staged_end = [&](int t0) { return min((min(t0 + kTile, s1) + 15) & ~15, p.Tq); };
     auto stage_tile = [&](int t0, int buf) {
       const int tc = staged_end(t0);
-      const int n = tc - t0;
       unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
-      block_copy_async(sb + L.kc, kc_g + static_cast<int64_t>(t0) * krowb,
-                       static_cast<int64_t>(n) * krowb, tid, kThreads);
-      const int g0 = t0 / p.G, g1 = (tc + p.G - 1) / p.G;
-      block_copy_async(sb + L.ks, ks_g + static_cast<int64_t>(g0) * D * 2,
-                       static_cast<int64_t>(g1 - g0) * D * 2, tid, kThreads);
-      block_copy_async(sb + L.kz, kz_g + static_cast<int64_t>(g0) * D * 2,
-                       static_cast<int64_t>(g1 - g0) * D * 2, tid, kThreads);
-      if (side) {
-        block_copy_async(sb + L.zc, zc_g + static_cast<int64_t>(t0) * zrowb,
-                         static_cast<int64_t>(n) * zrowb, tid, kThreads);
-        block_copy_async(sb + L.zs, zs_g + static_cast<int64_t>(t0) * 2,
-                         static_cast<int64_t>(n) * 2, tid, kThreads);
-      }
-      if (vcodes) {
-        block_copy_async(sb + L.vc, vc_g + static_cast<int64_t>(t0) * vrowb,
-                         static_cast<int64_t>(n) * vrowb, tid, kThreads);
-        block_copy_async(sb + L.vs, vs_g + static_cast<int64_t>(t0) * ngv * 2,
-                         static_cast<int64_t>(n) * ngv * 2, tid, kThreads);
-        block_copy_async(sb + L.vz, vz_g + static_cast<int64_t>(t0) * ngv * 2,
-                         static_cast<int64_t>(n) * ngv * 2, tid, kThreads);
-      }
+      ps.stage_keys(sb, L, t0, tc, p.G, side, tid, kThreads);
+      if (vcodes) ps.stage_values(sb, L, t0, tc - t0, ngv, tid, kThreads);
       cp_async_commit();
     };
 
@@ -542,7 +513,7 @@ decode_split_kernel(const DecodeParams p) {
       float x[NG];
       if (valid) {
         const int gl = i / p.G;
-        const uint8_t* krow = sb + L.kc + i * krowb;
+        const uint8_t* krow = sb + L.kc + i * ps.krowb;
         const float* qs = qs_s + gl * NG * D;
         const float* qz = qz_s + gl * NG;
         switch (p.kbits) {
@@ -553,7 +524,7 @@ decode_split_kernel(const DecodeParams p) {
         }
         if (side) {
           float corr[NG];
-          side_dot<NG>(sb + L.zc + i * zrowb, qu_s, p.r, p.zbits, corr);
+          side_dot<NG>(sb + L.zc + i * ps.zrowb, qu_s, p.r, p.zbits, corr);
           const float zs = __half2float(reinterpret_cast<const __half*>(sb + L.zs)[i]);
 #pragma unroll
           for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(zs, corr[hh], x[hh]);

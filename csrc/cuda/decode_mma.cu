@@ -891,49 +891,27 @@ decode_mma_kernel(const DecodeParams p_in) {
   }
 
   if (lo < s1) {
-    const int krowb = D * p.kbits / 8, zrowb = side ? p.r * p.zbits / 8 : 0;
-    const int vrowb = D * p.vbits / 8, ngv = D / p.Gv;
-    const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh;  // [Tq, krowb]
-    const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh;  // [Tq/G, D] f16
-    const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh;
-    const char* zc_g = side ? p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh : nullptr;
-    const char* zs_g = side ? p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh : nullptr;
-    const char* vc_g = p.v_codes.p + b * p.v_codes.sb + h * p.v_codes.sh;
-    const char* vs_g = p.v_scale.p + b * p.v_scale.sb + h * p.v_scale.sh;
-    const char* vz_g = p.v_zero.p + b * p.v_zero.sb + h * p.v_zero.sh;
+    const PackedStreams<D> ps(p, b, h, side, /*vcodes=*/true);
 
     // Staged range of the tile at t0: whole 16-token chunks up to the capacity (Tq % 32 == 0).
     auto staged_end = [&](int t0) { return min((min(t0 + kTileM, s1) + 15) & ~15, p.Tq); };
     auto stage_keys = [&](int t0, int buf) {  // key codes, scales, zeros, side code
       const int tc = staged_end(t0);
-      const int n = tc - t0;
       unsigned char* sb = smem + L.stage0 + buf * L.stage_bytes;
       if constexpr (kFix) {
-        if (n == kTileM) {  // a full, group-aligned tile: constant sizes
+        if (tc - t0 == kTileM) {  // a full, group-aligned tile: constant sizes
           constexpr int kKrow = D * kFixKBits / 8, kZrow = kFixR * kFixZBits / 8;
           constexpr int kGroups = kTileM / kFixG;
           const int g0 = t0 / kFixG;
-          block_copy_async_n<kTileM * kKrow>(sb + L.kc, kc_g + static_cast<int64_t>(t0) * kKrow, tid);
-          block_copy_async_n<kGroups * D * 2>(sb + L.ks, ks_g + static_cast<int64_t>(g0) * D * 2, tid);
-          block_copy_async_n<kGroups * D * 2>(sb + L.kz, kz_g + static_cast<int64_t>(g0) * D * 2, tid);
-          block_copy_async_n<kTileM * kZrow>(sb + L.zc, zc_g + static_cast<int64_t>(t0) * kZrow, tid);
-          block_copy_async_n<kTileM * 2>(sb + L.zs, zs_g + static_cast<int64_t>(t0) * 2, tid);
+          block_copy_async_n<kTileM * kKrow>(sb + L.kc, ps.kc + static_cast<int64_t>(t0) * kKrow, tid);
+          block_copy_async_n<kGroups * D * 2>(sb + L.ks, ps.ks + static_cast<int64_t>(g0) * D * 2, tid);
+          block_copy_async_n<kGroups * D * 2>(sb + L.kz, ps.kz + static_cast<int64_t>(g0) * D * 2, tid);
+          block_copy_async_n<kTileM * kZrow>(sb + L.zc, ps.zc + static_cast<int64_t>(t0) * kZrow, tid);
+          block_copy_async_n<kTileM * 2>(sb + L.zs, ps.zs + static_cast<int64_t>(t0) * 2, tid);
           return;
         }
       }
-      block_copy_async(sb + L.kc, kc_g + static_cast<int64_t>(t0) * krowb,
-                       static_cast<int64_t>(n) * krowb, tid, kThreadsM);
-      const int g0 = t0 / p.G, g1 = (tc + p.G - 1) / p.G;
-      block_copy_async(sb + L.ks, ks_g + static_cast<int64_t>(g0) * D * 2,
-                       static_cast<int64_t>(g1 - g0) * D * 2, tid, kThreadsM);
-      block_copy_async(sb + L.kz, kz_g + static_cast<int64_t>(g0) * D * 2,
-                       static_cast<int64_t>(g1 - g0) * D * 2, tid, kThreadsM);
-      if (side) {
-        block_copy_async(sb + L.zc, zc_g + static_cast<int64_t>(t0) * zrowb,
-                         static_cast<int64_t>(n) * zrowb, tid, kThreadsM);
-        block_copy_async(sb + L.zs, zs_g + static_cast<int64_t>(t0) * 2,
-                         static_cast<int64_t>(n) * 2, tid, kThreadsM);
-      }
+      ps.stage_keys(sb, L, t0, tc, p.G, side, tid, kThreadsM);
     };
     auto stage_values = [&](int t0, int buf) {  // value codes, scales, zeros
       const int n = staged_end(t0) - t0;
@@ -941,18 +919,13 @@ decode_mma_kernel(const DecodeParams p_in) {
       if constexpr (kFix) {
         if (n == kTileM) {
           constexpr int kVrow = D * kFixVBits / 8, kNgv = D / kFixGv;
-          block_copy_async_n<kTileM * kVrow>(sb + L.vc, vc_g + static_cast<int64_t>(t0) * kVrow, tid);
-          block_copy_async_n<kTileM * kNgv * 2>(sb + L.vs, vs_g + static_cast<int64_t>(t0) * kNgv * 2, tid);
-          block_copy_async_n<kTileM * kNgv * 2>(sb + L.vz, vz_g + static_cast<int64_t>(t0) * kNgv * 2, tid);
+          block_copy_async_n<kTileM * kVrow>(sb + L.vc, ps.vc + static_cast<int64_t>(t0) * kVrow, tid);
+          block_copy_async_n<kTileM * kNgv * 2>(sb + L.vs, ps.vs + static_cast<int64_t>(t0) * kNgv * 2, tid);
+          block_copy_async_n<kTileM * kNgv * 2>(sb + L.vz, ps.vz + static_cast<int64_t>(t0) * kNgv * 2, tid);
           return;
         }
       }
-      block_copy_async(sb + L.vc, vc_g + static_cast<int64_t>(t0) * vrowb,
-                       static_cast<int64_t>(n) * vrowb, tid, kThreadsM);
-      block_copy_async(sb + L.vs, vs_g + static_cast<int64_t>(t0) * ngv * 2,
-                       static_cast<int64_t>(n) * ngv * 2, tid, kThreadsM);
-      block_copy_async(sb + L.vz, vz_g + static_cast<int64_t>(t0) * ngv * 2,
-                       static_cast<int64_t>(n) * ngv * 2, tid, kThreadsM);
+      ps.stage_values(sb, L, t0, n, D / p.Gv, tid, kThreadsM);
     };
 
     const int mpg = p.Gv / 16;

@@ -138,5 +138,62 @@ __device__ __forceinline__ void block_copy_async(void* smem_dst, const void* gme
   }
 }
 
+// The packed streams of one (batch b, KV head h) of the quantised region (docs/LAYOUT.md):
+// global base pointers, row sizes, and block-wide cp.async copies of a token range into a stage
+// buffer laid out by L (a struct with the byte offsets kc, ks, kz, zc, zs, vc, vs, vz). Shared by
+// the SIMT and the tensor-core decode kernels. Pointers of absent streams are null.
+template <int D>
+struct PackedStreams {
+  const char *kc, *ks, *kz, *zc, *zs, *vc, *vs, *vz;
+  int krowb, zrowb, vrowb;
+
+  __device__ __forceinline__ PackedStreams(const DecodeParams& p, int b, int h, bool side,
+                                           bool vcodes)
+      : kc(p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh),  // [Tq, krowb]
+        ks(p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh),  // [Tq/G, D] f16
+        kz(p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh),
+        zc(side ? p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh : nullptr),
+        zs(side ? p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh : nullptr),
+        vc(vcodes ? p.v_codes.p + b * p.v_codes.sb + h * p.v_codes.sh : nullptr),
+        vs(vcodes ? p.v_scale.p + b * p.v_scale.sb + h * p.v_scale.sh : nullptr),
+        vz(vcodes ? p.v_zero.p + b * p.v_zero.sb + h * p.v_zero.sh : nullptr),
+        krowb(D * p.kbits / 8),
+        zrowb(side ? p.r * p.zbits / 8 : 0),
+        vrowb(D * p.vbits / 8) {}
+
+  // Key codes, group scales / zeros (groups of G tokens) and (side) the side code and its scales
+  // of tokens [t0, tc).
+  template <typename Layout>
+  __device__ __forceinline__ void stage_keys(unsigned char* sb, const Layout& L, int t0, int tc,
+                                             int G, bool side, int tid, int nthreads) const {
+    const int n = tc - t0;
+    block_copy_async(sb + L.kc, kc + static_cast<int64_t>(t0) * krowb,
+                     static_cast<int64_t>(n) * krowb, tid, nthreads);
+    const int g0 = t0 / G, g1 = (tc + G - 1) / G;
+    block_copy_async(sb + L.ks, ks + static_cast<int64_t>(g0) * D * 2,
+                     static_cast<int64_t>(g1 - g0) * D * 2, tid, nthreads);
+    block_copy_async(sb + L.kz, kz + static_cast<int64_t>(g0) * D * 2,
+                     static_cast<int64_t>(g1 - g0) * D * 2, tid, nthreads);
+    if (side) {
+      block_copy_async(sb + L.zc, zc + static_cast<int64_t>(t0) * zrowb,
+                       static_cast<int64_t>(n) * zrowb, tid, nthreads);
+      block_copy_async(sb + L.zs, zs + static_cast<int64_t>(t0) * 2,
+                       static_cast<int64_t>(n) * 2, tid, nthreads);
+    }
+  }
+
+  // Value codes and the ngv per-token group scales / zeros of n tokens from t0.
+  template <typename Layout>
+  __device__ __forceinline__ void stage_values(unsigned char* sb, const Layout& L, int t0, int n,
+                                               int ngv, int tid, int nthreads) const {
+    block_copy_async(sb + L.vc, vc + static_cast<int64_t>(t0) * vrowb,
+                     static_cast<int64_t>(n) * vrowb, tid, nthreads);
+    block_copy_async(sb + L.vs, vs + static_cast<int64_t>(t0) * ngv * 2,
+                     static_cast<int64_t>(n) * ngv * 2, tid, nthreads);
+    block_copy_async(sb + L.vz, vz + static_cast<int64_t>(t0) * ngv * 2,
+                     static_cast<int64_t>(n) * ngv * 2, tid, nthreads);
+  }
+};
+
 }  // namespace cuda
 }  // namespace headq
