@@ -33,6 +33,11 @@ tensor-core kernel (HEADQ_MMA_VARIANT, read by the op at every call; see decode_
 mma / auto impls; rows are labelled impl:variant. Any failing case of any variant fails the run.
 
   python benchmarks/bench_decode.py --check --impl mma --variants base,ring4,ring5
+
+--pdl both times every configuration also with plain launches (HEADQ_PDL=0; rows +nopdl): on
+sm_90+ the window splits and the combine are programmatic dependent launches by default.
+
+  python benchmarks/bench_decode.py --impl mma --variants fixed --pdl both --window 128
 """
 
 from __future__ import annotations
@@ -86,20 +91,40 @@ def set_variant(variant: str | None) -> None:
         os.environ["HEADQ_MMA_VARIANT"] = variant
 
 
+PDL_MODES: list[str] = ["on"]  # --pdl: programmatic dependent launch of window splits + combine
+
+
+def set_pdl(mode: str) -> None:
+    """HEADQ_PDL (read by the op at every call): on = the op's default, off = plain launches."""
+    if mode == "off":
+        os.environ["HEADQ_PDL"] = "0"
+    else:
+        os.environ.pop("HEADQ_PDL", None)
+
+
 def runs_of(arg: str) -> list[tuple[str, str | None, str]]:
-    """(impl, variant, label) of every kernel configuration to check and time."""
+    """(impl, variant, label) of every kernel configuration to check and time; with --pdl both
+    each configuration also runs with plain launches (variant suffix "+nopdl")."""
     out = []
     for impl in impls_of(arg):
         if impl != "simt" and VARIANTS:
-            out += [(impl, v, f"{impl}:{v}") for v in VARIANTS]
+            base = [(impl, v, f"{impl}:{v}") for v in VARIANTS]
         else:
-            out.append((impl, None, impl))
+            base = [(impl, None, impl)]
+        for mode in PDL_MODES:
+            sfx = "+nopdl" if mode == "off" else ""
+            out += [(i, (v or "default") + sfx if sfx else v, lb + sfx) for i, v, lb in base]
     return out
 
 
 def select(impl: str, variant: str | None) -> None:
     set_impl(impl)
+    pdl = "on"
+    if variant is not None and variant.endswith("+nopdl"):
+        variant, pdl = variant[: -len("+nopdl")], "off"
+        variant = None if variant == "default" else variant
     set_variant(variant)
+    set_pdl(pdl)
 
 
 # ----------------------------------------------------------------------------------- inputs ---
@@ -424,6 +449,9 @@ def main() -> int:
     ap.add_argument("--variants", default="",
                     help="comma list of tensor-core kernel configurations (HEADQ_MMA_VARIANT: "
                          "base, ring4, ring5, lean, fixed, default) to check and time one after another")
+    ap.add_argument("--pdl", default="on", choices=["on", "off", "both"],
+                    help="programmatic dependent launch of the window splits and the combine "
+                         "(HEADQ_PDL; sm_90+): on (the op's default), off, or both (rows +nopdl)")
     ap.add_argument("--lib", default=None, help="path of a built _C .so to load instead of headq_torch")
     ap.add_argument("--out", default="benchmarks/results/gpu_decode.json")
     args = ap.parse_args()
@@ -432,6 +460,7 @@ def main() -> int:
         return 2
     load_ops(args.lib)
     VARIANTS[:] = [v for v in args.variants.split(",") if v]
+    PDL_MODES[:] = ["on", "off"] if args.pdl == "both" else [args.pdl]
     torch.backends.cuda.matmul.allow_tf32 = False
     contexts = [int(x) for x in args.contexts.split(",") if x]
     t_start = time.time()

@@ -59,6 +59,8 @@
 // level, so each variant of an inner phase is compiled once per instantiation.
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <cub/block/block_reduce.cuh>
 
@@ -620,6 +622,7 @@ decode_split_kernel(const DecodeParams p) {
   }
 
   // ---- end of split: reduce the per-thread partials ----
+  pdl_launch_dependents();  // the combine may be scheduled (it waits for this grid; pdl_*)
   __syncthreads();  // staging buffers are free (red_s aliases them)
 #pragma unroll
   for (int hh = 0; hh < NG; ++hh) {
@@ -700,6 +703,10 @@ decode_split_kernel(const DecodeParams p) {
     p.part_ml[row * 2] = m;
     p.part_ml[row * 2 + 1] = l;
   }
+  // Window splits launched as programmatic dependents of the tensor-core splits (launch_decode_split
+  // with pdl) run alongside them, reading nothing they write; this grid completes only after
+  // them, so that the combine, which waits for this grid, also waits for them. (No-op otherwise.)
+  pdl_wait();
 }
 
 // ---------------------------------------------------------------------------- combine kernel --
@@ -716,6 +723,7 @@ decode_combine_kernel(const float* __restrict__ part_acc,  // [BHq, S, D]
                       int S, int D, E* __restrict__ out,   // [BHq, D]
                       float* __restrict__ lse,             // [BHq]
                       const Strided q, int Hq) {           // [B, Hq, D], last dim unit stride
+  pdl_wait();  // launched as a programmatic dependent of the split kernels (pdl): nothing is read before
   const int64_t row = blockIdx.x;
   const float* ml = part_ml + row * S * 2;
   const float* pa_row = part_acc + row * S * D;
@@ -797,7 +805,8 @@ decode_combine_kernel(const float* __restrict__ part_acc,  // [BHq, S, D]
 }
 
 template <int D, int NG>
-cudaError_t launch_split_typed(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
+cudaError_t launch_split_typed(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream,
+                               bool pdl) {
   auto kernel = decode_split_kernel<D, NG>;
   if (plan.smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(
@@ -805,8 +814,7 @@ cudaError_t launch_split_typed(const DecodeParams& p, const DecodePlan& plan, cu
     if (err != cudaSuccess) return err;
   }
   const dim3 grid(p.S - p.split0, p.H * p.nchunk, p.B);
-  kernel<<<grid, kThreads, plan.smem, stream>>>(p);
-  return cudaGetLastError();
+  return launch_maybe_pdl(kernel, grid, dim3(kThreads), plan.smem, stream, pdl, p);
 }
 
 template <int D, int NG>
@@ -849,32 +857,36 @@ cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePla
   return cudaSuccess;
 }
 
-cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream) {
+cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream,
+                                bool pdl) {
   if (p.S - p.split0 <= 0 || p.B == 0 || p.H == 0) return cudaSuccess;
   return with_shape(p.D, plan.ng, [&](auto d, auto ng) {
-    return launch_split_typed<decltype(d)::value, decltype(ng)::value>(p, plan, stream);
+    return launch_split_typed<decltype(d)::value, decltype(ng)::value>(p, plan, stream, pdl);
   });
+}
+
+bool decode_pdl_enabled(int device_major) {
+  if (device_major < 9) return false;
+  const char* env = std::getenv("HEADQ_PDL");
+  return env == nullptr || std::strcmp(env, "0") != 0;
 }
 
 cudaError_t launch_decode_combine(const float* part_acc, const float* part_ml, int64_t BHq, int S,
                                   int D, void* out, float* lse, DType dtype, const Strided& q,
-                                  int Hq, cudaStream_t stream) {
+                                  int Hq, cudaStream_t stream, bool pdl) {
   if (BHq == 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(BHq)), block(kThreads);
   switch (dtype) {
     case DType::kFloat16:
-      decode_combine_kernel<__half><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
-          part_acc, part_ml, S, D, static_cast<__half*>(out), lse, q, Hq);
-      break;
+      return launch_maybe_pdl(decode_combine_kernel<__half>, grid, block, 0, stream, pdl, part_acc,
+                              part_ml, S, D, static_cast<__half*>(out), lse, q, Hq);
     case DType::kBFloat16:
-      decode_combine_kernel<__nv_bfloat16><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
-          part_acc, part_ml, S, D, static_cast<__nv_bfloat16*>(out), lse, q, Hq);
-      break;
+      return launch_maybe_pdl(decode_combine_kernel<__nv_bfloat16>, grid, block, 0, stream, pdl,
+                              part_acc, part_ml, S, D, static_cast<__nv_bfloat16*>(out), lse, q, Hq);
     default:
-      decode_combine_kernel<float><<<static_cast<unsigned>(BHq), kThreads, 0, stream>>>(
-          part_acc, part_ml, S, D, static_cast<float*>(out), lse, q, Hq);
-      break;
+      return launch_maybe_pdl(decode_combine_kernel<float>, grid, block, 0, stream, pdl, part_acc,
+                              part_ml, S, D, static_cast<float*>(out), lse, q, Hq);
   }
-  return cudaGetLastError();
 }
 
 }  // namespace cuda

@@ -695,6 +695,10 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
 template <int D, int NT, int V>
 __global__ void __launch_bounds__(kThreadsM, mma_min_blocks(NT, V))
 decode_mma_kernel(const DecodeParams p_in) {
+  // Window splits launched after this grid (pdl_*, device_common.cuh) may be scheduled from now
+  // on, into the slots this grid's blocks leave free: they fill the tail of this wave. Without
+  // window splits the combine follows, triggered after the streaming loop below.
+  if (p_in.S > p_in.Sq) pdl_launch_dependents();
   constexpr bool kFix = mma_fixed(V);
   // Other variants read p_in directly (a local copy costs them registers: ptxas keeps the
   // copied fields live instead of reloading them from the parameter bank).
@@ -1019,6 +1023,7 @@ decode_mma_kernel(const DecodeParams p_in) {
   }
 
   // ---- end of split: merge the 4 warps ----
+  pdl_launch_dependents();  // the combine may be scheduled (it waits for this grid)
   __syncthreads();  // staging buffers are free (red aliases them)
   float* red = reinterpret_cast<float*>(smem + L.red);  // [warps][NG][D]
   float* mlw = red + kWarpsM * NG * D;                   // [warps][NG][2]

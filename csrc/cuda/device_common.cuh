@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "headq/common.h"
 #include "headq/fp16.h"
@@ -35,6 +36,45 @@ __device__ __forceinline__ __half from_float<__half>(float x) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// Programmatic dependent launch (sm_90+). A kernel that calls pdl_launch_dependents() lets the
+// next kernel of the stream, if that one was launched with the programmatic-serialisation
+// attribute (launch_maybe_pdl), be scheduled once every block of this grid has called it (or
+// exited), i.e. into the slots its blocks leave free; the dependent calls pdl_wait() before it
+// reads this grid's output (or before it exits, to extend the dependency), which returns once
+// the previous grid has completed and its writes are visible. Both are no-ops for a kernel
+// launched without the attribute and on older architectures.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // No memory clobber: the dependent waits for this whole grid anyway (pdl_wait), so nothing has
+  // to be ordered around the trigger (a clobber cost the general mma variants ~100 B of spills).
+  asm volatile("griddepcontrol.launch_dependents;\n");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-stream-serialisation
+// attribute when pdl is true (the kernel must then call pdl_wait() before reading the previous
+// kernel's output).
+template <typename... KArgs, typename... Args>
+cudaError_t launch_maybe_pdl(void (*kernel)(KArgs...), dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t stream, bool pdl, Args&&... args) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...);
 }
 
 // Element i of a dense array of type `dt` as float32 (uniform switch; used off the hot loops).

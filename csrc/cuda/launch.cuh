@@ -122,6 +122,12 @@ struct DecodeParams {
   int split0;  // first split index of this launch (the window splits of the tensor-core path)
 };
 
+// Programmatic dependent launch of the kernels that follow the first split kernel of a decode
+// call (the window splits, which then run alongside the tensor-core splits' last blocks, and the
+// combine, scheduled before the splits end): allowed on compute capability >= 9.0 unless
+// HEADQ_PDL=0 (read at every call, for A/B runs). See pdl_wait in device_common.cuh.
+bool decode_pdl_enabled(int device_major);
+
 struct DecodePlan {
   int ng;      // query heads per block (1, 2, 4, 8)
   int nchunk;  // ceil(ratio / ng)
@@ -149,9 +155,11 @@ inline void set_plan_splits(const DecodeParams& p, int sm_count, int blocks_per_
 // device's SM count / occupancy. Returns cudaSuccess or the error of an occupancy query.
 cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePlan* plan);
 
-// Launches splits split0 .. S-1 (grid.x = S - split0).
+// Launches splits split0 .. S-1 (grid.x = S - split0). pdl: launched as a programmatic
+// dependent of the previous kernel (the tensor-core splits): it runs alongside their last blocks
+// and completes only after them.
 cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan,
-                                cudaStream_t stream);
+                                cudaStream_t stream, bool pdl = false);
 
 // Tensor-core split kernel (decode_mma.cu) over the quantised region: splits 0 .. Sq-1 with the
 // same partial layout; the window splits Sq .. S-1 are left to launch_decode_split (split0 = Sq).
@@ -177,7 +185,7 @@ cudaError_t launch_decode_combine(const float* part_acc,  // [B, Hq, S, D]
                                   float* lse,  // [B, Hq] natural-log sum exp of visible logits
                                   DType dtype,
                                   const Strided& q,  // [B, Hq, D]: a NaN query row -> NaN out/lse
-                                  int Hq, cudaStream_t stream);
+                                  int Hq, cudaStream_t stream, bool pdl = false);
 
 }  // namespace cuda
 }  // namespace headq

@@ -364,6 +364,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   p.part_ml = part_ml.data_ptr<float>();
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  // The kernels after the first split kernel are programmatic dependents (sm_90+): the window
+  // splits run in the slots the tensor-core splits leave free as they finish, the combine is
+  // scheduled early and waits for both on the device (HEADQ_PDL=0: plain launches).
+  const bool pdl = cuda::decode_pdl_enabled(at::cuda::getCurrentDeviceProperties()->major);
   if (use_mma) {
     C10_CUDA_CHECK(cuda::launch_decode_mma(p, plan, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -373,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
       cuda::DecodeParams pw = p;
       pw.nchunk = wplan.nchunk;
       pw.split0 = p.Sq;
-      C10_CUDA_CHECK(cuda::launch_decode_split(pw, wplan, stream));
+      C10_CUDA_CHECK(cuda::launch_decode_split(pw, wplan, stream, pdl));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   } else {
@@ -383,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   C10_CUDA_CHECK(cuda::launch_decode_combine(p.part_acc, p.part_ml, B * Hq, p.S,
                                              static_cast<int>(D), out.data_ptr(),
                                              lse.data_ptr<float>(), p.dtype, p.q,
-                                             static_cast<int>(Hq), stream));
+                                             static_cast<int>(Hq), stream, pdl));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }
