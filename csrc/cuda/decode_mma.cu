@@ -127,6 +127,7 @@ struct MmaSmem {
   int stage0, stage_bytes;
   int kc, ks, kz, zc, zs, vc, vs, vz;  // offsets inside a stage buffer
   int red;                             // end-of-split merge (aliases the stages)
+  int mbar;   // uint64_t [2]  mbarriers of the fixed variant's bulk copies (keys, values)
   int total;
 };
 
@@ -217,6 +218,10 @@ __host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool 
   const int red_bytes = kWarpsM * NG * (D + 2 + D / 32) * 4;
   const int nbuf = ring ? 1 : 2;
   o += (nbuf * b > red_bytes) ? nbuf * b : red_bytes;
+  // Placed last: before stage0, the 16 bytes shifted every later offset and cost the general
+  // variants ~100 B of spills (their layout arithmetic is done at run time).
+  s.mbar = al16(o);
+  o = s.mbar + 16;
   s.total = o;
   return s;
 }
@@ -700,6 +705,13 @@ decode_mma_kernel(const DecodeParams p_in) {
   // window splits the combine follows, triggered after the streaming loop below.
   if (p_in.S > p_in.Sq) pdl_launch_dependents();
   constexpr bool kFix = mma_fixed(V);
+  // Full tiles of the fixed variant are staged by bulk copies (TMA) on two mbarriers instead of
+  // per-thread cp.async (-DHEADQ_MMA_NO_BULK: cp.async, for A/B runs).
+#if HEADQ_HAS_BULK && !defined(HEADQ_MMA_NO_BULK)
+  constexpr bool kBulk = kFix;
+#else
+  constexpr bool kBulk = false;
+#endif
   // Other variants read p_in directly (a local copy costs them registers: ptxas keeps the
   // copied fields live instead of reloading them from the parameter bank).
   DecodeParams pfix;
@@ -733,6 +745,17 @@ decode_mma_kernel(const DecodeParams p_in) {
   const int s0 = split * p.chunk_tokens;
   const int s1 = min(s0 + p.chunk_tokens, nq);
   const int lo = max(s0, ks);
+
+  static_assert(!kBulk || kRing, "bulk staging is written for the ring pipeline");
+  uint64_t* mbar = reinterpret_cast<uint64_t*>(smem + L.mbar);  // [2] keys, values (kBulk)
+#if HEADQ_HAS_BULK
+  if constexpr (kBulk) {
+    if (tid == 0) {
+      mbar_init(&mbar[0]);
+      mbar_init(&mbar[1]);
+    }  // the setup's block barriers below order the init before any use
+  }
+#endif
 
   // ---- setup: q, its per-head power of two, k-order table, q.z fragments, side code ----
   for (int idx = tid; idx < NG * D; idx += kThreadsM) {
@@ -907,6 +930,19 @@ decode_mma_kernel(const DecodeParams p_in) {
           constexpr int kKrow = D * kFixKBits / 8, kZrow = kFixR * kFixZBits / 8;
           constexpr int kGroups = kTileM / kFixG;
           const int g0 = t0 / kFixG;
+#if HEADQ_HAS_BULK
+          if constexpr (kBulk) {  // one thread, five bulk copies on mbar[0]
+            if (tid == 0) {
+              mbar_expect_tx(&mbar[0], kTileM * kKrow + 2 * kGroups * D * 2 + kTileM * kZrow + kTileM * 2);
+              bulk_copy_g2s(sb + L.kc, ps.kc + static_cast<int64_t>(t0) * kKrow, kTileM * kKrow, &mbar[0]);
+              bulk_copy_g2s(sb + L.ks, ps.ks + static_cast<int64_t>(g0) * D * 2, kGroups * D * 2, &mbar[0]);
+              bulk_copy_g2s(sb + L.kz, ps.kz + static_cast<int64_t>(g0) * D * 2, kGroups * D * 2, &mbar[0]);
+              bulk_copy_g2s(sb + L.zc, ps.zc + static_cast<int64_t>(t0) * kZrow, kTileM * kZrow, &mbar[0]);
+              bulk_copy_g2s(sb + L.zs, ps.zs + static_cast<int64_t>(t0) * 2, kTileM * 2, &mbar[0]);
+            }
+            return;
+          }
+#endif
           block_copy_async_n<kTileM * kKrow>(sb + L.kc, ps.kc + static_cast<int64_t>(t0) * kKrow, tid);
           block_copy_async_n<kGroups * D * 2>(sb + L.ks, ps.ks + static_cast<int64_t>(g0) * D * 2, tid);
           block_copy_async_n<kGroups * D * 2>(sb + L.kz, ps.kz + static_cast<int64_t>(g0) * D * 2, tid);
@@ -923,6 +959,17 @@ decode_mma_kernel(const DecodeParams p_in) {
       if constexpr (kFix) {
         if (n == kTileM) {
           constexpr int kVrow = D * kFixVBits / 8, kNgv = D / kFixGv;
+#if HEADQ_HAS_BULK
+          if constexpr (kBulk) {  // one thread, three bulk copies on mbar[1]
+            if (tid == 0) {
+              mbar_expect_tx(&mbar[1], kTileM * kVrow + 2 * kTileM * kNgv * 2);
+              bulk_copy_g2s(sb + L.vc, ps.vc + static_cast<int64_t>(t0) * kVrow, kTileM * kVrow, &mbar[1]);
+              bulk_copy_g2s(sb + L.vs, ps.vs + static_cast<int64_t>(t0) * kNgv * 2, kTileM * kNgv * 2, &mbar[1]);
+              bulk_copy_g2s(sb + L.vz, ps.vz + static_cast<int64_t>(t0) * kNgv * 2, kTileM * kNgv * 2, &mbar[1]);
+            }
+            return;
+          }
+#endif
           block_copy_async_n<kTileM * kVrow>(sb + L.vc, ps.vc + static_cast<int64_t>(t0) * kVrow, tid);
           block_copy_async_n<kTileM * kNgv * 2>(sb + L.vs, ps.vs + static_cast<int64_t>(t0) * kNgv * 2, tid);
           block_copy_async_n<kTileM * kNgv * 2>(sb + L.vz, ps.vz + static_cast<int64_t>(t0) * kNgv * 2, tid);
@@ -1000,11 +1047,28 @@ decode_mma_kernel(const DecodeParams p_in) {
     } else {
       // One stage buffer as a two-phase ring: V(t) loads during the key phase of t, K(t+1)
       // during the value phase of t. Every thread passes both barriers of every tile.
+      // kBulk: full tiles arrive by bulk copies on mbar[0] (keys) / mbar[1] (values), whose
+      // phases alternate parity with each full tile; partial tiles by cp.async as before. Warp 0
+      // alone polls the mbarrier (acquire); the block barrier right after passes the landed
+      // bytes on to the other warps, which wait in the barrier instead of spinning.
       const unsigned char* sb = smem + L.stage0;
+      uint32_t kpar = 0, vpar = 0;
+      auto wait_bulk = [&](bool full, int which, uint32_t& par) {
+#if HEADQ_HAS_BULK
+        if constexpr (kBulk) {
+          if (full) {  // block-uniform, as when the copies were issued
+            if (warp == 0) mbar_wait(&mbar[which], par);
+            par ^= 1u;
+          }
+        }
+#endif
+      };
       stage_keys(t_first, 0);
       cp_async_commit();
       for (int t0 = t_first; t0 < s1; t0 += kTileM) {
+        const bool full = staged_end(t0) - t0 == kTileM;  // staged by bulk copies (kBulk)
         cp_async_wait_all();
+        wait_bulk(full, 0, kpar);
         __syncthreads();  // K(t0) staged; all warps are done with the value part of t0 - 1
         stage_values(t0, 0);
         cp_async_commit();
@@ -1012,6 +1076,7 @@ decode_mma_kernel(const DecodeParams p_in) {
         float alpha[NT], pw[NT][8];
         if (act) key_softmax(sb, t0, alpha, pw);
         cp_async_wait_all();
+        wait_bulk(full, 1, vpar);
         __syncthreads();  // V(t0) staged; all warps are done with the key part of t0
         if (t0 + kTileM < s1) {
           stage_keys(t0 + kTileM, 0);

@@ -167,6 +167,55 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
+// Hopper bulk copies (TMA engine, cp.async.bulk) completing on a shared-memory mbarrier: one
+// thread moves a whole contiguous range, instead of every thread issuing 16-byte cp.async with
+// its own address arithmetic. sm_90+ only (HEADQ_HAS_BULK).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define HEADQ_HAS_BULK 1
+#else
+#define HEADQ_HAS_BULK 0
+#endif
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+#if HEADQ_HAS_BULK
+// One-time init (one thread; a block barrier must follow before any use).
+__device__ __forceinline__ void mbar_init(uint64_t* bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_addr(bar)) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// The issuing thread: announce `bytes` of bulk copies on bar (its one arrival of the phase).
+// The proxy fence orders the block's earlier generic accesses of the destination (reads of the
+// previous tile, behind a block barrier) before the async-proxy writes.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// Global -> shared bulk copy of `bytes` (a multiple of 16, both addresses 16-byte aligned).
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes,
+                                              uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          smem_addr(dst)),
+      "l"(src), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+}
+// Wait (acquire) until the phase of the given parity has completed: its bytes have landed.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+#endif
+
 // Copy nbytes (a multiple of 16; both pointers 16-byte aligned) with the whole block.
 __device__ __forceinline__ void block_copy_async(void* smem_dst, const void* gmem_src,
                                                  int64_t nbytes, int tid, int nthreads) {
