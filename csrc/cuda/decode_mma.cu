@@ -118,7 +118,8 @@ __host__ __device__ constexpr int zmap_pos(int bits, int k) { return bits == 8 ?
 // Shared-memory layout (bytes), identical on host and device.
 struct MmaSmem {
   int qn;     // float [NG][D]  q * 2^-e_h (raw q during setup)
-  int qk;     // float [NG][D]  qn * 2^-kmap_pos in key k-order (kb*16 + k)
+  int qk;     // float [NG][D]  qn * 2^-kmap_pos in key k-order, fragment-major: [kb][t][e]
+              // = k-index 2t + (e & 1) + 8 (e >> 1) of block kb (one float4 per lane)
   int qzf;    // uint2 [NT][D/16][32]  hi/lo B fragments of qn (zero-point mma)
   int qu;     // float [NG][r]  sign * q.U (raw q)
   int hexp;   // int [NG]       e_h
@@ -296,9 +297,23 @@ __device__ __forceinline__ int exp_of(float x) {
 __device__ __forceinline__ float pow2i(int e) { return __uint_as_float(static_cast<uint32_t>(e + 127) << 23); }
 
 // Per-lane constants.
+// Token (within a 16-token m-tile) of row j < 8 of the key-phase A fragment (row j + 8: that
+// token + 8): 0, 4, 1, 5, 2, 6, 3, 7. Shared-memory bank conflicts decide it. Rows of 2-bit codes
+// are 32 bytes at D = 128, so rows r and r + 4 share banks. After the movmatrix transpose the P'
+// B fragment of lane t holds tokens tok(2t), tok(2t + 1) = t, t + 4 (k = 2t, 2t + 1) and those
+// + 8, so each value-code load reads rows t (or t + 4, + 8, + 12) of the 4 lanes t: 4 rows on 4
+// different bank groups. In token order (rows 2t, 2t + 1, ...) those loads conflicted 2-way:
+// 35% of the kernel's shared-memory wavefronts; removing that made the fixed kernel ~8% faster
+// at 32k. The key loads (lanes of a quarter-warp read rows tok(2p), tok(2p + 1) = p, p + 4) now
+// conflict 2-way instead (~8% of the wavefronts); an order free of both conflicts exists
+// (0, 5, 1, 6, 2, 7, 3, 4) but needs a lane-dependent row offset in the value phase: measured
+// 0.0996 vs 0.0984 ms at 32k, 0.347 vs 0.341 ms at 128k (more spills), so not used.
+__host__ __device__ constexpr int tok_of_row(int j) { return (j >> 1) + 4 * (j & 1); }
+
 template <int NT>
 struct MmaLane {
   int lane, gid, t4;
+  int trow;                     // tok_of_row(gid): token of the lane's key-fragment rows
   float fh[NT];                 // 2^e_h * scale*log2(e) of head t4 (+4 nt)
   // side code
   float fsd[NT], szd[NT];       // 2^es * scale_log2, sign*off*sum(qU)*scale_log2 of head t4
@@ -347,10 +362,8 @@ __device__ __forceinline__ float build_qfrag(const __half* ksg,  // smem [D] f16
     for (int e = 0; e < 4; ++e) s[e] *= fs;
 #pragma unroll
     for (int hh = 0; hh < NG; ++hh) {
-      const float* qr = qk + hh * D + kb * 16 + 2 * tt;
-      const float2 qa = *reinterpret_cast<const float2*>(qr);
-      const float2 qb = *reinterpret_cast<const float2*>(qr + 8);
-      const float v0 = qa.x * s[0], v1 = qa.y * s[1], v2 = qb.x * s[2], v3 = qb.y * s[3];
+      const float4 qv = *reinterpret_cast<const float4*>(qk + hh * D + kb * 16 + 4 * tt);
+      const float v0 = qv.x * s[0], v1 = qv.y * s[1], v2 = qv.z * s[2], v3 = qv.w * s[3];
       const float h0 = hi11(v0), h1 = hi11(v1), h2 = hi11(v2), h3 = hi11(v3);
       uint2* d = dst + ((hh >> 2) * NKB + kb) * kQfRow + tt;
       d[(2 * (hh & 3)) * 4] = make_uint2(pack_h2(h0, h1), pack_h2(h2, h3));
@@ -399,7 +412,7 @@ __device__ __forceinline__ void load_kf(const uint2* qf, uint32_t (&kf)[NT][D / 
 
 // ------------------------------------------------------------------------------ key phase ---
 // Logits (log2 units, -inf when masked) of the warp's 64 tokens: x[nt][2*mt + r] is token
-// tl0 + 16 mt + gid + 8 r of the tile for head t4 + 4 nt.
+// tl0 + 16 mt + tok_of_row(gid) + 8 r of the tile for head t4 + 4 nt.
 // KFREG: hold the Q' fragments of the key group in registers over the 4 m-tiles (16 NT
 // registers); otherwise each HMMA reads its fragment from shared memory (one LDS.64 per HMMA).
 // ptxas showed no register/spill relief from false at 128 or 96 registers, so all variants use
@@ -438,7 +451,7 @@ __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<N
     }
     const uint2* qfm = qf + (second ? NT * NKB * kQfRow : 0) + c.lane;
     const float fgm = second ? fg[1] : fg[0];
-    const int ra = tl0 + 16 * mt + c.gid, rb = ra + 8;
+    const int ra = tl0 + 16 * mt + c.trow, rb = ra + 8;
     uint32_t wa[NKB], wb[NKB];
     if constexpr (KB == 2) {
 #pragma unroll
@@ -587,7 +600,7 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
   } else {
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int row = tl0 + 16 * (j >> 1) + c.gid + 8 * (j & 1);
+      const int row = tl0 + 16 * (j >> 1) + c.trow + 8 * (j & 1);
       HalfWords<NGV> sv;
       sv.load(vs_t + row * NGV, valid_row(row));
 #pragma unroll
@@ -622,7 +635,7 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
     uint32_t bf[NGV][NT][2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const int row = tl0 + 16 * mt + c.gid + 8 * r;
+      const int row = tl0 + 16 * mt + c.trow + 8 * r;
       const bool ok = valid_row(row);
       HalfWords<NGV> sv, zv;
       sv.load(vs_t + row * NGV, ok);
@@ -639,11 +652,12 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
         }
       }
     }
-    // codes^T A fragments: channel rows gid / gid+8, tokens 2t, 2t+1 / 2t+8, 2t+9.
-    const unsigned char* r0 = vc + (tl0 + 16 * mt + 2 * c.t4) * VROWB;
-    const unsigned char* r1 = r0 + VROWB;
+    // codes^T A fragments: channel rows gid / gid+8, k = 2t, 2t+1 / 2t+8, 2t+9 = tokens
+    // tok_of_row(2t), tok_of_row(2t + 1) / those + 8.
+    const unsigned char* r0 = vc + (tl0 + 16 * mt + c.t4) * VROWB;  // tok_of_row(2t) = t
+    const unsigned char* r1 = r0 + 4 * VROWB;                          // tok_of_row(2t + 1) = t + 4
     const unsigned char* r2 = r0 + 8 * VROWB;
-    const unsigned char* r3 = r2 + VROWB;
+    const unsigned char* r3 = r1 + 8 * VROWB;
 #pragma unroll
     for (int ch = 0; ch < NCH; ++ch) {
       const uint4 u0 = reinterpret_cast<const uint4*>(r0)[ch];
@@ -799,8 +813,9 @@ decode_mma_kernel(const DecodeParams p_in) {
   __syncthreads();
   for (int idx = tid; idx < NG * D; idx += kThreadsM) qn[idx] = ldexpf(qn[idx], -hexp[idx / D]);
   __syncthreads();
-  for (int idx = tid; idx < NG * D; idx += kThreadsM) {
-    const int hh = idx / D, kk = idx % D, k = kk & 15;
+  for (int idx = tid; idx < NG * D; idx += kThreadsM) {  // fragment-major (MmaSmem::qk)
+    const int hh = idx / D, kk = idx % D, tt = (kk & 15) >> 2, e = kk & 3;
+    const int k = 2 * tt + (e & 1) + 8 * (e >> 1);
     const int ch = (kk & ~15) + kmap_ch(p.kbits, k);
     qk[idx] = ldexpf(qn[hh * D + ch], -kmap_pos(p.kbits, k));
   }
@@ -818,6 +833,7 @@ decode_mma_kernel(const DecodeParams p_in) {
   MmaLane<NT> c;
   c.lane = lane;
   c.gid = lane >> 2;
+  c.trow = tok_of_row(c.gid);
   c.t4 = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) c.fh[nt] = ldexpf(p.scale_log2, hexp[nt * 4 + c.t4]);
