@@ -149,12 +149,14 @@ struct MmaSmem {
 //   4 "fixed": lean compiled for one cache format, the library's default: 2-bit keys in groups
 //              of 64 tokens, 2-bit values in groups of 64 channels, an 8-bit rank-8 side code
 //              (mma_fixed_ok). Every size, offset and loop bound of the format is then a
-//              compile-time constant: full tiles are staged by unrolled cp.async with constant
-//              offsets, the runtime format switches and their code paths disappear (a hot loop
-//              about a third of lean's, which thrashed the instruction cache), group indices
-//              are shifts. Other formats run lean.
-//              Measured at 32k: 116 us vs lean's 135 us (gpu_decode.json); in an earlier run
-//              (118 vs 148 us) a >= 5 blocks/SM build (96 registers, spills) took 123 us.
+//              compile-time constant: full tiles are staged by eight Hopper bulk copies (one
+//              thread, cp.async.bulk on two mbarriers; unrolled cp.async before sm_90 or with
+//              -DHEADQ_MMA_NO_BULK), the runtime format switches and their code paths disappear
+//              (a hot loop about a third of lean's, which thrashed the instruction cache), group
+//              indices are shifts. Other formats run lean.
+//              Measured at 32k: 116 us vs lean's 135 us (gpu_decode.json, session 2; with the
+//              bulk copies and the bank-conflict-free token order 99 vs 126 us); in an earlier
+//              run (118 vs 148 us) a >= 5 blocks/SM build (96 registers, spills) took 123 us.
 constexpr int kMmaVariants = 5;
 constexpr int kMmaFixed = 4;
 constexpr int kMmaDefaultVariant = kMmaFixed;  // fixed where the format allows, else lean (plan_decode_mma)

@@ -48,7 +48,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // No memory clobber: the dependent waits for this whole grid anyway (pdl_wait), so nothing has
-  // to be ordered around the trigger (a clobber cost the general mma variants ~100 B of spills).
+  // to be ordered around the trigger, and the compiler may move loads and stores across it.
   asm volatile("griddepcontrol.launch_dependents;\n");
 #endif
 }
