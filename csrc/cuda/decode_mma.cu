@@ -419,7 +419,9 @@ __device__ __forceinline__ void load_kf(const uint2* qf, uint32_t (&kf)[NT][D / 
 // registers); otherwise each HMMA reads its fragment from shared memory (one LDS.64 per HMMA).
 // ptxas showed no register/spill relief from false at 128 or 96 registers, so all variants use
 // true; kept for experiments.
-template <int D, int NT, int KB, bool KFREG>
+// MASK = false: the caller knows every token of the sub-tile is visible (fixed variant, whole
+// sub-tiles inside [lo, hi)): no per-token masks (~55 instructions per sub-tile with value_phase).
+template <int D, int NT, int KB, bool KFREG, bool MASK = true>
 __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<NT>& c,
                                           const unsigned char* sb, const MmaSmem& L, int tl0,
                                           int tok0, int lo, int hi, const float* qk,
@@ -534,8 +536,8 @@ __device__ __forceinline__ void key_phase(const DecodeParams& p, const MmaLane<N
     }
     // lo <= tok0 + row < hi as one unsigned compare (hi - lo >= 0 is clamped)
     const unsigned span = static_cast<unsigned>(max(hi - lo, 0));
-    const bool va = static_cast<unsigned>(tok0 + ra - lo) < span;
-    const bool vb = static_cast<unsigned>(tok0 + rb - lo) < span;
+    const bool va = !MASK || static_cast<unsigned>(tok0 + ra - lo) < span;
+    const bool vb = !MASK || static_cast<unsigned>(tok0 + rb - lo) < span;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       x[nt][2 * mt] = va ? xa[nt] : -INFINITY;
@@ -567,7 +569,7 @@ struct HalfWords {
 };
 
 // acc += codes^T . P' over the warp's 64 tokens; MPG value m-tiles (16 channels) per value group.
-template <int D, int NT, int VB, int MPG, bool LEAN>
+template <int D, int NT, int VB, int MPG, bool LEAN, bool MASK = true>  // MASK: see key_phase
 __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned char* sb,
                                             const MmaSmem& L, int tl0, int tok0, int lo, int hi,
                                             const float (&alpha)[NT], const float (&pw)[NT][8],
@@ -577,14 +579,14 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
   const __half* vz_t = reinterpret_cast<const __half*>(sb + L.vz);
   const unsigned span = static_cast<unsigned>(max(hi - lo, 0));
   const int row_lo = lo - tok0;
-  auto valid_row = [&](int row) { return static_cast<unsigned>(row - row_lo) < span; };
+  auto valid_row = [&](int row) { return !MASK || static_cast<unsigned>(row - row_lo) < span; };
 
   // Power of two of P' for this sub-tile: the largest visible value scale times 2^kv < 2^15.
   float vmax = 0.0f;
   // lean, no masked token in the sub-tile (warp-uniform): the sub-tile's 64 * NGV scales are
   // contiguous (64 * NGV * 2 = 128 * NGV bytes, NGV in {1, 2, 4}), read as one 4/8/16-byte word
   // per lane and reduced in fp16 (max of non-negative fp16 values is exact).
-  const bool full = LEAN && tok0 + tl0 >= lo && tok0 + tl0 + kSub <= hi;
+  const bool full = LEAN && (!MASK || (tok0 + tl0 >= lo && tok0 + tl0 + kSub <= hi));
   if (full) {
     const __half* base = vs_t + tl0 * NGV;
     __half2 hm;
@@ -1001,9 +1003,14 @@ decode_mma_kernel(const DecodeParams p_in) {
     const int tl0 = warp * kSub;
     // Key phase + online softmax of the warp's sub-tile (per head: lanes of equal t4 hold the
     // head's tokens).
+    // fixed: sub-tiles wholly inside [lo, s1) run the key and value phases without token masks.
+    auto whole = [&](int t0) { return kFix && t0 + tl0 >= lo && t0 + tl0 + kSub <= s1; };
     auto key_softmax = [&](const unsigned char* sb, int t0, float (&alpha)[NT], float (&pw)[NT][8]) {
       float x[NT][8];
-      if (p.kbits == 2) {
+      if constexpr (kFix) {
+        if (whole(t0)) key_phase<D, NT, kFixKBits, true, false>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
+        else key_phase<D, NT, kFixKBits, true>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
+      } else if (p.kbits == 2) {
         key_phase<D, NT, 2, true>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
       } else {
         key_phase<D, NT, 4, true>(p, c, sb, L, tl0, t0, lo, s1, qk, qzf, qf, side, x);
@@ -1031,7 +1038,11 @@ decode_mma_kernel(const DecodeParams p_in) {
       }
     };
     auto values = [&](const unsigned char* sb, int t0, const float (&alpha)[NT], const float (&pw)[NT][8]) {
-      if (p.vbits == 2) {
+      if constexpr (kFix) {
+        constexpr int kMpg = kFixGv / 16;
+        if (whole(t0)) value_phase<D, NT, kFixVBits, kMpg, true, false>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+        else value_phase<D, NT, kFixVBits, kMpg, true>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
+      } else if (p.vbits == 2) {
         if (mpg == 2) value_phase<D, NT, 2, 2, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
         else if (mpg == 4) value_phase<D, NT, 2, 4, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
         else if constexpr (D == 128) value_phase<D, NT, 2, 8, kLean>(c, sb, L, tl0, t0, lo, s1, alpha, pw, st);
