@@ -102,9 +102,9 @@ def set_pdl(mode: str) -> None:
         os.environ.pop("HEADQ_PDL", None)
 
 
-def runs_of(arg: str) -> list[tuple[str, str | None, str]]:
-    """(impl, variant, label) of every kernel configuration to check and time; with --pdl both
-    each configuration also runs with plain launches (variant suffix "+nopdl")."""
+def runs_of(arg: str) -> list[tuple[str, str | None, str, str]]:
+    """(impl, variant, pdl mode, label) of every kernel configuration to check and time; with
+    --pdl both each configuration also runs with plain launches (label suffix "+nopdl")."""
     out = []
     for impl in impls_of(arg):
         if impl != "simt" and VARIANTS:
@@ -113,16 +113,12 @@ def runs_of(arg: str) -> list[tuple[str, str | None, str]]:
             base = [(impl, None, impl)]
         for mode in PDL_MODES:
             sfx = "+nopdl" if mode == "off" else ""
-            out += [(i, (v or "default") + sfx if sfx else v, lb + sfx) for i, v, lb in base]
+            out += [(i, v, mode, lb + sfx) for i, v, lb in base]
     return out
 
 
-def select(impl: str, variant: str | None) -> None:
+def select(impl: str, variant: str | None, pdl: str = "on") -> None:
     set_impl(impl)
-    pdl = "on"
-    if variant is not None and variant.endswith("+nopdl"):
-        variant, pdl = variant[: -len("+nopdl")], "off"
-        variant = None if variant == "default" else variant
     set_variant(variant)
     set_pdl(pdl)
 
@@ -336,8 +332,8 @@ def check_grid(contexts: list[int], args) -> bool:
     ]
     all_ok = True
     failed = []
-    for impl, variant, label in runs_of(args.impl):
-        select(impl, variant)
+    for impl, variant, pdl, label in runs_of(args.impl):
+        select(impl, variant, pdl)
         for c in cases:
             ok, msg = check_case(c)
             print(f"[{label}] {msg}", flush=True)
@@ -397,12 +393,12 @@ def bench_context(T: int, args, copy_gbs: float) -> dict:
         return sdpa(s["q"], kh, vh)
 
     row["deq_sdpa"] = time_fn([lambda s=s: deq_sdpa(s) for s in sets], max(args.reps // 2, 5), 2)
-    for impl, variant, label in runs_of(args.impl):
-        select(impl, variant)
+    for impl, variant, pdl, label in runs_of(args.impl):
+        select(impl, variant, pdl)
         row[f"headq_{label}"] = time_fn([lambda s=s: headq_decode(s, c) for s in sets], args.reps,
                                         args.warmup)
     select(args.impl if args.impl != "both" else "auto", None)
-    labels = [label for _, _, label in runs_of(args.impl)]
+    labels = [label for *_, label in runs_of(args.impl)]
     if VARIANTS:  # summary columns: the fastest configuration
         row["headq_best"] = min(labels, key=lambda lb: row[f"headq_{lb}"]["median_ms"])
         row["headq"] = row[f"headq_{row['headq_best']}"]
@@ -485,7 +481,7 @@ def main() -> int:
         row = bench_context(T, args, copy_gbs)
         result["rows"].append(row)
         runs = runs_of(args.impl)
-        for impl, variant, lb in runs:
+        for *_, lb in runs:
             h = row[f"headq_{lb}"]
             t = h["median_ms"]
             gbs = row["headq_bytes"] / (t * 1e-3) / 1e9
