@@ -158,11 +158,15 @@ __device__ __forceinline__ void warp_ordered_minmax(float& mn, float& mx) {
   mx = __shfl_sync(0xffffffffu, mx, 0);
 }
 
+// Shared-memory address (32-bit, the state space's own) of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 // 16-byte global -> shared asynchronous copy (sm_80+), L2-only (.cg): the packed cache is
 // streamed once, so it should not evict anything from L1.
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
@@ -175,9 +179,6 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 #else
 #define HEADQ_HAS_BULK 0
 #endif
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 #if HEADQ_HAS_BULK
 // One-time init (one thread; a block barrier must follow before any use).
 __device__ __forceinline__ void mbar_init(uint64_t* bar) {
