@@ -347,8 +347,24 @@ def check_grid(contexts: list[int], args) -> bool:
 
 
 # ----------------------------------------------------------------------------------- timing ---
+TIMING = ["events"]  # --timing: "events" around each call, or "graph" (CUDA graphs of calls)
+GRAPH_CALLS = 10  # calls captured per CUDA graph in graph timing
+
+
 def time_fn(fns: list, reps: int, warmup: int) -> dict:
-    """fns: one closure per input set; rep i runs fns[i % len(fns)]."""
+    """fns: one closure per input set; rep i runs fns[i % len(fns)].
+
+    events: CUDA events around each call, calls issued back to back from Python (the GPU time
+    when the GPU is the bottleneck; at short contexts the host's launch cost can show through).
+    graph: each closure captured GRAPH_CALLS times into one CUDA graph, replays timed with events
+    and divided by GRAPH_CALLS (device time including the gaps between the op's kernels, without
+    the host's dispatch cost)."""
+    if TIMING[0] == "graph":
+        return time_graph(fns, reps, warmup)
+    return time_events(fns, reps, warmup)
+
+
+def time_events(fns: list, reps: int, warmup: int) -> dict:
     for i in range(warmup):
         fns[i % len(fns)]()
     torch.cuda.synchronize()
@@ -364,10 +380,41 @@ def time_fn(fns: list, reps: int, warmup: int) -> dict:
     return dict(median_ms=statistics.median(ms), p10_ms=q(0.1), p90_ms=q(0.9))
 
 
+def time_graph(fns: list, reps: int, warmup: int) -> dict:
+    graphs = []
+    for fn in fns:
+        for _ in range(max(warmup, 2)):  # allocations and lazy init happen outside the capture
+            fn()
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(GRAPH_CALLS):
+                fn()
+        graphs.append(g)
+    for i in range(max(warmup // GRAPH_CALLS, 2)):
+        graphs[i % len(graphs)].replay()
+    torch.cuda.synchronize()
+    n = max(reps // GRAPH_CALLS, 5)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        starts[i].record()
+        graphs[i % len(graphs)].replay()
+        ends[i].record()
+    torch.cuda.synchronize()
+    ms = sorted(s.elapsed_time(e) / GRAPH_CALLS for s, e in zip(starts, ends))
+    del graphs
+    q = lambda p: ms[min(len(ms) - 1, int(p * len(ms)))]
+    return dict(median_ms=statistics.median(ms), p10_ms=q(0.1), p90_ms=q(0.9), timing="graph",
+                calls_per_graph=GRAPH_CALLS, replays=n)
+
+
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    t = time_fn([lambda: dst.copy_(src)], reps, 3)
+    # always events: captured into a graph, the copy becomes a memcpy node on a copy engine
+    # (~2.7 TB/s measured) instead of the copy kernel
+    t = time_events([lambda: dst.copy_(src)], reps, 3)
     return 2 * nbytes / (t["median_ms"] * 1e-3) / 1e9  # GB/s, read + write
 
 
@@ -448,6 +495,9 @@ def main() -> int:
     ap.add_argument("--pdl", default="on", choices=["on", "off", "both"],
                     help="programmatic dependent launch of the window splits and the combine "
                          "(HEADQ_PDL; sm_90+): on (the op's default), off, or both (rows +nopdl)")
+    ap.add_argument("--timing", default="events", choices=["events", "graph"],
+                    help="events around each call (default), or CUDA graphs of %d calls (device "
+                         "time without the host's dispatch cost)" % GRAPH_CALLS)
     ap.add_argument("--lib", default=None, help="path of a built _C .so to load instead of headq_torch")
     ap.add_argument("--out", default="benchmarks/results/gpu_decode.json")
     args = ap.parse_args()
@@ -455,6 +505,7 @@ def main() -> int:
         print("bench_decode: no CUDA device", file=sys.stderr)
         return 2
     load_ops(args.lib)
+    TIMING[0] = args.timing
     VARIANTS[:] = [v for v in args.variants.split(",") if v]
     PDL_MODES[:] = ["on", "off"] if args.pdl == "both" else [args.pdl]
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -462,7 +513,7 @@ def main() -> int:
     t_start = time.time()
 
     result = dict(command=" ".join(sys.argv), device=torch.cuda.get_device_name(),
-                  torch=torch.__version__, cuda=torch.version.cuda, rows=[])
+                  torch=torch.__version__, cuda=torch.version.cuda, timing=args.timing, rows=[])
     if args.check or args.check_only:
         ok = check_grid(contexts, args)
         result["check"] = "pass" if ok else "FAIL"
