@@ -776,6 +776,17 @@ decode_mma_kernel(const DecodeParams p_in) {
 #endif
 
   // ---- setup: q, its per-head power of two, k-order table, q.z fragments, side code ----
+  // fixed: the basis loads of q.U below (one round: NG * r = 32 pairs) are issued before q's,
+  // so that the two global latencies overlap. (Only there: in the general variants the same
+  // hoist moved their register allocation.)
+  float uf[kFix ? D / 4 : 1];
+  if constexpr (kFix) {
+    static_assert(!kFix || NG * kFixR == kThreadsM / 4, "fixed: q.U in one round of pairs");
+    const float* u = p.basis + static_cast<int64_t>(h) * D * kFixR;
+    const int j = (tid >> 2) % kFixR, q4 = tid & 3;
+#pragma unroll
+    for (int i = 0; i < D / 4; ++i) uf[i] = u[(4 * i + q4) * kFixR + j];
+  }
   for (int idx = tid; idx < NG * D; idx += kThreadsM) {
     const int hh = idx / D, cc = idx % D;
     qn[idx] = hh < nh ? load_as_float(p.q.p + b * p.q.sb + static_cast<int64_t>(qh0 + hh) * p.q.sh,
@@ -797,7 +808,10 @@ decode_mma_kernel(const DecodeParams p_in) {
       const int hh = ok ? pair / p.r : 0, j = ok ? pair % p.r : 0;
       float uv[D / 4];
 #pragma unroll
-      for (int i = 0; i < D / 4; ++i) uv[i] = ok ? u[(4 * i + q4) * p.r + j] : 0.0f;
+      for (int i = 0; i < D / 4; ++i) {
+        if constexpr (kFix) uv[i] = uf[i];
+        else uv[i] = ok ? u[(4 * i + q4) * p.r + j] : 0.0f;
+      }
       float a = 0.0f;
 #pragma unroll
       for (int i = 0; i < D / 4; ++i) a = fmaf(qn[hh * D + 4 * i + q4], uv[i], a);
