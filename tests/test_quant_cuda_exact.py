@@ -123,3 +123,32 @@ def test_side_code_cuda_exact(kind, side_bits, center):
         got = ops.side_code(k.cuda(), *(t.cuda() for t in kc), basis.cuda(), kbits, G,
                             side_bits, center)
         _same(got, want, f"side code {kind} D{D} r{r}")
+
+
+@pytest.mark.parametrize("impl", ["token", "group"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("kind", ["plain", "halfway", "nan"])
+def test_side_code_cuda_exact_layouts(impl, dtype, kind, monkeypatch):
+    """Both side-code kernels (one thread per token, the default without centring; one block per
+    key group, HEADQ_SIDE_IMPL=group) against the CPU kernel: every input dtype, strided keys,
+    token counts that leave a partial 128-token block, 8-bit keys, r up to 16."""
+    if impl == "group":
+        monkeypatch.setenv("HEADQ_SIDE_IMPL", "group")
+    for D, r, G, kbits, T, noncontig in ((128, 8, 64, 2, 192, False), (64, 16, 32, 8, 96, True),
+                                         (128, 4, 32, 4, 160, True), (64, 8, 128, 3, 384, False)):
+        seed = _seed(kind, D, r, G, T)
+        if noncontig:
+            k = _adversarial((2, T, 3, D), dtype, seed, kind).transpose(1, 2)
+        else:
+            k = _adversarial((2, 3, T, D), dtype, seed, kind)
+        g = torch.Generator().manual_seed(seed)
+        basis = torch.linalg.qr(torch.randn(3, D, r, generator=g, dtype=torch.float64))[0].float()
+        kc = ops.quantize_keys(k, kbits, G)
+        for side_bits in (4, 8):
+            if r * side_bits % 8:
+                continue
+            want = ops.side_code(k, *kc, basis, kbits, G, side_bits, False)
+            got = ops.side_code(k.cuda(), *(t.cuda() for t in kc), basis.cuda(), kbits, G,
+                                side_bits, False)
+            _same(got, want, f"side code {impl} {kind} D{D} r{r} G{G} T{T}")

@@ -636,6 +636,41 @@ __device__ __forceinline__ void side_residual(const E* __restrict__ kg, int64_t 
   }
 }
 
+// Phase 3 of both side-code kernels for one token: its scale (from the sequential nan_max of
+// |y_j|, j ascending) and its r packed offset-binary codes.
+__device__ __forceinline__ void side_code_token(const float* yt, int r, int side_bits, __half* zs,
+                                                uint8_t* zout) {
+  const int zrowb = r * side_bits / 8;
+  float amax = fabsf(yt[0]);
+  for (int j = 1; j < r; ++j) amax = nan_max(amax, fabsf(yt[j]));
+  const uint16_t sbits = sym_scale_bits(amax, side_bits);
+  *zs = __ushort_as_half(sbits);
+  const float s = half_bits_to_float(sbits);
+  const float rs = quant_rcp(s);
+  // Bytes of the token's code row, gathered 4 at a time when the row is word aligned.
+  const bool words = (zrowb & 3) == 0 && (reinterpret_cast<uintptr_t>(zout) & 3) == 0;
+  for (int jb = 0; jb < zrowb; jb += 4) {
+    uint32_t word = 0;
+    const int nb = words ? 4 : (zrowb - jb < 4 ? zrowb - jb : 4);
+    for (int bb = 0; bb < nb; ++bb) {
+      const int byte_i = jb + bb;
+      uint32_t byte;
+      if (side_bits == 8) {
+        byte = sym_code_rcp(yt[byte_i], s, rs, 8);
+      } else {
+        byte = sym_code_rcp(yt[2 * byte_i], s, rs, 4) |
+               (sym_code_rcp(yt[2 * byte_i + 1], s, rs, 4) << 4);
+      }
+      if (words) {
+        word |= byte << (8 * bb);
+      } else {
+        zout[byte_i] = static_cast<uint8_t>(byte);
+      }
+    }
+    if (words) *reinterpret_cast<uint32_t*>(zout + jb) = word;
+  }
+}
+
 template <typename E>
 __global__ void __launch_bounds__(kSideThreads)
 side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd, bool vec,
@@ -715,37 +750,96 @@ side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int6
 
   const int zrowb = r * side_bits / 8;
   for (int t = tid; t < G; t += kSideThreads) {
-    const float* yt = y_s + t * R4;
-    float amax = fabsf(yt[0]);
-    for (int j = 1; j < r; ++j) amax = nan_max(amax, fabsf(yt[j]));
-    const uint16_t sbits = sym_scale_bits(amax, side_bits);
-    z_scale[bh * T + t0 + t] = __ushort_as_half(sbits);
-    const float s = half_bits_to_float(sbits);
-    const float rs = quant_rcp(s);
-    uint8_t* zout = z_codes + (bh * T + t0 + t) * zrowb;
-    // Bytes of the token's code row, gathered 4 at a time when the row is word aligned.
-    const bool words = (zrowb & 3) == 0 && (reinterpret_cast<uintptr_t>(zout) & 3) == 0;
-    for (int jb = 0; jb < zrowb; jb += 4) {
-      uint32_t word = 0;
-      const int nb = words ? 4 : (zrowb - jb < 4 ? zrowb - jb : 4);
-      for (int bb = 0; bb < nb; ++bb) {
-        const int byte_i = jb + bb;
-        uint32_t byte;
-        if (side_bits == 8) {
-          byte = sym_code_rcp(yt[byte_i], s, rs, 8);
-        } else {
-          byte = sym_code_rcp(yt[2 * byte_i], s, rs, 4) |
-                 (sym_code_rcp(yt[2 * byte_i + 1], s, rs, 4) << 4);
-        }
-        if (words) {
-          word |= byte << (8 * bb);
-        } else {
-          zout[byte_i] = static_cast<uint8_t>(byte);
+    side_code_token(y_s + t * R4, r, side_bits, z_scale + bh * T + t0 + t,
+                    z_codes + (bh * T + t0 + t) * zrowb);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// side_code_tok: grid (ceil(T / kSideThreads), H, B), one thread per token; used when there is
+// no centring (the default) and r <= 16. The token's residual e = x - (code*s + z) is formed
+// channel by channel and projected at once onto the NJ4*4 (zero-padded) basis columns: each
+// projection sums ascending c with separately rounded products and sums from +0, as the
+// contract (and side_code_fast) does, so the result is the same bit for bit. No residual
+// buffer: shared memory holds the basis [D][NJ4*4] (float4 broadcasts), the (scale, zero)
+// pairs of the block's key groups and the projections for the tail, ~10 KB against ~41 KB,
+// and each element costs ~24 instructions instead of the group kernel's ~40.
+template <typename E, int NJ4>
+__global__ void __launch_bounds__(kSideThreads)
+side_code_tok(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd, bool vec,
+              const uint8_t* __restrict__ k_codes, const __half* __restrict__ k_scale,
+              const __half* __restrict__ k_zero, const float* __restrict__ basis, int T, int D,
+              int r, int key_bits, int G, int side_bits, uint8_t* __restrict__ z_codes,
+              __half* __restrict__ z_scale) {
+  constexpr int R4 = 4 * NJ4;
+  extern __shared__ float scf_smem[];
+  const int tid = threadIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int tb0 = blockIdx.x * kSideThreads;           // first token of the block
+  const int tb1 = min(tb0 + kSideThreads, T);          // G divides kSideThreads and T
+  const int ngb = (tb1 - tb0) / G;                     // key groups of the block
+  float* u_s = scf_smem;                               // [D][R4]
+  float2* sz_s = reinterpret_cast<float2*>(u_s + D * R4);  // [ngb][D] (scale, zero)
+  float* y_s = u_s + D * R4 + 2 * (kSideThreads / G) * D;  // [kSideThreads][R4]
+  const int64_t bh = static_cast<int64_t>(b) * gridDim.y + h;
+  const float* u = basis + static_cast<int64_t>(h) * D * r;
+  for (int idx = tid; idx < D * R4; idx += kSideThreads) {
+    const int c = idx / R4, j = idx - c * R4;
+    u_s[idx] = j < r ? u[static_cast<int64_t>(c) * r + j] : 0.0f;
+  }
+  const int64_t g0 = bh * (T / G) + tb0 / G;
+  for (int idx = tid; idx < ngb * D; idx += kSideThreads) {
+    sz_s[idx] = make_float2(__half2float(k_scale[g0 * D + idx]), __half2float(k_zero[g0 * D + idx]));
+  }
+  __syncthreads();
+  const int t = tb0 + tid;
+  if (t >= tb1) return;  // no block barrier below
+  const int nq = D / kChunk;
+  const int64_t krowb = static_cast<int64_t>(nq) * key_bits;
+  const E* xp = k + b * sb + h * sh + static_cast<int64_t>(t) * st;
+  const uint8_t* cp = k_codes + (bh * T + t) * krowb;
+  const float2* szg = sz_s + (tid / G) * D;
+  float acc[R4];
+#pragma unroll
+  for (int j = 0; j < R4; ++j) acc[j] = 0.0f;
+  dispatch_bits(key_bits, [&](auto bc) {
+    constexpr int KB = decltype(bc)::value;
+#pragma unroll 2
+    for (int q = 0; q < nq; ++q) {
+      Raw8<E> x;
+      load_raw<E>(xp + static_cast<int64_t>(q) * kChunk * sd, sd, vec, x);
+      const uint64_t cw = load_packed<KB>(cp + q * KB);
+      float xf[8], sv[8], zv[8], e[8];
+      raw_to_float<E>(x, xf);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float2 p = szg[q * kChunk + i];
+        sv[i] = p.x;
+        zv[i] = p.y;
+      }
+      residual8<KB>(xf, cw, sv, zv, e);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float4* uc = reinterpret_cast<const float4*>(u_s + (q * kChunk + i) * R4);
+#pragma unroll
+        for (int jb = 0; jb < NJ4; ++jb) {
+          const float4 u4 = uc[jb];
+          acc[4 * jb] = add_rn(acc[4 * jb], mul_rn(e[i], u4.x));
+          acc[4 * jb + 1] = add_rn(acc[4 * jb + 1], mul_rn(e[i], u4.y));
+          acc[4 * jb + 2] = add_rn(acc[4 * jb + 2], mul_rn(e[i], u4.z));
+          acc[4 * jb + 3] = add_rn(acc[4 * jb + 3], mul_rn(e[i], u4.w));
         }
       }
-      if (words) *reinterpret_cast<uint32_t*>(zout + jb) = word;
     }
+  });
+  float* yt = y_s + tid * R4;
+#pragma unroll
+  for (int jb = 0; jb < NJ4; ++jb) {
+    reinterpret_cast<float4*>(yt)[jb] =
+        make_float4(acc[4 * jb], acc[4 * jb + 1], acc[4 * jb + 2], acc[4 * jb + 3]);
   }
+  const int zrowb = r * side_bits / 8;
+  side_code_token(yt, r, side_bits, z_scale + bh * T + t, z_codes + (bh * T + t) * zrowb);
 }
 
 }  // namespace fastq

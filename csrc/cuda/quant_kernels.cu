@@ -379,6 +379,13 @@ bool use_old_impl() {
   return e != nullptr && std::strcmp(e, "old") == 0;
 }
 
+// HEADQ_SIDE_IMPL=group (read at every launch): the side code by the block-per-key-group kernel
+// (side_code_fast) also where the one-thread-per-token kernel applies, for A/B runs and tests.
+bool use_group_side_impl() {
+  const char* e = std::getenv("HEADQ_SIDE_IMPL");
+  return e != nullptr && std::strcmp(e, "group") == 0;
+}
+
 size_t dtype_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
 bool aligned_to(const void* p, size_t a) { return reinterpret_cast<uintptr_t>(p) % a == 0; }
@@ -509,8 +516,32 @@ cudaError_t launch_side_code(const void* k, DType dtype, int64_t sb, int64_t sh,
                              bool center, uint8_t* z_codes, void* z_scale, cudaStream_t stream) {
   const int64_t blocks = B * H * (T / G);
   if (blocks == 0) return cudaSuccess;
+  if (!use_old_impl() && !use_group_side_impl() && !center && r <= 16 && D % 8 == 0 &&
+      fastq::kSideThreads % G == 0 && aligned_to(k_codes, 8) && H <= 65535 && B <= 65535 &&
+      T <= 0x7fffffff) {
+    // Token path (the default): grid (ceil(T / 128), H, B), one thread per token; basis
+    // [D, NJ4*4], (scale, zero) of the block's groups, projections [128, NJ4*4] in shared memory.
+    const int nj4 = r <= 8 ? 2 : 4;
+    const size_t tsmem = (D * 4 * nj4 + 2 * (fastq::kSideThreads / G) * D +
+                          fastq::kSideThreads * 4 * nj4) * sizeof(float);
+    const bool vec = vec_rows(k, dtype, sb, sh, st, sd);
+    const dim3 grid(static_cast<unsigned>((T + fastq::kSideThreads - 1) / fastq::kSideThreads),
+                    static_cast<unsigned>(H), static_cast<unsigned>(B));
+    return with_dtype(dtype, [&](auto tag) {
+      using E = decltype(tag);
+      auto kernel = nj4 == 2 ? fastq::side_code_tok<E, 2> : fastq::side_code_tok<E, 4>;
+      cudaError_t err = allow_smem(kernel, tsmem);
+      if (err != cudaSuccess) return err;
+      kernel<<<grid, fastq::kSideThreads, tsmem, stream>>>(
+          static_cast<const E*>(k), sb, sh, st, sd, vec, k_codes,
+          static_cast<const __half*>(k_scale), static_cast<const __half*>(k_zero), basis,
+          static_cast<int>(T), static_cast<int>(D), static_cast<int>(r), key_bits, G, side_bits,
+          z_codes, static_cast<__half*>(z_scale));
+      return cudaGetLastError();
+    });
+  }
   {
-    // Fast path: grid (T/G, H, B); residual [G, D+4], basis [D, R4], projections [G, R4],
+    // Group path (centring, r > 16, or HEADQ_SIDE_IMPL=group): grid (T/G, H, B); residual [G, D+4], basis [D, R4], projections [G, R4],
     // scale and zero [D] in shared memory.
     const int64_t R4 = (r + 3) / 4 * 4;
     const size_t fsmem = (G * (D + 4) + D * R4 + G * R4 + 2 * D) * sizeof(float);
