@@ -1,5 +1,6 @@
 """Plot the recorded GPU benchmarks: the decode benchmark (benchmarks/results/gpu_decode.json) as
-time per decode step vs context and achieved bandwidth vs the measured copy bandwidth, and the
+time per decode step vs context and achieved bandwidth vs the measured copy bandwidth (CUDA
+events; the graph-timed device times of `graph_timing`, when recorded, dashed), and the
 quantise + pack benchmark (gpu_quant.json) as GB/s per op and token count, current kernels
 against the earlier ones.
 
@@ -38,6 +39,16 @@ def main() -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, ys in series.items():
         a.plot(ctx[:len(ys)], ys, marker="o", label=name)
+    g = d.get("graph_timing")  # device time (CUDA graphs, no host dispatch cost), dashed
+    if g:
+        gctx = [r["context"] for r in g["rows"]]
+        a.plot(gctx, [r["dense_sdpa"]["median_ms"] for r in g["rows"]], ls="--", marker=".",
+               color="C0", label="dense fp16 SDPA, device time (CUDA graphs)")
+        a.plot(gctx, [r["headq_mma:fixed"]["median_ms"] for r in g["rows"]], ls="--", marker=".",
+               color="k", label="HeadQ fused fixed, device time (CUDA graphs)")
+        b.plot(gctx, [r["headq_bytes"] / (r["headq_mma:fixed"]["median_ms"] * 1e-3) / 1e9
+                      for r in g["rows"]], ls="--", marker=".", color="k",
+               label="HeadQ fused fixed, device time")
     a.set_xscale("log", base=2)
     a.set_yscale("log")
     a.set_xlabel("context (tokens)")
