@@ -141,6 +141,38 @@ def test_decode_op_matches_prefill_path(restore_attn):
     torch.testing.assert_close(step, chunk, atol=1e-4, rtol=1e-4)
 
 
+def test_decode_lengths_made_once_per_step(restore_attn, monkeypatch):
+    """The decode op's per-sequence length tensors are built once per step and shared by every
+    layer (values checked against each layer's own lengths), and rebuilt when the lengths move."""
+    model = make_tiny("llama")
+    cal = tiny_calibration(model)
+    restore_attn.append(attention.enable(model))
+    ids = _prompt(model, n=80)
+    seen = []
+    real = attention.ops.decode_attention
+
+    def spy(*args):
+        seen.append((args[15], args[16]))  # n_quant, n_window
+        return real(*args)
+
+    monkeypatch.setattr(attention.ops, "decode_attention", spy)
+    with torch.no_grad():
+        cache = HeadQCache(model.config, cal, key_bits=2, value_bits=2, group_size=32,
+                           value_group_size=32)
+        model(ids[:, :70], past_key_values=cache, use_cache=True)
+        firsts = []
+        for t in (70, 71):
+            seen.clear()
+            model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            assert len(seen) == model.config.num_hidden_layers
+            assert all(a is seen[0][0] and w is seen[0][1] for a, w in seen)
+            nq_t, nw_t = seen[0]
+            assert nq_t.dtype == torch.int32 and nq_t.shape == (1,)
+            assert nq_t.item() > 0 and nq_t.item() + nw_t.item() == t + 1  # every token so far
+            firsts.append(seen[0])
+    assert firsts[0][1] is not firsts[1][1]  # the window grew: new tensors
+
+
 def test_a2_keep_all_equals_dense_values(restore_attn):
     """value_keep_frac=1 keeps every quantised value at full precision: same logits as dense
     values (the heavy deltas are read by both the decode op and the chunk path)."""
