@@ -781,7 +781,7 @@ decode_mma_kernel(const DecodeParams p_in) {
   // hoist moved their register allocation.)
   float uf[kFix ? D / 4 : 1];
   if constexpr (kFix) {
-    static_assert(!kFix || NG * kFixR == kThreadsM / 4, "fixed: q.U in one round of pairs");
+    static_assert(NG * kFixR == kThreadsM / 4, "fixed: q.U in one round of pairs");
     const float* u = p.basis + static_cast<int64_t>(h) * D * kFixR;
     const int j = (tid >> 2) % kFixR, q4 = tid & 3;
 #pragma unroll

@@ -762,8 +762,10 @@ side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int6
 // projection sums ascending c with separately rounded products and sums from +0, as the
 // contract (and side_code_fast) does, so the result is the same bit for bit. No residual
 // buffer: shared memory holds the basis [D][NJ4*4] (float4 broadcasts), the (scale, zero)
-// pairs of the block's key groups and the projections for the tail, ~10 KB against ~41 KB,
-// and each element costs ~24 instructions instead of the group kernel's ~40.
+// pairs of the block's key groups and the projections for the tail, ~10 KB against ~41 KB (so
+// the occupancy is bound by registers, 52, instead of shared memory). At 32k tokens x batch 8 x
+// 8 heads (ncu): 300M warp instructions against 345M, 54% against 27% of the warp slots active,
+// 0.44 against 0.51 ms.
 template <typename E, int NJ4>
 __global__ void __launch_bounds__(kSideThreads)
 side_code_tok(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd, bool vec,
