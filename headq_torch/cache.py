@@ -606,6 +606,7 @@ class HeadQCache(Cache):
         self.rank = rank or 0
         self.layer_kinds = layer_kinds(config)
         tc = text_config(config)
+        self._text_config = tc  # attention_active reads it in every layer of every step
         layers = []
         for i, kind in enumerate(self.layer_kinds):
             if kind == "headq":
@@ -624,8 +625,7 @@ class HeadQCache(Cache):
     def attention_active(self) -> bool:
         """Whether the model this cache was built for uses the ``"headq"`` attention function."""
         impl = getattr(self.model_config, "_attn_implementation", None)
-        tc = text_config(self.model_config)
-        impl_text = getattr(tc, "_attn_implementation", None)
+        impl_text = getattr(self._text_config, "_attn_implementation", None)
         active = ATTN_IMPL in (impl, impl_text)
         if not active and not self._warned_fallback:
             self._warned_fallback = True
