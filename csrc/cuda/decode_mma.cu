@@ -242,6 +242,35 @@ __device__ __forceinline__ void block_copy_async_n(unsigned char* dst, const cha
   }
 }
 
+// A compile-time byte count for stage_fixed's region lists.
+template <int N>
+using Bytes = std::integral_constant<int, N>;
+
+// The fixed variant's staging of one full tile part: the regions that regions(f) lists as
+// f(dst, src, Bytes<n>{}) are copied by bulk copies that thread 0 issues on bar, announced as one
+// byte total summed from the same list (KBULK), or by unrolled per-thread cp.async (before sm_90
+// or with -DHEADQ_MMA_NO_BULK). One list serves all three uses, so the mbarrier's expected total
+// cannot drift from the copies issued (a mismatch would hang the wait).
+template <bool KBULK, typename Regions>
+__device__ __forceinline__ void stage_fixed(const Regions& regions, uint64_t* bar, int tid) {
+#if HEADQ_HAS_BULK
+  if constexpr (KBULK) {
+    if (tid == 0) {
+      uint32_t total = 0;
+      regions([&](unsigned char*, const char*, auto n) { total += decltype(n)::value; });
+      mbar_expect_tx(bar, total);
+      regions([&](unsigned char* dst, const char* src, auto n) {
+        bulk_copy_g2s(dst, src, decltype(n)::value, bar);
+      });
+    }
+    return;
+  }
+#endif
+  regions([&](unsigned char* dst, const char* src, auto n) {
+    block_copy_async_n<decltype(n)::value>(dst, src, tid);
+  });
+}
+
 __device__ __forceinline__ void mma16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
                                          uint32_t a3, uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -964,24 +993,13 @@ decode_mma_kernel(const DecodeParams p_in) {
           constexpr int kKrow = D * kFixKBits / 8, kZrow = kFixR * kFixZBits / 8;
           constexpr int kGroups = kTileM / kFixG;
           const int g0 = t0 / kFixG;
-#if HEADQ_HAS_BULK
-          if constexpr (kBulk) {  // one thread, five bulk copies on mbar[0]
-            if (tid == 0) {
-              mbar_expect_tx(&mbar[0], kTileM * kKrow + 2 * kGroups * D * 2 + kTileM * kZrow + kTileM * 2);
-              bulk_copy_g2s(sb + L.kc, ps.kc + static_cast<int64_t>(t0) * kKrow, kTileM * kKrow, &mbar[0]);
-              bulk_copy_g2s(sb + L.ks, ps.ks + static_cast<int64_t>(g0) * D * 2, kGroups * D * 2, &mbar[0]);
-              bulk_copy_g2s(sb + L.kz, ps.kz + static_cast<int64_t>(g0) * D * 2, kGroups * D * 2, &mbar[0]);
-              bulk_copy_g2s(sb + L.zc, ps.zc + static_cast<int64_t>(t0) * kZrow, kTileM * kZrow, &mbar[0]);
-              bulk_copy_g2s(sb + L.zs, ps.zs + static_cast<int64_t>(t0) * 2, kTileM * 2, &mbar[0]);
-            }
-            return;
-          }
-#endif
-          block_copy_async_n<kTileM * kKrow>(sb + L.kc, ps.kc + static_cast<int64_t>(t0) * kKrow, tid);
-          block_copy_async_n<kGroups * D * 2>(sb + L.ks, ps.ks + static_cast<int64_t>(g0) * D * 2, tid);
-          block_copy_async_n<kGroups * D * 2>(sb + L.kz, ps.kz + static_cast<int64_t>(g0) * D * 2, tid);
-          block_copy_async_n<kTileM * kZrow>(sb + L.zc, ps.zc + static_cast<int64_t>(t0) * kZrow, tid);
-          block_copy_async_n<kTileM * 2>(sb + L.zs, ps.zs + static_cast<int64_t>(t0) * 2, tid);
+          stage_fixed<kBulk>([&](auto&& f) {  // on mbar[0]
+            f(sb + L.kc, ps.kc + static_cast<int64_t>(t0) * kKrow, Bytes<kTileM * kKrow>{});
+            f(sb + L.ks, ps.ks + static_cast<int64_t>(g0) * D * 2, Bytes<kGroups * D * 2>{});
+            f(sb + L.kz, ps.kz + static_cast<int64_t>(g0) * D * 2, Bytes<kGroups * D * 2>{});
+            f(sb + L.zc, ps.zc + static_cast<int64_t>(t0) * kZrow, Bytes<kTileM * kZrow>{});
+            f(sb + L.zs, ps.zs + static_cast<int64_t>(t0) * 2, Bytes<kTileM * 2>{});
+          }, &mbar[0], tid);
           return;
         }
       }
@@ -993,20 +1011,11 @@ decode_mma_kernel(const DecodeParams p_in) {
       if constexpr (kFix) {
         if (n == kTileM) {
           constexpr int kVrow = D * kFixVBits / 8, kNgv = D / kFixGv;
-#if HEADQ_HAS_BULK
-          if constexpr (kBulk) {  // one thread, three bulk copies on mbar[1]
-            if (tid == 0) {
-              mbar_expect_tx(&mbar[1], kTileM * kVrow + 2 * kTileM * kNgv * 2);
-              bulk_copy_g2s(sb + L.vc, ps.vc + static_cast<int64_t>(t0) * kVrow, kTileM * kVrow, &mbar[1]);
-              bulk_copy_g2s(sb + L.vs, ps.vs + static_cast<int64_t>(t0) * kNgv * 2, kTileM * kNgv * 2, &mbar[1]);
-              bulk_copy_g2s(sb + L.vz, ps.vz + static_cast<int64_t>(t0) * kNgv * 2, kTileM * kNgv * 2, &mbar[1]);
-            }
-            return;
-          }
-#endif
-          block_copy_async_n<kTileM * kVrow>(sb + L.vc, ps.vc + static_cast<int64_t>(t0) * kVrow, tid);
-          block_copy_async_n<kTileM * kNgv * 2>(sb + L.vs, ps.vs + static_cast<int64_t>(t0) * kNgv * 2, tid);
-          block_copy_async_n<kTileM * kNgv * 2>(sb + L.vz, ps.vz + static_cast<int64_t>(t0) * kNgv * 2, tid);
+          stage_fixed<kBulk>([&](auto&& f) {  // on mbar[1]
+            f(sb + L.vc, ps.vc + static_cast<int64_t>(t0) * kVrow, Bytes<kTileM * kVrow>{});
+            f(sb + L.vs, ps.vs + static_cast<int64_t>(t0) * kNgv * 2, Bytes<kTileM * kNgv * 2>{});
+            f(sb + L.vz, ps.vz + static_cast<int64_t>(t0) * kNgv * 2, Bytes<kTileM * kNgv * 2>{});
+          }, &mbar[1], tid);
           return;
         }
       }
