@@ -451,10 +451,7 @@ decode_split_kernel(const DecodeParams p) {
   }
 
   int s0 = 0, s1 = 0;  // quantised token range of this block (empty for window splits)
-  if (split < p.Sq) {
-    s0 = split * p.chunk_tokens;
-    s1 = min(s0 + p.chunk_tokens, nq);
-  }
+  if (split < p.Sq) split_range(split, p.Sq, nq, kTile, &s0, &s1);
 
   if (s0 < s1) {
     // ---- quantised region ----

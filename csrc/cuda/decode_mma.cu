@@ -789,8 +789,8 @@ decode_mma_kernel(const DecodeParams p_in) {
   const bool side = kFix || p.z_codes.p != nullptr;  // fixed: launched only with a side code
   uint2* qf = reinterpret_cast<uint2*>(smem + L.qfrag) + warp * L.slots * NT * NKB * kQfRow;
 
-  const int s0 = split * p.chunk_tokens;
-  const int s1 = min(s0 + p.chunk_tokens, nq);
+  int s0, s1;  // this block's tokens: the length's tiles spread over the Sq splits
+  split_range(split, p.Sq, nq, kTileM, &s0, &s1);
   const int lo = max(s0, ks);
 
   static_assert(!kBulk || kRing, "bulk staging is written for the ring pipeline");

@@ -115,7 +115,9 @@ struct DecodeParams {
   float* part_acc;      // [B, Hq, S, D] unnormalised partial outputs of the splits
   float* part_ml;       // [B, Hq, S, 2] (running max in log2 units, sum of exp2)
   int B, H, Hq, D, ratio, nchunk, K;
-  int Tq, W, S, Sq, chunk_tokens, wchunk;  // splits: Sq over the quantised region, rest window
+  // splits: Sq over the quantised region (split_range: the tiles of each sequence's length
+  // spread over them), the rest over the window in chunks of wchunk tokens
+  int Tq, W, S, Sq, wchunk;
   int kbits, G, zbits, r, vbits, Gv;
   DType dtype;
   float sign, scale_log2;  // scale * log2(e)

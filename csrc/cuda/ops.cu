@@ -353,7 +353,6 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   p.nchunk = plan.nchunk;
   p.Sq = plan.Sq;
   p.S = plan.Sq + plan.Sw;
-  p.chunk_tokens = plan.chunk_tokens;
   p.wchunk = plan.wchunk;
 
   at::Tensor out = at::empty({B, Hq, D}, q.options());

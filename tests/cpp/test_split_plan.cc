@@ -9,6 +9,7 @@
 namespace {
 
 using headq::plan_splits;
+using headq::split_range;
 using headq::SplitPlan;
 
 // The properties every plan must have, whatever the inputs.
@@ -68,6 +69,72 @@ TEST(SplitPlan, PropertiesOnRandomShapes) {
   for (int i = 0; i < 20000; ++i) {
     const int tile = (i & 1) ? 256 : 128;
     check_plan(i % 7 == 0 ? 0 : tq(rng), i % 5 == 0 ? 0 : w(rng), pr(rng), res(rng), tile, 128);
+  }
+}
+
+// split_range: the per-sequence ranges the kernels use (tiles of the length, not the capacity).
+void check_ranges(int Tq, int nq, int64_t pairs, int64_t resident, int tile) {
+  const SplitPlan s = plan_splits(Tq, 0, pairs, resident, tile, 128);
+  SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " nq=" << nq << " Sq=" << s.Sq
+                                    << " tile=" << tile);
+  int next = 0, busy = 0, longest = 0;
+  for (int i = 0; i < s.Sq; ++i) {
+    int s0 = -1, s1 = -1;
+    split_range(i, s.Sq, nq, tile, &s0, &s1);
+    ASSERT_LE(s0, s1);
+    if (s0 == s1) {  // an empty split: everything after it is empty too
+      EXPECT_EQ(s0, nq);
+      continue;
+    }
+    EXPECT_EQ(s0, next);  // contiguous, in order, no token twice
+    EXPECT_EQ(s0 % tile, 0);
+    if (s1 < nq) {
+      EXPECT_EQ(s1 % tile, 0);
+    }
+    next = s1;
+    ++busy;
+    longest = std::max(longest, s1 - s0);
+  }
+  EXPECT_EQ(next, nq);  // every token of the length is in a split
+  if (nq > 0) {
+    // the work is spread: no split longer than the even share rounded up to a tile
+    const int tiles = (nq + tile - 1) / tile;
+    const int share = (tiles + s.Sq - 1) / s.Sq;  // tiles per split, rounded up
+    EXPECT_LE(longest, share * tile);
+    EXPECT_EQ(busy, (tiles + share - 1) / share);  // only the tail splits can be empty
+  }
+  if (nq == Tq) {  // at full capacity the ranges are the plan's chunks
+    for (int i = 0; i < s.Sq; ++i) {
+      int s0, s1;
+      split_range(i, s.Sq, nq, tile, &s0, &s1);
+      EXPECT_EQ(s0, std::min(i * s.chunk_tokens, Tq));
+      EXPECT_EQ(s1, std::min((i + 1) * s.chunk_tokens, Tq));
+    }
+  }
+}
+
+TEST(SplitRange, HalfFullCapacityUsesEverySplit) {
+  // The benchmark shape with the capacity doubled (a grown cache): 8 splits of the 64k
+  // capacity, 32k tokens. Ranges over the capacity would leave splits 4..7 empty and give
+  // splits 0..3 8k tokens each; over the length each split gets 4k.
+  const SplitPlan s = plan_splits(65536, 0, 64, 528, 256, 128);
+  ASSERT_EQ(s.Sq, 8);
+  for (int i = 0; i < 8; ++i) {
+    int s0, s1;
+    split_range(i, s.Sq, 32768, 256, &s0, &s1);
+    EXPECT_EQ(s0, i * 4096);
+    EXPECT_EQ(s1, (i + 1) * 4096);
+  }
+}
+
+TEST(SplitRange, PropertiesOnRandomLengths) {
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> tq(1, 1 << 20), pr(1, 8192), res(1, 4096);
+  for (int i = 0; i < 20000; ++i) {
+    const int tile = (i & 1) ? 256 : 128;
+    const int Tq = tq(rng);
+    const int nq = (i % 3 == 0) ? Tq : std::uniform_int_distribution<int>(0, Tq)(rng);
+    check_ranges(Tq, nq, pr(rng), res(rng), tile);
   }
 }
 

@@ -6,6 +6,8 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "headq/common.h"
+
 namespace headq {
 
 struct SplitPlan {
@@ -46,6 +48,21 @@ inline SplitPlan plan_splits(int Tq, int W, int64_t pairs, int64_t resident_bloc
     s.Sw = 0;
   }
   return s;
+}
+
+// Token range [*s0, *s1) of split `split` (of Sq) over the nq valid tokens of one sequence:
+// ceil(tiles / Sq) whole tiles of `tile` tokens each, tiles counted over nq, not over the
+// capacity the plan was made for. A cache whose buffers have grown past its length (capacity
+// doubling, a reserved capacity, a CUDA graph captured for a larger cache) then still spreads
+// its tokens over all Sq splits instead of leaving the splits past nq empty, so the step time
+// follows the length. Every token of [0, nq) is in exactly one split; with nq equal to the
+// planned capacity the ranges are the plan's (chunk_tokens per split).
+HEADQ_HD inline void split_range(int split, int Sq, int nq, int tile, int* s0, int* s1) {
+  const int tiles = (nq + tile - 1) / tile;
+  const int chunk = ((tiles + Sq - 1) / Sq) * tile;
+  const int lo = split * chunk;
+  *s0 = lo < nq ? lo : nq;
+  *s1 = lo + chunk < nq ? lo + chunk : nq;
 }
 
 }  // namespace headq
