@@ -14,6 +14,9 @@ quantiser arithmetic); nvcc never gets --use_fast_math (it changes division and 
 
 import glob
 import os
+import re
+import shlex
+import subprocess
 
 import torch
 from setuptools import setup
@@ -37,6 +40,41 @@ def _build_cuda(cuda_sources: list[str]) -> bool:
     return bool(cuda_sources) and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
 
 
+def _shared_libstdcxx() -> list[str]:
+    """Link arguments that keep the C++ runtime shared.
+
+    A C++ compiler whose installation has only the static ``libstdc++.a`` (e.g. a relocated
+    toolchain) links a private copy of the C++ runtime into the extension. Errors raised by
+    torch's checks (``TORCH_CHECK`` throws from libc10, which uses the process's shared
+    ``libstdc++.so.6``) then unwind through frames of the other runtime and crash the process
+    (a segmentation fault instead of the error message; seen on a GPU image with such a g++).
+    When the compiler cannot find ``libstdc++.so``, the ``libstdc++.so.6`` this process (and so
+    torch) has loaded is named on the link line: the linker binds the C++ runtime to it before
+    the implicit ``-lstdc++`` could pull archive members in."""
+    cxx = shlex.split(os.environ.get("CXX", "c++"))
+    try:
+        found = subprocess.run(cxx + ["-print-file-name=libstdc++.so"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    if os.path.isabs(found) and os.path.exists(found):
+        return []
+    try:
+        with open("/proc/self/maps") as f:
+            # mapped under the file's real name, e.g. .../libstdc++.so.6.0.33
+            loaded = sorted({ln.split()[-1] for ln in f
+                             if re.search(r"/libstdc\+\+\.so\.6(\.\d+)*$", ln.rstrip())})
+    except OSError:
+        loaded = []
+    if not loaded:
+        raise RuntimeError(f"setup.py: the C++ compiler {' '.join(cxx)!r} has no shared "
+                           "libstdc++ and none is loaded in this process; a static C++ runtime "
+                           "in the extension would turn every error into a crash. Set CXX/CC "
+                           "to a compiler with a shared libstdc++ (e.g. CXX=/usr/bin/g++).")
+    print(f"setup.py: {' '.join(cxx)} has no shared libstdc++; linking {loaded[0]}")
+    return [loaded[0]]
+
+
 def _extension():
     debug = os.environ.get("DEBUG", "0") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
@@ -57,14 +95,14 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("HEADQ_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=["-fopenmp"] + _shared_libstdcxx(),
         )
     return CppExtension(
         name="headq_torch._C",
         sources=cpp_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp"] + _shared_libstdcxx(),
     )
 
 

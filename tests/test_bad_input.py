@@ -239,6 +239,31 @@ def test_wrong_device_cuda():
         ops.decode_attention(*args)
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_cuda_op_errors_raise():
+    """Errors raised in the C++ checks of the CUDA ops (thrown from libc10 through the
+    extension's frames) reach Python as RuntimeErrors. An extension linked with a second, static
+    C++ runtime crashed here instead (setup.py's _shared_libstdcxx)."""
+    kc = [t.cuda() for t in KC]
+    with pytest.raises(RuntimeError, match="bits must be one of"):
+        ops.quantize_keys(K.cuda(), 5, 32)
+    with pytest.raises(RuntimeError, match=r"scale must have shape \[1, 2, 2, 64\]"):
+        ops.dequantize_keys(kc[0], kc[1][:, :, :1], kc[2], 2, 32)
+    args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in _decode_args()]
+    bad = list(args)
+    bad[DEC["key_bits"]] = 5
+    with pytest.raises(RuntimeError, match="key_bits must be one of 2, 3, 4, 8, got 5"):
+        ops.decode_attention(*bad)
+    k32 = _keys((1, 2, 64, 32)).cuda()
+    c32 = ops.quantize_keys(k32, 2, 32)
+    win = torch.zeros(1, 2, 4, 32, device="cuda")
+    n = torch.tensor([64], dtype=torch.int32, device="cuda")
+    with pytest.raises(RuntimeError, match="head dim must be 64 or 128, got 32"):
+        ops.decode_attention(torch.zeros(1, 4, 32, device="cuda"), *c32, None, None, None,
+                             None, None, None, torch.zeros(1, 2, 64, 32, device="cuda"), None,
+                             None, win, win, n, n.clone().fill_(4), None, 2, 32, 8, 2, 32)
+
+
 def test_corrected_logits_over_no_tokens_is_empty():
     out = ops.corrected_logits(Q, *(_cut(t, 0) for t in (*KC, *ZC)), U, 2, 32, 8, 1.0, 1.0)
     assert out.shape == (1, 4, 3, 0) and out.dtype == torch.float32
