@@ -9,6 +9,13 @@ meaningless with random weights; this measures time and bytes only.
 
 Bits: the QuantizedCache (quanto backend) and HeadQ both use 2-bit keys and values; HeadQ adds
 its rank-8 side code (random orthonormal bases: speed does not depend on them).
+
+``headq_2bit`` decodes eagerly (transformers' forward, one Python call per kernel);
+``headq_2bit_graph`` is the same cache decoded by :class:`headq_torch.graph.GraphDecoder` (the
+step captured once in a CUDA graph after the prefill, buffers reserved for the run's length,
+replayed per token; the capture happens in the first warm-up step, outside the timing).
+DynamicCache and QuantizedCache change their tensors' shapes every step and cannot be
+captured: they are timed eagerly, as transformers runs them.
 """
 
 from __future__ import annotations
@@ -67,7 +74,7 @@ def make_cache(kind: str, model, rank: int):
     if kind == "quantized_quanto_2bit":
         return QuantizedCache(backend="quanto", config=model.config, nbits=2, q_group_size=64,
                               residual_length=128)
-    if kind == "headq_2bit":
+    if kind in ("headq_2bit", "headq_2bit_graph"):
         hattn.enable(model)
         return HeadQCache(model.config, random_calibration(model, rank), key_bits=2,
                           value_bits=2, group_size=64, value_group_size=64)
@@ -92,25 +99,40 @@ def run_one(kind: str, model, context: int, steps: int, chunk: int, rank: int, b
     prefill_s = time.perf_counter() - t0
     cache_bytes = torch.cuda.memory_allocated() - base_mem
     nxt = out.logits[:, -1:].argmax(-1)
-    for _ in range(3):  # warm-up decode steps
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
+    del out
+    dec = None
+    if kind.endswith("_graph"):
+        from headq_torch.graph import GraphDecoder
+
+        dec = GraphDecoder(model, cache, max_length=context + steps + 8)
+        step = dec.step
+    else:
+        def step(ids):
+            return model(ids, past_key_values=cache, use_cache=True).logits
+    t0 = time.perf_counter()
+    for _ in range(3):  # warm-up decode steps (the graph capture in the first)
+        nxt = step(nxt)[:, -1:].argmax(-1)
     torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    t0 = time.perf_counter()
     start.record()
     for _ in range(steps):
-        out = model(nxt, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
+        nxt = step(nxt)[:, -1:].argmax(-1)
+    host_s = time.perf_counter() - t0  # time the host took to issue the steps
     end.record()
     torch.cuda.synchronize()
     ms = start.elapsed_time(end) / steps
     row = dict(cache=kind, context=context, batch=batch, decode_ms_per_step=ms,
-               tokens_per_s=batch * 1000.0 / ms, prefill_s=prefill_s,
+               tokens_per_s=batch * 1000.0 / ms, prefill_s=prefill_s, warmup_s=warmup_s,
+               host_issue_ms_per_step=host_s * 1000.0 / steps,
                cache_and_state_bytes_after_prefill=cache_bytes,
                peak_memory_bytes=torch.cuda.max_memory_allocated())
     if hasattr(cache, "memory_bytes"):
         row["headq_cache_bytes"] = cache.memory_bytes()
-    del cache, out
+    if dec is not None:
+        row["graph_captures"] = dec.captures
+    del cache, dec, step
     gc.collect()
     torch.cuda.empty_cache()
     return row
@@ -125,7 +147,8 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--caches", default="dynamic,headq_2bit,quantized_quanto_2bit")
+    ap.add_argument("--caches",
+                    default="dynamic,headq_2bit,headq_2bit_graph,quantized_quanto_2bit")
     ap.add_argument("--out", default="benchmarks/results/gpu_e2e.json")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -146,10 +169,11 @@ def main(argv=None):
         rows.append(row)
     by = {r["cache"]: r for r in rows if "tokens_per_s" in r}
     summary = {}
-    if "headq_2bit" in by:
+    for mine in ("headq_2bit", "headq_2bit_graph"):
         for other in ("dynamic", "quantized_quanto_2bit"):
-            if other in by:
-                summary[f"headq_speedup_vs_{other}"] = (by["headq_2bit"]["tokens_per_s"]
+            if mine in by and other in by:
+                tag = "headq" if mine == "headq_2bit" else "headq_graph"
+                summary[f"{tag}_speedup_vs_{other}"] = (by[mine]["tokens_per_s"]
                                                         / by[other]["tokens_per_s"])
     result = dict(
         command=" ".join([sys.executable.split("/")[-1]] + sys.argv),

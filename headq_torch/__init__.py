@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 # The transformers-facing parts import transformers; load them on first use.
 _LAZY = {
     "HeadQCache": ("cache", "HeadQCache"),
+    "GraphDecoder": ("graph", "GraphDecoder"),
     "Calibration": ("calibration", "Calibration"),
     "calibrate": ("calibration", "calibrate"),
     "enable": ("attention", "enable"),
@@ -51,6 +52,7 @@ __all__ = [
     "storage_report",
     "StorageReport",
     "HeadQCache",
+    "GraphDecoder",
     "Calibration",
     "calibrate",
     "enable",

@@ -171,10 +171,14 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
     nq, nw = layer.n_quant, layer.n_window
     T = nq + nw
     q = query[:, :, 0].contiguous()
-    kv_start = _kv_start_shared(layer, attention_mask, B, T, query.device)
+    step = layer._owner._static_step
+    if step is not None:  # a graph-decode step: lengths and kv_start in the step's tensors
+        kv_start, nq_t, nw_t = step.kv_start, step.n_quant, step.n_window
+    else:
+        kv_start = _kv_start_shared(layer, attention_mask, B, T, query.device)
+        nq_t, nw_t = _lengths_shared(layer, B, nq, nw, query.device)
     has_side = layer.basis is not None
     heavy = layer.heavy_idx is not None and layer.heavy_idx.shape[-1] > 0
-    nq_t, nw_t = _lengths_shared(layer, B, nq, nw, query.device)
     out, lse = ops.decode_attention(
         q, b["k_codes"], b["k_scale"], b["k_zero"],
         b["z_codes"] if has_side else None, b["z_scale"] if has_side else None,
@@ -225,7 +229,8 @@ def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
         raise NotImplementedError("headq attention: a HeadQ layer cannot be a sliding layer")
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     L = query.shape[2]
-    if L == 1 and layer.quantise_keys and layer.n_quant > 0:
+    if L == 1 and layer.quantise_keys and (layer.n_quant > 0
+                                           or layer._owner._static_step is not None):
         out = _decode(layer, query, attention_mask, scale)
     else:
         out = _prefill(layer, module, query, attention_mask, scale)

@@ -64,12 +64,13 @@ __all__ = ["HeadQCache", "HeadQLayer"]
 
 
 def _grow(buf: Optional[torch.Tensor], needed: int, shape_tail: tuple, batch_heads: tuple,
-          dtype, device, multiple: int = 1, fill=0) -> torch.Tensor:
-    """Capacity ``>= needed`` along dim 2 (doubling; a multiple of ``multiple``)."""
+          dtype, device, multiple: int = 1, fill=0, exact: bool = False) -> torch.Tensor:
+    """Capacity ``>= needed`` along dim 2 (doubling, or ``needed`` itself with ``exact``; a
+    multiple of ``multiple``)."""
     cap = 0 if buf is None else buf.shape[2]
     if buf is not None and cap >= needed:
         return buf
-    new_cap = max(needed, 2 * cap, multiple)
+    new_cap = max(needed, multiple) if exact else max(needed, 2 * cap, multiple)
     new_cap = -(-new_cap // multiple) * multiple
     out = torch.full((*batch_heads, new_cap, *shape_tail), fill, dtype=dtype, device=device)
     if buf is not None and cap:
@@ -127,31 +128,36 @@ class HeadQLayer(CacheLayerMixin):
     def _bh(self):
         return (self.B, self.H)
 
-    def _ensure_quant(self, needed: int) -> None:
+    def _ensure_quant(self, needed: int, exact: bool = False) -> None:
         s, G, D, bh, dev = self.s, self.s.group_size, self.D, self._bh(), self.device
         b = self.buf
+        # The leading buffer (key codes or dense keys) sets the capacity; every other buffer is
+        # sized exactly to it (the op checks that their token dims agree).
         if self.quantise_keys:
             b["k_codes"] = _grow(b.get("k_codes"), needed, (D * s.key_bits // 8,), bh,
-                                 torch.uint8, dev, G)
+                                 torch.uint8, dev, G, exact=exact)
             cap = b["k_codes"].shape[2]
-            b["k_scale"] = _grow(b.get("k_scale"), cap // G, (D,), bh, torch.float16, dev)
-            b["k_zero"] = _grow(b.get("k_zero"), cap // G, (D,), bh, torch.float16, dev)
+            b["k_scale"] = _grow(b.get("k_scale"), cap // G, (D,), bh, torch.float16, dev,
+                                exact=True)
+            b["k_zero"] = _grow(b.get("k_zero"), cap // G, (D,), bh, torch.float16, dev,
+                                exact=True)
             if self.basis is not None:
                 r = self.basis.shape[-1]
                 b["z_codes"] = _grow(b.get("z_codes"), cap, (r * s.side_bits // 8,), bh,
-                                     torch.uint8, dev)
-                b["z_scale"] = _grow(b.get("z_scale"), cap, (), bh, torch.float16, dev)
+                                     torch.uint8, dev, exact=True)
+                b["z_scale"] = _grow(b.get("z_scale"), cap, (), bh, torch.float16, dev, exact=True)
         else:
-            b["k_dense"] = _grow(b.get("k_dense"), needed, (D,), bh, self.dtype, dev, G)
+            b["k_dense"] = _grow(b.get("k_dense"), needed, (D,), bh, self.dtype, dev, G,
+                                 exact=exact)
             cap = b["k_dense"].shape[2]
         if self.quantise_values:
             ng = D // s.value_group_size
             b["v_codes"] = _grow(b.get("v_codes"), cap, (D * s.value_bits // 8,), bh,
-                                 torch.uint8, dev)
-            b["v_scale"] = _grow(b.get("v_scale"), cap, (ng,), bh, torch.float16, dev)
-            b["v_zero"] = _grow(b.get("v_zero"), cap, (ng,), bh, torch.float16, dev)
+                                 torch.uint8, dev, exact=True)
+            b["v_scale"] = _grow(b.get("v_scale"), cap, (ng,), bh, torch.float16, dev, exact=True)
+            b["v_zero"] = _grow(b.get("v_zero"), cap, (ng,), bh, torch.float16, dev, exact=True)
         else:
-            b["v_dense"] = _grow(b.get("v_dense"), cap, (D,), bh, self.dtype, dev)
+            b["v_dense"] = _grow(b.get("v_dense"), cap, (D,), bh, self.dtype, dev, exact=True)
 
     def _ensure_window(self, needed: int) -> None:
         b, bh, D = self.buf, self._bh(), self.D
@@ -209,6 +215,9 @@ class HeadQLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self._check_states(key_states, value_states)
+        step = self._owner._static_step
+        if step is not None:
+            return self._update_static(step, key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # tokens left by a forward whose attention did not consume them
@@ -231,6 +240,31 @@ class HeadQLayer(CacheLayerMixin):
         k_all, v_all = self.dense_kv()
         self.flush()
         return k_all, v_all
+
+    def _update_static(self, step, key_states, value_states):
+        """``update`` of a graph-decode step (:mod:`headq_torch.graph`): the new token goes to
+        the window slot held in a device tensor and the host counters are left alone (the
+        decoder advances them after the step), so the same kernels serve every step."""
+        if key_states.shape[2] != 1 or key_states.shape[0] != self.B or not self.is_initialized:
+            raise ValueError(f"HeadQCache layer {self.layer_idx}: a graph-decode step takes one "
+                             f"token per sequence of an initialised (prefilled) cache, got key "
+                             f"states of shape {tuple(key_states.shape)}")
+        self.buf["k_window"].index_copy_(2, step.slot, key_states)
+        self.buf["v_window"].index_copy_(2, step.slot, value_states)
+        kw = self.buf["k_window"].view(self.buf["k_window"].shape)  # tagged, see the module doc
+        kw._headq_layer = self
+        return kw, self.buf["v_window"]
+
+    def reserve(self, tokens: int) -> None:
+        """Allocate the buffers for ``tokens`` tokens at once (exactly, no doubling), so that
+        appending up to that length never reallocates: a captured CUDA graph keeps working and
+        no step pays a doubling copy."""
+        if not self.is_initialized:
+            raise ValueError(f"HeadQCache layer {self.layer_idx}: reserve() needs an "
+                             f"initialised cache (run the prompt through the model first)")
+        G = self.s.group_size
+        self._ensure_quant(-(-max(tokens, 1) // G) * G, exact=True)
+        self._ensure_window(self.s.residual_length + G)
 
     def get_seq_length(self) -> int:
         return self.n_quant + self.n_window
@@ -493,7 +527,8 @@ class HeadQLayer(CacheLayerMixin):
             self.heavy_w = self.heavy_w + torch.where(valid, w_heavy, torch.zeros_like(w_heavy))
 
     def after_attention(self) -> None:
-        self.flush()
+        if self._owner._static_step is None:  # a graph-decode step: the decoder flushes
+            self.flush()
 
     # -- accounting --------------------------------------------------------------------------
 
@@ -621,6 +656,18 @@ class HeadQCache(Cache):
         super().__init__(layers=layers)
         self._warned_fallback = False
         self._checked_configs: set[int] = set()
+        # The device-side state of a graph-decode step while one runs (headq_torch.graph).
+        self._static_step = None
+
+    def reserve(self, max_length: int) -> None:
+        """Allocate every quantised layer's buffers for ``max_length`` tokens now (exact sizes,
+        no doubling): no later append up to that length reallocates. Needs a prefilled cache
+        (the batch size, head count and dtype come from the first tokens)."""
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+            raise ValueError(f"HeadQCache.reserve: max_length must be a positive integer, got "
+                             f"{max_length!r}")
+        for layer in self.headq_layers:
+            layer.reserve(max_length)
 
     def attention_active(self) -> bool:
         """Whether the model this cache was built for uses the ``"headq"`` attention function."""

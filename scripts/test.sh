@@ -19,7 +19,7 @@ ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 
 echo "[test] pytest, cache and transformers integration under transformers $(PYTHONPATH="$HEADQ_COMPAT_TF" python -c "import transformers as t; print(t.__version__)") (the GPU machine's)"
 PYTHONPATH="$HEADQ_COMPAT_TF" python -m pytest -q -p no:cacheprovider tests/test_cache.py \
-  tests/test_hf_integration.py -k "not smollm2"
+  tests/test_hf_integration.py tests/test_graph.py -k "not smollm2"
 
 echo "[test] pytest, everything (transformers $(python -c 'import transformers as t; print(t.__version__)'))"
 python -m pytest -q tests "$@"

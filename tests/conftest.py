@@ -17,10 +17,11 @@ warnings.filterwarnings("ignore", message=".*past_key_values.*deprecated.*")
 TINY_KINDS = ("llama", "qwen2", "gemma3")
 
 
-def _tiny_config(kind: str):
+def _tiny_config(kind: str, **overrides):
     common = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, max_position_embeddings=1024,
                   initializer_range=0.02, tie_word_embeddings=False)
+    common.update(overrides)
     if kind == "llama":
         from transformers import LlamaConfig
         return LlamaConfig(num_hidden_layers=2, **common)
@@ -36,12 +37,13 @@ def _tiny_config(kind: str):
     raise ValueError(kind)
 
 
-def make_tiny(kind: str, seed: int = 0):
-    """A tiny random causal LM of architecture ``kind`` (eval mode, float32, sdpa)."""
+def make_tiny(kind: str, seed: int = 0, **overrides):
+    """A tiny random causal LM of architecture ``kind`` (eval mode, float32, sdpa); keyword
+    arguments override config fields (e.g. ``head_dim=64``, which the CUDA decode needs)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = _tiny_config(kind)
+    cfg = _tiny_config(kind, **overrides)
     cfg._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     model.config.name_or_path = f"tiny-{kind}"

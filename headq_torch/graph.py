@@ -1,0 +1,262 @@
+"""Decode steps of a whole model over a :class:`~headq_torch.cache.HeadQCache` as CUDA-graph
+replays.
+
+Eager decode with transformers launches every kernel of every layer from Python, one token at a
+time; with a packed cache the GPU work of a step is small enough that the host sets the pace
+(docs/PERF.md). :class:`GraphDecoder` captures one decode step of the model (the projections,
+the cache append and the fused decode attention of every layer) once, and replays it for each
+token. What changes from step to step lives in device tensors the replay reads (the window slot
+of the new token, the per-sequence lengths, the positions); what the host must decide (the
+lengths it keeps, quantising the window's oldest group every ``group_size`` steps) runs between
+replays, eagerly, exactly as the eager path does it after attention::
+
+    out = model(prompt_ids, past_key_values=cache, use_cache=True)    # prefill (eager)
+    dec = GraphDecoder(model, cache, max_length=prompt_len + new_tokens)
+    tokens = dec.greedy(out.logits[:, -1:].argmax(-1), steps=new_tokens)
+
+The replayed step computes what the eager step computes (same ops, same inputs): logits agree
+to the last bit up to the order in which cuBLAS may reduce. ``graph=False`` runs the same
+static-shape step without capturing it (any device, CPU included), which is how the CPU tests
+check the step against the eager path.
+
+Limits (each raises a ``ValueError`` naming it): every layer must be a HeadQ layer with
+quantised keys (no sliding/dense layers), the ``"headq"`` attention function must be enabled,
+the A² value policy is not supported (its weights have per-step shapes), and a prompt mask, if
+given, must be left padding only. Buffers that move (a ``max_length`` exceeded, so the cache
+grows; ``reorder_cache``; ``reset``) are detected before each replay and the step is captured
+again.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .attention import ATTN_IMPL
+from .cache import HeadQCache, HeadQLayer
+
+__all__ = ["GraphDecoder"]
+
+
+@dataclass
+class StepState:
+    """Device tensors a graph-decode step reads (refilled before every replay)."""
+
+    input_ids: torch.Tensor      # [B, 1] int64
+    position_ids: torch.Tensor   # [B, 1] int64: the new token's position per sequence
+    cache_position: torch.Tensor  # [1] int64: its index in the cache (transformers < 5.2x)
+    slot: torch.Tensor           # [1] int64: its window slot
+    n_quant: torch.Tensor        # [B] int32
+    n_window: torch.Tensor       # [B] int32, the new token included
+    kv_start: Optional[torch.Tensor]  # [B] int32 first visible token (left padding), or None
+
+
+def _left_padding_starts(mask: torch.Tensor, B: int, n: int) -> list[int]:
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != (B, n):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"GraphDecoder: attention_mask must be the [batch, cached tokens] = "
+                         f"[{B}, {n}] mask of the prompt, got {got}")
+    m = mask.detach().to("cpu", torch.bool)
+    starts = []
+    for b in range(B):
+        row = m[b]
+        k = int(row.int().argmax()) if bool(row.any()) else n
+        if not bool(row[k:].all()) or bool(row[:k].any()):
+            raise ValueError(f"GraphDecoder: attention_mask row {b} is not left padding (zeros "
+                             f"then ones); only left-padded batches can be graph-decoded")
+        starts.append(k)
+    return starts
+
+
+class GraphDecoder:
+    """Greedy or step-by-step decoding of ``model`` over a prefilled ``cache`` with one
+    CUDA-graph replay per step (see the module docstring).
+
+    Args:
+        model: the transformers model the cache was filled by, with the ``"headq"`` attention
+            function enabled (:func:`headq_torch.attention.enable`).
+        cache: its :class:`HeadQCache`, prefilled (the prompt has been run).
+        max_length: reserve buffers for this many tokens in all (prompt + new) now, so that the
+            captured step never has to be captured again; None: grow as needed (each growth,
+            every doubling of the quantised region, captures the step again).
+        attention_mask: the prompt's ``[batch, prompt tokens]`` mask when the batch is left
+            padded (the positions and the first visible token of each sequence follow it);
+            None: no padding.
+        graph: capture and replay a CUDA graph (default: when the cache is on a CUDA device);
+            False runs the same static step eagerly.
+    """
+
+    def __init__(self, model, cache: HeadQCache, max_length: Optional[int] = None,
+                 attention_mask: Optional[torch.Tensor] = None, graph: Optional[bool] = None):
+        if not isinstance(cache, HeadQCache):
+            raise TypeError(f"GraphDecoder: cache must be a HeadQCache, got "
+                            f"{type(cache).__name__}")
+        cache.check_model_config(model.config)
+        if not cache.attention_active():
+            raise ValueError(f"GraphDecoder: the model does not use the {ATTN_IMPL!r} attention "
+                             f"function; call headq_torch.attention.enable(model) first")
+        layers = list(cache.layers)
+        bad = [i for i, layer in enumerate(layers) if not isinstance(layer, HeadQLayer)]
+        if bad:
+            raise ValueError(f"GraphDecoder: layers {bad} are not HeadQ layers (sliding or "
+                             f"dense); graph decode needs every layer quantised")
+        if not all(layer.is_initialized for layer in layers):
+            raise ValueError("GraphDecoder: the cache is empty; run the prompt through the "
+                             "model with this cache first")
+        s = cache.settings
+        if s.key_bits == 16:
+            raise ValueError("GraphDecoder: key_bits=16 (dense keys) has no fused decode step; "
+                             "graph decode needs key_bits < 16")
+        if s.value_policy == "a2":
+            raise ValueError("GraphDecoder: value_policy='a2' is not supported (its attention "
+                             "weights have per-step shapes); use the eager path")
+        counts = {(layer.n_quant, layer.n_window, layer.B) for layer in layers}
+        if len(counts) != 1:
+            raise ValueError(f"GraphDecoder: the layers hold different lengths {sorted(counts)}; "
+                             f"expected one prefilled length for all")
+        first = layers[0]
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(max_length, int) \
+                    or max_length < first.n_quant + first.n_window + 1:
+                raise ValueError(f"GraphDecoder: max_length must be an integer > the cached "
+                                 f"length {first.n_quant + first.n_window}, got {max_length!r}")
+            cache.reserve(max_length)
+        else:
+            for layer in layers:  # the window's steady capacity, so the window never moves
+                layer._ensure_window(s.residual_length + s.group_size)
+        dev = first.device
+        if graph is None:
+            graph = dev.type == "cuda"
+        if graph and dev.type != "cuda":
+            raise ValueError(f"GraphDecoder: graph=True needs a CUDA cache, the cache is on {dev}")
+        self.model, self.cache, self.layers, self.graph = model, cache, layers, bool(graph)
+        B, n = first.B, first.n_quant + first.n_window
+        self.B, self.device = B, dev
+        starts = None
+        if attention_mask is not None:
+            starts = _left_padding_starts(attention_mask, B, n)
+        self._starts = torch.tensor(starts or [0] * B, dtype=torch.int64, device=dev)
+        self._neg_starts = (-self._starts).view(B, 1)  # position = cached tokens - start
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.state = StepState(
+            input_ids=torch.zeros(B, 1, **i64), position_ids=torch.zeros(B, 1, **i64),
+            cache_position=torch.zeros(1, **i64), slot=torch.zeros(1, **i64),
+            n_quant=torch.zeros(B, dtype=torch.int32, device=dev),
+            n_window=torch.zeros(B, dtype=torch.int32, device=dev),
+            kv_start=None if starts is None else self._starts.to(torch.int32))
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._pass_cache_position = "cache_position" in params
+        self._graph = None
+        self._logits = None
+        self._signature = None
+        self.captures = 0  # how many times the step was captured (growth recaptures)
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def _forward(self) -> torch.Tensor:
+        st = self.state
+        kw = {self._cache_kw: self.cache, "use_cache": True, "position_ids": st.position_ids}
+        if self._pass_cache_position:
+            kw["cache_position"] = st.cache_position
+        self.cache._static_step = st
+        try:
+            return self.model(input_ids=st.input_ids, **kw).logits
+        finally:
+            self.cache._static_step = None
+
+    def _buffers(self) -> tuple:
+        """The tensors a captured step reads or writes; a capture is valid while these are the
+        same objects (the caches' buffers are replaced, never resized in place)."""
+        out = []
+        for layer in self.layers:
+            out.extend(layer.buf.values())
+            out.append(layer.basis)
+        return tuple(out)
+
+    def _capture(self) -> None:
+        self._graph = self._logits = None
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up runs (cuBLAS workspaces, lazy inits)
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self._logits = self._forward()
+        self._graph = g
+        self._signature = self._buffers()
+        self.captures += 1
+
+    def _check_ready(self) -> None:
+        first = self.layers[0]
+        if not first.is_initialized or first.B != self.B:
+            raise ValueError("GraphDecoder: the cache was reset or its batch changed; make a new "
+                             "GraphDecoder for the new contents")
+        for layer in self.layers:
+            if (layer.n_quant, layer.n_window) != (first.n_quant, first.n_window):
+                raise ValueError("GraphDecoder: the layers' lengths diverged (the cache was used "
+                                 "outside the decoder); make a new GraphDecoder")
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``input_ids`` ``[B, 1]`` (int64) in, logits ``[B, 1, vocab]`` out.
+
+        With graphs the logits are the graph's output buffer, overwritten by the next step:
+        ``clone()`` them to keep them."""
+        if not isinstance(input_ids, torch.Tensor) or tuple(input_ids.shape) != (self.B, 1) \
+                or input_ids.dtype not in (torch.int64, torch.int32):
+            got = (tuple(input_ids.shape), input_ids.dtype) if isinstance(input_ids, torch.Tensor) \
+                else type(input_ids).__name__
+            raise ValueError(f"GraphDecoder.step: input_ids must be an integer tensor of shape "
+                             f"[{self.B}, 1], got {got}")
+        self._check_ready()
+        first, st = self.layers[0], self.state
+        nq, nw = first.n_quant, first.n_window
+        n = nq + nw
+        st.input_ids.copy_(input_ids)
+        torch.add(self._neg_starts, n, out=st.position_ids)
+        st.cache_position.fill_(n)
+        st.slot.fill_(nw)
+        st.n_quant.fill_(nq)
+        st.n_window.fill_(nw + 1)
+        if not self.graph:
+            logits = self._forward()
+        else:
+            now = self._buffers()
+            if self._graph is None or len(now) != len(self._signature) or any(
+                    a is not b for a, b in zip(self._signature, now)):
+                self._capture()
+            self._graph.replay()
+            logits = self._logits
+        self._advance()
+        return logits
+
+    def _advance(self) -> None:
+        """The host side of the step: one more window token per layer, and the window's oldest
+        complete group quantised once the window is full (as ``after_attention`` does)."""
+        s = self.cache.settings
+        for layer in self.layers:
+            layer.n_window += 1
+            layer._refresh_views()
+        if self.layers[0].n_window >= s.residual_length + s.group_size:
+            for layer in self.layers:
+                layer.flush()
+
+    @torch.no_grad()
+    def greedy(self, input_ids: torch.Tensor, steps: int) -> torch.Tensor:
+        """``steps`` greedy steps from ``input_ids`` ``[B, 1]``; returns the ``[B, steps]``
+        tokens chosen (the last one not yet fed to the model). No host sync inside the loop."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"GraphDecoder.greedy: steps must be an integer >= 0, got {steps!r}")
+        out = torch.empty(self.B, steps, dtype=torch.int64, device=self.device)
+        ids = input_ids
+        for i in range(steps):
+            logits = self.step(ids)
+            ids = logits[:, -1].argmax(-1, keepdim=True)
+            out[:, i:i + 1] = ids
+        return out
