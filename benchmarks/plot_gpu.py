@@ -2,9 +2,10 @@
 time per decode step vs context and achieved bandwidth vs the measured copy bandwidth (CUDA
 events; the graph-timed device times of `graph_timing`, when recorded, dashed), and the
 quantise + pack benchmark (gpu_quant.json) as GB/s per op and token count, current kernels
-against the earlier ones.
+against the earlier ones, and the end-to-end decode tokens/s of the last complete run with the
+graph decoder (gpu_e2e.json).
 
-    python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png, gpu_quant.png
+    python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png, gpu_quant.png, gpu_e2e.png
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def main() -> None:
     fig.savefig(RESULTS / "gpu_decode.png", dpi=110)
     print("wrote", RESULTS / "gpu_decode.png")
     plot_quant()
+    plot_e2e()
 
 
 def plot_quant() -> None:
@@ -96,6 +98,38 @@ def plot_quant() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "gpu_quant.png", dpi=110)
     print("wrote", RESULTS / "gpu_quant.png")
+
+
+def plot_e2e() -> None:
+    """End-to-end decode tokens/s of the last complete run with the graph decoder."""
+    e = json.loads((RESULTS / "gpu_e2e.json").read_text())
+    run = next((r for r in reversed(e["runs"])
+                if {"headq_2bit_graph", "quantized_quanto_2bit"} <= {x["cache"] for x in r["rows"]
+                                                                     if "tokens_per_s" in x}),
+               None)
+    if run is None:
+        return
+    names = {"headq_2bit_graph": "HeadQ, GraphDecoder", "headq_2bit": "HeadQ, eager",
+             "dynamic": "DynamicCache", "quantized_quanto_2bit": "QuantizedCache (quanto 2-bit)"}
+    rows = [r for r in run["rows"] if "tokens_per_s" in r]
+    rows.sort(key=lambda r: -r["tokens_per_s"])
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    ax.barh([names.get(r["cache"], r["cache"]) for r in rows], [r["tokens_per_s"] for r in rows],
+            color=["k" if r["cache"].startswith("headq") else "C0" for r in rows])
+    for i, r in enumerate(rows):
+        ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:.0f} tok/s, "
+                f"{r['peak_memory_bytes'] / 1e9:.0f} GB peak", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("decode tokens/s")
+    r0 = rows[0]
+    ax.set_title(f"end to end, Llama-3-8B shape bf16, {r0['context'] // 1024}k prompt, "
+                 f"batch {r0['batch']}, {run.get('device', 'GPU')}",
+                 fontsize=10)
+    ax.set_xlim(0, 1.35 * rows[0]["tokens_per_s"])
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gpu_e2e.png", dpi=110)
+    print("wrote", RESULTS / "gpu_e2e.png")
 
 
 if __name__ == "__main__":
