@@ -14,6 +14,10 @@ replays, eagerly, exactly as the eager path does it after attention::
     dec = GraphDecoder(model, cache, max_length=prompt_len + new_tokens)
     tokens = dec.greedy(out.logits[:, -1:].argmax(-1), steps=new_tokens)
 
+or all of it in one call, :func:`generate` (greedy, like ``model.generate(..., do_sample=False)``)::
+
+    sequences = generate(model, prompt_ids, cache, max_new_tokens=256, attention_mask=mask)
+
 The replayed step computes what the eager step computes (same ops, same inputs): logits agree
 to the last bit up to the order in which cuBLAS may reduce. ``graph=False`` runs the same
 static-shape step without capturing it (any device, CPU included), which is how the CPU tests
@@ -38,7 +42,7 @@ import torch
 from .attention import ATTN_IMPL
 from .cache import HeadQCache, HeadQLayer
 
-__all__ = ["GraphDecoder"]
+__all__ = ["GraphDecoder", "generate"]
 
 
 @dataclass
@@ -260,3 +264,45 @@ class GraphDecoder:
             ids = logits[:, -1].argmax(-1, keepdim=True)
             out[:, i:i + 1] = ids
         return out
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: int,
+             attention_mask: Optional[torch.Tensor] = None, eos_token_id: Optional[int] = None,
+             pad_token_id: int = 0, graph: Optional[bool] = None) -> torch.Tensor:
+    """Greedy generation with graph decode: the prompt is prefilled eagerly into ``cache`` (an
+    empty :class:`HeadQCache`; positions from ``attention_mask`` as transformers' ``generate``
+    makes them for left padding), then ``max_new_tokens - 1`` steps run as graph replays.
+
+    Returns ``[B, prompt + max_new_tokens]`` like ``model.generate(..., do_sample=False)``. The
+    loop never waits for the GPU, so it does not stop at ``eos_token_id``: every step runs, and
+    the tokens after a sequence's first EOS are replaced by ``pad_token_id`` at the end."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"generate: input_ids must be a [batch, prompt tokens] tensor, got {got}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(cache, HeadQCache):
+        raise TypeError(f"generate: cache must be a HeadQCache, got {type(cache).__name__}")
+    if cache.get_seq_length() != 0:
+        raise ValueError("generate: the cache must be empty (it is prefilled with the prompt)")
+    B, n = input_ids.shape
+    params = inspect.signature(model.forward).parameters
+    kw = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, n):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) \
+                else type(attention_mask).__name__
+            raise ValueError(f"generate: attention_mask must have the shape of input_ids "
+                             f"({B}, {n}), got {got}")
+        kw["attention_mask"] = attention_mask
+        kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=input_ids, logits_to_keep=1, **kw).logits
+    first = logits[:, -1:].argmax(-1)
+    dec = GraphDecoder(model, cache, max_length=n + max_new_tokens,
+                       attention_mask=attention_mask, graph=graph)
+    new = torch.cat([first, dec.greedy(first, max_new_tokens - 1)], dim=1)
+    if eos_token_id is not None:
+        after = (new == eos_token_id).long().cumsum(-1) - (new == eos_token_id).long()
+        new = new.masked_fill(after > 0, pad_token_id)
+    return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)
