@@ -53,8 +53,8 @@ if has exp; then
   done
 fi
 if has tests; then
-  run tests python3 -m pytest -q tests/test_ops.py tests/test_bad_input.py \
-    tests/test_quant_cuda_exact.py -k cuda
+  run tests python3 -m pytest -q tests/test_ops.py tests/test_bad_input.py tests/test_graph.py \
+    tests/test_quant_cuda_exact.py -k "cuda or graph"
 fi
 if has decode; then
   TAIL=8 run decode python3 benchmarks/bench_decode.py --check --impl mma --variants lean,fixed \
