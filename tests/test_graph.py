@@ -127,19 +127,27 @@ def test_reserve_just_past_capacity_keeps_buffers_consistent(restore_attn):
     assert toks.shape == (2, 31) and cache.layers[0].buf["k_codes"].shape[2] == 96
 
 
-def test_greedy_equals_generate_left_padded(restore_attn):
-    """A left-padded batch: the decoder's tokens equal transformers' generate with an eager
-    HeadQ cache (positions and the first visible token follow the prompt mask)."""
-    model, cal = _setup(restore_attn)
-    lens, T, steps = [60, 37], 60, 70
-    ids = torch.zeros(2, T, dtype=torch.long)
-    mask = torch.zeros(2, T, dtype=torch.long)
+def _padded_batch_and_generate(model, cal, lens, steps, seed):
+    """A left-padded batch of random prompts of lengths ``lens`` (the first the longest), its
+    mask, and transformers' greedy generate of ``steps`` tokens with an eager HeadQ cache."""
+    T = max(lens)
+    ids = torch.zeros(len(lens), T, dtype=torch.long)
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
     for i, n in enumerate(lens):
-        ids[i, T - n:] = _ids(model, 1, n, seed=20 + i)[0]
+        ids[i, T - n:] = _ids(model, 1, n, seed=seed + i)[0]
         mask[i, T - n:] = 1
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
                          do_sample=False, past_key_values=HeadQCache(model.config, cal, **KW),
                          pad_token_id=0)
+    return ids, mask, ref
+
+
+def test_greedy_equals_generate_left_padded(restore_attn):
+    """A left-padded batch: the decoder's tokens equal transformers' generate with an eager
+    HeadQ cache (positions and the first visible token follow the prompt mask)."""
+    model, cal = _setup(restore_attn)
+    T, steps = 60, 70
+    ids, mask, ref = _padded_batch_and_generate(model, cal, [60, 37], steps, seed=20)
     cache = HeadQCache(model.config, cal, **KW)
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
@@ -156,15 +164,8 @@ def test_generate_equals_transformers_generate(restore_attn):
     """graph.generate (prefill + static steps) == model.generate with an eager HeadQ cache, for
     a left-padded batch; EOS handling pads after the first EOS like generate does."""
     model, cal = _setup(restore_attn)
-    lens, T, steps = [55, 40], 55, 60
-    ids = torch.zeros(2, T, dtype=torch.long)
-    mask = torch.zeros(2, T, dtype=torch.long)
-    for i, n in enumerate(lens):
-        ids[i, T - n:] = _ids(model, 1, n, seed=30 + i)[0]
-        mask[i, T - n:] = 1
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, past_key_values=HeadQCache(model.config, cal, **KW),
-                         pad_token_id=0)
+    T, steps = 55, 60
+    ids, mask, ref = _padded_batch_and_generate(model, cal, [55, 40], steps, seed=30)
     got = generate(model, ids, HeadQCache(model.config, cal, **KW), steps, attention_mask=mask,
                    graph=False)
     assert torch.equal(got, ref)
