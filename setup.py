@@ -86,6 +86,7 @@ def _extension():
     cuda_sources = _sources("csrc/cuda/*.cu")
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     cxx_flags = opt + ["-ffp-contract=off", "-fopenmp"]
+    link_flags = ["-fopenmp"] + _shared_libstdcxx()
     if _build_cuda(cuda_sources):
         nvcc_flags = opt + ["-lineinfo"] + (["-G"] if debug else [])
         nvcc_flags += os.environ.get("HEADQ_NVCC_FLAGS", "").split()
@@ -95,14 +96,14 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("HEADQ_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"] + _shared_libstdcxx(),
+            extra_link_args=link_flags,
         )
     return CppExtension(
         name="headq_torch._C",
         sources=cpp_sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"] + _shared_libstdcxx(),
+        extra_link_args=link_flags,
     )
 
 

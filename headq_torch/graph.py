@@ -51,11 +51,17 @@ class StepState:
 
     input_ids: torch.Tensor      # [B, 1] int64
     position_ids: torch.Tensor   # [B, 1] int64: the new token's position per sequence
-    cache_position: torch.Tensor  # [1] int64: its index in the cache (transformers < 5.2x)
     slot: torch.Tensor           # [1] int64: its window slot
     n_quant: torch.Tensor        # [B] int32
     n_window: torch.Tensor       # [B] int32, the new token included
     kv_start: Optional[torch.Tensor]  # [B] int32 first visible token (left padding), or None
+
+
+def _cache_argument(model) -> str:
+    """The forward keyword that takes the cache: ``cache`` (transformers >= 5.2x, which
+    deprecates the old name) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters \
+        else "past_key_values"
 
 
 def _left_padding_starts(mask: torch.Tensor, B: int, n: int) -> list[int]:
@@ -147,13 +153,11 @@ class GraphDecoder:
         i64 = dict(dtype=torch.int64, device=dev)
         self.state = StepState(
             input_ids=torch.zeros(B, 1, **i64), position_ids=torch.zeros(B, 1, **i64),
-            cache_position=torch.zeros(1, **i64), slot=torch.zeros(1, **i64),
+            slot=torch.zeros(1, **i64),
             n_quant=torch.zeros(B, dtype=torch.int32, device=dev),
             n_window=torch.zeros(B, dtype=torch.int32, device=dev),
             kv_start=None if starts is None else self._starts.to(torch.int32))
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._pass_cache_position = "cache_position" in params
+        self._cache_kw = _cache_argument(model)
         self._graph = None
         self._logits = None
         self._signature = None
@@ -164,8 +168,6 @@ class GraphDecoder:
     def _forward(self) -> torch.Tensor:
         st = self.state
         kw = {self._cache_kw: self.cache, "use_cache": True, "position_ids": st.position_ids}
-        if self._pass_cache_position:
-            kw["cache_position"] = st.cache_position
         self.cache._static_step = st
         try:
             return self.model(input_ids=st.input_ids, **kw).logits
@@ -224,7 +226,6 @@ class GraphDecoder:
         n = nq + nw
         st.input_ids.copy_(input_ids)
         torch.add(self._neg_starts, n, out=st.position_ids)
-        st.cache_position.fill_(n)
         st.slot.fill_(nw)
         st.n_quant.fill_(nq)
         st.n_window.fill_(nw + 1)
@@ -287,8 +288,7 @@ def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: 
     if cache.get_seq_length() != 0:
         raise ValueError("generate: the cache must be empty (it is prefilled with the prompt)")
     B, n = input_ids.shape
-    params = inspect.signature(model.forward).parameters
-    kw = {"cache" if "cache" in params else "past_key_values": cache, "use_cache": True}
+    kw = {_cache_argument(model): cache, "use_cache": True}
     if attention_mask is not None:
         if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, n):
             got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) \

@@ -133,13 +133,13 @@ bool decode_pdl_enabled(int device_major);
 struct DecodePlan {
   int ng;      // query heads per block (1, 2, 4, 8)
   int nchunk;  // ceil(ratio / ng)
-  int Sq, Sw;  // quantised-region and window splits
-  int chunk_tokens, wchunk;
+  int Sq, Sw;  // quantised-region and window splits (each block's quantised tokens: split_range)
+  int wchunk;  // window tokens per window split
   size_t smem;  // dynamic shared memory of the split kernel
   int variant = 0;  // tensor-core kernel configuration (decode_mma_variant)
 };
 
-// The split fields of a plan (chunk_tokens, Sq, wchunk, Sw) once its nchunk is set, from the
+// The split fields of a plan (Sq, wchunk, Sw) once its nchunk is set, from the
 // kernel's resident blocks per SM: one full wave over the (batch, KV head, head chunk) pairs,
 // quantised tokens in tiles of `tile`, window tokens in tiles of `wtile` (headq/split_plan.h).
 inline void set_plan_splits(const DecodeParams& p, int sm_count, int blocks_per_sm, int tile,
@@ -147,7 +147,6 @@ inline void set_plan_splits(const DecodeParams& p, int sm_count, int blocks_per_
   const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl->nchunk;
   const int64_t resident = static_cast<int64_t>(sm_count) * std::max(blocks_per_sm, 1);
   const SplitPlan sp = plan_splits(p.Tq, p.W, pairs, resident, tile, wtile);
-  pl->chunk_tokens = sp.chunk_tokens;
   pl->Sq = sp.Sq;
   pl->wchunk = sp.wchunk;
   pl->Sw = sp.Sw;
@@ -169,7 +168,7 @@ cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan,
 // bits, optional side code with bz in {4, 8}, r <= 32 and 4-byte side-code rows, no heavy slots.
 bool decode_mma_supported(const DecodeParams& p);
 
-// Fills ng, nchunk, Sq, chunk_tokens (tensor-core kernel) and Sw, wchunk (window splits of the
+// Fills ng, nchunk, Sq (tensor-core kernel) and Sw, wchunk (window splits of the
 // SIMT kernel, whose own ng/nchunk/smem come from plan_decode_attention).
 // variant: a configuration index from decode_mma_variant (NT = 2 shapes always run variant 0).
 cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, DecodePlan* plan);
