@@ -3,16 +3,22 @@
     python benchmarks/bench_quant.py --out benchmarks/results/gpu_quant.json
 
 For a prefill-sized block (batch 8, 8 KV heads, head dim 128, fp16, many tokens) and a decode
-append (one complete key group of 64 tokens), times quantize_keys, side_code, quantize_values
-and the three together with CUDA events (warm-up, median over repetitions, 3 rotating input
-sets), and reports bytes moved (inputs read + outputs written, each once) over time against a
-device-to-device copy measured in the same run.
+append (one complete key group of 64 tokens), times quantize_keys, side_code, quantize_values,
+the three one after another (``append_all``, as the cache ran them until session 7) and the
+``quantize_kv`` op with each of its implementations forced (``quantize_kv_fused``: one kernel,
+k read once; ``quantize_kv_separate``: the three kernels in one op call) with CUDA events (warm-up, median over
+repetitions, 3 rotating input sets), and reports bytes over time against a device-to-device copy
+measured in the same run. ``bytes``: what the op moves (inputs read + outputs written, each
+once; for append_all the side code's second read of k and of the key codes counts).
+``min_bytes``: what any implementation of the append has to move (k and v read once, every
+output written once), the honest measure of "near bandwidth" for append_all and quantize_kv.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -47,7 +53,7 @@ def copy_bandwidth():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, nargs="+", default=[64, 4096, 32768])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[64, 256, 4096, 32768])
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
@@ -59,6 +65,7 @@ def main():
     B, H, D, r, G = a.batch, a.heads, a.dim, a.rank, 64
     basis = torch.linalg.qr(torch.randn(H, D, r, device="cuda"))[0].contiguous()
     cbw = copy_bandwidth()
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     rows = []
     for T in a.tokens:
         sets = [(torch.randn(B, H, T, D, device="cuda", dtype=torch.float16),
@@ -84,16 +91,34 @@ def main():
             hq.side_code(k, *c, basis, 2, G, 8, False)
             hq.quantize_values(v, 2, 64)
 
+        def fused(k, v):
+            hq.quantize_kv(k, v, basis, 2, G, 8, False, 2, 64)
+
         t = {name: timed(fn, sets) for name, fn in
              (("quantize_keys", keys), ("side_code", side), ("quantize_values", vals),
               ("append_all", all3))}
+        # quantize_kv with each implementation forced (HEADQ_KV_IMPL is read at every launch)
+        for impl in ("fused", "separate"):
+            os.environ["HEADQ_KV_IMPL"] = impl
+            try:
+                t[f"quantize_kv_{impl}"] = timed(fused, sets)
+            finally:
+                del os.environ["HEADQ_KV_IMPL"]
+        min_bytes = 2 * kin + kout + zout + vout
+        three = 2 * (kin + kout) + kin + zout + kin + vout
         by = {"quantize_keys": kin + kout, "side_code": kin + kout + zout,
-              "quantize_values": kin + vout, "append_all": 2 * (kin + kout) + kin + zout
-              + kin + vout}
-        row = dict(tokens=T, batch=B, kv_heads=H, head_dim=D)
+              "quantize_values": kin + vout, "append_all": three,
+              "quantize_kv_fused": min_bytes, "quantize_kv_separate": three}
+        # the op's own choice (csrc/cuda/quant_kernels.cu fused_kv): fused while its blocks fit
+        # in one wave (3 per SM)
+        default = "fused" if B * H * (T // G) <= 3 * sms else "separate"
+        row = dict(tokens=T, batch=B, kv_heads=H, head_dim=D, quantize_kv_default=default)
         for name in t:
             gbs = by[name] / t[name] / 1e6
             row[name] = dict(ms=t[name], bytes=by[name], gbs=gbs, fraction_of_copy=gbs / cbw)
+            if name in ("append_all", "quantize_kv_fused", "quantize_kv_separate"):
+                row[name].update(min_bytes=min_bytes,
+                                 min_bytes_fraction_of_copy=min_bytes / t[name] / 1e6 / cbw)
         rows.append(row)
         print(f"T={T:6d} " + "  ".join(f"{k} {v['ms'] * 1e3:8.1f} us {v['gbs']:6.0f} GB/s"
                                        for k, v in row.items() if isinstance(v, dict)))

@@ -32,6 +32,10 @@ TORCH_LIBRARY(headq, m) {
   m.def(
       "side_code(Tensor k, Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor basis, "
       "int key_bits, int group_size, int side_bits, bool center) -> (Tensor, Tensor)");
+  m.def(
+      "quantize_kv(Tensor k, Tensor v, Tensor basis, int key_bits, int group_size, "
+      "int side_bits, bool center, int value_bits, int value_group_size) -> (Tensor, Tensor, "
+      "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("dequantize_side(Tensor z_codes, Tensor z_scale, int side_bits) -> Tensor");
   m.def(
       "corrected_logits(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, "

@@ -147,6 +147,20 @@ bool check_side(const char* op, const std::optional<at::Tensor>& z_codes,
 }
 
 // Values of an int32 [B] length tensor: >= 0 and, when hi >= 0, <= hi (its capacity).
+// basis [H, D, r] float32 with 1 <= r <= D and whole bytes of side codes per token.
+void check_basis(const char* op, const at::Tensor& basis, int64_t H, int64_t D,
+                 int64_t side_bits) {
+  check_dims(op, "basis", basis, 3, "[heads, head_dim, r]");
+  check_dtype(op, "basis", basis, at::kFloat);
+  const int64_t r = basis.size(2);
+  TORCH_CHECK(basis.size(0) == H && basis.size(1) == D, op, ": basis must have shape [heads (",
+              H, "), head_dim (", D, "), r], got ", basis.sizes());
+  TORCH_CHECK(r >= 1 && r <= D, op, ": side-code rank r (", r, ") must be in [1, head_dim (", D,
+              ")]");
+  TORCH_CHECK((r * side_bits) % 8 == 0, op, ": r * side_bits (", r, " * ", side_bits,
+              ") must be a multiple of 8");
+}
+
 void check_lengths_cpu(const char* op, const char* name, const at::Tensor& t, int64_t hi) {
   if (!t.is_cpu()) return;  // CUDA kernels clamp instead (a check would need a sync)
   const at::Tensor c = t.contiguous();
@@ -248,18 +262,38 @@ void validate_side_code(const at::Tensor& k, const at::Tensor& k_codes, const at
   check_token_groups(op, T, group_size);
   check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
   check_key_codes(op, k_codes, k_scale, k_zero, B, H, T, D, key_bits, group_size);
-  check_dims(op, "basis", basis, 3, "[heads, head_dim, r]");
-  check_dtype(op, "basis", basis, at::kFloat);
-  const int64_t r = basis.size(2);
-  TORCH_CHECK(basis.size(0) == H && basis.size(1) == D, op, ": basis must have shape [heads (",
-              H, "), head_dim (", D, "), r], got ", basis.sizes());
-  TORCH_CHECK(r >= 1 && r <= D, op, ": side-code rank r (", r, ") must be in [1, head_dim (", D,
-              ")]");
-  TORCH_CHECK((r * side_bits) % 8 == 0, op, ": r * side_bits (", r, " * ", side_bits,
-              ") must be a multiple of 8");
+  check_basis(op, basis, H, D, side_bits);
   check_device(op, "k_codes", k_codes, "k", k);
   check_device(op, "k_scale", k_scale, "k", k);
   check_device(op, "k_zero", k_zero, "k", k);
+  check_device(op, "basis", basis, "k", k);
+}
+
+void validate_quantize_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& basis,
+                          int64_t key_bits, int64_t group_size, int64_t side_bits, bool center,
+                          int64_t value_bits, int64_t value_group_size) {
+  (void)center;
+  const char* op = "quantize_kv";
+  check_dims(op, "k", k, 4, "[batch, heads, tokens, head_dim]");
+  check_float(op, "k", k);
+  check_not_empty(op, "k", k);
+  check_dims(op, "v", v, 4, "[batch, heads, tokens, head_dim]");
+  TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k ", k.sizes(), ", got ",
+              v.sizes());
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), op, ": v must have the dtype of k (",
+              k.scalar_type(), "), got ", v.scalar_type());
+  check_device(op, "v", v, "k", k);
+  check_bits(op, "key_bits", key_bits);
+  check_group(op, "group_size", group_size);
+  check_side_bits(op, side_bits);
+  check_bits(op, "value_bits", value_bits);
+  check_group(op, "value_group_size", value_group_size);
+  const int64_t H = k.size(1), T = k.size(2), D = k.size(3);
+  check_head_dim(op, D);
+  check_token_groups(op, T, group_size);
+  TORCH_CHECK(D % value_group_size == 0, op, ": head_dim (", D,
+              ") must be a multiple of value_group_size (", value_group_size, ")");
+  check_basis(op, basis, H, D, side_bits);
   check_device(op, "basis", basis, "k", k);
 }
 

@@ -39,6 +39,14 @@ void validate_side_code(const at::Tensor& k,        // [B, H, T, D]
                         const at::Tensor& basis,    // [H, D, r] float32
                         int64_t key_bits, int64_t group_size, int64_t side_bits, bool center);
 
+// quantize_kv = quantize_keys(k) + side_code(k, its codes, basis) + quantize_values(v) in one
+// call; v has k's shape, dtype and device.
+void validate_quantize_kv(const at::Tensor& k,      // [B, H, T, D]
+                          const at::Tensor& v,      // [B, H, T, D]
+                          const at::Tensor& basis,  // [H, D, r] float32
+                          int64_t key_bits, int64_t group_size, int64_t side_bits, bool center,
+                          int64_t value_bits, int64_t value_group_size);
+
 void validate_dequantize_side(const at::Tensor& z_codes,  // [B, H, T, r*side_bits/8] uint8
                               const at::Tensor& z_scale,  // [B, H, T] float16
                               int64_t side_bits);

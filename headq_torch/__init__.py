@@ -12,6 +12,7 @@ from .ops import (
     dequantize_side,
     dequantize_values,
     quantize_keys,
+    quantize_kv,
     quantize_values,
     side_code,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "quantize_values",
     "dequantize_values",
     "side_code",
+    "quantize_kv",
     "dequantize_side",
     "corrected_logits",
     "decode_attention",

@@ -22,6 +22,7 @@ __all__ = [
     "quantize_values",
     "dequantize_values",
     "side_code",
+    "quantize_kv",
     "dequantize_side",
     "corrected_logits",
     "decode_attention",
@@ -104,6 +105,25 @@ def side_code(k: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, basis
     _same_device("side_code", k=k, k_codes=k_codes, k_scale=k_scale, k_zero=k_zero, basis=basis)
     return _ops.side_code(k, k_codes, k_scale, k_zero, basis, key_bits, group_size, side_bits,
                           center)
+
+
+def quantize_kv(k: Tensor, v: Tensor, basis: Tensor, key_bits: int, group_size: int,
+                side_bits: int = 8, center: bool = False, value_bits: int = 2,
+                value_group_size: int = 64) -> tuple[Tensor, ...]:
+    """:func:`quantize_keys` + :func:`side_code` + :func:`quantize_values` in one call.
+
+    The results are those of the three ops, bit for bit. On CUDA, when all its blocks fit on the
+    GPU at once (a decode append, a short prompt; fp16/bf16 inputs of the usual shapes), one
+    kernel computes them, reading ``k`` once: one launch instead of three. Larger inputs run the
+    three kernels, which are faster there (the work is bound by instruction issue, not memory;
+    ``HEADQ_KV_IMPL=fused|separate`` forces either). ``v`` has ``k``'s shape, dtype and device.
+
+    Returns:
+        ``(k_codes, k_scale, k_zero, z_codes, z_scale, v_codes, v_scale, v_zero)``.
+    """
+    _same_device("quantize_kv", k=k, v=v, basis=basis)
+    return _ops.quantize_kv(k, v, basis, key_bits, group_size, side_bits, center, value_bits,
+                            value_group_size)
 
 
 def dequantize_side(z_codes: Tensor, z_scale: Tensor, side_bits: int = 8) -> Tensor:
@@ -237,6 +257,17 @@ def _side_code_fake(k, k_codes, k_scale, k_zero, basis, key_bits, group_size, si
     z_codes = k.new_empty((B, H, T, r * side_bits // 8), dtype=torch.uint8)
     z_scale = k.new_empty((B, H, T), dtype=torch.float16)
     return z_codes, z_scale
+
+
+@torch.library.register_fake("headq::quantize_kv")
+def _quantize_kv_fake(k, v, basis, key_bits, group_size, side_bits, center, value_bits,
+                      value_group_size):
+    _check(tuple(v.shape) == tuple(k.shape),
+           f"quantize_kv: v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    kc, ks, kz = _quantize_keys_fake(k, key_bits, group_size)
+    zc, zs = _side_code_fake(k, kc, ks, kz, basis, key_bits, group_size, side_bits, center)
+    vc, vs, vz = _quantize_values_fake(v, value_bits, value_group_size)
+    return kc, ks, kz, zc, zs, vc, vs, vz
 
 
 @torch.library.register_fake("headq::dequantize_side")

@@ -159,6 +159,46 @@ def test_side_code_bit_exact(device, side_bits, rank, center):
                                rtol=0, atol=0)
 
 
+KV_CASES = [  # key_bits, value_bits, side_bits, G, Gv, D, r, center, noncontig
+    (2, 2, 8, 64, 64, 128, 8, False, False),  # the default format (the fused CUDA kernel)
+    (4, 8, 4, 32, 32, 64, 4, False, True),
+    (3, 4, 8, 64, 128, 128, 16, True, False),
+    (8, 3, 8, 128, 64, 128, 12, False, True),  # 512 threads: three kernels on CUDA
+    (2, 2, 8, 32, 64, 64, 8, True, True),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+@pytest.mark.parametrize("case", KV_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_quantize_kv_is_the_three_ops(device, dtype, case):
+    """quantize_kv returns exactly quantize_keys + side_code + quantize_values, and for float32
+    input the reference's codes."""
+    kb, vb, zb, G, Gv, D, r, center, noncontig = case
+    H = 3
+    k = make((2, H, 2 * G, D), device, dtype, seed=kb + 10 * vb, noncontig=noncontig)
+    v = make((2, H, 2 * G, D), device, dtype, seed=kb + 10 * vb + 1, noncontig=noncontig)
+    basis = orthonormal_basis(H, D, r, device)
+    got = ops.quantize_kv(k, v, basis, kb, G, zb, center, vb, Gv)
+    kc = ops.quantize_keys(k, kb, G)
+    want = (*kc, *ops.side_code(k, *kc, basis, kb, G, zb, center),
+            *ops.quantize_values(v, vb, Gv))
+    assert len(got) == 8
+    for name, a, b in zip(("k_codes", "k_scale", "k_zero", "z_codes", "z_scale", "v_codes",
+                           "v_scale", "v_zero"), got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.uint8 else a.view(torch.int16),
+                           b.view(torch.uint8) if b.dtype == torch.uint8 else b.view(torch.int16)
+                           ), f"{name} differs from the separate op"
+    if dtype == torch.float32:
+        kr = ref.quantize_keys(k.cpu(), kb, G)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got[:3], kr))
+        zr = ref.side_code(k.cpu(), *kr, basis.cpu(), kb, G, zb, center)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got[3:5], zr))
+        vr = ref.quantize_values(v.cpu(), vb, Gv)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got[5:], vr))
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 def test_side_code_bound_and_projection(device):
     """The dequantised side code is the projected residual within half a side-code step."""

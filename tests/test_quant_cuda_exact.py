@@ -152,3 +152,33 @@ def test_side_code_cuda_exact_layouts(impl, dtype, kind, monkeypatch):
             got = ops.side_code(k.cuda(), *(t.cuda() for t in kc), basis.cuda(), kbits, G,
                                 side_bits, False)
             _same(got, want, f"side code {impl} {kind} D{D} r{r} G{G} T{T}")
+
+
+@pytest.mark.parametrize("impl", ["fused", "separate"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
+                         ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("kind", ["plain", "halfway", "zeros", "nan", "constant", "tiny", "huge"])
+def test_quantize_kv_cuda_exact(impl, dtype, kind, monkeypatch):
+    """quantize_kv on CUDA (HEADQ_KV_IMPL=fused: the fused kernel wherever its shape rules allow,
+    fp32 and 512-thread shapes still take the three kernels; separate: the three kernels) against
+    the CPU op (= the three CPU kernels): every bit width, strided inputs, centring, value groups
+    of 1, 2 and 4 lanes."""
+    monkeypatch.setenv("HEADQ_KV_IMPL", impl)
+    cases = ((2, 2, 8, 64, 64, 128, 8, False, False), (3, 8, 4, 32, 32, 64, 8, True, True),
+             (4, 3, 8, 64, 128, 128, 16, False, True), (8, 4, 8, 32, 64, 64, 12, False, False),
+             (2, 4, 4, 32, 32, 64, 4, True, False), (2, 2, 8, 128, 64, 128, 8, False, False))
+    for kb, vb, zb, G, Gv, D, r, center, noncontig in cases:
+        seed = _seed(kind, kb, vb, G, D, r)
+        shape = (2, 2 * G, 3, D) if noncontig else (2, 3, 2 * G, D)
+        k = _adversarial(shape, dtype, seed, kind)
+        v = _adversarial(shape, dtype, seed + 1, kind)
+        if noncontig:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        g = torch.Generator().manual_seed(seed)
+        basis = torch.linalg.qr(torch.randn(3, D, r, generator=g, dtype=torch.float64))[0].float()
+        want = ops.quantize_kv(k, v, basis, kb, G, zb, center, vb, Gv)
+        got = ops.quantize_kv(k.cuda(), v.cuda(), basis.cuda(), kb, G, zb, center, vb, Gv)
+        what = f"quantize_kv {impl} {kind} kb{kb} vb{vb} G{G} Gv{Gv} D{D} r{r}"
+        _same(got[:3], want[:3], what + " keys")
+        _same(got[3:5], want[3:5], what + " side code")
+        _same(got[5:], want[5:], what + " values")

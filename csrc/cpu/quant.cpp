@@ -189,10 +189,26 @@ at::Tensor dequantize_side_cpu(const at::Tensor& z_codes_in,  // [B, H, T, r*sid
   return out;
 }
 
+// The three quantisers in one call; on the CPU exactly their composition (the CUDA op fuses
+// them into one kernel that reads k once, with the same results bit for bit).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+quantize_kv_cpu(const at::Tensor& k, const at::Tensor& v, const at::Tensor& basis,
+                int64_t key_bits, int64_t group_size, int64_t side_bits, bool center,
+                int64_t value_bits, int64_t value_group_size) {
+  validate_quantize_kv(k, v, basis, key_bits, group_size, side_bits, center, value_bits,
+                       value_group_size);
+  auto [kc, ks, kz] = quantize_keys_cpu(k, key_bits, group_size);
+  auto [zc, zs] = side_code_cpu(k, kc, ks, kz, basis, key_bits, group_size, side_bits, center);
+  auto [vc, vs, vz] = quantize_values_cpu(v, value_bits, value_group_size);
+  return {kc, ks, kz, zc, zs, vc, vs, vz};
+}
+
 }  // namespace
 }  // namespace headq
 
 TORCH_LIBRARY_IMPL(headq, CPU, m) {
+  m.impl("quantize_kv", &headq::quantize_kv_cpu);
   m.impl("quantize_keys", &headq::quantize_keys_cpu);
   m.impl("dequantize_keys", &headq::dequantize_keys_cpu);
   m.impl("quantize_values", &headq::quantize_values_cpu);

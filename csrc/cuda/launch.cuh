@@ -62,6 +62,19 @@ cudaError_t launch_side_code(const void* k,  // [B, H, T, D] dtype, strides in e
                              void* z_scale,     // [B, H, T] f16
                              cudaStream_t stream);
 
+// quantize_keys + side_code + quantize_values of the same tokens: one fused kernel (k read
+// once) for 16-bit inputs of the usual shapes when its blocks fit in one wave on sm_count SMs,
+// else the three launchers above in turn. ks / vs: the element strides (b, h, t, d) of k and v.
+// Outputs as those of the three ops.
+cudaError_t launch_quantize_kv(const void* k, const void* v,  // [B, H, T, D] dtype
+                               DType dtype, const int64_t* ks, const int64_t* vs,
+                               const float* basis,  // [H, D, r]
+                               int64_t B, int64_t H, int64_t T, int64_t D, int64_t r,
+                               int key_bits, int G, int side_bits, bool center, int value_bits,
+                               int Gv, uint8_t* k_codes, void* k_scale, void* k_zero,
+                               uint8_t* z_codes, void* z_scale, uint8_t* v_codes, void* v_scale,
+                               void* v_zero, int sm_count, cudaStream_t stream);
+
 cudaError_t launch_dequantize_side(const uint8_t* z_codes,  // [rows, r*side_bits/8]
                                    const void* z_scale,     // [rows] f16
                                    int64_t rows, int64_t r, int side_bits,

@@ -175,6 +175,43 @@ std::tuple<at::Tensor, at::Tensor> side_code_cuda(
   return {z_codes, z_scale};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
+quantize_kv_cuda(const at::Tensor& k,         // [B, H, T, D] any strides
+                 const at::Tensor& v,         // [B, H, T, D] any strides, k's dtype
+                 const at::Tensor& basis_in,  // [H, D, r] f32
+                 int64_t key_bits, int64_t group_size, int64_t side_bits, bool center,
+                 int64_t value_bits, int64_t value_group_size) {
+  validate_quantize_kv(k, v, basis_in, key_bits, group_size, side_bits, center, value_bits,
+                       value_group_size);
+  const c10::cuda::CUDAGuard guard(k.device());
+  const at::Tensor basis = basis_in.contiguous();
+  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
+  const int64_t G = group_size, Gv = value_group_size, r = basis.size(2);
+  const auto u8 = k.options().dtype(at::kByte), f16 = k.options().dtype(at::kHalf);
+  at::Tensor kc = at::empty({B, H, T, D * key_bits / 8}, u8);
+  at::Tensor ks = at::empty({B, H, T / G, D}, f16);
+  at::Tensor kz = at::empty({B, H, T / G, D}, f16);
+  at::Tensor zc = at::empty({B, H, T, r * side_bits / 8}, u8);
+  at::Tensor zs = at::empty({B, H, T}, f16);
+  at::Tensor vc = at::empty({B, H, T, D * value_bits / 8}, u8);
+  at::Tensor vs = at::empty({B, H, T, D / Gv}, f16);
+  at::Tensor vz = at::empty({B, H, T, D / Gv}, f16);
+  const int64_t kst[4] = {k.stride(0), k.stride(1), k.stride(2), k.stride(3)};
+  const int64_t vst[4] = {v.stride(0), v.stride(1), v.stride(2), v.stride(3)};
+  const cudaError_t err = cuda::launch_quantize_kv(
+      k.data_ptr(), v.data_ptr(), dtype_of(k.scalar_type(), "quantize_kv"), kst, vst,
+      basis.const_data_ptr<float>(), B, H, T, D, r, static_cast<int>(key_bits),
+      static_cast<int>(G), static_cast<int>(side_bits), center, static_cast<int>(value_bits),
+      static_cast<int>(Gv), kc.data_ptr<uint8_t>(), ks.data_ptr(), kz.data_ptr(),
+      zc.data_ptr<uint8_t>(), zs.data_ptr(), vc.data_ptr<uint8_t>(), vs.data_ptr(), vz.data_ptr(),
+      at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+      at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {kc, ks, kz, zc, zs, vc, vs, vz};
+}
+
 at::Tensor dequantize_side_cuda(const at::Tensor& z_codes_in,  // [B, H, T, r*side_bits/8] uint8
                                 const at::Tensor& z_scale_in,  // [B, H, T] f16
                                 int64_t side_bits) {
@@ -400,6 +437,7 @@ TORCH_LIBRARY_IMPL(headq, CUDA, m) {
   m.impl("quantize_values", &headq::quantize_values_cuda);
   m.impl("dequantize_values", &headq::dequantize_values_cuda);
   m.impl("side_code", &headq::side_code_cuda);
+  m.impl("quantize_kv", &headq::quantize_kv_cuda);
   m.impl("dequantize_side", &headq::dequantize_side_cuda);
   m.impl("corrected_logits", &headq::corrected_logits_cuda);
   m.impl("decode_attention", &headq::decode_attention_cuda);

@@ -274,14 +274,14 @@ constexpr int kValChunks = 4;  // chunks per thread
 
 template <typename E, int BITS>
 __device__ __forceinline__ void quantize_values_body(const Raw8<E> (&f)[kValChunks], float mn,
-                                                     float mx, bool valid, int lanes,
+                                                     float mx, bool valid, int lanes, int xthr,
                                                      uint8_t* __restrict__ out,
                                                      __half* __restrict__ scale,
                                                      __half* __restrict__ zero, int64_t si) {
   const AsymParams pr = asym_params(mn, mx, BITS);
   const float rs = quant_rcp(pr.scale);
   if (!valid) return;
-  if ((threadIdx.x & (lanes - 1)) == 0) {
+  if ((xthr & (lanes - 1)) == 0) {
     scale[si] = __ushort_as_half(pr.scale_bits);
     zero[si] = __ushort_as_half(pr.zero_bits);
   }
@@ -316,29 +316,12 @@ __device__ __forceinline__ void quantize_values_body(const Raw8<E> (&f)[kValChun
   }
 }
 
+// Min and max of a value group (lanes consecutive lanes, kValChunks chunks each): value-only
+// (any order), then the exact fallback where it may differ (see the header). Every lane of the
+// warp takes part in the shuffles.
 template <typename E>
-__global__ void __launch_bounds__(256)
-quantize_values_fast(const E* __restrict__ v, int64_t sb, int64_t sh, int64_t st, int64_t sd,
-                     int T, int D, int bits, int Gv, bool vec, uint8_t* __restrict__ codes,
-                     __half* __restrict__ scale, __half* __restrict__ zero) {
-  const int lane = (threadIdx.y * blockDim.x + threadIdx.x) & 31;
-  const int lanes = Gv / 32;  // threads per value group (1, 2 or 4)
-  const int t = blockIdx.x * blockDim.y + threadIdx.y;
-  const bool valid = t < T;
-  const int h = blockIdx.y, b = blockIdx.z;
-  Raw8<E> f[kValChunks];
-  if (valid) {
-    const E* p = v + b * sb + h * sh + static_cast<int64_t>(t) * st +
-                 static_cast<int64_t>(threadIdx.x) * (kValChunks * kChunk) * sd;
-#pragma unroll
-    for (int u = 0; u < kValChunks; ++u) load_raw<E>(p + u * kChunk * sd, sd, vec, f[u]);
-  } else {
-    const E one = from_float<E>(1.0f);
-#pragma unroll
-    for (int u = 0; u < kValChunks; ++u) load_raw<E>(&one, 0, false, f[u]);
-  }
-  // Value-only min/max (any order), then the exact fallback where it may differ.
-  float mn, mx;
+__device__ __forceinline__ void value_minmax(const Raw8<E> (&f)[kValChunks], int lanes, int lane,
+                                             float& mn, float& mx) {
   {
     MinMax8<E> m;
     m.init(f[0]);
@@ -392,132 +375,41 @@ quantize_values_fast(const E* __restrict__ v, int64_t sb, int64_t sh, int64_t st
     mn = __shfl_sync(0xffffffffu, mn, leader);
     mx = __shfl_sync(0xffffffffu, mx, leader);
   }
+}
+
+template <typename E>
+__global__ void __launch_bounds__(256)
+quantize_values_fast(const E* __restrict__ v, int64_t sb, int64_t sh, int64_t st, int64_t sd,
+                     int T, int D, int bits, int Gv, bool vec, uint8_t* __restrict__ codes,
+                     __half* __restrict__ scale, __half* __restrict__ zero) {
+  const int lane = (threadIdx.y * blockDim.x + threadIdx.x) & 31;
+  const int lanes = Gv / 32;  // threads per value group (1, 2 or 4)
+  const int t = blockIdx.x * blockDim.y + threadIdx.y;
+  const bool valid = t < T;
+  const int h = blockIdx.y, b = blockIdx.z;
+  Raw8<E> f[kValChunks];
+  if (valid) {
+    const E* p = v + b * sb + h * sh + static_cast<int64_t>(t) * st +
+                 static_cast<int64_t>(threadIdx.x) * (kValChunks * kChunk) * sd;
+#pragma unroll
+    for (int u = 0; u < kValChunks; ++u) load_raw<E>(p + u * kChunk * sd, sd, vec, f[u]);
+  } else {
+    const E one = from_float<E>(1.0f);
+#pragma unroll
+    for (int u = 0; u < kValChunks; ++u) load_raw<E>(&one, 0, false, f[u]);
+  }
+  float mn, mx;
+  value_minmax<E>(f, lanes, lane, mn, mx);
   const int64_t row = (static_cast<int64_t>(b) * gridDim.y + h) * T + t;
   const int ngv = D / Gv;
   const int64_t si = row * ngv + (threadIdx.x >> (__ffs(lanes) - 1));  // lanes: power of 2
   uint8_t* out = codes + row * (static_cast<int64_t>(D) * bits / 8) +
                  static_cast<int64_t>(threadIdx.x) * (kValChunks * bits);
   dispatch_bits(bits, [&](auto bc) {
-    quantize_values_body<E, decltype(bc)::value>(f, mn, mx, valid, lanes, out, scale, zero, si);
+    quantize_values_body<E, decltype(bc)::value>(f, mn, mx, valid, lanes, threadIdx.x, out, scale,
+                                                 zero, si);
   });
 }
-
-// ---------------------------------------------------------------------------------------------
-// quantize_keys: grid (T/G, H, B), block (D/8, G/4). Thread (q, s) loads tokens [4s, 4s+4) of
-// the group, chunk q (all loads in flight), reduces them value-only and writes the partial to
-// shared memory; thread c merges the G/4 partials of channel c (value-only) and, only when that
-// result is NaN or +-0, re-reduces channel c exactly in ascending t from global memory. Then
-// every thread quantises and packs its register tile (BITS bytes per token).
-constexpr int kKeyTok = 4;  // tokens per thread
-
-template <typename E, int BITS>
-__device__ __forceinline__ void quantize_keys_codes(const Raw8<E> (&f)[kKeyTok],
-                                                    const float* s_s, const float* z_s,
-                                                    const float* rs_s, uint8_t* out,
-                                                    int64_t rowb) {
-  const int c0 = threadIdx.x * kChunk;
-  float zz[8], rr[8];
-  {
-    const float4 z0 = *reinterpret_cast<const float4*>(z_s + c0);
-    const float4 z1 = *reinterpret_cast<const float4*>(z_s + c0 + 4);
-    const float4 r0 = *reinterpret_cast<const float4*>(rs_s + c0);
-    const float4 r1 = *reinterpret_cast<const float4*>(rs_s + c0 + 4);
-    zz[0] = z0.x; zz[1] = z0.y; zz[2] = z0.z; zz[3] = z0.w;
-    zz[4] = z1.x; zz[5] = z1.y; zz[6] = z1.z; zz[7] = z1.w;
-    rr[0] = r0.x; rr[1] = r0.y; rr[2] = r0.z; rr[3] = r0.w;
-    rr[4] = r1.x; rr[5] = r1.y; rr[6] = r1.z; rr[7] = r1.w;
-  }
-#pragma unroll
-  for (int t = 0; t < kKeyTok; ++t) {
-    float x[8];
-    raw_to_float<E>(f[t], x);
-    store_packed<BITS>(out + t * rowb, code8<BITS, false>(x, zz, rr, s_s + c0));
-  }
-}
-
-template <typename E>
-__global__ void __launch_bounds__(512)
-quantize_keys_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd,
-                   int T, int D, int bits, int G, bool vec, uint8_t* __restrict__ codes,
-                   __half* __restrict__ scale, __half* __restrict__ zero) {
-  extern __shared__ float qkf_smem[];
-  const int nq = blockDim.x;  // D / 8
-  const int S = blockDim.y;   // G / 4
-  float* pmn = qkf_smem;      // [S, D]
-  float* pmx = pmn + S * D;   // [S, D]
-  float* s_s = pmx + S * D;   // [D]
-  float* z_s = s_s + D;       // [D]
-  float* rs_s = z_s + D;      // [D]
-  const int q = threadIdx.x, s = threadIdx.y;
-  const int tid = s * nq + q;
-  const int g = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t bh = static_cast<int64_t>(b) * gridDim.y + h;
-  const E* kg = k + b * sb + h * sh + static_cast<int64_t>(g) * G * st;  // [G, D] of the group
-  const int t0 = s * kKeyTok;  // first token of this thread within the group
-  const E* kp = kg + static_cast<int64_t>(t0) * st + static_cast<int64_t>(q) * kChunk * sd;
-
-  Raw8<E> f[kKeyTok];
-#pragma unroll
-  for (int t = 0; t < kKeyTok; ++t) load_raw<E>(kp + t * st, sd, vec, f[t]);
-
-  {
-    MinMax8<E> m;
-    m.init(f[0]);
-#pragma unroll
-    for (int t = 1; t < kKeyTok; ++t) m.fold(f[t]);
-    float mn[8], mx[8];
-    m.get(mn, mx);
-    float4* pm = reinterpret_cast<float4*>(pmn + s * D + q * kChunk);
-    float4* px = reinterpret_cast<float4*>(pmx + s * D + q * kChunk);
-    pm[0] = make_float4(mn[0], mn[1], mn[2], mn[3]);
-    pm[1] = make_float4(mn[4], mn[5], mn[6], mn[7]);
-    px[0] = make_float4(mx[0], mx[1], mx[2], mx[3]);
-    px[1] = make_float4(mx[4], mx[5], mx[6], mx[7]);
-  }
-  __syncthreads();
-
-  const int ngroups = gridDim.x;
-  const int64_t sg = bh * ngroups + g;  // scale/zero row
-  for (int c = tid; c < D; c += nq * S) {
-    float a = pmn[c], z = pmx[c];
-    for (int j = 1; j < S; ++j) {
-      a = min_nanprop(a, pmn[j * D + c]);
-      z = max_nanprop(z, pmx[j * D + c]);
-    }
-    if (!(extremum_is_exact(a) && extremum_is_exact(z))) {
-      // Exact sequential reduction of channel c over the group (the CPU loop's order).
-      channel_minmax_exact(kg + static_cast<int64_t>(c) * sd, st, G, a, z);
-    }
-    const AsymParams pr = asym_params(a, z, bits);
-    scale[sg * D + c] = __ushort_as_half(pr.scale_bits);
-    zero[sg * D + c] = __ushort_as_half(pr.zero_bits);
-    s_s[c] = pr.scale;
-    z_s[c] = pr.zero;
-    rs_s[c] = quant_rcp(pr.scale);
-  }
-  __syncthreads();
-
-  const int64_t rowb = static_cast<int64_t>(nq) * bits;
-  uint8_t* out = codes + (bh * T + static_cast<int64_t>(g) * G + t0) * rowb +
-                 static_cast<int64_t>(q) * bits;
-  dispatch_bits(bits, [&](auto bc) {
-    quantize_keys_codes<E, decltype(bc)::value>(f, s_s, z_s, rs_s, out, rowb);
-  });
-}
-
-// ---------------------------------------------------------------------------------------------
-// side_code: grid (T/G, H, B), kSideThreads threads, one block per key group.
-//  Phase 0: stored scale/zero of the group as float32, basis of the head transposed to
-//           [R4/4][D][4] (4 columns of one channel contiguous: float4 broadcasts in phase 2).
-//  Phase 1: residual e = x - (code*s + z) of all G tokens into shared memory (8-channel chunks,
-//           4 chunks' loads in flight per thread, (t, q) stepped without division).
-//  Optional centring (thread c: sequential ascending-t sum, then subtract).
-//  Phase 2: thread (t, 4 columns j) accumulates 4 independent projections over ascending c
-//           (the contract's order, separately rounded), e read as float4 (row stride D+4:
-//           conflict-free), the basis as float4 broadcasts.
-//  Phase 3: per token the scale (sequential j) and the packed offset-binary codes.
-constexpr int kSideThreads = 128;
-constexpr int kSideBatch = 4;
 
 // e[i] = x[i] - asym_dequant(code_i, s[i], z[i]) for the 8 codes of a packed chunk word.
 // float(code) exactly: the float with bits 0x4B000000 | code is 2^23 + code (code < 2^8), so
@@ -553,6 +445,149 @@ __device__ __forceinline__ void store8_smem(float* p, const float (&v)[8]) {
   reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
   reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
+
+// ---------------------------------------------------------------------------------------------
+// quantize_keys: grid (T/G, H, B), block (D/8, G/4). Thread (q, s) loads tokens [4s, 4s+4) of
+// the group, chunk q (all loads in flight), reduces them value-only and writes the partial to
+// shared memory; thread c merges the G/4 partials of channel c (value-only) and, only when that
+// result is NaN or +-0, re-reduces channel c exactly in ascending t from global memory. Then
+// every thread quantises and packs its register tile (BITS bytes per token).
+constexpr int kKeyTok = 4;  // tokens per thread
+
+// RESID (quantize_kv): also the residuals e = x - (code*s + z) of the kKeyTok tokens, as
+// residual8 forms them from the stored codes, into the rows e, e + ES, ... of shared memory.
+template <typename E, int BITS, bool RESID = false>
+__device__ __forceinline__ void quantize_keys_codes(const Raw8<E> (&f)[kKeyTok], int q,
+                                                    const float* s_s, const float* z_s,
+                                                    const float* rs_s, uint8_t* out,
+                                                    int64_t rowb, float* e = nullptr,
+                                                    int ES = 0) {
+  const int c0 = q * kChunk;
+  float zz[8], rr[8];
+  {
+    const float4 z0 = *reinterpret_cast<const float4*>(z_s + c0);
+    const float4 z1 = *reinterpret_cast<const float4*>(z_s + c0 + 4);
+    const float4 r0 = *reinterpret_cast<const float4*>(rs_s + c0);
+    const float4 r1 = *reinterpret_cast<const float4*>(rs_s + c0 + 4);
+    zz[0] = z0.x; zz[1] = z0.y; zz[2] = z0.z; zz[3] = z0.w;
+    zz[4] = z1.x; zz[5] = z1.y; zz[6] = z1.z; zz[7] = z1.w;
+    rr[0] = r0.x; rr[1] = r0.y; rr[2] = r0.z; rr[3] = r0.w;
+    rr[4] = r1.x; rr[5] = r1.y; rr[6] = r1.z; rr[7] = r1.w;
+  }
+  float ss[8];
+  if constexpr (RESID) load8_smem(s_s + c0, ss);
+#pragma unroll
+  for (int t = 0; t < kKeyTok; ++t) {
+    float x[8];
+    raw_to_float<E>(f[t], x);
+    const uint64_t w = code8<BITS, false>(x, zz, rr, s_s + c0);
+    store_packed<BITS>(out + t * rowb, w);
+    if constexpr (RESID) {
+      float ev[8];
+      residual8<BITS>(x, w, ss, zz, ev);
+      store8_smem(e + t * ES + c0, ev);
+    }
+  }
+}
+
+// Keys, step 1: the value-only min / max of one thread's 8 channels over its kKeyTok tokens,
+// stored as float4 pairs at pm / px (row s of the [G/kKeyTok, D] partials, chunk q).
+template <typename E>
+__device__ __forceinline__ void key_partials(const Raw8<E> (&f)[kKeyTok], float* pm, float* px) {
+  MinMax8<E> m;
+  m.init(f[0]);
+#pragma unroll
+  for (int t = 1; t < kKeyTok; ++t) m.fold(f[t]);
+  float mn[8], mx[8];
+  m.get(mn, mx);
+  reinterpret_cast<float4*>(pm)[0] = make_float4(mn[0], mn[1], mn[2], mn[3]);
+  reinterpret_cast<float4*>(pm)[1] = make_float4(mn[4], mn[5], mn[6], mn[7]);
+  reinterpret_cast<float4*>(px)[0] = make_float4(mx[0], mx[1], mx[2], mx[3]);
+  reinterpret_cast<float4*>(px)[1] = make_float4(mx[4], mx[5], mx[6], mx[7]);
+}
+
+// Keys, step 2 (after a block barrier): thread c (of nthreads) merges the S partials of channel
+// c value-only and, only when that result is NaN or +-0, re-reduces the channel exactly in
+// ascending t from global memory (kg: the group's first token); then the channel's stored
+// scale / zero (sc, zc: the group's row) and their float32 values and reciprocal scale in
+// shared memory.
+template <typename E>
+__device__ __forceinline__ void key_params(const E* __restrict__ kg, int64_t st, int64_t sd,
+                                           int G, int D, int S, const float* pmn,
+                                           const float* pmx, int tid, int nthreads, int bits,
+                                           __half* __restrict__ sc, __half* __restrict__ zc,
+                                           float* s_s, float* z_s, float* rs_s) {
+  for (int c = tid; c < D; c += nthreads) {
+    float a = pmn[c], z = pmx[c];
+    for (int j = 1; j < S; ++j) {
+      a = min_nanprop(a, pmn[j * D + c]);
+      z = max_nanprop(z, pmx[j * D + c]);
+    }
+    if (!(extremum_is_exact(a) && extremum_is_exact(z))) {
+      // Exact sequential reduction of channel c over the group (the CPU loop's order).
+      channel_minmax_exact(kg + static_cast<int64_t>(c) * sd, st, G, a, z);
+    }
+    const AsymParams pr = asym_params(a, z, bits);
+    sc[c] = __ushort_as_half(pr.scale_bits);
+    zc[c] = __ushort_as_half(pr.zero_bits);
+    s_s[c] = pr.scale;
+    z_s[c] = pr.zero;
+    rs_s[c] = quant_rcp(pr.scale);
+  }
+}
+
+template <typename E>
+__global__ void __launch_bounds__(512)
+quantize_keys_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd,
+                   int T, int D, int bits, int G, bool vec, uint8_t* __restrict__ codes,
+                   __half* __restrict__ scale, __half* __restrict__ zero) {
+  extern __shared__ float qkf_smem[];
+  const int nq = blockDim.x;  // D / 8
+  const int S = blockDim.y;   // G / 4
+  float* pmn = qkf_smem;      // [S, D]
+  float* pmx = pmn + S * D;   // [S, D]
+  float* s_s = pmx + S * D;   // [D]
+  float* z_s = s_s + D;       // [D]
+  float* rs_s = z_s + D;      // [D]
+  const int q = threadIdx.x, s = threadIdx.y;
+  const int tid = s * nq + q;
+  const int g = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t bh = static_cast<int64_t>(b) * gridDim.y + h;
+  const E* kg = k + b * sb + h * sh + static_cast<int64_t>(g) * G * st;  // [G, D] of the group
+  const int t0 = s * kKeyTok;  // first token of this thread within the group
+  const E* kp = kg + static_cast<int64_t>(t0) * st + static_cast<int64_t>(q) * kChunk * sd;
+
+  Raw8<E> f[kKeyTok];
+#pragma unroll
+  for (int t = 0; t < kKeyTok; ++t) load_raw<E>(kp + t * st, sd, vec, f[t]);
+
+  key_partials<E>(f, pmn + s * D + q * kChunk, pmx + s * D + q * kChunk);
+  __syncthreads();
+  key_params<E>(kg, st, sd, G, D, S, pmn, pmx, tid, nq * S, bits,
+                scale + (bh * gridDim.x + g) * D, zero + (bh * gridDim.x + g) * D, s_s, z_s, rs_s);
+  __syncthreads();
+
+  const int64_t rowb = static_cast<int64_t>(nq) * bits;
+  uint8_t* out = codes + (bh * T + static_cast<int64_t>(g) * G + t0) * rowb +
+                 static_cast<int64_t>(q) * bits;
+  dispatch_bits(bits, [&](auto bc) {
+    quantize_keys_codes<E, decltype(bc)::value>(f, q, s_s, z_s, rs_s, out, rowb);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// side_code: grid (T/G, H, B), kSideThreads threads, one block per key group.
+//  Phase 0: stored scale/zero of the group as float32, basis of the head transposed to
+//           [R4/4][D][4] (4 columns of one channel contiguous: float4 broadcasts in phase 2).
+//  Phase 1: residual e = x - (code*s + z) of all G tokens into shared memory (8-channel chunks,
+//           4 chunks' loads in flight per thread, (t, q) stepped without division).
+//  Optional centring (thread c: sequential ascending-t sum, then subtract).
+//  Phase 2: thread (t, 4 columns j) accumulates 4 independent projections over ascending c
+//           (the contract's order, separately rounded), e read as float4 (row stride D+4:
+//           conflict-free), the basis as float4 broadcasts.
+//  Phase 3: per token the scale (sequential j) and the packed offset-binary codes.
+constexpr int kSideThreads = 128;
+constexpr int kSideBatch = 4;
 
 // Residual of the group's G tokens into e_s [G, ES]. When D/8 divides the block size (D = 8,
 // 16, 32, 64, 128, ...), thread tid owns chunk q = tid % nq of tokens tid/nq + k*(128/nq): its
@@ -671,6 +706,68 @@ __device__ __forceinline__ void side_code_token(const float* yt, int r, int side
   }
 }
 
+// Phases of the block-per-key-group side code (side_code_fast, quantize_kv_fast); tid of nthreads
+// threads, block barriers between the phases are the caller's.
+// Basis of the head [D, r] transposed to u_s[(j/4*D + c)*4 + j%4] = u[c, j], columns r..R4-1 zero.
+__device__ __forceinline__ void stage_basis_t(const float* __restrict__ u, int D, int r, int R4,
+                                              float* u_s, int tid, int nthreads) {
+  for (int c = tid; c < D; c += nthreads) {
+    const float* uc = u + static_cast<int64_t>(c) * r;
+    for (int j = 0; j < R4; ++j) u_s[((j >> 2) * D + c) * 4 + (j & 3)] = j < r ? uc[j] : 0.0f;
+  }
+}
+
+// Centring: thread c sums channel c of the residual rows in ascending t (separately rounded from
+// +0), divides by G and subtracts the mean from every row.
+__device__ __forceinline__ void center_rows(float* e_s, int ES, int D, int G, int tid,
+                                            int nthreads) {
+  for (int c = tid; c < D; c += nthreads) {
+    float acc = 0.0f;
+    for (int t = 0; t < G; ++t) acc = add_rn(acc, e_s[t * ES + c]);
+    const float mu = div_rn(acc, static_cast<float>(G));
+    for (int t = 0; t < G; ++t) e_s[t * ES + c] = sub_rn(e_s[t * ES + c], mu);
+  }
+}
+
+// Projections y[t, j] = sum_c e[t, c] u[c, j], ascending c, separately rounded products and sums
+// from +0 (the contract's order): thread (t, 4 columns) keeps 4 independent sums; e rows as
+// float4 (row stride ES = D + 4: conflict-free), u as float4 broadcasts. y_s: [G, 4 * nj4].
+__device__ __forceinline__ void project_rows(const float* e_s, int ES, const float* u_s, int D,
+                                             int G, int nj4, float* y_s, int tid, int nthreads) {
+  for (int it = tid; it < G * nj4; it += nthreads) {
+    const int jb = it / G, t = it - jb * G;
+    const float* et = e_s + t * ES;
+    const float* uj = u_s + jb * D * 4;
+    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma unroll 2
+    for (int c = 0; c < D; c += 8) {  // D % 8 == 0
+      const float4 e4a = *reinterpret_cast<const float4*>(et + c);
+      const float4 e4b = *reinterpret_cast<const float4*>(et + c + 4);
+      const float ev[8] = {e4a.x, e4a.y, e4a.z, e4a.w, e4b.x, e4b.y, e4b.z, e4b.w};
+#pragma unroll
+      for (int cc = 0; cc < 8; ++cc) {
+        const float4 u4 = *reinterpret_cast<const float4*>(uj + (c + cc) * 4);
+        a0 = add_rn(a0, mul_rn(ev[cc], u4.x));
+        a1 = add_rn(a1, mul_rn(ev[cc], u4.y));
+        a2 = add_rn(a2, mul_rn(ev[cc], u4.z));
+        a3 = add_rn(a3, mul_rn(ev[cc], u4.w));
+      }
+    }
+    *reinterpret_cast<float4*>(y_s + t * 4 * nj4 + jb * 4) = make_float4(a0, a1, a2, a3);
+  }
+}
+
+// side_code_token for the G tokens of a group (thread t), from the projections y_s [G, R4];
+// zs0 / zc0: the group's first token's scale and code row.
+__device__ __forceinline__ void side_code_rows(const float* y_s, int R4, int r, int side_bits,
+                                               int G, __half* zs0, uint8_t* zc0, int tid,
+                                               int nthreads) {
+  const int zrowb = r * side_bits / 8;
+  for (int t = tid; t < G; t += nthreads) {
+    side_code_token(y_s + t * R4, r, side_bits, zs0 + t, zc0 + static_cast<int64_t>(t) * zrowb);
+  }
+}
+
 template <typename E>
 __global__ void __launch_bounds__(kSideThreads)
 side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd, bool vec,
@@ -704,55 +801,21 @@ side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int6
     s_s[c] = __half2float(ksg[c]);
     z_s[c] = __half2float(kzg[c]);
   }
-  for (int c = tid; c < D; c += kSideThreads) {  // u_s[(j/4*D + c)*4 + j%4] = u[c, j]
-    const float* uc = u + static_cast<int64_t>(c) * r;
-    for (int j = 0; j < R4; ++j) u_s[((j >> 2) * D + c) * 4 + (j & 3)] = j < r ? uc[j] : 0.0f;
-  }
+  stage_basis_t(u, D, r, R4, u_s, tid, kSideThreads);
   __syncthreads();  // side_residual reads other threads' s_s / z_s
 
   dispatch_bits(key_bits, [&](auto bc) {
     side_residual<E, decltype(bc)::value>(kg, st, sd, vec, kc, krowb, s_s, z_s, G, nq, e_s, ES);
   });
   __syncthreads();
-
   if (center) {
-    for (int c = tid; c < D; c += kSideThreads) {
-      float acc = 0.0f;
-      for (int t = 0; t < G; ++t) acc = add_rn(acc, e_s[t * ES + c]);
-      const float mu = div_rn(acc, static_cast<float>(G));
-      for (int t = 0; t < G; ++t) e_s[t * ES + c] = sub_rn(e_s[t * ES + c], mu);
-    }
+    center_rows(e_s, ES, D, G, tid, kSideThreads);
     __syncthreads();
   }
-
-  for (int it = tid; it < G * nj4; it += kSideThreads) {
-    const int jb = it / G, t = it - jb * G;
-    const float* et = e_s + t * ES;
-    const float* uj = u_s + jb * D * 4;
-    float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma unroll 2
-    for (int c = 0; c < D; c += 8) {  // D % 8 == 0
-      const float4 e4a = *reinterpret_cast<const float4*>(et + c);
-      const float4 e4b = *reinterpret_cast<const float4*>(et + c + 4);
-      const float ev[8] = {e4a.x, e4a.y, e4a.z, e4a.w, e4b.x, e4b.y, e4b.z, e4b.w};
-#pragma unroll
-      for (int cc = 0; cc < 8; ++cc) {
-        const float4 u4 = *reinterpret_cast<const float4*>(uj + (c + cc) * 4);
-        a0 = add_rn(a0, mul_rn(ev[cc], u4.x));
-        a1 = add_rn(a1, mul_rn(ev[cc], u4.y));
-        a2 = add_rn(a2, mul_rn(ev[cc], u4.z));
-        a3 = add_rn(a3, mul_rn(ev[cc], u4.w));
-      }
-    }
-    *reinterpret_cast<float4*>(y_s + t * R4 + jb * 4) = make_float4(a0, a1, a2, a3);
-  }
+  project_rows(e_s, ES, u_s, D, G, nj4, y_s, tid, kSideThreads);
   __syncthreads();
-
-  const int zrowb = r * side_bits / 8;
-  for (int t = tid; t < G; t += kSideThreads) {
-    side_code_token(y_s + t * R4, r, side_bits, z_scale + bh * T + t0 + t,
-                    z_codes + (bh * T + t0 + t) * zrowb);
-  }
+  side_code_rows(y_s, R4, r, side_bits, G, z_scale + bh * T + t0,
+                 z_codes + (bh * T + t0) * (r * side_bits / 8), tid, kSideThreads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -842,6 +905,122 @@ side_code_tok(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64
   }
   const int zrowb = r * side_bits / 8;
   side_code_token(yt, r, side_bits, z_scale + bh * T + t, z_codes + (bh * T + t) * zrowb);
+}
+
+// ---------------------------------------------------------------------------------------------
+// quantize_kv: the three quantisers of one key group in one block, k read once. grid (T/G, H, B),
+// NT = G*D/32 threads (a multiple of 32, <= kKvMaxThreads), 16-bit inputs.
+//  Loads: thread tid = s*(D/8) + q holds tokens [4s, 4s+4) x chunk q of the keys (as
+//         quantize_keys_fast) and the value chunks [32xv, 32xv+32) of token tv = tid/(D/32)
+//         (as quantize_values_fast: a value group is Gv/32 consecutive lanes), all in flight at
+//         once; the head's basis is staged meanwhile.
+//  Keys:  partial min/max -> per-channel scale/zero (key_partials, key_params), then each
+//         thread's codes and their residuals e = x - (code*s + z) straight into shared memory
+//         (the partials' space): the side code reads neither k nor the codes back.
+//  Values: value_minmax + quantize_values_body first (their registers are free before the
+//         key phase: 80 instead of 104 registers).
+//  Side code: optional centring, project_rows (threads (t, 4 columns)), side_code_rows.
+// Every step is the separate kernels' code on the same operands, so the outputs are theirs (and
+// the CPU kernels') bit for bit.
+// Measured (H200, batch 8 x 8 heads, fp16, 2-bit K/V, rank-8 8-bit side code): reading k once
+// does not pay at scale: 32k tokens 1.05-1.11 ms vs 0.89-0.95 ms for the three kernels, with
+// the same instruction count (668M vs ~657M warp instructions; ncu: 63% issue-active, 21 of 24
+// warps resident, DRAM 25% busy). The append is bound by instruction issue (the side code's
+// 2,048 separately rounded float ops per token alone are ~134M), and here the parameter,
+// projection and side-code phases run on half or a quarter of the block between barriers.
+// Within one wave it wins (one launch instead of three): quantize_kv uses it there only.
+constexpr int kKvMaxThreads = 256;
+// Blocks per SM quantize_kv_fast is compiled for (register cap 65536 / (256 * blocks)): 3 gives
+// 80 registers (68 B of spills) and 24 warps per SM; unbounded it takes 104 (16 warps).
+#ifndef HEADQ_KV_MIN_BLOCKS
+#define HEADQ_KV_MIN_BLOCKS 3
+#endif
+
+template <typename E>
+__global__ void __launch_bounds__(kKvMaxThreads, HEADQ_KV_MIN_BLOCKS)
+quantize_kv_fast(const E* __restrict__ k, int64_t ksb, int64_t ksh, int64_t kst, int64_t ksd,
+                 bool kvec, const E* __restrict__ v, int64_t vsb, int64_t vsh, int64_t vst,
+                 int64_t vsd, bool vvec, const float* __restrict__ basis, int T, int D, int r,
+                 int key_bits, int G, int side_bits, bool center, int value_bits, int Gv,
+                 uint8_t* __restrict__ k_codes, __half* __restrict__ k_scale,
+                 __half* __restrict__ k_zero, uint8_t* __restrict__ z_codes,
+                 __half* __restrict__ z_scale, uint8_t* __restrict__ v_codes,
+                 __half* __restrict__ v_scale, __half* __restrict__ v_zero) {
+  extern __shared__ float qkv_smem[];
+  const int NT = blockDim.x;
+  const int tid = threadIdx.x;
+  const int nq = D / kChunk, S = G / kKeyTok;  // NT == nq * S
+  const int ES = D + 4;
+  const int R4 = (r + 3) & ~3, nj4 = R4 / 4;
+  float* e_s = qkv_smem;            // [G, ES] residuals; first the partials:
+  float* pmn = e_s;                 //   [S, D] min
+  float* pmx = e_s + S * D;         //   [S, D] max
+  float* u_s = e_s + G * ES;        // [nj4, D, 4] basis
+  float* y_s = u_s + D * R4;        // [G, R4] projections
+  float* s_s = y_s + G * R4;        // [D] key scale, zero, reciprocal scale
+  float* z_s = s_s + D;
+  float* rs_s = z_s + D;
+  const int g = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t bh = static_cast<int64_t>(b) * gridDim.y + h;
+  const int64_t t0 = static_cast<int64_t>(g) * G;
+
+  const int s = tid / nq, q = tid - s * nq;
+  const E* kg = k + b * ksb + h * ksh + t0 * kst;
+  Raw8<E> fk[kKeyTok];
+  {
+    const E* kp =
+        kg + static_cast<int64_t>(s * kKeyTok) * kst + static_cast<int64_t>(q) * kChunk * ksd;
+#pragma unroll
+    for (int t = 0; t < kKeyTok; ++t) load_raw<E>(kp + t * kst, ksd, kvec, fk[t]);
+  }
+  const int nxv = D / 32;
+  const int tv = tid / nxv, xv = tid - tv * nxv;
+  Raw8<E> fv[kValChunks];
+  {
+    const E* vp = v + b * vsb + h * vsh + (t0 + tv) * vst + static_cast<int64_t>(xv) * 32 * vsd;
+#pragma unroll
+    for (int u = 0; u < kValChunks; ++u) load_raw<E>(vp + u * kChunk * vsd, vsd, vvec, fv[u]);
+  }
+  stage_basis_t(basis + static_cast<int64_t>(h) * D * r, D, r, R4, u_s, tid, NT);
+
+  {
+    const int lanes = Gv / 32;
+    float mn, mx;
+    value_minmax<E>(fv, lanes, tid & 31, mn, mx);
+    const int64_t row = bh * T + t0 + tv;
+    const int64_t si = row * (D / Gv) + (xv >> (__ffs(lanes) - 1));
+    uint8_t* out = v_codes + row * (static_cast<int64_t>(D) * value_bits / 8) +
+                   static_cast<int64_t>(xv) * (kValChunks * value_bits);
+    dispatch_bits(value_bits, [&](auto bc) {
+      quantize_values_body<E, decltype(bc)::value>(fv, mn, mx, true, lanes, xv, out, v_scale,
+                                                   v_zero, si);
+    });
+  }
+  key_partials<E>(fk, pmn + s * D + q * kChunk, pmx + s * D + q * kChunk);
+  __syncthreads();
+  key_params<E>(kg, kst, ksd, G, D, S, pmn, pmx, tid, NT, key_bits,
+                k_scale + (bh * gridDim.x + g) * D, k_zero + (bh * gridDim.x + g) * D, s_s, z_s,
+                rs_s);
+  __syncthreads();  // s_s / z_s / rs_s complete; the partials are dead (e_s may overwrite them)
+
+  {
+    const int64_t rowb = static_cast<int64_t>(nq) * key_bits;
+    uint8_t* out =
+        k_codes + (bh * T + t0 + s * kKeyTok) * rowb + static_cast<int64_t>(q) * key_bits;
+    float* e = e_s + s * kKeyTok * ES;
+    dispatch_bits(key_bits, [&](auto bc) {
+      quantize_keys_codes<E, decltype(bc)::value, true>(fk, q, s_s, z_s, rs_s, out, rowb, e, ES);
+    });
+  }
+  __syncthreads();  // e_s complete
+  if (center) {
+    center_rows(e_s, ES, D, G, tid, NT);
+    __syncthreads();
+  }
+  project_rows(e_s, ES, u_s, D, G, nj4, y_s, tid, NT);
+  __syncthreads();
+  side_code_rows(y_s, R4, r, side_bits, G, z_scale + bh * T + t0,
+                 z_codes + (bh * T + t0) * (r * side_bits / 8), tid, NT);
 }
 
 }  // namespace fastq

@@ -578,6 +578,76 @@ cudaError_t launch_side_code(const void* k, DType dtype, int64_t sb, int64_t sh,
   });
 }
 
+namespace {
+// quantize_kv's choice between its fused kernel and the three separate ones (HEADQ_KV_IMPL =
+// "fused" / "separate", read at every launch, forces one, e.g. for A/B runs and tests). By
+// default the fused kernel runs when all its blocks are resident at once (one wave:
+// HEADQ_KV_MIN_BLOCKS per SM): a decode append or short prompt then costs one launch instead of
+// three (H200, batch 8 x 8 heads, fp16, 2-bit: 64 tokens 32-47 vs 41-60 us, 256 tokens 34-45
+// vs 43-56 us). Over several waves the separate kernels are faster (4k tokens 0.168-0.190 vs
+// 0.154-0.173 ms, 32k 1.05-1.11 vs 0.89-0.95 ms): the append is bound by instruction issue,
+// not by memory (docs/PERF.md), and the fused kernel's phases (min/max, parameters, codes,
+// projection, side code) leave part of each block idle at every block barrier.
+bool fused_kv(int64_t blocks, int sm_count) {
+  const char* e = std::getenv("HEADQ_KV_IMPL");
+  if (e != nullptr && std::strcmp(e, "fused") == 0) return true;
+  if (e != nullptr && std::strcmp(e, "separate") == 0) return false;
+  return blocks <= static_cast<int64_t>(HEADQ_KV_MIN_BLOCKS) * sm_count;
+}
+}  // namespace
+
+cudaError_t launch_quantize_kv(const void* k, const void* v, DType dtype, const int64_t* ks,
+                               const int64_t* vs, const float* basis, int64_t B, int64_t H,
+                               int64_t T, int64_t D, int64_t r, int key_bits, int G,
+                               int side_bits, bool center, int value_bits, int Gv,
+                               uint8_t* k_codes, void* k_scale, void* k_zero, uint8_t* z_codes,
+                               void* z_scale, uint8_t* v_codes, void* v_scale, void* v_zero,
+                               int sm_count, cudaStream_t stream) {
+  if (B * H * T == 0) return cudaSuccess;
+  // Fused path: one block of NT = G*D/32 threads per key group (quantize_kv_fast).
+  const int64_t NT = G * D / 32;
+  const int64_t R4 = (r + 3) / 4 * 4;
+  const size_t smem = (G * (D + 4) + D * R4 + G * R4 + 3 * D) * sizeof(float);
+  const int64_t lanes = Gv / 32;
+  if (!use_old_impl() && fused_kv(B * H * (T / G), sm_count) && dtype != DType::kFloat32 &&
+      D % 32 == 0 &&
+      G % fastq::kKeyTok == 0 && (G * D) % 1024 == 0 && NT <= fastq::kKvMaxThreads &&
+      Gv % 32 == 0 && (lanes & (lanes - 1)) == 0 && D % Gv == 0 && r <= 16 &&
+      smem <= kFastSmemLimit && aligned_to(k_codes, 8) && aligned_to(v_codes, 16) &&
+      H <= 65535 && B <= 65535 && T <= 0x7fffffff) {
+    const bool kvec = vec_rows(k, dtype, ks[0], ks[1], ks[2], ks[3]);
+    const bool vvec = vec_rows(v, dtype, vs[0], vs[1], vs[2], vs[3]);
+    const dim3 grid(static_cast<unsigned>(T / G), static_cast<unsigned>(H),
+                    static_cast<unsigned>(B));
+    return with_dtype(dtype, [&](auto tag) {
+      using E = decltype(tag);
+      if constexpr (sizeof(E) == 4) {
+        return cudaErrorInvalidValue;  // excluded above (fp32 takes the separate kernels)
+      } else {
+        auto kernel = fastq::quantize_kv_fast<E>;
+        cudaError_t err = allow_smem(kernel, smem);
+        if (err != cudaSuccess) return err;
+        kernel<<<grid, static_cast<unsigned>(NT), smem, stream>>>(
+            static_cast<const E*>(k), ks[0], ks[1], ks[2], ks[3], kvec, static_cast<const E*>(v),
+            vs[0], vs[1], vs[2], vs[3], vvec, basis, static_cast<int>(T), static_cast<int>(D),
+            static_cast<int>(r), key_bits, G, side_bits, center, value_bits, Gv, k_codes,
+            static_cast<__half*>(k_scale), static_cast<__half*>(k_zero), z_codes,
+            static_cast<__half*>(z_scale), v_codes, static_cast<__half*>(v_scale),
+            static_cast<__half*>(v_zero));
+        return cudaGetLastError();
+      }
+    });
+  }
+  cudaError_t err = launch_quantize_keys(k, dtype, ks[0], ks[1], ks[2], ks[3], B, H, T, D,
+                                         key_bits, G, k_codes, k_scale, k_zero, stream);
+  if (err != cudaSuccess) return err;
+  err = launch_side_code(k, dtype, ks[0], ks[1], ks[2], ks[3], k_codes, k_scale, k_zero, basis, B,
+                         H, T, D, r, key_bits, G, side_bits, center, z_codes, z_scale, stream);
+  if (err != cudaSuccess) return err;
+  return launch_quantize_values(v, dtype, vs[0], vs[1], vs[2], vs[3], B, H, T, D, value_bits, Gv,
+                                v_codes, v_scale, v_zero, stream);
+}
+
 cudaError_t launch_dequantize_side(const uint8_t* z_codes, const void* z_scale, int64_t rows,
                                    int64_t r, int side_bits, float* out, cudaStream_t stream) {
   const int64_t n = rows * r;
