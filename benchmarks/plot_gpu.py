@@ -82,16 +82,30 @@ def plot_quant() -> None:
     for run in q.get("earlier_kernels", [])[:1]:
         runs.append(("previous kernels", run["rows"]))
     big = max(r["tokens"] for r in q["rows"])
-    fig, ax = plt.subplots(figsize=(7.5, 4))
+    fig, ax = plt.subplots(figsize=(9, 4))
     width = 0.8 / len(runs)
     for i, (name, rows) in enumerate(runs):
         row = next(r for r in rows if r["tokens"] == big)
         ax.bar([j + i * width for j in range(len(ops))], [row[o]["gbs"] for o in ops], width,
                label=name)
+    labels = ["keys", "side code", "values", "all three"]
+    ticks = [j + width * (len(runs) - 1) / 2 for j in range(len(ops))]
+    # the whole append against what it has to move (k and v read once, outputs written once)
+    row = next(r for r in q["rows"] if r["tokens"] == big)
+    mins = [(o, lab) for o, lab in (("append_all", "3 ops,\nmin bytes"),
+                                     ("quantize_kv_separate", "quantize_kv\n3 kernels"),
+                                     ("quantize_kv_fused", "quantize_kv\nfused"))
+            if "min_bytes" in row.get(o, {})]
+    for j, (o, lab) in enumerate(mins):
+        x = len(ops) + 0.4 + j * 0.8
+        ax.bar(x, row[o]["min_bytes"] / row[o]["ms"] / 1e6, 0.6, color="C2",
+               label="min bytes / time (current)" if j == 0 else None)
+        ticks.append(x)
+        labels.append(lab)
     ax.axhline(q["copy_gbs"], ls="--", color="k", label=f"copy bandwidth {q['copy_gbs']:.0f} GB/s")
-    ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(ops))])
-    ax.set_xticklabels(["keys", "side code", "values", "all three"])
-    ax.set_ylabel("GB/s (read + written)")
+    ax.set_xticks(ticks)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_ylabel("GB/s")
     ax.set_title(f"quantise + pack, {big} tokens x batch 8 x 8 heads, D=128, {q.get('device', '')}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
@@ -110,7 +124,8 @@ def plot_e2e() -> None:
     if run is None:
         return
     names = {"headq_2bit_graph": "HeadQ, GraphDecoder", "headq_2bit": "HeadQ, eager",
-             "dynamic": "DynamicCache", "quantized_quanto_2bit": "QuantizedCache (quanto 2-bit)"}
+             "dynamic": "DynamicCache", "quantized_quanto_2bit": "QuantizedCache (quanto 2-bit)",
+             "static_graph": "StaticCache, CUDA graph"}
     rows = [r for r in run["rows"] if "tokens_per_s" in r]
     rows.sort(key=lambda r: -r["tokens_per_s"])
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
