@@ -14,7 +14,8 @@ replays, eagerly, exactly as the eager path does it after attention::
     dec = GraphDecoder(model, cache, max_length=prompt_len + new_tokens)
     tokens = dec.greedy(out.logits[:, -1:].argmax(-1), steps=new_tokens)
 
-or all of it in one call, :func:`generate` (greedy, like ``model.generate(..., do_sample=False)``)::
+or all of it in one call, :func:`generate` (greedy, or sampled with transformers' temperature /
+top-k / top-p warpers; stops at EOS like ``model.generate``)::
 
     sequences = generate(model, prompt_ids, cache, max_new_tokens=256, attention_mask=mask)
 
@@ -267,22 +268,70 @@ class GraphDecoder:
         return out
 
 
+def _check_sampling(do_sample, temperature, top_k, top_p, check_every) -> None:
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"generate: do_sample must be a bool, got {do_sample!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"generate: temperature must be a finite number > 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"generate: top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"generate: top_p must be None or a number in (0, 1], got {top_p!r}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"generate: check_every must be an integer >= 1, got {check_every!r}")
+
+
+def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float,
+                 top_k: Optional[int], top_p: Optional[float],
+                 generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The next token ``[B, 1]`` from the last position's logits, on the device, no host sync.
+    Greedy: argmax. Sampling: transformers' logits warpers in its order (temperature, top-k,
+    top-p keeping at least one token), softmax, ``torch.multinomial`` on float32 scores."""
+    scores = logits[:, -1].float()
+    if not do_sample:
+        return scores.argmax(-1, keepdim=True)
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k)[0][..., -1, None]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        drop[..., -1:] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: int,
              attention_mask: Optional[torch.Tensor] = None, eos_token_id: Optional[int] = None,
-             pad_token_id: int = 0, graph: Optional[bool] = None) -> torch.Tensor:
-    """Greedy generation with graph decode: the prompt is prefilled eagerly into ``cache`` (an
-    empty :class:`HeadQCache`; positions from ``attention_mask`` as transformers' ``generate``
-    makes them for left padding), then ``max_new_tokens - 1`` steps run as graph replays.
+             pad_token_id: int = 0, graph: Optional[bool] = None, do_sample: bool = False,
+             temperature: float = 1.0, top_k: Optional[int] = None,
+             top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+             check_every: int = 16) -> torch.Tensor:
+    """Generation with graph decode: the prompt is prefilled eagerly into ``cache`` (an empty
+    :class:`HeadQCache`; positions from ``attention_mask`` as transformers' ``generate`` makes
+    them for left padding), then up to ``max_new_tokens - 1`` steps run as graph replays.
 
-    Returns ``[B, prompt + max_new_tokens]`` like ``model.generate(..., do_sample=False)``. The
-    loop never waits for the GPU, so it does not stop at ``eos_token_id``: every step runs, and
-    the tokens after a sequence's first EOS are replaced by ``pad_token_id`` at the end."""
+    Returns ``[B, prompt + new]`` tokens like ``model.generate``: greedy by default; with
+    ``do_sample=True`` sampled after transformers' warpers (``temperature``, then ``top_k``,
+    then ``top_p``; unlike ``model.generate`` no top-k of 50 is implied), from ``generator``
+    or torch's default generator, so that with the same seed and warpers the tokens are those of
+    ``model.generate(..., do_sample=True)`` on the same device. With ``eos_token_id`` the tokens
+    after a sequence's first EOS are ``pad_token_id``, and generation stops once every sequence
+    has finished: the loop never waits for the GPU except every ``check_every`` steps, when it
+    reads whether all sequences are done (so up to ``check_every - 1`` steps may run past the
+    end; the result is cut where ``model.generate`` stops)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
         got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"generate: input_ids must be a [batch, prompt tokens] tensor, got {got}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    _check_sampling(do_sample, temperature, top_k, top_p, check_every)
     if not isinstance(cache, HeadQCache):
         raise TypeError(f"generate: cache must be a HeadQCache, got {type(cache).__name__}")
     if cache.get_seq_length() != 0:
@@ -297,12 +346,27 @@ def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: 
                              f"({B}, {n}), got {got}")
         kw["attention_mask"] = attention_mask
         kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    logits = model(input_ids=input_ids, logits_to_keep=1, **kw).logits
-    first = logits[:, -1:].argmax(-1)
+    pick = lambda lg: _next_tokens(lg, do_sample, temperature, top_k, top_p, generator)  # noqa: E731
+    ids = pick(model(input_ids=input_ids, logits_to_keep=1, **kw).logits)
     dec = GraphDecoder(model, cache, max_length=n + max_new_tokens,
                        attention_mask=attention_mask, graph=graph)
-    new = torch.cat([first, dec.greedy(first, max_new_tokens - 1)], dim=1)
+    new = torch.empty(B, max_new_tokens, dtype=torch.int64, device=ids.device)
+    new[:, :1] = ids
+    done = None if eos_token_id is None else ids[:, 0] == eos_token_id
+    steps = 1
+    while steps < max_new_tokens:
+        if done is not None and steps % check_every == 0 and bool(done.all()):
+            break  # the one host sync: every check_every steps
+        ids = pick(dec.step(ids))
+        new[:, steps:steps + 1] = ids
+        if done is not None:
+            done = done | (ids[:, 0] == eos_token_id)
+        steps += 1
+    new = new[:, :steps]
     if eos_token_id is not None:
-        after = (new == eos_token_id).long().cumsum(-1) - (new == eos_token_id).long()
+        hit = (new == eos_token_id).long()
+        after = hit.cumsum(-1) - hit  # EOS tokens seen before this position
         new = new.masked_fill(after > 0, pad_token_id)
+        if bool(done.all()):  # model.generate stops at the step the last sequence finished
+            new = new[:, :int((after == 0).sum(-1).max())]
     return torch.cat([input_ids, new.to(input_ids.dtype)], dim=1)

@@ -187,6 +187,62 @@ def test_generate_equals_transformers_generate(restore_attn):
         generate(model, ids, HeadQCache(model.config, cal, **KW), 3, attention_mask=mask[:, 1:])
 
 
+def test_generate_stops_at_eos_like_transformers(restore_attn):
+    """With an EOS both sequences emit, graph.generate stops (checking every few steps) and
+    returns exactly what model.generate returns: pads after each sequence's first EOS, cut at
+    the step the last one finished."""
+    model, cal = _setup(restore_attn)
+    T, steps = 55, 60
+    ids, mask, ref = _padded_batch_and_generate(model, cal, [55, 40], steps, seed=30)
+    firsts = [{int(t): i for i, t in reversed(list(enumerate(ref[b, T:])))} for b in range(2)]
+    common = [t for t in firsts[0] if t in firsts[1] and max(firsts[0][t], firsts[1][t]) < 40]
+    assert common, "the two greedy continuations share no token in their first 40"
+    eos = common[0]
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                          past_key_values=HeadQCache(model.config, cal, **KW), eos_token_id=eos,
+                          pad_token_id=1)
+    assert want.shape[1] < T + steps  # transformers stopped early
+    for every in (1, 4, 16):
+        got = generate(model, ids, HeadQCache(model.config, cal, **KW), steps,
+                       attention_mask=mask, eos_token_id=eos, pad_token_id=1, graph=False,
+                       check_every=every)
+        assert torch.equal(got, want), f"check_every={every}"
+
+
+def test_generate_samples_like_transformers(restore_attn):
+    """do_sample: with the same seed and warpers (temperature, top-k, top-p) the tokens are
+    model.generate's (its EOS included: the tiny model's generation config has one); top_k=1
+    is greedy; an explicit generator makes runs repeatable."""
+    model, cal = _setup(restore_attn)
+    ids, steps = _ids(model, 2, 45), 40
+    warp = dict(temperature=0.7, top_k=20, top_p=0.9)
+    eos = model.generation_config.eos_token_id
+    assert isinstance(eos, int)
+    torch.manual_seed(123)
+    want = model.generate(ids, max_new_tokens=steps, do_sample=True, pad_token_id=0,
+                          past_key_values=HeadQCache(model.config, cal, **KW), **warp)
+    torch.manual_seed(123)
+    got = generate(model, ids, HeadQCache(model.config, cal, **KW), steps, do_sample=True,
+                   eos_token_id=eos, pad_token_id=0, graph=False, **warp)
+    assert torch.equal(got, want)
+    assert bool((want[:, 45:] == eos).any())  # a sequence did finish (checked: seed 123)
+    greedy = generate(model, ids, HeadQCache(model.config, cal, **KW), steps, graph=False)
+    assert not torch.equal(got, greedy)  # sampling did sample
+    top1 = generate(model, ids, HeadQCache(model.config, cal, **KW), steps, do_sample=True,
+                    top_k=1, graph=False)
+    assert torch.equal(top1, greedy)
+    runs = [generate(model, ids, HeadQCache(model.config, cal, **KW), steps, do_sample=True,
+                     generator=torch.Generator().manual_seed(7), graph=False) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    for bad, match in ((dict(temperature=0.0), "temperature must be a finite number > 0"),
+                       (dict(top_k=0), "top_k must be None or an integer >= 1"),
+                       (dict(top_p=1.5), "top_p must be None or a number in"),
+                       (dict(do_sample=1), "do_sample must be a bool"),
+                       (dict(check_every=0), "check_every must be an integer >= 1")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, ids, HeadQCache(model.config, cal, **KW), 3, graph=False, **bad)
+
+
 def test_bad_use_is_refused(restore_attn):
     model, cal = _setup(restore_attn)
     prompt = _ids(model, 2, 40)
