@@ -1,4 +1,4 @@
-// Bandwidth-oriented CUDA kernels of quantize_keys, quantize_values and side_code.
+// Bandwidth-oriented CUDA kernels of quantize_keys, quantize_values, side_code and quantize_kv.
 // Included by quant_kernels.cu only (inside headq::cuda::{anonymous}); the launchers there pick
 // these unless HEADQ_QUANT_IMPL=old or an input does not meet the fast path's needs.
 //
