@@ -316,6 +316,18 @@ __device__ __forceinline__ void quantize_values_body(const Raw8<E> (&f)[kValChun
   }
 }
 
+// Value-only per-channel min / max over N chunks of the same 8 channels (any order; see the
+// header): keys fold a thread's tokens, values a thread's channel chunks.
+template <typename E, int N>
+__device__ __forceinline__ void chunk_minmax(const Raw8<E> (&f)[N], float (&mn)[8],
+                                             float (&mx)[8]) {
+  MinMax8<E> m;
+  m.init(f[0]);
+#pragma unroll
+  for (int i = 1; i < N; ++i) m.fold(f[i]);
+  m.get(mn, mx);
+}
+
 // Min and max of a value group (lanes consecutive lanes, kValChunks chunks each): value-only
 // (any order), then the exact fallback where it may differ (see the header). Every lane of the
 // warp takes part in the shuffles.
@@ -323,12 +335,8 @@ template <typename E>
 __device__ __forceinline__ void value_minmax(const Raw8<E> (&f)[kValChunks], int lanes, int lane,
                                              float& mn, float& mx) {
   {
-    MinMax8<E> m;
-    m.init(f[0]);
-#pragma unroll
-    for (int u = 1; u < kValChunks; ++u) m.fold(f[u]);
     float a[8], c[8];
-    m.get(a, c);
+    chunk_minmax<E>(f, a, c);
     mn = a[0];
     mx = c[0];
 #pragma unroll
@@ -494,12 +502,8 @@ __device__ __forceinline__ void quantize_keys_codes(const Raw8<E> (&f)[kKeyTok],
 // stored as float4 pairs at pm / px (row s of the [G/kKeyTok, D] partials, chunk q).
 template <typename E>
 __device__ __forceinline__ void key_partials(const Raw8<E> (&f)[kKeyTok], float* pm, float* px) {
-  MinMax8<E> m;
-  m.init(f[0]);
-#pragma unroll
-  for (int t = 1; t < kKeyTok; ++t) m.fold(f[t]);
   float mn[8], mx[8];
-  m.get(mn, mx);
+  chunk_minmax<E>(f, mn, mx);
   reinterpret_cast<float4*>(pm)[0] = make_float4(mn[0], mn[1], mn[2], mn[3]);
   reinterpret_cast<float4*>(pm)[1] = make_float4(mn[4], mn[5], mn[6], mn[7]);
   reinterpret_cast<float4*>(px)[0] = make_float4(mx[0], mx[1], mx[2], mx[3]);
@@ -768,6 +772,24 @@ __device__ __forceinline__ void side_code_rows(const float* y_s, int R4, int r, 
   }
 }
 
+// The side code of a key group from its residual rows e_s [G, ES] (complete: after a block
+// barrier) and the staged basis u_s: optional centring, projections into y_s [G, R4], then each
+// token's scale and codes (zs0 / zc0: the group's first token's). Every thread of the block
+// calls it (block barriers inside).
+__device__ __forceinline__ void side_code_from_residuals(float* e_s, int ES, const float* u_s,
+                                                         int D, int G, int r, int side_bits,
+                                                         bool center, float* y_s, __half* zs0,
+                                                         uint8_t* zc0, int tid, int nthreads) {
+  const int R4 = (r + 3) & ~3;
+  if (center) {
+    center_rows(e_s, ES, D, G, tid, nthreads);
+    __syncthreads();
+  }
+  project_rows(e_s, ES, u_s, D, G, R4 / 4, y_s, tid, nthreads);
+  __syncthreads();
+  side_code_rows(y_s, R4, r, side_bits, G, zs0, zc0, tid, nthreads);
+}
+
 template <typename E>
 __global__ void __launch_bounds__(kSideThreads)
 side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int64_t sd, bool vec,
@@ -808,14 +830,9 @@ side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int6
     side_residual<E, decltype(bc)::value>(kg, st, sd, vec, kc, krowb, s_s, z_s, G, nq, e_s, ES);
   });
   __syncthreads();
-  if (center) {
-    center_rows(e_s, ES, D, G, tid, kSideThreads);
-    __syncthreads();
-  }
-  project_rows(e_s, ES, u_s, D, G, nj4, y_s, tid, kSideThreads);
-  __syncthreads();
-  side_code_rows(y_s, R4, r, side_bits, G, z_scale + bh * T + t0,
-                 z_codes + (bh * T + t0) * (r * side_bits / 8), tid, kSideThreads);
+  side_code_from_residuals(e_s, ES, u_s, D, G, r, side_bits, center, y_s,
+                           z_scale + bh * T + t0, z_codes + (bh * T + t0) * (r * side_bits / 8),
+                           tid, kSideThreads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1013,14 +1030,9 @@ quantize_kv_fast(const E* __restrict__ k, int64_t ksb, int64_t ksh, int64_t kst,
     });
   }
   __syncthreads();  // e_s complete
-  if (center) {
-    center_rows(e_s, ES, D, G, tid, NT);
-    __syncthreads();
-  }
-  project_rows(e_s, ES, u_s, D, G, nj4, y_s, tid, NT);
-  __syncthreads();
-  side_code_rows(y_s, R4, r, side_bits, G, z_scale + bh * T + t0,
-                 z_codes + (bh * T + t0) * (r * side_bits / 8), tid, NT);
+  side_code_from_residuals(e_s, ES, u_s, D, G, r, side_bits, center, y_s,
+                           z_scale + bh * T + t0, z_codes + (bh * T + t0) * (r * side_bits / 8),
+                           tid, NT);
 }
 
 }  // namespace fastq
