@@ -64,7 +64,7 @@ if has quant; then
   run quant python3 benchmarks/bench_quant.py --out "$OUT/gpu_quant.json"
 fi
 if has sanitize; then
-  sel='cuda and ((test_decode_attention and float16 and 128) or (quantize_keys_cuda_exact and float16) or (quantize_values_cuda_exact and float16) or (side_code_cuda_exact and plain))'
+  sel='cuda and ((test_decode_attention and float16 and 128) or (quantize_keys_cuda_exact and float16) or (quantize_values_cuda_exact and float16) or (side_code_cuda_exact and plain) or (quantize_kv_cuda_exact and float16 and plain))'
   for tool in memcheck racecheck initcheck; do
     TAIL=3 run "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
       python3 -m pytest -q tests/test_ops.py tests/test_quant_cuda_exact.py -k "$sel"
