@@ -384,28 +384,29 @@ class HeadQLayer(CacheLayerMixin):
         b = self.buf
         k = b["k_window"][:, :, :n].contiguous()
         v = b["v_window"][:, :, :n].contiguous()
-        fused = self.quantise_keys and self.quantise_values and self.basis is not None
-        if fused:  # one op for keys, side code and values (one kernel for a CUDA append)
+        if self.quantise_keys and self.quantise_values and self.basis is not None:
+            # one op for keys, side code and values (one kernel for a CUDA append)
             codes, scale, zero, zc, zs, vc, vs, vz = ops.quantize_kv(
                 k, v, self.basis, s.key_bits, G, s.side_bits, s.center, s.value_bits,
                 s.value_group_size)
-        if self.quantise_keys:
-            if not fused:
+        else:
+            if self.quantise_keys:
                 codes, scale, zero = ops.quantize_keys(k, s.key_bits, G)
+                if self.basis is not None:
+                    zc, zs = ops.side_code(k, codes, scale, zero, self.basis, s.key_bits, G,
+                                           s.side_bits, s.center)
+            if self.quantise_values:
+                vc, vs, vz = ops.quantize_values(v, s.value_bits, s.value_group_size)
+        if self.quantise_keys:
             b["k_codes"][:, :, nq:nq + n] = codes
             b["k_scale"][:, :, nq // G:nq // G + m] = scale
             b["k_zero"][:, :, nq // G:nq // G + m] = zero
             if self.basis is not None:
-                if not fused:
-                    zc, zs = ops.side_code(k, codes, scale, zero, self.basis, s.key_bits, G,
-                                           s.side_bits, s.center)
                 b["z_codes"][:, :, nq:nq + n] = zc
                 b["z_scale"][:, :, nq:nq + n] = zs
         else:
             b["k_dense"][:, :, nq:nq + n] = k
         if self.quantise_values:
-            if not fused:
-                vc, vs, vz = ops.quantize_values(v, s.value_bits, s.value_group_size)
             b["v_codes"][:, :, nq:nq + n] = vc
             b["v_scale"][:, :, nq:nq + n] = vs
             b["v_zero"][:, :, nq:nq + n] = vz
