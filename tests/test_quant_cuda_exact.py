@@ -59,6 +59,20 @@ def _adversarial(shape, dtype, seed, kind):
 KINDS = ["plain", "halfway", "zeros", "nan", "constant", "tiny", "huge"]
 
 
+def _tokens(T, D, dtype, seed, kind, noncontig):
+    """Adversarial [2, 3, T, D] input; noncontig: a [2, T, 3, D] tensor viewed as it (the layout
+    transformers' projections give)."""
+    if noncontig:
+        return _adversarial((2, T, 3, D), dtype, seed, kind).transpose(1, 2)
+    return _adversarial((2, 3, T, D), dtype, seed, kind)
+
+
+def _basis(D, r, seed):
+    """A float32 [3, D, r] orthonormal basis per head."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(3, D, r, generator=g, dtype=torch.float64))[0].float()
+
+
 def _seed(*parts) -> int:
     return zlib.crc32(repr(parts).encode()) % 10_000
 
@@ -78,17 +92,22 @@ def _same(got, want, what):
         assert torch.equal(g, w), f"{what}: {name} differs from the CPU kernel"
 
 
+def _same_side_code(k, basis, kbits, G, side_bits, center, what):
+    """side_code on CUDA against the CPU kernel, both from the CPU kernel's key codes."""
+    kc = ops.quantize_keys(k, kbits, G)
+    want = ops.side_code(k, *kc, basis, kbits, G, side_bits, center)
+    got = ops.side_code(k.cuda(), *(t.cuda() for t in kc), basis.cuda(), kbits, G, side_bits,
+                        center)
+    _same(got, want, what)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32],
                          ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_quantize_keys_cuda_exact(kind, dtype, bits):
     for G, D, T, noncontig in ((64, 128, 192, False), (32, 64, 96, True), (128, 128, 128, False)):
-        seed = _seed(kind, bits, G, D)
-        if noncontig:
-            k = _adversarial((2, T, 3, D), dtype, seed, kind).transpose(1, 2)
-        else:
-            k = _adversarial((2, 3, T, D), dtype, seed, kind)
+        k = _tokens(T, D, dtype, _seed(kind, bits, G, D), kind, noncontig)
         _same(ops.quantize_keys(k.cuda(), bits, G), ops.quantize_keys(k, bits, G),
               f"keys {kind} G{G} D{D}")
 
@@ -100,11 +119,7 @@ def test_quantize_keys_cuda_exact(kind, dtype, bits):
 def test_quantize_values_cuda_exact(kind, dtype, bits):
     for Gv, D, T, noncontig in ((64, 128, 77, False), (32, 64, 5, True), (128, 128, 33, False),
                                 (32, 128, 1, False), (64, 64, 130, True)):
-        seed = _seed(kind, bits, Gv, D, T)
-        if noncontig:
-            v = _adversarial((2, T, 3, D), dtype, seed, kind).transpose(1, 2)
-        else:
-            v = _adversarial((2, 3, T, D), dtype, seed, kind)
+        v = _tokens(T, D, dtype, _seed(kind, bits, Gv, D, T), kind, noncontig)
         _same(ops.quantize_values(v.cuda(), bits, Gv), ops.quantize_values(v, bits, Gv),
               f"values {kind} Gv{Gv} D{D} T{T}")
 
@@ -116,13 +131,8 @@ def test_side_code_cuda_exact(kind, side_bits, center):
     for D, r, G, kbits in ((128, 8, 64, 2), (64, 4, 32, 3), (128, 16, 128, 4), (64, 12, 64, 2)):
         seed = _seed(kind, side_bits, D, r)
         k = _adversarial((2, 3, 2 * G, D), torch.float16, seed, kind)
-        g = torch.Generator().manual_seed(seed)
-        basis = torch.linalg.qr(torch.randn(3, D, r, generator=g, dtype=torch.float64))[0].float()
-        kc = ops.quantize_keys(k, kbits, G)
-        want = ops.side_code(k, *kc, basis, kbits, G, side_bits, center)
-        got = ops.side_code(k.cuda(), *(t.cuda() for t in kc), basis.cuda(), kbits, G,
-                            side_bits, center)
-        _same(got, want, f"side code {kind} D{D} r{r}")
+        _same_side_code(k, _basis(D, r, seed), kbits, G, side_bits, center,
+                        f"side code {kind} D{D} r{r}")
 
 
 @pytest.mark.parametrize("impl", ["token", "group"])
@@ -138,20 +148,13 @@ def test_side_code_cuda_exact_layouts(impl, dtype, kind, monkeypatch):
     for D, r, G, kbits, T, noncontig in ((128, 8, 64, 2, 192, False), (64, 16, 32, 8, 96, True),
                                          (128, 4, 32, 4, 160, True), (64, 8, 128, 3, 384, False)):
         seed = _seed(kind, D, r, G, T)
-        if noncontig:
-            k = _adversarial((2, T, 3, D), dtype, seed, kind).transpose(1, 2)
-        else:
-            k = _adversarial((2, 3, T, D), dtype, seed, kind)
-        g = torch.Generator().manual_seed(seed)
-        basis = torch.linalg.qr(torch.randn(3, D, r, generator=g, dtype=torch.float64))[0].float()
-        kc = ops.quantize_keys(k, kbits, G)
+        k = _tokens(T, D, dtype, seed, kind, noncontig)
+        basis = _basis(D, r, seed)
         for side_bits in (4, 8):
             if r * side_bits % 8:
                 continue
-            want = ops.side_code(k, *kc, basis, kbits, G, side_bits, False)
-            got = ops.side_code(k.cuda(), *(t.cuda() for t in kc), basis.cuda(), kbits, G,
-                                side_bits, False)
-            _same(got, want, f"side code {impl} {kind} D{D} r{r} G{G} T{T}")
+            _same_side_code(k, basis, kbits, G, side_bits, False,
+                            f"side code {impl} {kind} D{D} r{r} G{G} T{T}")
 
 
 @pytest.mark.parametrize("impl", ["fused", "separate"])
@@ -169,13 +172,9 @@ def test_quantize_kv_cuda_exact(impl, dtype, kind, monkeypatch):
              (2, 4, 4, 32, 32, 64, 4, True, False), (2, 2, 8, 128, 64, 128, 8, False, False))
     for kb, vb, zb, G, Gv, D, r, center, noncontig in cases:
         seed = _seed(kind, kb, vb, G, D, r)
-        shape = (2, 2 * G, 3, D) if noncontig else (2, 3, 2 * G, D)
-        k = _adversarial(shape, dtype, seed, kind)
-        v = _adversarial(shape, dtype, seed + 1, kind)
-        if noncontig:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        g = torch.Generator().manual_seed(seed)
-        basis = torch.linalg.qr(torch.randn(3, D, r, generator=g, dtype=torch.float64))[0].float()
+        k = _tokens(2 * G, D, dtype, seed, kind, noncontig)
+        v = _tokens(2 * G, D, dtype, seed + 1, kind, noncontig)
+        basis = _basis(D, r, seed)
         want = ops.quantize_kv(k, v, basis, kb, G, zb, center, vb, Gv)
         got = ops.quantize_kv(k.cuda(), v.cuda(), basis.cuda(), kb, G, zb, center, vb, Gv)
         what = f"quantize_kv {impl} {kind} kb{kb} vb{vb} G{G} Gv{Gv} D{D} r{r}"
