@@ -338,6 +338,8 @@ def check_grid(contexts: list[int], args) -> bool:
         Case(**{**small, "T": 0}, name="window only"),
         Case(**{**small, "W": 0}, name="no window"),
         Case(**{**small, "T": 8192}, heavy=4, name="8k ragged heavy"),
+        Case(**{**small, "T": 8192}, heavy=300, name="8k ragged 300 heavy"),
+        Case(**{**small, "T": 16384}, heavy=2500, name="16k ragged 2500 heavy"),
         Case(B=args.batch, Hq=args.hq, H=args.hkv, D=args.dim, T=contexts[0], W=0,
              kb=args.key_bits, vb=args.value_bits, r=args.rank, bz=args.side_bits, G=args.group,
              Gv=args.value_group, name=f"bench shape {contexts[0]}"),
@@ -443,14 +445,14 @@ def bench_context(T: int, args, copy_gbs: float) -> dict:
     cap = -(-int(T * args.capacity) // args.group) * args.group
     c = Case(B=args.batch, Hq=args.hq, H=args.hkv, D=args.dim, T=cap, n=T if cap != T else None,
              W=args.window, kb=args.key_bits, vb=args.value_bits, r=args.rank, bz=args.side_bits,
-             G=args.group, Gv=args.value_group)
+             G=args.group, Gv=args.value_group, heavy=int(args.heavy_frac * T))
     sets = [make_inputs(c, seed=100 + s, keep_dense=True) for s in range(args.sets)]
     dense = [(s["q"], s["k_dense"][:, :, :T], s["v_dense_full"][:, :, :T]) for s in sets]
     for s in sets:  # keep only what each path reads
         s.pop("k_dense"), s.pop("v_dense_full")
     row = dict(context=T, batch=c.B, q_heads=c.Hq, kv_heads=c.H, head_dim=c.D, key_bits=c.kb,
                value_bits=c.vb, rank=c.r, side_bits=c.bz, group=c.G, value_group=c.Gv,
-               window=c.W, capacity=cap)
+               window=c.W, capacity=cap, heavy_slots=c.heavy)
     row["dense_sdpa"] = time_fn([lambda d=d: sdpa(*d) for d in dense], args.reps, args.warmup)
 
     def deq_sdpa(s):
@@ -504,6 +506,9 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=64)
     ap.add_argument("--value-group", type=int, default=64)
     ap.add_argument("--window", type=int, default=0, help="dense window tokens per sequence")
+    ap.add_argument("--heavy-frac", type=float, default=0.0,
+                    help="A² value policy: kept-token slots per (sequence, KV head) as a fraction "
+                         "of the context (e.g. 0.03 keeps 3%%)")
     ap.add_argument("--capacity", type=float, default=1.0,
                     help="buffer capacity as a multiple of the context (the context's tokens "
                          "valid, the rest spare: a cache grown by doubling, or reserved)")

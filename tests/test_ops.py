@@ -298,6 +298,7 @@ def _decode_case(device, dtype, *, B=3, H=2, n_rep=4, D=64, Tq=128, W=5, rank=8,
         g = torch.Generator().manual_seed(seed + 5)
         hi = torch.randint(0, Tq, (B, H, heavy), generator=g, dtype=torch.int32)
         hi[:, :, -1] = -1
+        hi[:, :, ::7] = -1  # empty slots among the kept ones (a padded keep set)
         hd = (torch.randn(B, H, heavy, D, generator=g) * 0.1).to(dtype)
         hi, hd = hi.to(device), hd.to(device)
     n_quant = torch.tensor([Tq, Tq - G, G // 2][:B], dtype=torch.int32, device=device)
@@ -341,11 +342,16 @@ def _decode_fp64(args):
         dict(key_bits=3, value_bits=8, G=64, Gv=64),
         dict(dense_values=True),
         dict(heavy=6),
+        # several heavy splits of 64 slots; slots past n_quant, before kv_start and -1 among them
+        dict(heavy=200, Tq=1024, kv_start=True),
+        # more than 32 chunks of 64: splits of 128 slots (plan_heavy)
+        dict(heavy=2100, Tq=4096, G=64, Gv=64),
         dict(kv_start=True),
         dict(side=False, W=0),
         dict(n_rep=1, B=2),
     ],
-    ids=["2bit", "4bit", "3k8v", "dense_v", "heavy", "kv_start", "no_side_no_window", "mha"],
+    ids=["2bit", "4bit", "3k8v", "dense_v", "heavy", "heavy_splits", "heavy_chunks_128",
+         "kv_start", "no_side_no_window", "mha"],
 )
 def test_decode_attention(device, dtype, head_dim, case):
     args = _decode_case(device, dtype, D=head_dim, **case)

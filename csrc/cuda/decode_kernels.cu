@@ -48,8 +48,13 @@
 // bounds the kernel to ~100 us, i.e. issue-bound at about half of the copy bandwidth (measured on
 // the H200: 324 us at 32k tokens). decode_mma.cu runs both inner products on tensor cores and is
 // the default for fp16/bf16 queries with 2/4-bit packed keys and values; this kernel remains the
-// fallback (fp32 queries, 3/8-bit codes, dense values, heavy slots) and runs the window splits of
-// the tensor-core path (split0 = Sq).
+// fallback (fp32 queries, 3/8-bit codes, dense values) and runs the window and heavy-slot splits
+// of the tensor-core path (split0 = Sq).
+//
+// Heavy slots (A² value policy): splits Sq + Sw .. S-1 (plan_heavy, headq/split_plan.h) each take
+// a chunk of the kept tokens' slots, recompute their logits from the packed cache and write a
+// numerator-only partial: acc = sum_k 2^(x_k - m) delta_k with l = 0 (the kept tokens' weights are
+// already in the quantised splits' sums; only their value error delta = v - vhat is added).
 //
 // Splits: chosen on the host so that B * H * nchunk * S fills one wave of resident blocks
 // (occupancy query), in whole tiles; the window gets its own split(s) of the same size.
@@ -358,40 +363,105 @@ __device__ __forceinline__ void with_elem(DType dt, F&& f) {
   }
 }
 
-// Logit of one quantised token from global memory (heavy slots; lanes split the channels).
-template <int NG>
-__device__ __forceinline__ void token_logit_warp(const DecodeParams& p, int b, int h, int t,
-                                                 const float* q_s, const float* qu_s,
-                                                 float (&x)[NG]) {
-  const int lane = threadIdx.x & 31;
-  const int D = p.D;
-  const uint8_t* krow = reinterpret_cast<const uint8_t*>(
-      p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh + static_cast<int64_t>(t) * p.k_codes.st);
-  const int64_t gs = static_cast<int64_t>(t / p.G) * p.k_scale.st;
-  const __half* ks = reinterpret_cast<const __half*>(p.k_scale.p + b * p.k_scale.sb +
-                                                     h * p.k_scale.sh + gs);
-  const __half* kz = reinterpret_cast<const __half*>(p.k_zero.p + b * p.k_zero.sb +
-                                                     h * p.k_zero.sh + static_cast<int64_t>(t / p.G) * p.k_zero.st);
-#pragma unroll
-  for (int hh = 0; hh < NG; ++hh) x[hh] = 0.0f;
-  for (int c = lane; c < D; c += 32) {
-    const float khat = asym_dequant(get_code(krow, c, p.kbits), f16_at(ks, c), f16_at(kz, c));
-#pragma unroll
-    for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(q_s[hh * D + c], khat, x[hh]);
+static_assert(kMaxHeavyChunk <= kTile, "heavy_split's logits live in pv_s (kTile * NG floats at least)");
+
+// sign * q.U of the block's heads (side code): qu_s[j * NG + hh], float32, ascending channels.
+template <int D, int NG>
+__device__ __forceinline__ void compute_qu(const DecodeParams& p, int h, const float* q_s,
+                                           float* qu_s) {
+  const float* u = p.basis + static_cast<int64_t>(h) * D * p.r;  // [D, r]
+  for (int idx = threadIdx.x; idx < p.r * NG; idx += kThreads) {
+    const int j = idx / NG, hh = idx % NG;
+    float a = 0.0f;
+    for (int c = 0; c < D; ++c) a = fmaf(q_s[hh * D + c], u[c * p.r + j], a);
+    qu_s[idx] = p.sign * a;
   }
-  if (p.z_codes.p != nullptr) {
-    const uint8_t* zrow = reinterpret_cast<const uint8_t*>(
-        p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh + static_cast<int64_t>(t) * p.z_codes.st);
-    const float zs = __half2float(*reinterpret_cast<const __half*>(
-        p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh + static_cast<int64_t>(t) * 2));
-    for (int j = lane; j < p.r; j += 32) {
-      const float zhat = sym_dequant(get_code(zrow, j, p.zbits), zs, p.zbits);
+}
+
+// Heavy-slot split (A² value policy) of (b, h): slots [k_lo, k_lo + n) of heavy_idx, n <=
+// kMaxHeavyChunk. Four threads per slot (a quarter of the channels and of the side code each,
+// 32 slots per pass, every load of a pass independent) compute the corrected logit of every slot
+// whose token is visible (ks <= t < nq; -1 marks an empty slot); the partial is
+// acc[hh][c] = sum_k 2^(x_k - m) delta_k[c] with m the largest such logit (-inf: none) and l = 0.
+// xs: [kMaxHeavyChunk][NG] scratch, hm_s: [NG] (the caller writes m and l = 0 of the partial).
+template <int D, int NG>
+__device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h, int nh, int k_lo,
+                                            int n, int nq, int ks, const float* q_s,
+                                            const float* qu_s, float* xs, float* hm_s,
+                                            float* out_s) {
+  constexpr int kQ = 4, CQ = D / kQ;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, quarter = tid & (kQ - 1);
+  const bool side = p.z_codes.p != nullptr;
+  const int32_t* hidx = p.heavy_idx + (static_cast<int64_t>(b) * p.H + h) * p.K + k_lo;
+  const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh;
+  const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh;
+  const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh;
+  for (int k0 = 0; k0 < n; k0 += kThreads / kQ) {  // block-uniform: every lane reaches the shuffles
+    const int k = k0 + tid / kQ;
+    const int t = k < n ? hidx[k] : -1;
+    const bool vis = k < n && t >= ks && t < nq;
+    float x[NG];
 #pragma unroll
-      for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(qu_s[j * NG + hh], zhat, x[hh]);
+    for (int hh = 0; hh < NG; ++hh) x[hh] = 0.0f;
+    if (vis) {
+      const uint8_t* krow = reinterpret_cast<const uint8_t*>(kc_g + static_cast<int64_t>(t) * p.k_codes.st);
+      const int64_t grp = t / p.G;
+      const __half* ksp = reinterpret_cast<const __half*>(ks_g + grp * p.k_scale.st);
+      const __half* kzp = reinterpret_cast<const __half*>(kz_g + grp * p.k_zero.st);
+#pragma unroll 8
+      for (int c = quarter * CQ; c < (quarter + 1) * CQ; ++c) {
+        const float khat = asym_dequant(get_code(krow, c, p.kbits), f16_at(ksp, c), f16_at(kzp, c));
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(q_s[hh * D + c], khat, x[hh]);
+      }
+      if (side) {
+        const uint8_t* zrow = reinterpret_cast<const uint8_t*>(
+            p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh + static_cast<int64_t>(t) * p.z_codes.st);
+        const float zs = __half2float(*reinterpret_cast<const __half*>(
+            p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh + static_cast<int64_t>(t) * 2));
+        for (int j = quarter; j < p.r; j += kQ) {
+          const float zhat = sym_dequant(get_code(zrow, j, p.zbits), zs, p.zbits);
+#pragma unroll
+          for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(qu_s[j * NG + hh], zhat, x[hh]);
+        }
+      }
+    }
+#pragma unroll
+    for (int hh = 0; hh < NG; ++hh) {
+      x[hh] += __shfl_xor_sync(0xffffffffu, x[hh], 1);
+      x[hh] += __shfl_xor_sync(0xffffffffu, x[hh], 2);
+    }
+    if (quarter == 0 && k < n) {
+#pragma unroll
+      for (int hh = 0; hh < NG; ++hh) xs[k * NG + hh] = vis ? x[hh] * p.scale_log2 : -INFINITY;
     }
   }
-#pragma unroll
-  for (int hh = 0; hh < NG; ++hh) x[hh] = warp_sum(x[hh]) * p.scale_log2;
+  __syncthreads();
+  for (int hh = warp; hh < NG; hh += kWarps) {  // m per head (NaN logits ignored, as the splits do)
+    float m = -INFINITY;
+    for (int k = lane; k < n; k += 32) m = fmaxf(m, xs[k * NG + hh]);
+    m = warp_max(m);
+    if (lane == 0) hm_s[hh] = m;
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < n * NG; idx += kThreads) {
+    const float x = xs[idx];
+    xs[idx] = x == -INFINITY ? 0.0f : exp2f(x - hm_s[idx % NG]);  // a NaN logit stays NaN
+  }
+  __syncthreads();
+  const char* drow0 = p.heavy_delta.p + b * p.heavy_delta.sb + h * p.heavy_delta.sh +
+                      static_cast<int64_t>(k_lo) * p.heavy_delta.st;
+  for (int idx = tid; idx < nh * D; idx += kThreads) {
+    const int hh = idx / D, c = idx % D;
+    float o = 0.0f;
+#pragma unroll 8
+    for (int k = 0; k < n; ++k) {
+      const float w = xs[k * NG + hh];
+      const float d = load_as_float(drow0 + static_cast<int64_t>(k) * p.heavy_delta.st, p.dtype, c);
+      o = fmaf(w, w != 0.0f ? d : 0.0f, o);  // an invisible slot's delta never enters (not even 0 * inf)
+    }
+    out_s[idx] = o;
+  }
 }
 
 // ------------------------------------------------------------------------------ split kernel --
@@ -450,20 +520,12 @@ decode_split_kernel(const DecodeParams p) {
     for (int g = 0; g < NGV; ++g) st.az[hh][g] = 0.0f;
   }
 
-  int s0 = 0, s1 = 0;  // quantised token range of this block (empty for window splits)
+  int s0 = 0, s1 = 0;  // quantised token range of this block (empty for window and heavy splits)
   if (split < p.Sq) split_range(split, p.Sq, nq, kTile, &s0, &s1);
 
   if (s0 < s1) {
     // ---- quantised region ----
-    if (side) {
-      const float* u = p.basis + static_cast<int64_t>(h) * D * p.r;  // [D, r]
-      for (int idx = tid; idx < p.r * NG; idx += kThreads) {
-        const int j = idx / NG, hh = idx % NG;
-        float a = 0.0f;
-        for (int c = 0; c < D; ++c) a = fmaf(q_s[hh * D + c], u[c * p.r + j], a);
-        qu_s[idx] = p.sign * a;
-      }
-    }
+    if (side) compute_qu<D, NG>(p, h, q_s, qu_s);
     const PackedStreams<D> ps(p, b, h, side, vcodes);
     const char* vd_g = vcodes ? nullptr : p.v_dense.p + b * p.v_dense.sb + h * p.v_dense.sh;
 
@@ -585,7 +647,7 @@ decode_split_kernel(const DecodeParams p) {
         for (int hh = 0; hh < NG; ++hh) st.acc[hh][j] *= f;
       }
     }
-  } else if (split >= p.Sq) {
+  } else if (split >= p.Sq && split < p.Sq + p.Sw) {
     // ---- dense window ----
     const int w_lo = (split - p.Sq) * p.wchunk;
     const int w_hi = min(w_lo + p.wchunk, nw);
@@ -618,68 +680,58 @@ decode_split_kernel(const DecodeParams p) {
     }
   }
 
-  // ---- end of split: reduce the per-thread partials ----
+  // ---- end of split ----
   pdl_launch_dependents();  // the combine may be scheduled (it waits for this grid; pdl_*)
   __syncthreads();  // staging buffers are free (red_s aliases them)
-#pragma unroll
-  for (int hh = 0; hh < NG; ++hh) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      float a = st.acc[hh][j];
-#pragma unroll
-      for (int off = CS; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-      st.acc[hh][j] = a;
+  const bool is_heavy = split >= p.Sq + p.Sw;  // a heavy-slot split (A² value policy)
+  if (is_heavy) {
+    if (side) {
+      compute_qu<D, NG>(p, h, q_s, qu_s);
+      __syncthreads();
     }
-    const float lw = warp_sum(st.l[hh]);
-    if (lane == 0) lsum_s[warp * NG + hh] = lw;
-#pragma unroll
-    for (int g = 0; g < NGV; ++g) {
-      const float zw = warp_sum(st.az[hh][g]);
-      if (lane == 0) az_s[(warp * NG + hh) * NGV + g] = zw;
-    }
-  }
-  if (lane < CS) {
+    const int k_lo = (split - p.Sq - p.Sw) * p.hchunk;
+    const int n = max(0, min(p.hchunk, p.K - k_lo));
+    heavy_split<D, NG>(p, b, h, nh, k_lo, n, nq, ks, q_s, qu_s, pv_s, wmax_s, out_s);
+    __syncthreads();
+  } else {  // reduce the per-thread partials
 #pragma unroll
     for (int hh = 0; hh < NG; ++hh) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) red_s[(warp * NG + hh) * D + lane * 8 + j] = st.acc[hh][j];
-    }
-  }
-  __syncthreads();
-  for (int idx = tid; idx < NG * D; idx += kThreads) {
-    const int hh = idx / D, c = idx % D;
-    float o = 0.0f;
+      for (int j = 0; j < 8; ++j) {
+        float a = st.acc[hh][j];
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) o += red_s[w * NG * D + idx];
-    if (vcodes && split < p.Sq) {
-      const int g = c / p.Gv;
-      float z = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) z += az_s[(w * NG + hh) * NGV + g];
-      o += z;
-    }
-    out_s[idx] = o;
-  }
-  __syncthreads();
-
-  // Heavy slots (A^2 value policy): numerator-only corrections a_idx * delta for kept tokens of
-  // this block's range, with the logit recomputed exactly as above (one warp per slot).
-  if (p.heavy_delta.p != nullptr && s0 < s1) {
-    const int32_t* hidx = p.heavy_idx + (static_cast<int64_t>(b) * p.H + h) * p.K;
-    for (int k = warp; k < p.K; k += kWarps) {
-      const int t = hidx[k];
-      if (t < s0 || t >= s1 || t < ks) continue;  // warp-uniform
-      float x[NG];
-      token_logit_warp<NG>(p, b, h, t, q_s, qu_s, x);
-      const char* drow = p.heavy_delta.p + b * p.heavy_delta.sb + h * p.heavy_delta.sh +
-                         static_cast<int64_t>(k) * p.heavy_delta.st;
-      for (int c = lane; c < D; c += 32) {
-        const float d = load_as_float(drow, p.dtype, c);
-#pragma unroll
-        for (int hh = 0; hh < NG; ++hh) {
-          if (st.m[hh] != -INFINITY) atomicAdd(&out_s[hh * D + c], exp2f(x[hh] - st.m[hh]) * d);
-        }
+        for (int off = CS; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+        st.acc[hh][j] = a;
       }
+      const float lw = warp_sum(st.l[hh]);
+      if (lane == 0) lsum_s[warp * NG + hh] = lw;
+#pragma unroll
+      for (int g = 0; g < NGV; ++g) {
+        const float zw = warp_sum(st.az[hh][g]);
+        if (lane == 0) az_s[(warp * NG + hh) * NGV + g] = zw;
+      }
+    }
+    if (lane < CS) {
+#pragma unroll
+      for (int hh = 0; hh < NG; ++hh) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) red_s[(warp * NG + hh) * D + lane * 8 + j] = st.acc[hh][j];
+      }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < NG * D; idx += kThreads) {
+      const int hh = idx / D, c = idx % D;
+      float o = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) o += red_s[w * NG * D + idx];
+      if (vcodes && split < p.Sq) {
+        const int g = c / p.Gv;
+        float z = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) z += az_s[(w * NG + hh) * NGV + g];
+        o += z;
+      }
+      out_s[idx] = o;
     }
     __syncthreads();
   }
@@ -692,10 +744,14 @@ decode_split_kernel(const DecodeParams p) {
   }
   if (tid < nh) {
     float l = 0.0f, m = st.m[0];
+    if (is_heavy) {
+      m = wmax_s[tid];  // numerator only: l = 0
+    } else {
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) l += lsum_s[w * NG + tid];
+      for (int w = 0; w < kWarps; ++w) l += lsum_s[w * NG + tid];
 #pragma unroll
-    for (int hh = 1; hh < NG; ++hh) m = (hh == tid) ? st.m[hh] : m;  // static register index
+      for (int hh = 1; hh < NG; ++hh) m = (hh == tid) ? st.m[hh] : m;  // static register index
+    }
     const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + tid) * p.S + split;
     p.part_ml[row * 2] = m;
     p.part_ml[row * 2 + 1] = l;

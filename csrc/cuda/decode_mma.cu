@@ -1,8 +1,8 @@
 // Tensor-core split kernel of the fused decode attention (fp16/bf16 queries). Torch-free;
 // launched from ops.cu. Same contract (docs/LAYOUT.md), split decomposition, partial layout
 // [B, Hq, S, D] / [B, Hq, S, 2] and combine kernel as the SIMT kernel of decode_kernels.cu, which
-// stays the fallback (fp32 queries, 3/8-bit codes, dense values, heavy slots, other head dims)
-// and also runs the dense-window splits of this path (launch_decode_split with split0 = Sq).
+// stays the fallback (fp32 queries, 3/8-bit codes, dense values, other head dims) and also runs
+// the dense-window and heavy-slot splits of this path (launch_decode_split with split0 = Sq).
 //
 // Work decomposition
 // ------------------
@@ -1261,7 +1261,6 @@ bool decode_mma_supported(const DecodeParams& p) {
   if (p.D != 64 && p.D != 128) return false;
   if (p.kbits != 2 && p.kbits != 4) return false;
   if (p.v_codes.p == nullptr || (p.vbits != 2 && p.vbits != 4)) return false;
-  if (p.heavy_delta.p != nullptr) return false;
   if (p.G != 32 && p.G != 64 && p.G != 128) return false;
   if (p.Gv < 32 || p.Gv > p.D || p.D % p.Gv != 0) return false;
   if (p.z_codes.p != nullptr) {

@@ -129,8 +129,9 @@ struct DecodeParams {
   float* part_ml;       // [B, Hq, S, 2] (running max in log2 units, sum of exp2)
   int B, H, Hq, D, ratio, nchunk, K;
   // splits: Sq over the quantised region (split_range: the tiles of each sequence's length
-  // spread over them), the rest over the window in chunks of wchunk tokens
-  int Tq, W, S, Sq, wchunk;
+  // spread over them), Sw over the window in chunks of wchunk tokens, then Sh over the heavy
+  // slots in chunks of hchunk (plan_heavy); S = Sq + Sw + Sh
+  int Tq, W, S, Sq, wchunk, Sw, Sh, hchunk;
   int kbits, G, zbits, r, vbits, Gv;
   DType dtype;
   float sign, scale_log2;  // scale * log2(e)
@@ -169,7 +170,8 @@ inline void set_plan_splits(const DecodeParams& p, int sm_count, int blocks_per_
 // device's SM count / occupancy. Returns cudaSuccess or the error of an occupancy query.
 cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePlan* plan);
 
-// Launches splits split0 .. S-1 (grid.x = S - split0). pdl: launched as a programmatic
+// Launches splits split0 .. S-1 (grid.x = S - split0): quantised, window and heavy-slot splits
+// by the index ranges of DecodeParams. pdl: launched as a programmatic
 // dependent of the previous kernel (the tensor-core splits): it runs alongside their last blocks
 // and completes only after them.
 cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan,
@@ -178,7 +180,8 @@ cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan,
 // Tensor-core split kernel (decode_mma.cu) over the quantised region: splits 0 .. Sq-1 with the
 // same partial layout; the window splits Sq .. S-1 are left to launch_decode_split (split0 = Sq).
 // Supported: fp16/bf16 queries, D in {64, 128}, key bits in {2, 4}, packed values of 2 or 4
-// bits, optional side code with bz in {4, 8}, r <= 32 and 4-byte side-code rows, no heavy slots.
+// bits, optional side code with bz in {4, 8}, r <= 32 and 4-byte side-code rows (heavy slots run
+// in the SIMT kernel's heavy splits beside it).
 bool decode_mma_supported(const DecodeParams& p);
 
 // Fills ng, nchunk, Sq (tensor-core kernel) and Sw, wchunk (window splits of the

@@ -389,8 +389,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   }
   p.nchunk = plan.nchunk;
   p.Sq = plan.Sq;
-  p.S = plan.Sq + plan.Sw;
+  p.Sw = plan.Sw;
   p.wchunk = plan.wchunk;
+  const HeavyPlan hplan = plan_heavy(p.K);  // heavy-slot splits after the window's (A² policy)
+  p.Sh = hplan.Sh;
+  p.hchunk = hplan.hchunk;
+  p.S = p.Sq + p.Sw + p.Sh;
 
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
@@ -401,13 +405,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   // The kernels after the first split kernel are programmatic dependents (sm_90+): the window
-  // splits run in the slots the tensor-core splits leave free as they finish, the combine is
-  // scheduled early and waits for both on the device (HEADQ_PDL=0: plain launches).
+  // and heavy-slot splits run in the slots the tensor-core splits leave free as they finish, the
+  // combine is scheduled early and waits for both on the device (HEADQ_PDL=0: plain launches).
   const bool pdl = cuda::decode_pdl_enabled(at::cuda::getCurrentDeviceProperties()->major);
   if (use_mma) {
     C10_CUDA_CHECK(cuda::launch_decode_mma(p, plan, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (plan.Sw > 0) {  // dense-window splits Sq .. S-1: SIMT kernel with its own head chunking
+    if (p.S > p.Sq) {  // window and heavy splits Sq .. S-1: SIMT kernel with its own head chunking
       cuda::DecodePlan wplan{};
       C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &wplan));
       cuda::DecodeParams pw = p;

@@ -8,6 +8,9 @@
 
 namespace {
 
+using headq::HeavyPlan;
+using headq::kMaxHeavyChunk;
+using headq::plan_heavy;
 using headq::plan_splits;
 using headq::split_range;
 using headq::SplitPlan;
@@ -135,6 +138,22 @@ TEST(SplitRange, PropertiesOnRandomLengths) {
     const int Tq = tq(rng);
     const int nq = (i % 3 == 0) ? Tq : std::uniform_int_distribution<int>(0, Tq)(rng);
     check_ranges(Tq, nq, pr(rng), res(rng), tile);
+  }
+}
+
+TEST(HeavyPlan, EverySlotInExactlyOneChunk) {
+  EXPECT_EQ(plan_heavy(0).Sh, 0);
+  EXPECT_EQ(plan_heavy(1).Sh, 1);
+  EXPECT_EQ(plan_heavy(983).hchunk, 64);  // 3% of 32k tokens: 16 splits of 64
+  EXPECT_EQ(plan_heavy(983).Sh, 16);
+  EXPECT_EQ(plan_heavy(3932).hchunk, 128);  // 3% of 128k: 31 splits of 128
+  EXPECT_EQ(plan_heavy(3932).Sh, 31);
+  for (int K = 0; K <= 20000; ++K) {
+    const HeavyPlan h = plan_heavy(K);
+    ASSERT_TRUE(h.hchunk == 64 || h.hchunk == kMaxHeavyChunk) << K;
+    ASSERT_GE(int64_t{h.Sh} * h.hchunk, K) << K;               // every slot is in a split
+    if (K > 0) ASSERT_LT(int64_t{h.Sh - 1} * h.hchunk, K) << K;  // no empty split
+    if (h.hchunk == 64) ASSERT_LE(h.Sh, 32) << K;              // few partials at 64 a chunk
   }
 }
 

@@ -65,4 +65,23 @@ HEADQ_HD inline void split_range(int split, int Sq, int nq, int tile, int* s0, i
   *s1 = lo + chunk < nq ? lo + chunk : nq;
 }
 
+// Heavy-slot splits (A² value policy): the K kept-token slots of every (batch, KV head) are
+// cut into chunks of `hchunk` slots, one split each, after the quantised and window splits.
+// Chunks of 64 slots (a block handles 32 slots per pass, four threads a slot), or 128
+// (kMaxHeavyChunk, what the split kernel's per-block logit buffer holds) once there would be
+// more than 32 of them, so that the partials the combine merges stay few. K == 0: no split.
+constexpr int kMaxHeavyChunk = 128;
+
+struct HeavyPlan {
+  int hchunk;  // slots per heavy split (64 or kMaxHeavyChunk)
+  int Sh;      // heavy splits (ceil(K / hchunk), 0 when K == 0)
+};
+
+inline HeavyPlan plan_heavy(int K) {
+  HeavyPlan h{};
+  h.hchunk = K <= 32 * 64 ? 64 : kMaxHeavyChunk;
+  h.Sh = K > 0 ? (K + h.hchunk - 1) / h.hchunk : 0;
+  return h;
+}
+
 }  // namespace headq
