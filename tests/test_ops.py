@@ -344,8 +344,8 @@ def _decode_fp64(args):
         dict(heavy=6),
         # several heavy splits of 64 slots; slots past n_quant, before kv_start and -1 among them
         dict(heavy=200, Tq=1024, kv_start=True),
-        # more than 32 chunks of 64: splits of 128 slots (plan_heavy)
-        dict(heavy=2100, Tq=4096, G=64, Gv=64),
+        # more than 32 chunks of 64: splits of 128 slots (plan_heavy); tokens kept twice
+        dict(heavy=2100, Tq=1024, G=64, Gv=64),
         dict(kv_start=True),
         dict(side=False, W=0),
         dict(n_rep=1, B=2),

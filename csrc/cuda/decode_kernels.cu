@@ -51,15 +51,17 @@
 // fallback (fp32 queries, 3/8-bit codes, dense values) and runs the window and heavy-slot splits
 // of the tensor-core path (split0 = Sq).
 //
-// Heavy slots (A² value policy): splits Sq + Sw .. S-1 (plan_heavy, headq/split_plan.h) each take
-// a chunk of the kept tokens' slots, recompute their logits from the packed cache and write a
-// numerator-only partial: acc = sum_k 2^(x_k - m) delta_k with l = 0 (the kept tokens' weights are
-// already in the quantised splits' sums; only their value error delta = v - vhat is added).
+// Heavy slots (A² value policy): splits Sq + Sw .. S-1 (plan_heavy, headq/split_plan.h), run by
+// decode_heavy_kernel after the split kernels of either path, each take a chunk of the kept
+// tokens' slots, recompute their logits from the packed cache and write a numerator-only partial:
+// acc = sum_k 2^(x_k - m) delta_k with l = 0 (the kept tokens' weights are already in the
+// quantised splits' sums; only their value error delta = v - vhat is added).
 //
 // Splits: chosen on the host so that B * H * nchunk * S fills one wave of resident blocks
 // (occupancy query), in whole tiles; the window gets its own split(s) of the same size.
 //
-// Instantiations: D in {64, 128} x NG in {1, 2, 4, 8} = 8 split kernels (+3 combine kernels).
+// Instantiations: D in {64, 128} x NG in {1, 2, 4, 8} = 8 split kernels and 8 heavy-slot kernels
+// (+3 combine kernels).
 // Key bits, value bits / dense values and the dense dtype are uniform runtime switches at tile
 // level, so each variant of an inner phase is compiled once per instantiation.
 
@@ -363,77 +365,96 @@ __device__ __forceinline__ void with_elem(DType dt, F&& f) {
   }
 }
 
-static_assert(kMaxHeavyChunk <= kTile, "heavy_split's logits live in pv_s (kTile * NG floats at least)");
-
-// sign * q.U of the block's heads (side code): qu_s[j * NG + hh], float32, ascending channels.
+// sign * q.U of the block's heads (side code): qu_s[j * NG + hh], float32. P threads (a power of
+// two, <= 32, consecutive lanes) per output sum strided channels, then a shuffle reduction, so
+// that the block's D * r * NG basis loads are spread over all its threads.
 template <int D, int NG>
 __device__ __forceinline__ void compute_qu(const DecodeParams& p, int h, const float* q_s,
                                            float* qu_s) {
   const float* u = p.basis + static_cast<int64_t>(h) * D * p.r;  // [D, r]
-  for (int idx = threadIdx.x; idx < p.r * NG; idx += kThreads) {
-    const int j = idx / NG, hh = idx % NG;
+  const int O = p.r * NG;
+  int P = 1;
+  while (P < 32 && 2 * P * O <= kThreads) P *= 2;
+  for (int base = 0; base < O * P; base += kThreads) {  // block-uniform: whole warps shuffle
+    const int idx = base + static_cast<int>(threadIdx.x), o = idx / P, part = idx % P;
     float a = 0.0f;
-    for (int c = 0; c < D; ++c) a = fmaf(q_s[hh * D + c], u[c * p.r + j], a);
-    qu_s[idx] = p.sign * a;
+    if (o < O) {
+      const int j = o / NG, hh = o % NG;
+      for (int c = part; c < D; c += P) a = fmaf(q_s[hh * D + c], u[c * p.r + j], a);
+    }
+    for (int off = 1; off < P; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+    if (o < O && part == 0) qu_s[o] = p.sign * a;
   }
 }
 
 // Heavy-slot split (A² value policy) of (b, h): slots [k_lo, k_lo + n) of heavy_idx, n <=
-// kMaxHeavyChunk. Four threads per slot (a quarter of the channels and of the side code each,
-// 32 slots per pass, every load of a pass independent) compute the corrected logit of every slot
+// kMaxHeavyChunk. A warp takes kHeavySlots slots at a time, lanes along the channels (every load
+// coalesced, the slots' loads in flight together), and computes the corrected logit of every slot
 // whose token is visible (ks <= t < nq; -1 marks an empty slot); the partial is
-// acc[hh][c] = sum_k 2^(x_k - m) delta_k[c] with m the largest such logit (-inf: none) and l = 0.
-// xs: [kMaxHeavyChunk][NG] scratch, hm_s: [NG] (the caller writes m and l = 0 of the partial).
+// acc[hh][c] = sum_k 2^(x_k - m) delta_k[c] with m the largest such logit (-inf: none) and l = 0,
+// one thread per channel reading the deltas kBatch slots at a time.
+// Scratch: xs [kMaxHeavyChunk][NG] floats, t_s [kMaxHeavyChunk] ints, hm_s [NG] (the caller
+// writes m and l = 0 of the partial).
+constexpr int kHeavySlots = 4;
+
 template <int D, int NG>
 __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h, int nh, int k_lo,
                                             int n, int nq, int ks, const float* q_s,
-                                            const float* qu_s, float* xs, float* hm_s,
+                                            const float* qu_s, float* xs, int* t_s, float* hm_s,
                                             float* out_s) {
-  constexpr int kQ = 4, CQ = D / kQ;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, quarter = tid & (kQ - 1);
+  constexpr int CJ = D / 32, kBatch = 16;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const bool side = p.z_codes.p != nullptr;
+  if (nq <= 0) n = 0;  // nothing visible (and no row to read)
   const int32_t* hidx = p.heavy_idx + (static_cast<int64_t>(b) * p.H + h) * p.K + k_lo;
+  for (int k = tid; k < n; k += kThreads) t_s[k] = hidx[k];
+  __syncthreads();
   const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh;
   const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh;
   const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh;
-  for (int k0 = 0; k0 < n; k0 += kThreads / kQ) {  // block-uniform: every lane reaches the shuffles
-    const int k = k0 + tid / kQ;
-    const int t = k < n ? hidx[k] : -1;
-    const bool vis = k < n && t >= ks && t < nq;
-    float x[NG];
+  for (int k0 = warp * kHeavySlots; k0 < n; k0 += kWarps * kHeavySlots) {  // warp-uniform
+    float x[kHeavySlots][NG];
+    bool vis[kHeavySlots];
 #pragma unroll
-    for (int hh = 0; hh < NG; ++hh) x[hh] = 0.0f;
-    if (vis) {
-      const uint8_t* krow = reinterpret_cast<const uint8_t*>(kc_g + static_cast<int64_t>(t) * p.k_codes.st);
-      const int64_t grp = t / p.G;
+    for (int u = 0; u < kHeavySlots; ++u) {
+      const int k = k0 + u;
+      const int t = k < n ? t_s[k] : -1;
+      vis[u] = k < n && t >= ks && t < nq;
+      const int ts = vis[u] ? t : 0;  // an invisible slot reads row 0 (nq >= 1) and is dropped
+      const uint8_t* krow = reinterpret_cast<const uint8_t*>(kc_g + static_cast<int64_t>(ts) * p.k_codes.st);
+      const int64_t grp = ts / p.G;
       const __half* ksp = reinterpret_cast<const __half*>(ks_g + grp * p.k_scale.st);
       const __half* kzp = reinterpret_cast<const __half*>(kz_g + grp * p.k_zero.st);
-#pragma unroll 8
-      for (int c = quarter * CQ; c < (quarter + 1) * CQ; ++c) {
+#pragma unroll
+      for (int hh = 0; hh < NG; ++hh) x[u][hh] = 0.0f;
+#pragma unroll
+      for (int i = 0; i < CJ; ++i) {
+        const int c = lane + 32 * i;
         const float khat = asym_dequant(get_code(krow, c, p.kbits), f16_at(ksp, c), f16_at(kzp, c));
 #pragma unroll
-        for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(q_s[hh * D + c], khat, x[hh]);
+        for (int hh = 0; hh < NG; ++hh) x[u][hh] = fmaf(q_s[hh * D + c], khat, x[u][hh]);
       }
       if (side) {
         const uint8_t* zrow = reinterpret_cast<const uint8_t*>(
-            p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh + static_cast<int64_t>(t) * p.z_codes.st);
+            p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh + static_cast<int64_t>(ts) * p.z_codes.st);
         const float zs = __half2float(*reinterpret_cast<const __half*>(
-            p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh + static_cast<int64_t>(t) * 2));
-        for (int j = quarter; j < p.r; j += kQ) {
+            p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh + static_cast<int64_t>(ts) * 2));
+        for (int j = lane; j < p.r; j += 32) {
           const float zhat = sym_dequant(get_code(zrow, j, p.zbits), zs, p.zbits);
 #pragma unroll
-          for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(qu_s[j * NG + hh], zhat, x[hh]);
+          for (int hh = 0; hh < NG; ++hh) x[u][hh] = fmaf(qu_s[j * NG + hh], zhat, x[u][hh]);
         }
       }
     }
 #pragma unroll
-    for (int hh = 0; hh < NG; ++hh) {
-      x[hh] += __shfl_xor_sync(0xffffffffu, x[hh], 1);
-      x[hh] += __shfl_xor_sync(0xffffffffu, x[hh], 2);
-    }
-    if (quarter == 0 && k < n) {
+    for (int u = 0; u < kHeavySlots; ++u) {
 #pragma unroll
-      for (int hh = 0; hh < NG; ++hh) xs[k * NG + hh] = vis ? x[hh] * p.scale_log2 : -INFINITY;
+      for (int hh = 0; hh < NG; ++hh) x[u][hh] = warp_sum(x[u][hh]);
+      if (lane == 0 && k0 + u < n) {
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh)
+          xs[(k0 + u) * NG + hh] = vis[u] ? x[u][hh] * p.scale_log2 : -INFINITY;
+      }
     }
   }
   __syncthreads();
@@ -444,24 +465,41 @@ __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h,
     if (lane == 0) hm_s[hh] = m;
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < n * NG; idx += kThreads) {
+  for (int idx = tid; idx < n * NG; idx += kThreads) {
     const float x = xs[idx];
     xs[idx] = x == -INFINITY ? 0.0f : exp2f(x - hm_s[idx % NG]);  // a NaN logit stays NaN
   }
   __syncthreads();
   const char* drow0 = p.heavy_delta.p + b * p.heavy_delta.sb + h * p.heavy_delta.sh +
                       static_cast<int64_t>(k_lo) * p.heavy_delta.st;
-  for (int idx = tid; idx < nh * D; idx += kThreads) {
-    const int hh = idx / D, c = idx % D;
-    float o = 0.0f;
-#pragma unroll 8
-    for (int k = 0; k < n; ++k) {
-      const float w = xs[k * NG + hh];
-      const float d = load_as_float(drow0 + static_cast<int64_t>(k) * p.heavy_delta.st, p.dtype, c);
-      o = fmaf(w, w != 0.0f ? d : 0.0f, o);  // an invisible slot's delta never enters (not even 0 * inf)
+  const int64_t dst = p.heavy_delta.st;
+  with_elem(p.dtype, [&](auto tag) {
+    using E = decltype(tag);
+    for (int c = tid; c < D; c += kThreads) {
+      float o[NG];
+#pragma unroll
+      for (int hh = 0; hh < NG; ++hh) o[hh] = 0.0f;
+      for (int k0 = 0; k0 < n; k0 += kBatch) {
+        float d[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u)
+          d[u] = k0 + u < n ? to_float(reinterpret_cast<const E*>(drow0 + (k0 + u) * dst)[c]) : 0.0f;
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          if (k0 + u < n) {
+#pragma unroll
+            for (int hh = 0; hh < NG; ++hh) {
+              const float w = xs[(k0 + u) * NG + hh];
+              o[hh] = fmaf(w, w != 0.0f ? d[u] : 0.0f, o[hh]);  // an invisible slot's delta never enters
+            }
+          }
+        }
+      }
+#pragma unroll
+      for (int hh = 0; hh < NG; ++hh)
+        if (hh < nh) out_s[hh * D + c] = o[hh];
     }
-    out_s[idx] = o;
-  }
+  });
 }
 
 // ------------------------------------------------------------------------------ split kernel --
@@ -680,61 +718,49 @@ decode_split_kernel(const DecodeParams p) {
     }
   }
 
-  // ---- end of split ----
+  // ---- end of split: reduce the per-thread partials ----
   pdl_launch_dependents();  // the combine may be scheduled (it waits for this grid; pdl_*)
   __syncthreads();  // staging buffers are free (red_s aliases them)
-  const bool is_heavy = split >= p.Sq + p.Sw;  // a heavy-slot split (A² value policy)
-  if (is_heavy) {
-    if (side) {
-      compute_qu<D, NG>(p, h, q_s, qu_s);
-      __syncthreads();
+#pragma unroll
+  for (int hh = 0; hh < NG; ++hh) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float a = st.acc[hh][j];
+#pragma unroll
+      for (int off = CS; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
+      st.acc[hh][j] = a;
     }
-    const int k_lo = (split - p.Sq - p.Sw) * p.hchunk;
-    const int n = max(0, min(p.hchunk, p.K - k_lo));
-    heavy_split<D, NG>(p, b, h, nh, k_lo, n, nq, ks, q_s, qu_s, pv_s, wmax_s, out_s);
-    __syncthreads();
-  } else {  // reduce the per-thread partials
+    const float lw = warp_sum(st.l[hh]);
+    if (lane == 0) lsum_s[warp * NG + hh] = lw;
+#pragma unroll
+    for (int g = 0; g < NGV; ++g) {
+      const float zw = warp_sum(st.az[hh][g]);
+      if (lane == 0) az_s[(warp * NG + hh) * NGV + g] = zw;
+    }
+  }
+  if (lane < CS) {
 #pragma unroll
     for (int hh = 0; hh < NG; ++hh) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        float a = st.acc[hh][j];
-#pragma unroll
-        for (int off = CS; off < 32; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
-        st.acc[hh][j] = a;
-      }
-      const float lw = warp_sum(st.l[hh]);
-      if (lane == 0) lsum_s[warp * NG + hh] = lw;
-#pragma unroll
-      for (int g = 0; g < NGV; ++g) {
-        const float zw = warp_sum(st.az[hh][g]);
-        if (lane == 0) az_s[(warp * NG + hh) * NGV + g] = zw;
-      }
+      for (int j = 0; j < 8; ++j) red_s[(warp * NG + hh) * D + lane * 8 + j] = st.acc[hh][j];
     }
-    if (lane < CS) {
-#pragma unroll
-      for (int hh = 0; hh < NG; ++hh) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) red_s[(warp * NG + hh) * D + lane * 8 + j] = st.acc[hh][j];
-      }
-    }
-    __syncthreads();
-    for (int idx = tid; idx < NG * D; idx += kThreads) {
-      const int hh = idx / D, c = idx % D;
-      float o = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kWarps; ++w) o += red_s[w * NG * D + idx];
-      if (vcodes && split < p.Sq) {
-        const int g = c / p.Gv;
-        float z = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) z += az_s[(w * NG + hh) * NGV + g];
-        o += z;
-      }
-      out_s[idx] = o;
-    }
-    __syncthreads();
   }
+  __syncthreads();
+  for (int idx = tid; idx < NG * D; idx += kThreads) {
+    const int hh = idx / D, c = idx % D;
+    float o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) o += red_s[w * NG * D + idx];
+    if (vcodes && split < p.Sq) {
+      const int g = c / p.Gv;
+      float z = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) z += az_s[(w * NG + hh) * NGV + g];
+      o += z;
+    }
+    out_s[idx] = o;
+  }
+  __syncthreads();
 
   // Partial results of this split.
   for (int idx = tid; idx < nh * D; idx += kThreads) {
@@ -744,14 +770,10 @@ decode_split_kernel(const DecodeParams p) {
   }
   if (tid < nh) {
     float l = 0.0f, m = st.m[0];
-    if (is_heavy) {
-      m = wmax_s[tid];  // numerator only: l = 0
-    } else {
 #pragma unroll
-      for (int w = 0; w < kWarps; ++w) l += lsum_s[w * NG + tid];
+    for (int w = 0; w < kWarps; ++w) l += lsum_s[w * NG + tid];
 #pragma unroll
-      for (int hh = 1; hh < NG; ++hh) m = (hh == tid) ? st.m[hh] : m;  // static register index
-    }
+    for (int hh = 1; hh < NG; ++hh) m = (hh == tid) ? st.m[hh] : m;  // static register index
     const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + tid) * p.S + split;
     p.part_ml[row * 2] = m;
     p.part_ml[row * 2 + 1] = l;
@@ -759,6 +781,76 @@ decode_split_kernel(const DecodeParams p) {
   // Window splits launched as programmatic dependents of the tensor-core splits (launch_decode_split
   // with pdl) run alongside them, reading nothing they write; this grid completes only after
   // them, so that the combine, which waits for this grid, also waits for them. (No-op otherwise.)
+  pdl_wait();
+}
+
+// ------------------------------------------------------------------------ heavy-slot kernel --
+// Splits Sq + Sw .. S-1: grid = (Sh, H * nchunk, B), one chunk of hchunk slots per block (the
+// SIMT plan's query-head chunking). Launched after the split kernels (as a programmatic
+// dependent, it runs in the slots their blocks leave free) and before the combine; a kernel of
+// its own so that its small shared memory and register needs let many blocks be resident.
+struct HeavySmem {
+  int q, qu, xs, t, out, hm, total;
+};
+
+__host__ __device__ inline HeavySmem heavy_smem(const DecodeParams& p, int NG) {
+  const int r = p.z_codes.p != nullptr ? p.r : 1;
+  HeavySmem s;
+  int o = 0;
+  s.q = o;   o += align16(NG * p.D * 4);
+  s.qu = o;  o += align16(r * NG * 4);
+  s.xs = o;  o += align16(kMaxHeavyChunk * NG * 4);
+  s.t = o;   o += align16(kMaxHeavyChunk * 4);
+  s.out = o; o += align16(NG * p.D * 4);
+  s.hm = o;  o += align16(NG * 4);
+  s.total = o;
+  return s;
+}
+
+template <int D, int NG>
+__global__ void __launch_bounds__(kThreads) decode_heavy_kernel(const DecodeParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const HeavySmem L = heavy_smem(p, NG);
+  float* q_s = reinterpret_cast<float*>(smem + L.q);
+  float* qu_s = reinterpret_cast<float*>(smem + L.qu);
+  float* out_s = reinterpret_cast<float*>(smem + L.out);
+  float* hm_s = reinterpret_cast<float*>(smem + L.hm);
+  pdl_launch_dependents();  // the combine may be scheduled (it waits for this grid)
+  const int split = p.Sq + p.Sw + blockIdx.x;
+  const int h = blockIdx.y / p.nchunk, chunk = blockIdx.y % p.nchunk, b = blockIdx.z;
+  const int qh0 = h * p.ratio + chunk * NG;
+  const int nh = min(NG, p.ratio - chunk * NG);
+  const int tid = threadIdx.x;
+  const int nq = min(max(p.n_quant[b], 0), p.Tq);
+  const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
+  for (int idx = tid; idx < NG * D; idx += kThreads) {
+    const int hh = idx / D, c = idx % D;
+    q_s[idx] = hh < nh ? load_as_float(p.q.p + b * p.q.sb + static_cast<int64_t>(qh0 + hh) * p.q.sh,
+                                       p.dtype, c)
+                       : 0.0f;
+  }
+  __syncthreads();
+  if (p.z_codes.p != nullptr) {
+    compute_qu<D, NG>(p, h, q_s, qu_s);
+    __syncthreads();
+  }
+  const int k_lo = blockIdx.x * p.hchunk;
+  const int n = max(0, min(p.hchunk, p.K - k_lo));
+  heavy_split<D, NG>(p, b, h, nh, k_lo, n, nq, ks, q_s, qu_s,
+                     reinterpret_cast<float*>(smem + L.xs), reinterpret_cast<int*>(smem + L.t),
+                     hm_s, out_s);
+  __syncthreads();
+  for (int idx = tid; idx < nh * D; idx += kThreads) {
+    const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + idx / D) * p.S + split;
+    p.part_acc[row * D + idx % D] = out_s[idx];
+  }
+  if (tid < nh) {  // numerator only: l = 0 (the kept tokens' weights are in the quantised splits)
+    const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + tid) * p.S + split;
+    p.part_ml[row * 2] = hm_s[tid];
+    p.part_ml[row * 2 + 1] = 0.0f;
+  }
+  // Completes only after the previous grid (itself after the tensor-core splits, see the end of
+  // decode_split_kernel), so that the combine, which waits for this grid, waits for all of them.
   pdl_wait();
 }
 
@@ -887,7 +979,7 @@ cudaError_t launch_split_typed(const DecodeParams& p, const DecodePlan& plan, cu
         kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(plan.smem));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(p.S - p.split0, p.H * p.nchunk, p.B);
+  const dim3 grid(p.Sq + p.Sw - p.split0, p.H * p.nchunk, p.B);
   return launch_maybe_pdl(kernel, grid, dim3(kThreads), plan.smem, stream, pdl, p);
 }
 
@@ -933,9 +1025,25 @@ cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePla
 
 cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream,
                                 bool pdl) {
-  if (p.S - p.split0 <= 0 || p.B == 0 || p.H == 0) return cudaSuccess;
+  if (p.Sq + p.Sw - p.split0 <= 0 || p.B == 0 || p.H == 0) return cudaSuccess;
   return with_shape(p.D, plan.ng, [&](auto d, auto ng) {
     return launch_split_typed<decltype(d)::value, decltype(ng)::value>(p, plan, stream, pdl);
+  });
+}
+
+cudaError_t launch_decode_heavy(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream,
+                                bool pdl) {
+  if (p.Sh <= 0 || p.B == 0 || p.H == 0) return cudaSuccess;
+  const size_t smem = static_cast<size_t>(heavy_smem(p, plan.ng).total);
+  return with_shape(p.D, plan.ng, [&](auto d, auto ng) {
+    auto kernel = decode_heavy_kernel<decltype(d)::value, decltype(ng)::value>;
+    if (smem > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+      if (err != cudaSuccess) return err;
+    }
+    const dim3 grid(p.Sh, p.H * plan.nchunk, p.B);
+    return launch_maybe_pdl(kernel, grid, dim3(kThreads), smem, stream, pdl, p);
   });
 }
 

@@ -170,18 +170,24 @@ inline void set_plan_splits(const DecodeParams& p, int sm_count, int blocks_per_
 // device's SM count / occupancy. Returns cudaSuccess or the error of an occupancy query.
 cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePlan* plan);
 
-// Launches splits split0 .. S-1 (grid.x = S - split0): quantised, window and heavy-slot splits
-// by the index ranges of DecodeParams. pdl: launched as a programmatic
+// Launches splits split0 .. Sq + Sw - 1 (quantised and window splits; the heavy-slot splits are
+// launch_decode_heavy's). pdl: launched as a programmatic
 // dependent of the previous kernel (the tensor-core splits): it runs alongside their last blocks
 // and completes only after them.
 cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan,
+                                cudaStream_t stream, bool pdl = false);
+
+// Heavy-slot splits Sq + Sw .. S-1 (p.Sh of them, p.hchunk slots each; plan.ng / plan.nchunk of
+// the SIMT plan, which p.nchunk must match): numerator-only partials of the kept tokens' value
+// corrections (A² value policy). pdl: a programmatic dependent of the previous split kernel.
+cudaError_t launch_decode_heavy(const DecodeParams& p, const DecodePlan& plan,
                                 cudaStream_t stream, bool pdl = false);
 
 // Tensor-core split kernel (decode_mma.cu) over the quantised region: splits 0 .. Sq-1 with the
 // same partial layout; the window splits Sq .. S-1 are left to launch_decode_split (split0 = Sq).
 // Supported: fp16/bf16 queries, D in {64, 128}, key bits in {2, 4}, packed values of 2 or 4
 // bits, optional side code with bz in {4, 8}, r <= 32 and 4-byte side-code rows (heavy slots run
-// in the SIMT kernel's heavy splits beside it).
+// in launch_decode_heavy's splits after it).
 bool decode_mma_supported(const DecodeParams& p);
 
 // Fills ng, nchunk, Sq (tensor-core kernel) and Sw, wchunk (window splits of the

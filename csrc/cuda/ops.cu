@@ -408,20 +408,25 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   // and heavy-slot splits run in the slots the tensor-core splits leave free as they finish, the
   // combine is scheduled early and waits for both on the device (HEADQ_PDL=0: plain launches).
   const bool pdl = cuda::decode_pdl_enabled(at::cuda::getCurrentDeviceProperties()->major);
+  // SIMT plan: the window and heavy-slot splits of the tensor-core path use its head chunking.
+  cuda::DecodePlan splan = plan;
+  if (use_mma && p.S > p.Sq) C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &splan));
+  cuda::DecodeParams ps = p;
+  ps.nchunk = splan.nchunk;
   if (use_mma) {
     C10_CUDA_CHECK(cuda::launch_decode_mma(p, plan, stream));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (p.S > p.Sq) {  // window and heavy splits Sq .. S-1: SIMT kernel with its own head chunking
-      cuda::DecodePlan wplan{};
-      C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &wplan));
-      cuda::DecodeParams pw = p;
-      pw.nchunk = wplan.nchunk;
-      pw.split0 = p.Sq;
-      C10_CUDA_CHECK(cuda::launch_decode_split(pw, wplan, stream, pdl));
+    if (p.Sw > 0) {  // dense-window splits Sq .. Sq + Sw - 1: SIMT kernel
+      ps.split0 = p.Sq;
+      C10_CUDA_CHECK(cuda::launch_decode_split(ps, splan, stream, pdl));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   } else {
     C10_CUDA_CHECK(cuda::launch_decode_split(p, plan, stream));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (p.Sh > 0) {  // heavy-slot splits Sq + Sw .. S-1 (A² value policy)
+    C10_CUDA_CHECK(cuda::launch_decode_heavy(ps, splan, stream, pdl));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   C10_CUDA_CHECK(cuda::launch_decode_combine(p.part_acc, p.part_ml, B * Hq, p.S,
