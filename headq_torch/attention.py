@@ -178,7 +178,11 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
         kv_start = _kv_start_shared(layer, attention_mask, B, T, query.device)
         nq_t, nw_t = _lengths_shared(layer, B, nq, nw, query.device)
     has_side = layer.basis is not None
-    heavy = layer.heavy_idx is not None and layer.heavy_idx.shape[-1] > 0
+    heavy_idx, heavy_delta = layer.heavy_idx, layer.heavy_delta
+    if step is not None and layer.keep_store is not None:
+        # graph decode: the fixed-capacity keep set (empty slots -1, which the op skips)
+        heavy_idx, _, heavy_delta = layer.keep_store
+    heavy = heavy_idx is not None and heavy_idx.shape[-1] > 0
     out, lse = ops.decode_attention(
         q, b["k_codes"], b["k_scale"], b["k_zero"],
         b["z_codes"] if has_side else None, b["z_scale"] if has_side else None,
@@ -187,11 +191,14 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
         b.get("v_scale") if layer.quantise_values else None,
         b.get("v_zero") if layer.quantise_values else None,
         None if layer.quantise_values else b["v_dense"],
-        layer.heavy_delta.contiguous() if heavy else None,
-        layer.heavy_idx.contiguous() if heavy else None,
+        heavy_delta.contiguous() if heavy else None,
+        heavy_idx.contiguous() if heavy else None,
         b["k_window"], b["v_window"], nq_t, nw_t, kv_start,
         s.key_bits, s.group_size, s.side_bits, s.value_bits, s.value_group_size, s.sign, scale)
-    if layer.a2:
+    if layer.a2 and step is not None:
+        _a2_step_weights(layer, q, lse, heavy_idx if heavy else None, nq_t, nw_t, kv_start,
+                         scale)
+    elif layer.a2:
         kw = b["k_window"][:, :, :nw].float().repeat_interleave(n_rep, dim=1)
         lw = torch.einsum("bhd,bhtd->bht", q.float(), kw) * scale
         aw = torch.exp(lw - lse.unsqueeze(-1))
@@ -209,6 +216,40 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
             w_heavy = (ah * ah).reshape(B, layer.H, n_rep, -1).sum(2)
         layer.add_weights(None, w_window, w_heavy)
     return out.unsqueeze(2)
+
+
+def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
+                     heavy_idx: Optional[torch.Tensor], nq_t: torch.Tensor, nw_t: torch.Tensor,
+                     kv_start: Optional[torch.Tensor], scale: float) -> None:
+    """A² weights of a graph-decode step: the eager computation of :func:`_decode` with fixed
+    shapes. Window logits over the window buffer's whole capacity, positions past the step's
+    ``n_window`` (or before ``kv_start``) masked to 0 with ``where`` (never ``exp(...) * 0``,
+    which can be NaN); kept-token weights over every slot of the fixed keep set, empty slots
+    masked. Both are added in place (``HeadQLayer.add_step_weights``)."""
+    b = layer.buf
+    B, Hq, D = q.shape
+    n_rep = Hq // layer.H
+    kw = b["k_window"].float().repeat_interleave(n_rep, dim=1)
+    W = kw.shape[2]
+    lw = torch.einsum("bhd,bhtd->bht", q.float(), kw) * scale
+    t = torch.arange(W, dtype=torch.int32, device=q.device).view(1, -1)
+    vis = t < nw_t.view(-1, 1)  # [B, W]
+    if kv_start is not None:
+        vis = vis & (nq_t.view(-1, 1) + t >= kv_start.view(-1, 1))
+    aw = torch.where(vis.unsqueeze(1), torch.exp(lw - lse.unsqueeze(-1)), 0.0)
+    aw = torch.nan_to_num(aw, 0.0)
+    w_window = (aw * aw).reshape(B, layer.H, n_rep, W).sum(2)
+    w_heavy = None
+    if heavy_idx is not None:
+        ah = torch.nan_to_num(torch.exp(layer.heavy_logits(q, scale, heavy_idx)
+                                        - lse.unsqueeze(-1)), 0.0)
+        idx = heavy_idx.repeat_interleave(n_rep, dim=1)
+        ok = idx >= 0
+        if kv_start is not None:
+            ok = ok & (idx >= kv_start.view(-1, 1, 1))
+        ah = torch.where(ok, ah, 0.0)
+        w_heavy = (ah * ah).reshape(B, layer.H, n_rep, -1).sum(2)
+    layer.add_step_weights(w_window, w_heavy)
 
 
 def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

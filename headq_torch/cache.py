@@ -104,6 +104,11 @@ class HeadQLayer(CacheLayerMixin):
         self.n_window = 0
         self.buf: dict[str, Optional[torch.Tensor]] = {}
         self.heavy_idx = self.heavy_w = self.heavy_delta = None
+        # Reserved (graph-decode) mode of the A² keep set: fixed-capacity (idx, w, delta)
+        # tensors; heavy_idx/heavy_w/heavy_delta are then views of their first K slots (the
+        # eager keep set), the slots after K hold idx -1, w -inf, delta 0. None: exact mode
+        # (the keep set tensors are exactly K slots, replaced at every flush).
+        self.keep_store: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self.basis = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states=None) -> None:
@@ -158,6 +163,55 @@ class HeadQLayer(CacheLayerMixin):
             b["v_zero"] = _grow(b.get("v_zero"), cap, (ng,), bh, torch.float16, dev, exact=True)
         else:
             b["v_dense"] = _grow(b.get("v_dense"), cap, (D,), bh, self.dtype, dev, exact=True)
+
+    def _quant_capacity(self) -> int:
+        lead = self.buf.get("k_codes") if self.quantise_keys else self.buf.get("k_dense")
+        return 0 if lead is None else lead.shape[2]
+
+    def reserve_keep_set(self) -> None:
+        """A² only: hold the keep set in fixed-capacity tensors (``keep_store``) of
+        ``keep_budget(value_keep_frac, quantised capacity)`` slots, updated in place from now on
+        (graph decode reads them through fixed pointers). The keep set itself is unchanged:
+        ``heavy_idx``/``heavy_w``/``heavy_delta`` become views of the store's first ``K`` slots,
+        holding what they held. The store grows (new tensors) with the quantised region."""
+        if not (self.is_initialized and self.a2 and self.quantise_values):
+            return
+        K = 0 if self.heavy_idx is None else self.heavy_idx.shape[-1]
+        cap = max(vp.keep_budget(self.s.value_keep_frac, self._quant_capacity()), K)
+        store = self.keep_store
+        if store is not None and store[0].shape[-1] >= cap:
+            return
+        B, H, D, dev = self.B, self.H, self.D, self.device
+        self.keep_store = (torch.full((B, H, cap), -1, dtype=torch.int32, device=dev),
+                           torch.full((B, H, cap), float("-inf"), dtype=torch.float32, device=dev),
+                           torch.zeros(B, H, cap, D, dtype=self.dtype, device=dev))
+        if self.heavy_idx is not None:
+            self._set_keep(self.heavy_idx, self.heavy_w, self.heavy_delta)
+
+    def _set_keep(self, idx: Optional[torch.Tensor], w: Optional[torch.Tensor],
+                  delta: Optional[torch.Tensor]) -> None:
+        """Make ``(idx, w, delta)`` (``[B, H, K]``, fresh tensors) the keep set. Exact mode:
+        these tensors. Reserved mode: copied into the front of the store, the rest padded, and
+        the attributes are views of the first ``K`` slots."""
+        store = self.keep_store
+        self.heavy_idx, self.heavy_w, self.heavy_delta = idx, w, delta
+        if store is None:
+            return
+        K = 0 if idx is None else idx.shape[-1]
+        if K > store[0].shape[-1]:  # not reached through flush (the store follows the region)
+            self.keep_store = None
+            self.reserve_keep_set()
+            return
+        si, sw, sd = store
+        si[..., K:] = -1
+        sw[..., K:] = float("-inf")
+        sd[..., K:, :] = 0
+        if idx is None:
+            return
+        si[..., :K] = idx
+        sw[..., :K] = w.detach()  # no autograd history in the fixed buffers
+        sd[..., :K, :] = delta.detach()
+        self.heavy_idx, self.heavy_w, self.heavy_delta = si[..., :K], sw[..., :K], sd[..., :K, :]
 
     def _ensure_window(self, needed: int) -> None:
         b, bh, D = self.buf, self._bh(), self.D
@@ -251,6 +305,8 @@ class HeadQLayer(CacheLayerMixin):
                              f"states of shape {tuple(key_states.shape)}")
         self.buf["k_window"].index_copy_(2, step.slot, key_states)
         self.buf["v_window"].index_copy_(2, step.slot, value_states)
+        if self.a2:  # the new token's A² weight starts at 0, as in update()
+            self.buf["w_window"].index_fill_(2, step.slot, 0)
         kw = self.buf["k_window"].view(self.buf["k_window"].shape)  # tagged, see the module doc
         kw._headq_layer = self
         return kw, self.buf["v_window"]
@@ -258,13 +314,15 @@ class HeadQLayer(CacheLayerMixin):
     def reserve(self, tokens: int) -> None:
         """Allocate the buffers for ``tokens`` tokens at once (exactly, no doubling), so that
         appending up to that length never reallocates: a captured CUDA graph keeps working and
-        no step pays a doubling copy."""
+        no step pays a doubling copy. With the A² policy the keep set moves into fixed slots
+        too (:meth:`reserve_keep_set`)."""
         if not self.is_initialized:
             raise ValueError(f"HeadQCache layer {self.layer_idx}: reserve() needs an "
                              f"initialised cache (run the prompt through the model first)")
         G = self.s.group_size
         self._ensure_quant(-(-max(tokens, 1) // G) * G, exact=True)
         self._ensure_window(self.s.residual_length + G)
+        self.reserve_keep_set()
 
     def get_seq_length(self) -> int:
         return self.n_quant + self.n_window
@@ -289,10 +347,17 @@ class HeadQLayer(CacheLayerMixin):
         for k, t in list(self.buf.items()):
             if t is not None:
                 self.buf[k] = fn(t)
-        for name in ("heavy_idx", "heavy_w", "heavy_delta"):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
+        if self.keep_store is not None:  # the store, and views of it as before
+            K = None if self.heavy_idx is None else self.heavy_idx.shape[-1]
+            si, sw, sd = self.keep_store = tuple(fn(t) for t in self.keep_store)
+            if K is not None:
+                self.heavy_idx, self.heavy_w, self.heavy_delta = (si[..., :K], sw[..., :K],
+                                                                  sd[..., :K, :])
+        else:
+            for name in ("heavy_idx", "heavy_w", "heavy_delta"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, fn(t))
         self.B = next((t.shape[0] for t in self.buf.values() if t is not None), self.B)
         self._refresh_views()
 
@@ -341,9 +406,10 @@ class HeadQLayer(CacheLayerMixin):
                 hit = (self.heavy_idx == j)
                 w_back[..., j - keep_q] = (self.heavy_w.clamp_min(0) * hit).sum(-1)
             valid = (self.heavy_idx >= 0) & (self.heavy_idx < keep_q)
-            self.heavy_idx = torch.where(valid, self.heavy_idx, torch.full_like(self.heavy_idx, -1))
-            self.heavy_w = self.heavy_w.masked_fill(~valid, float("-inf"))
-            self.heavy_delta = self.heavy_delta * valid.unsqueeze(-1).to(self.heavy_delta.dtype)
+            self._set_keep(
+                torch.where(valid, self.heavy_idx, torch.full_like(self.heavy_idx, -1)),
+                self.heavy_w.masked_fill(~valid, float("-inf")),
+                self.heavy_delta * valid.unsqueeze(-1).to(self.heavy_delta.dtype))
             self._shrink_keep_set(keep_q)
         self.n_quant = keep_q
         m = back_k.shape[2]
@@ -362,10 +428,9 @@ class HeadQLayer(CacheLayerMixin):
             return
         w, order = torch.sort(self.heavy_w, dim=-1, descending=True)
         order = order[..., :budget]
-        self.heavy_w = w[..., :budget]
-        self.heavy_idx = torch.gather(self.heavy_idx, -1, order)
-        self.heavy_delta = torch.gather(self.heavy_delta, -2,
-                                        order.unsqueeze(-1).expand(-1, -1, -1, self.D))
+        self._set_keep(torch.gather(self.heavy_idx, -1, order), w[..., :budget],
+                       torch.gather(self.heavy_delta, -2,
+                                    order.unsqueeze(-1).expand(-1, -1, -1, self.D)))
 
     # -- quantisation ------------------------------------------------------------------------
 
@@ -381,6 +446,8 @@ class HeadQLayer(CacheLayerMixin):
         n = m * G
         nq, nw = self.n_quant, self.n_window
         self._ensure_quant(nq + n)
+        if self.keep_store is not None:  # reserved keep set: grows with the quantised region
+            self.reserve_keep_set()
         b = self.buf
         k = b["k_window"][:, :, :n].contiguous()
         v = b["v_window"][:, :, :n].contiguous()
@@ -414,9 +481,9 @@ class HeadQLayer(CacheLayerMixin):
                 vhat = ops.dequantize_values(vc, vs, vz, s.value_bits, s.value_group_size,
                                              torch.float32)
                 delta = (v.float() - vhat).to(self.dtype)
-                self.heavy_idx, self.heavy_w, self.heavy_delta = vp.update_keep_set(
+                self._set_keep(*vp.update_keep_set(
                     self.heavy_idx, self.heavy_w, self.heavy_delta, nq,
-                    b["w_window"][:, :, :n], delta, vp.keep_budget(s.value_keep_frac, nq + n))
+                    b["w_window"][:, :, :n], delta, vp.keep_budget(s.value_keep_frac, nq + n)))
         else:
             b["v_dense"][:, :, nq:nq + n] = v
         rest = nw - n
@@ -491,13 +558,18 @@ class HeadQLayer(CacheLayerMixin):
                        self.buf["v_window"][:, :, :self.n_window]], dim=2)
         return k, v
 
-    def heavy_logits(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+    def heavy_logits(self, q: torch.Tensor, scale: float,
+                     heavy_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Corrected logits of the kept tokens, float32 ``[B, Hq, K]`` for ``q`` ``[B, Hq, D]``
-        (gathers their packed key rows and group scales; no dense key copy)."""
+        (gathers their packed key rows and group scales; no dense key copy). ``heavy_idx``:
+        the slots to read (default ``self.heavy_idx``); empty slots (-1) give the logit of
+        token 0, which callers mask."""
         s, b, G = self.s, self.buf, self.s.group_size
         B, Hq, D = q.shape
         n_rep = Hq // self.H
-        idx = self.heavy_idx.clamp_min(0).long()  # [B, H, K]
+        if heavy_idx is None:
+            heavy_idx = self.heavy_idx
+        idx = heavy_idx.clamp_min(0).long()  # [B, H, K]
         K = idx.shape[-1]
         if self.quantise_keys:
             codes = torch.gather(b["k_codes"], 2,
@@ -532,8 +604,21 @@ class HeadQLayer(CacheLayerMixin):
         valid = self.heavy_idx >= 0
         if w_heavy is None and w_quant is not None and w_quant.shape[-1]:
             w_heavy = torch.gather(w_quant, -1, self.heavy_idx.clamp_min(0).long())
+        if w_heavy is not None:  # in place: heavy_w may be a view of the reserved keep set
+            w_heavy = w_heavy.detach()  # bookkeeping, never differentiated
+            self.heavy_w.add_(torch.where(valid, w_heavy, torch.zeros_like(w_heavy)))
+
+    def add_step_weights(self, w_window: torch.Tensor, w_heavy: Optional[torch.Tensor]) -> None:
+        """``add_weights`` of a graph-decode step, with fixed shapes: ``w_window`` ``[B, H,
+        window capacity]`` (0 where no token is), ``w_heavy`` ``[B, H, K]`` over the slots of
+        ``keep_store`` (empty slots ignored), both added in place."""
+        if not self.a2:
+            return
+        self.buf["w_window"].add_(w_window)
         if w_heavy is not None:
-            self.heavy_w = self.heavy_w + torch.where(valid, w_heavy, torch.zeros_like(w_heavy))
+            si, sw = self.keep_store[:2] if self.keep_store is not None \
+                else (self.heavy_idx, self.heavy_w)
+            sw.add_(torch.where(si >= 0, w_heavy, torch.zeros_like(w_heavy)))
 
     def after_attention(self) -> None:
         if self._owner._static_step is None:  # a graph-decode step: the decoder flushes
@@ -565,8 +650,8 @@ class HeadQLayer(CacheLayerMixin):
 
     def allocated_bytes(self) -> int:
         tensors = [t for t in self.buf.values() if t is not None]
-        tensors += [t for t in (self.heavy_idx, self.heavy_w, self.heavy_delta, self.basis)
-                    if t is not None]
+        keep = self.keep_store or (self.heavy_idx, self.heavy_w, self.heavy_delta)
+        tensors += [t for t in (*keep, self.basis) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -670,8 +755,9 @@ class HeadQCache(Cache):
 
     def reserve(self, max_length: int) -> None:
         """Allocate every quantised layer's buffers for ``max_length`` tokens now (exact sizes,
-        no doubling): no later append up to that length reallocates. Needs a prefilled cache
-        (the batch size, head count and dtype come from the first tokens)."""
+        no doubling): no later append up to that length reallocates (the A² keep set included:
+        fixed slots, updated in place). Needs a prefilled cache (the batch size, head count and
+        dtype come from the first tokens)."""
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ValueError(f"HeadQCache.reserve: max_length must be a positive integer, got "
                              f"{max_length!r}")

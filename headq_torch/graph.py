@@ -24,12 +24,18 @@ to the last bit up to the order in which cuBLAS may reduce. ``graph=False`` runs
 static-shape step without capturing it (any device, CPU included), which is how the CPU tests
 check the step against the eager path.
 
+The A² value policy is supported: the step computes the window's A² weights over the whole
+window buffer (positions past the step's window length masked to 0) and the kept tokens' over
+a fixed-capacity keep set (:meth:`~headq_torch.cache.HeadQLayer.reserve_keep_set`:
+``keep_budget(value_keep_frac, quantised capacity)`` slots, the eager keep set at the front,
+empty slots after it), all updated in place; the flush between replays chooses the keep set
+exactly as the eager path does and copies it into the fixed slots.
+
 Limits (each raises a ``ValueError`` naming it): every layer must be a HeadQ layer with
 quantised keys (no sliding/dense layers), the ``"headq"`` attention function must be enabled,
-the A² value policy is not supported (its weights have per-step shapes), and a prompt mask, if
-given, must be left padding only. Buffers that move (a ``max_length`` exceeded, so the cache
-grows; ``reorder_cache``; ``reset``) are detected before each replay and the step is captured
-again.
+and a prompt mask, if given, must be left padding only. Buffers that move (a ``max_length``
+exceeded, so the cache grows; ``reorder_cache``; ``reset``) are detected before each replay and
+the step is captured again.
 """
 
 from __future__ import annotations
@@ -121,9 +127,6 @@ class GraphDecoder:
         if s.key_bits == 16:
             raise ValueError("GraphDecoder: key_bits=16 (dense keys) has no fused decode step; "
                              "graph decode needs key_bits < 16")
-        if s.value_policy == "a2":
-            raise ValueError("GraphDecoder: value_policy='a2' is not supported (its attention "
-                             "weights have per-step shapes); use the eager path")
         counts = {(layer.n_quant, layer.n_window, layer.B) for layer in layers}
         if len(counts) != 1:
             raise ValueError(f"GraphDecoder: the layers hold different lengths {sorted(counts)}; "
@@ -134,10 +137,11 @@ class GraphDecoder:
                     or max_length < first.n_quant + first.n_window + 1:
                 raise ValueError(f"GraphDecoder: max_length must be an integer > the cached "
                                  f"length {first.n_quant + first.n_window}, got {max_length!r}")
-            cache.reserve(max_length)
+            cache.reserve(max_length)  # the A² keep set included
         else:
             for layer in layers:  # the window's steady capacity, so the window never moves
                 layer._ensure_window(s.residual_length + s.group_size)
+                layer.reserve_keep_set()  # A²: fixed keep-set slots (grow with the region)
         dev = first.device
         if graph is None:
             graph = dev.type == "cuda"
@@ -182,15 +186,38 @@ class GraphDecoder:
         for layer in self.layers:
             out.extend(layer.buf.values())
             out.append(layer.basis)
+            if layer.keep_store is not None:  # A²: the fixed-capacity keep set
+                out.extend(layer.keep_store)
         return tuple(out)
+
+    def _accumulators(self) -> list:
+        """What a step adds to rather than overwrites: the A² weights (the window's and the kept
+        tokens'). Its other writes (the new token's window slot) are idempotent."""
+        out = []
+        for layer in self.layers:
+            if layer.a2:
+                out.append(layer.buf["w_window"])
+                if layer.keep_store is not None:
+                    out.append(layer.keep_store[1])
+        return out
+
+    def _warm_up(self, runs: int = 2) -> None:
+        """Run the step ``runs`` times and undo what those runs added to the A² weights, so
+        that the step that follows (the captured graph's first replay) counts its weights
+        once."""
+        acc = self._accumulators()
+        saved = [t.clone() for t in acc]
+        for _ in range(runs):
+            self._forward()
+        for t, before in zip(acc, saved):
+            t.copy_(before)
 
     def _capture(self) -> None:
         self._graph = self._logits = None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up runs (cuBLAS workspaces, lazy inits)
-            for _ in range(2):
-                self._forward()
+            self._warm_up()
         torch.cuda.current_stream(self.device).wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):

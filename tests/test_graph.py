@@ -13,6 +13,7 @@ from conftest import make_tiny, tiny_calibration
 from headq_torch import attention
 from headq_torch.cache import HeadQCache
 from headq_torch.graph import GraphDecoder, generate
+from headq_torch.value_policy import keep_budget
 
 CUDA = torch.cuda.is_available()
 KW = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
@@ -34,18 +35,25 @@ def _setup(restore_attn, device="cpu", dtype=torch.float32, **kw):
 
 
 @torch.no_grad()
-def _eager_and_static(model, cal, prompt, steps, graph, max_length=None, **kw):
+def _eager_and_static(model, cal, prompt, steps, graph, max_length=None, mask=None, **kw):
     """Logits of ``steps`` greedy steps (driven by the eager path's choices) from two caches:
-    eager forward calls, and the GraphDecoder."""
+    eager forward calls, and the GraphDecoder. ``mask``: the prompt's left-padding mask (the
+    eager calls get the growing mask and its positions, as ``model.generate`` passes them)."""
     ce = HeadQCache(model.config, cal, **{**KW, **kw})
     cs = HeadQCache(model.config, cal, **{**KW, **kw})
-    out = model(prompt, past_key_values=ce, use_cache=True)
-    model(prompt, past_key_values=cs, use_cache=True)
-    dec = GraphDecoder(model, cs, max_length=max_length, graph=graph)
+    extra = {}
+    if mask is not None:
+        extra = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0))
+    out = model(prompt, past_key_values=ce, use_cache=True, **extra)
+    model(prompt, past_key_values=cs, use_cache=True, **extra)
+    dec = GraphDecoder(model, cs, max_length=max_length, attention_mask=mask, graph=graph)
     nxt = out.logits[:, -1:].argmax(-1)
     le, ls = [], []
     for _ in range(steps):
-        a = model(nxt, past_key_values=ce, use_cache=True).logits
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            extra = dict(attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1)
+        a = model(nxt, past_key_values=ce, use_cache=True, **extra).logits
         b = dec.step(nxt).clone()
         le.append(a)
         ls.append(b)
@@ -127,17 +135,25 @@ def test_reserve_just_past_capacity_keeps_buffers_consistent(restore_attn):
     assert toks.shape == (2, 31) and cache.layers[0].buf["k_codes"].shape[2] == 96
 
 
-def _padded_batch_and_generate(model, cal, lens, steps, seed):
-    """A left-padded batch of random prompts of lengths ``lens`` (the first the longest), its
-    mask, and transformers' greedy generate of ``steps`` tokens with an eager HeadQ cache."""
+def _left_padded(model, lens, seed):
+    """A left-padded batch of random prompts of lengths ``lens`` and its mask."""
     T = max(lens)
     ids = torch.zeros(len(lens), T, dtype=torch.long)
     mask = torch.zeros(len(lens), T, dtype=torch.long)
     for i, n in enumerate(lens):
         ids[i, T - n:] = _ids(model, 1, n, seed=seed + i)[0]
         mask[i, T - n:] = 1
+    return ids, mask
+
+
+def _padded_batch_and_generate(model, cal, lens, steps, seed, **kw):
+    """A left-padded batch of random prompts of lengths ``lens`` (the first the longest), its
+    mask, and transformers' greedy generate of ``steps`` tokens with an eager HeadQ cache
+    (``KW`` updated by ``kw``)."""
+    ids, mask = _left_padded(model, lens, seed)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=steps, min_new_tokens=steps,
-                         do_sample=False, past_key_values=HeadQCache(model.config, cal, **KW),
+                         do_sample=False,
+                         past_key_values=HeadQCache(model.config, cal, **{**KW, **kw}),
                          pad_token_id=0)
     return ids, mask, ref
 
@@ -269,14 +285,218 @@ def test_bad_use_is_refused(restore_attn):
         dec.step(torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="steps must be an integer >= 0"):
         dec.greedy(torch.zeros(2, 1, dtype=torch.long), -1)
+    dense_keys = HeadQCache(model.config, None, **{**KW, "key_bits": 16})
+    with torch.no_grad():
+        model(prompt, past_key_values=dense_keys, use_cache=True)
+    with pytest.raises(ValueError, match="key_bits=16"):
+        GraphDecoder(model, dense_keys, graph=False)
     a2 = HeadQCache(model.config, cal, **{**KW, "value_policy": "a2", "value_keep_frac": 0.1})
     with torch.no_grad():
         model(prompt, past_key_values=a2, use_cache=True)
-    with pytest.raises(ValueError, match="value_policy='a2' is not supported"):
-        GraphDecoder(model, a2, graph=False)
+    GraphDecoder(model, a2, graph=False)  # the A² value policy is supported
+    gemma = make_tiny("gemma3", head_dim=64)
+    restore_attn.append(attention.enable(gemma))
+    sliding = HeadQCache(gemma.config, None, **KW)
+    with torch.no_grad():
+        gemma(prompt, past_key_values=sliding, use_cache=True)
+    with pytest.raises(ValueError, match=r"layers \[0, 2\] are not HeadQ layers"):
+        GraphDecoder(gemma, sliding, graph=False)
     attention.disable(model)
     with pytest.raises(ValueError, match="call headq_torch.attention.enable"):
         GraphDecoder(model, cache, graph=False)
+
+
+A2 = dict(value_policy="a2", value_keep_frac=0.1)
+
+
+def _same_keep_set(a, b, exact_weights=True):
+    """Layer ``b`` (fixed-capacity keep set) holds layer ``a``'s (exact size) keep set in its
+    first K slots, padding after them, and the same window weights. ``exact_weights=False``
+    (``a`` eager, ``b`` the static step): the A² weights agree to float rounding only, since
+    the step's ``q·k`` products run over the whole window buffer and every keep-set slot, and
+    the CPU BLAS rounds a matrix product's columns differently for other widths."""
+    assert b.keep_store is not None and a.keep_store is None
+    si, sw, sd = b.keep_store
+
+    def same(x, y):
+        if exact_weights:
+            return torch.equal(x, y)
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-9)
+        return True
+
+    if a.heavy_idx is None:
+        K = 0
+    else:
+        K = a.heavy_idx.shape[-1]
+        assert torch.equal(a.heavy_idx, si[..., :K]) and torch.equal(a.heavy_idx, b.heavy_idx)
+        assert same(a.heavy_w, sw[..., :K]) and b.heavy_w.data_ptr() == sw.data_ptr()
+        assert torch.equal(a.heavy_delta, sd[..., :K, :])
+        assert torch.equal(a.heavy_delta, b.heavy_delta)
+    assert bool((si[..., K:] == -1).all()) and bool((sw[..., K:] == float("-inf")).all())
+    assert not bool(sd[..., K:, :].any())
+    nw = a.n_window
+    assert same(a.buf["w_window"][:, :, :nw], b.buf["w_window"][:, :, :nw])
+    assert a.memory_breakdown() == b.memory_breakdown()
+
+
+@pytest.mark.parametrize("prompt_len,residual,extra,max_extra", [
+    (50, 0, {}, 80), (70, 16, {}, 80), (64, 0, {"value_keep_frac": 0.25}, 80),
+    # nothing kept at the start: 32 quantised tokens, budget floor(0.02 * 32) = 0
+    (40, 0, {"value_keep_frac": 0.02}, 80),
+    # no max_length: the region (and the keep set's slots with it) grows during the run
+    (40, 0, {}, None)])
+def test_a2_static_step_equals_eager(prompt_len, residual, extra, max_extra, restore_attn):
+    """A²: the static step (window weights over the whole window buffer, the keep set in fixed
+    slots) gives the eager logits bit for bit across several flushes, and leaves the eager keep
+    set behind (its weights to float rounding, see _same_keep_set)."""
+    model, cal = _setup(restore_attn)
+    prompt = _ids(model, 2, prompt_len)
+    kw = {**A2, "residual_length": residual, **extra}
+    max_length = None if max_extra is None else prompt_len + max_extra
+    with torch.no_grad():
+        probe = HeadQCache(model.config, cal, **{**KW, **kw})
+        model(prompt, past_key_values=probe, use_cache=True)
+    k0, nq0 = probe.layers[0].heavy_idx.shape[-1], probe.layers[0].n_quant
+    le, ls, ce, cs, dec = _eager_and_static(model, cal, prompt, 75, graph=False,
+                                            max_length=max_length, **kw)
+    assert torch.equal(le, ls)
+    for a, b in zip(ce.layers, cs.layers):
+        assert (a.n_quant, a.n_window) == (b.n_quant, b.n_window)
+        assert a.n_quant >= nq0 + 64  # at least two flushes in the run
+        assert a.heavy_idx.shape[-1] > k0  # the budget grew
+        assert bool((a.heavy_idx >= 0).all())  # the eager set is full: it was really compared
+        # the slots: keep_budget of the quantised capacity (grown with it without max_length)
+        assert b.keep_store[0].shape[-1] == keep_budget(kw["value_keep_frac"],
+                                                        b.buf["k_codes"].shape[2])
+        assert b.keep_store[0].shape[-1] >= a.heavy_idx.shape[-1]
+        _same_keep_set(a, b, exact_weights=False)
+        store = [id(t) for t in b.keep_store]
+        assert all(any(t is u for u in dec._buffers()) for t in b.keep_store)
+    if extra.get("value_keep_frac") == 0.02:
+        assert k0 == 0
+    if max_extra is not None:  # reserved: the keep set never moved (a captured step stays valid)
+        with torch.no_grad():
+            dec.greedy(ls[:, -1:].argmax(-1), 3)
+        assert [id(t) for t in cs.layers[-1].keep_store] == store
+    # reorder_cache replaces the keep set's tensors: the decoder sees new buffers (a captured
+    # step would be captured again) and the next step still equals the eager one
+    le, ls, ce, cs, dec = _eager_and_static(model, cal, prompt, 40, graph=False,
+                                            max_length=max_length, **kw)
+    before = dec._buffers()
+    perm = torch.tensor([1, 0])
+    for c in (ce, cs):
+        c.reorder_cache(perm)
+    assert not any(t is u for t in cs.layers[0].keep_store for u in before)
+    assert all(any(t is u for u in dec._buffers()) for t in cs.layers[0].keep_store)
+    nxt = le[:, -1:].argmax(-1).index_select(0, perm)
+    with torch.no_grad():
+        for _ in range(3):
+            a = model(nxt, past_key_values=ce, use_cache=True).logits
+            assert torch.equal(a, dec.step(nxt))
+            nxt = a[:, -1:].argmax(-1)
+
+
+def test_a2_warm_up_runs_count_once(restore_attn, monkeypatch):
+    """A capture first runs the step twice for real (warm-up). Those runs add A² weights: the
+    decoder undoes them, so a step preceded by warm-up runs still equals the eager step (here
+    every step is, as if the step were captured again each time)."""
+    model, cal = _setup(restore_attn)
+    real = GraphDecoder._forward
+
+    def forward_after_warm_up(self):
+        if getattr(self, "_warming", False):
+            return real(self)
+        self._warming = True
+        try:
+            self._warm_up()
+        finally:
+            self._warming = False
+        return real(self)
+
+    monkeypatch.setattr(GraphDecoder, "_forward", forward_after_warm_up)
+    le, ls, ce, cs, _ = _eager_and_static(model, cal, _ids(model, 2, 50), 40, graph=False,
+                                          max_length=130, **A2)
+    assert torch.equal(le, ls)
+    for a, b in zip(ce.layers, cs.layers):
+        assert a.n_quant == 64
+        _same_keep_set(a, b, exact_weights=False)
+
+
+def test_a2_static_step_left_padded(restore_attn):
+    """A² with a left-padded batch: kv_start masks the padding out of the window and kept-token
+    weights in the static step as in the eager one (logits bit for bit, same keep sets)."""
+    model, cal = _setup(restore_attn)
+    T = 60
+    ids, mask = _left_padded(model, [60, 23], seed=40)
+    le, ls, ce, cs, _ = _eager_and_static(model, cal, ids, 70, graph=False, max_length=T + 80,
+                                          mask=mask, **A2)
+    assert torch.equal(le, ls)
+    for a, b in zip(ce.layers, cs.layers):
+        assert a.n_quant >= 96
+        _same_keep_set(a, b, exact_weights=False)
+
+
+def test_a2_generate_equals_transformers_generate(restore_attn):
+    """graph.generate with an A² cache == model.generate with an eager A² cache (greedy), for a
+    left-padded batch and for an unpadded one."""
+    model, cal = _setup(restore_attn)
+    T, steps = 55, 60
+    ids, mask, ref = _padded_batch_and_generate(model, cal, [55, 40], steps, seed=30, **A2)
+    got = generate(model, ids, HeadQCache(model.config, cal, **{**KW, **A2}), steps,
+                   attention_mask=mask, graph=False)
+    assert torch.equal(got, ref)
+    # no token 0 in the prompt: generate would take it for padding (pad_token_id=0) and infer
+    # an attention mask that hides it
+    ids = _ids(model, 2, 45).clamp_min(1)
+    ref = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
+                         past_key_values=HeadQCache(model.config, cal, **{**KW, **A2}),
+                         pad_token_id=0)
+    got = generate(model, ids, HeadQCache(model.config, cal, **{**KW, **A2}), steps, graph=False)
+    assert torch.equal(got, ref)
+
+
+def test_a2_reserved_keep_set_keeps_eager_behaviour(restore_attn):
+    """cache.reserve() puts the A² keep set in fixed slots: eager decoding, reorder_cache and a
+    crop into the quantised region then give exactly what an unreserved cache gives (the same
+    keep set, counted the same in memory_breakdown)."""
+    model, cal = _setup(restore_attn)
+    prompt = _ids(model, 2, 50)
+    plain = HeadQCache(model.config, cal, **{**KW, **A2})
+    fixed = HeadQCache(model.config, cal, **{**KW, **A2})
+    with torch.no_grad():
+        out = model(prompt, past_key_values=plain, use_cache=True)
+        model(prompt, past_key_values=fixed, use_cache=True)
+        fixed.reserve(200)
+        assert fixed.layers[0].keep_store[0].shape == (2, 2, 22)  # floor(0.1 * 224)
+        nxt = out.logits[:, -1:].argmax(-1)
+        for i in range(60):
+            a = model(nxt, past_key_values=plain, use_cache=True).logits
+            b = model(nxt, past_key_values=fixed, use_cache=True).logits
+            assert torch.equal(a, b), i
+            nxt = a[:, -1:].argmax(-1)
+            if i == 30:
+                for c in (plain, fixed):
+                    c.reorder_cache(torch.tensor([1, 0]))
+        for a, b in zip(plain.layers, fixed.layers):
+            _same_keep_set(a, b)
+        for c in (plain, fixed):
+            c.crop(-40)  # into the quantised region: kept tokens past the cut are dropped
+        for a, b in zip(plain.layers, fixed.layers):
+            _same_keep_set(a, b)
+        a = model(nxt, past_key_values=plain, use_cache=True).logits
+        b = model(nxt, past_key_values=fixed, use_cache=True).logits
+        assert torch.equal(a, b)
+        pick = torch.tensor([3, 0, 1])
+        for c in (plain, fixed):  # batch changes act on the store as on exact tensors
+            c.batch_repeat_interleave(2)
+            c.batch_select_indices(pick)
+        for a, b in zip(plain.layers, fixed.layers):
+            assert b.keep_store[0].shape[:2] == (3, 2)
+            _same_keep_set(a, b)
+        nxt = nxt.repeat_interleave(2, 0)[pick]
+        a = model(nxt, past_key_values=plain, use_cache=True).logits
+        b = model(nxt, past_key_values=fixed, use_cache=True).logits
+        assert torch.equal(a, b)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
@@ -331,3 +551,29 @@ def test_cuda_generate_samples_like_transformers(restore_attn):
     # same kernels and random stream; a near-tie flipped by the graph's cuBLAS order may change
     # a later draw and everything after it
     assert torch.equal(got[:, 70:80], ref[:, 70:80])
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("max_length", [140, None])
+def test_cuda_a2_graph_replay_equals_eager(max_length, restore_attn):
+    """A² through captured replays: logits close to the eager path's, the keep set the eager
+    one where the weights did not tie differently; without max_length the growing region (and
+    keep set) makes the step be captured again."""
+    model, cal = _setup(restore_attn, "cuda", torch.float16)
+    prompt = _ids(model, 3, 50).cuda()
+    le, ls, ce, cs, dec = _eager_and_static(model, cal, prompt, 80, graph=True,
+                                            max_length=max_length, **A2)
+    if max_length is not None:
+        assert dec.captures == 1
+    else:
+        assert dec.captures >= 2
+    torch.testing.assert_close(ls.float(), le.float(), atol=2e-3 * le.abs().max().item(), rtol=0)
+    assert (ls.argmax(-1) == le.argmax(-1)).float().mean() >= 0.97
+    for a, b in zip(ce.layers, cs.layers):
+        K = a.heavy_idx.shape[-1]
+        assert b.heavy_idx.shape[-1] == K and bool((b.keep_store[0][..., K:] == -1).all())
+        # float weights from another reduction order may reorder near-ties: most kept tokens agree
+        same = (a.heavy_idx.unsqueeze(-1) == b.heavy_idx.unsqueeze(-2)).any(-1).float().mean()
+        assert same >= 0.8
+        torch.testing.assert_close(b.buf["w_window"][:, :, :a.n_window],
+                                   a.buf["w_window"][:, :, :a.n_window], atol=1e-3, rtol=1e-2)
