@@ -45,11 +45,20 @@ def _visible_mask(attention_mask: Optional[torch.Tensor], L: int, T: int,
 
 
 def _kv_start(attention_mask: Optional[torch.Tensor], B: int, T: int, device):
-    """First visible token per sequence (left padding), int32 ``[B]``, or None."""
+    """First visible token per sequence (left padding), int32 ``[B]``, or None. A mask that
+    hides a token after a visible one (right or middle padding) raises: the decode op masks only
+    the tokens before ``kv_start``, so it would attend to them (one host sync per decode step,
+    :func:`_kv_start_shared` computes this once for all layers)."""
     if attention_mask is None:
         return None
     vis = _visible_mask(attention_mask, 1, T, device)[:, 0, 0]  # [B or 1, T]
     vis = vis.expand(B, T)
+    if T > 1 and bool((vis[:, 1:] < vis[:, :-1]).any()):
+        raise ValueError("headq attention: attention_mask hides tokens that follow visible ones "
+                         "(right or middle padding); HeadQ decoding supports left padding only. "
+                         "Pad on the left (tokenizer.padding_side = 'left'); if the prompt holds "
+                         "the pad token id, pass generate() an explicit attention_mask (without "
+                         "one, transformers hides those tokens)")
     # No `if vis.all(): return None` shortcut: that would sync the GPU once per layer and step.
     # The kernels skip whole tiles before kv_start, so an all-zero kv_start costs nothing.
     first = torch.where(vis.any(-1), vis.int().argmax(-1), torch.full((B,), T, device=device))

@@ -20,8 +20,10 @@ KW = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
 
 
 def _ids(model, batch, n, seed=5):
+    # No token 0: it is the pad_token_id given to generate(), which hides prompt tokens equal to
+    # it when no attention_mask is passed (holes HeadQ decoding refuses).
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (batch, n), generator=g)
+    return torch.randint(1, model.config.vocab_size, (batch, n), generator=g)
 
 
 def _setup(restore_attn, device="cpu", dtype=torch.float32, **kw):
@@ -445,9 +447,7 @@ def test_a2_generate_equals_transformers_generate(restore_attn):
     got = generate(model, ids, HeadQCache(model.config, cal, **{**KW, **A2}), steps,
                    attention_mask=mask, graph=False)
     assert torch.equal(got, ref)
-    # no token 0 in the prompt: generate would take it for padding (pad_token_id=0) and infer
-    # an attention mask that hides it
-    ids = _ids(model, 2, 45).clamp_min(1)
+    ids = _ids(model, 2, 45)  # unpadded (no token 0, see _ids)
     ref = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                          past_key_values=HeadQCache(model.config, cal, **{**KW, **A2}),
                          pad_token_id=0)

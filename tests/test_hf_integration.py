@@ -15,8 +15,10 @@ N_NEW = 20
 
 
 def _prompt(model, n=70, batch=1, seed=3):
+    # Token 0 is the pad_token_id the tests give generate(), which without an attention_mask
+    # hides prompt tokens equal to it: holes that HeadQ decoding refuses (left padding only).
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (batch, n), generator=g)
+    return torch.randint(1, model.config.vocab_size, (batch, n), generator=g)
 
 
 def _confident_prompt(model, n=70, min_gap=0.03):
@@ -119,6 +121,29 @@ def test_batch_left_padding_matches_separate_runs(kind, restore_attn):
         assert torch.equal(batched[i, T:], alone[0, len(s):])
         dense = _greedy(model, s.unsqueeze(0), DynamicCache(config=model.config))
         assert torch.equal(alone, dense)
+
+
+def test_masks_with_holes_are_refused_at_decode(restore_attn):
+    """The decode op masks only the tokens before each sequence's first visible one (left
+    padding): a mask hiding a later token (right padding; or a prompt token equal to the pad id
+    that generate() hides when given no mask) must raise, not be attended silently."""
+    model = make_tiny("llama")
+    cal = tiny_calibration(model)
+    restore_attn.append(attention.enable(model))
+    kw = dict(key_bits=8, value_bits=8, group_size=32, value_group_size=32)
+    ids = _prompt(model, n=40, batch=2, seed=4)
+    right = torch.ones_like(ids)
+    right[1, -5:] = 0  # right padding of the second sequence
+    with pytest.raises(ValueError, match="left padding only"):
+        _greedy(model, ids, HeadQCache(model.config, cal, **kw), attention_mask=right, n=3)
+    holey = ids.clone()
+    holey[0, 20] = 0  # the pad id inside the prompt, no mask given
+    with pytest.raises(ValueError, match="explicit attention_mask"):
+        _greedy(model, holey, HeadQCache(model.config, cal, **kw), n=3)
+    # with the mask given explicitly the same prompt decodes (token 0 is then an ordinary token)
+    out = _greedy(model, holey, HeadQCache(model.config, cal, **kw),
+                  attention_mask=torch.ones_like(holey), n=3)
+    assert out.shape == (2, 43)
 
 
 def test_decode_op_matches_prefill_path(restore_attn):

@@ -54,7 +54,8 @@ def make_tiny_llama_4kv(seed: int = 0):
 
 def prompt_ids():
     g = torch.Generator().manual_seed(7)
-    return torch.randint(0, 128, (1, PROMPT_LEN), generator=g)
+    # no token 0: it is the pad_token_id given to generate(), which would hide it (no mask)
+    return torch.randint(1, 128, (1, PROMPT_LEN), generator=g)
 
 
 @torch.no_grad()
