@@ -28,6 +28,9 @@ or both: the check grid runs once per kernel and the timing table gets a row for
   python benchmarks/bench_decode.py --check --impl both --contexts 4096,32768
   python benchmarks/bench_decode.py --contexts 4096,16384,32768,131072 --out benchmarks/results/gpu_decode.json
 
+--heavy-frac F adds F x context heavy slots per (sequence, KV head) to the timed shape (the A²
+value policy's kept tokens: heavy_idx / heavy_delta), e.g. --heavy-frac 0.03 --timing graph.
+
 --variants base,ring4,ring5,lean,fixed runs the check grid and the timings once per configuration of the
 tensor-core kernel (HEADQ_MMA_VARIANT, read by the op at every call; see decode_mma.cu) for the
 mma / auto impls; rows are labelled impl:variant. Any failing case of any variant fails the run.

@@ -152,8 +152,12 @@ TEST(HeavyPlan, EverySlotInExactlyOneChunk) {
     const HeavyPlan h = plan_heavy(K);
     ASSERT_TRUE(h.hchunk == 64 || h.hchunk == kMaxHeavyChunk) << K;
     ASSERT_GE(int64_t{h.Sh} * h.hchunk, K) << K;               // every slot is in a split
-    if (K > 0) ASSERT_LT(int64_t{h.Sh - 1} * h.hchunk, K) << K;  // no empty split
-    if (h.hchunk == 64) ASSERT_LE(h.Sh, 32) << K;              // few partials at 64 a chunk
+    if (K > 0) {
+      ASSERT_LT(int64_t{h.Sh - 1} * h.hchunk, K) << K;  // no empty split
+    }
+    if (h.hchunk == 64) {
+      ASSERT_LE(h.Sh, 32) << K;  // few partials at 64 slots a chunk
+    }
   }
 }
 
