@@ -44,16 +44,18 @@ def _visible_mask(attention_mask: Optional[torch.Tensor], L: int, T: int,
     return m
 
 
-def _kv_start(attention_mask: Optional[torch.Tensor], B: int, T: int, device):
-    """First visible token per sequence (left padding), int32 ``[B]``, or None. A mask that
-    hides a token after a visible one (right or middle padding) raises: the decode op masks only
-    the tokens before ``kv_start``, so it would attend to them (one host sync per decode step,
-    :func:`_kv_start_shared` computes this once for all layers)."""
+def _kv_start(attention_mask: Optional[torch.Tensor], B: int, T: int, device,
+              check_holes: bool = True):
+    """First visible token per sequence (left padding), int32 ``[B]``, or None. With
+    ``check_holes`` a mask that hides a token after a visible one (right or middle padding)
+    raises: the decode op masks only the tokens before ``kv_start``, so it would attend to them.
+    The check reads the mask on the host (a sync), so :func:`_kv_start_shared` makes it once per
+    run of decode steps."""
     if attention_mask is None:
         return None
     vis = _visible_mask(attention_mask, 1, T, device)[:, 0, 0]  # [B or 1, T]
     vis = vis.expand(B, T)
-    if T > 1 and bool((vis[:, 1:] < vis[:, :-1]).any()):
+    if check_holes and T > 1 and bool((vis[:, 1:] < vis[:, :-1]).any()):
         raise ValueError("headq attention: attention_mask hides tokens that follow visible ones "
                          "(right or middle padding); HeadQ decoding supports left padding only. "
                          "Pad on the left (tokenizer.padding_side = 'left'); if the prompt holds "
@@ -74,12 +76,17 @@ def _kv_start_shared(layer, attention_mask, B: int, T: int, device):
     """:func:`_kv_start` computed once per decode step: transformers passes the same mask object
     to every layer of a forward, so the cache keeps the last result (and a reference to its
     mask, so an identity match can never be a recycled object) instead of redoing the same
-    handful of small kernels in every layer."""
+    handful of small kernels in every layer. The mask is checked for holes at the first decode
+    step after a prefill (``_mask_checked``, cleared by :func:`_prefill`): during decoding,
+    transformers extends the prompt's mask with visible tokens, so later steps add no hole and
+    need no host sync."""
     owner = layer._owner
     memo = getattr(owner, "_kv_start_memo", None)
     if memo is not None and memo[0] is attention_mask and memo[1] == (B, T):
         return memo[2]
-    out = _kv_start(attention_mask, B, T, device)
+    out = _kv_start(attention_mask, B, T, device,
+                    check_holes=not getattr(owner, "_mask_checked", False))
+    owner._mask_checked = attention_mask is not None
     owner._kv_start_memo = (attention_mask, (B, T), out)
     return out
 
@@ -102,6 +109,7 @@ def _lengths_shared(layer, B: int, nq: int, nw: int, device):
 
 def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -> torch.Tensor:
     """Attention of ``L`` query tokens over the packed region + the dense window."""
+    layer._owner._mask_checked = False  # the next decode step checks its mask for holes
     B, Hq, L, D = query.shape
     nq, nw = layer.n_quant, layer.n_window
     T = nq + nw

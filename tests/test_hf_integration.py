@@ -144,6 +144,25 @@ def test_masks_with_holes_are_refused_at_decode(restore_attn):
     out = _greedy(model, holey, HeadQCache(model.config, cal, **kw),
                   attention_mask=torch.ones_like(holey), n=3)
     assert out.shape == (2, 43)
+    # a left-padded batch decodes; its mask is read on the host (checked for holes) at the first
+    # decode step after the prompt only
+    left = torch.ones_like(ids)
+    left[1, :5] = 0
+    checks = []
+    real = attention._kv_start
+
+    def spy(mask, *args, **kwargs):
+        if mask is not None:
+            checks.append(kwargs.get("check_holes", True))
+        return real(mask, *args, **kwargs)
+
+    attention._kv_start = spy
+    try:
+        out = _greedy(model, ids, HeadQCache(model.config, cal, **kw), attention_mask=left, n=4)
+    finally:
+        attention._kv_start = real
+    assert out.shape == (2, 44)
+    assert checks == [True, False, False], checks  # the three decode steps after the prompt
 
 
 def test_decode_op_matches_prefill_path(restore_attn):
