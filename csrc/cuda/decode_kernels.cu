@@ -365,6 +365,18 @@ __device__ __forceinline__ void with_elem(DType dt, F&& f) {
   }
 }
 
+// q_s[hh * D + c] = q[b, qh0 + hh, c] as float for the block's nh query heads (0 for hh >= nh).
+template <int D, int NG>
+__device__ __forceinline__ void load_query_rows(const DecodeParams& p, int b, int qh0, int nh,
+                                                float* q_s) {
+  for (int idx = threadIdx.x; idx < NG * D; idx += kThreads) {
+    const int hh = idx / D, c = idx % D;
+    q_s[idx] = hh < nh ? load_as_float(p.q.p + b * p.q.sb + static_cast<int64_t>(qh0 + hh) * p.q.sh,
+                                       p.dtype, c)
+                       : 0.0f;
+  }
+}
+
 // sign * q.U of the block's heads (side code): qu_s[j * NG + hh], float32. P threads (a power of
 // two, <= 32, consecutive lanes) per output sum strided channels, then a shuffle reduction, so
 // that the block's D * r * NG basis loads are spread over all its threads.
@@ -539,12 +551,7 @@ decode_split_kernel(const DecodeParams p) {
   const bool side = p.z_codes.p != nullptr;
   const int ngv = vcodes ? D / p.Gv : 1;
 
-  for (int idx = tid; idx < NG * D; idx += kThreads) {
-    const int hh = idx / D, c = idx % D;
-    q_s[idx] = hh < nh ? load_as_float(p.q.p + b * p.q.sb + static_cast<int64_t>(qh0 + hh) * p.q.sh,
-                                       p.dtype, c)
-                       : 0.0f;
-  }
+  load_query_rows<D, NG>(p, b, qh0, nh, q_s);
   __syncthreads();
 
   State<NG, NGV> st;
@@ -823,12 +830,7 @@ __global__ void __launch_bounds__(kThreads) decode_heavy_kernel(const DecodePara
   const int tid = threadIdx.x;
   const int nq = min(max(p.n_quant[b], 0), p.Tq);
   const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
-  for (int idx = tid; idx < NG * D; idx += kThreads) {
-    const int hh = idx / D, c = idx % D;
-    q_s[idx] = hh < nh ? load_as_float(p.q.p + b * p.q.sb + static_cast<int64_t>(qh0 + hh) * p.q.sh,
-                                       p.dtype, c)
-                       : 0.0f;
-  }
+  load_query_rows<D, NG>(p, b, qh0, nh, q_s);
   __syncthreads();
   if (p.z_codes.p != nullptr) {
     compute_qu<D, NG>(p, h, q_s, qu_s);
