@@ -8,7 +8,9 @@
 #   OUT=/tmp/out bash scripts/gpu_check.sh            # everything
 #   STEPS="build tests decode" bash scripts/gpu_check.sh
 #
-# STEPS: any of build tests decode quant sanitize ncu exp (default: build tests decode sanitize).
+# STEPS: any of build tests decode a2 quant sanitize ncu exp (default: build tests decode sanitize).
+# a2: the decode step with the A² value policy's kept tokens (3% of the context; graph timing),
+# and with ncu, the heavy-slot kernel's time and stall profile.
 # exp: a second build of a copy of the tree with HEADQ_NVCC_FLAGS=$EXP_FLAGS and the files under
 # $EXP_OVERLAY (if set) copied over it (built in parallel with "build"), its fixed decode kernel
 # benchmarked at $EXP_CONTEXTS through bench_decode --lib, then the main build's again (A/B).
@@ -60,6 +62,10 @@ if has decode; then
   TAIL=8 run decode python3 benchmarks/bench_decode.py --check --impl mma --variants lean,fixed \
     --contexts ${CONTEXTS:-4096,16384,32768,131072} --out "$OUT/gpu_decode.json"
 fi
+if has a2; then
+  TAIL=5 run a2 python3 benchmarks/bench_decode.py --timing graph --heavy-frac 0.03 \
+    --contexts ${CONTEXTS:-4096,32768,131072} --out "$OUT/gpu_decode_a2.json"
+fi
 if has quant; then
   run quant python3 benchmarks/bench_quant.py --out "$OUT/gpu_quant.json"
 fi
@@ -80,5 +86,12 @@ if has ncu; then
     --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
     python3 benchmarks/bench_decode.py --impl mma --variants fixed --contexts 32768 --reps 3 --warmup 1 --sets 1 \
     --out "$LOGDIR/ncu_decode2.json"
+  if has a2; then  # the heavy-slot kernel at 32k, 3% kept: where its blocks wait
+    run ncu_heavy ncu -k regex:decode_heavy --launch-skip 2 --launch-count 1 --clock-control none \
+      --section SchedulerStats --section WarpStateStats --section LaunchStats --section Occupancy \
+      --metrics gpu__time_duration.sum,smsp__inst_executed.sum \
+      python3 benchmarks/bench_decode.py --contexts 32768 --heavy-frac 0.03 --reps 3 --warmup 1 --sets 1 \
+      --out "$LOGDIR/ncu_heavy.json"
+  fi
 fi
 exit $status
