@@ -184,7 +184,8 @@ cudaError_t launch_decode_heavy(const DecodeParams& p, const DecodePlan& plan,
                                 cudaStream_t stream, bool pdl = false);
 
 // Tensor-core split kernel (decode_mma.cu) over the quantised region: splits 0 .. Sq-1 with the
-// same partial layout; the window splits Sq .. S-1 are left to launch_decode_split (split0 = Sq).
+// same partial layout; the window splits Sq .. Sq + Sw - 1 are left to launch_decode_split
+// (split0 = Sq) and the heavy-slot splits to launch_decode_heavy.
 // Supported: fp16/bf16 queries, D in {64, 128}, key bits in {2, 4}, packed values of 2 or 4
 // bits, optional side code with bz in {4, 8}, r <= 32 and 4-byte side-code rows (heavy slots run
 // in launch_decode_heavy's splits after it).

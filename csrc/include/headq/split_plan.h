@@ -67,9 +67,9 @@ HEADQ_HD inline void split_range(int split, int Sq, int nq, int tile, int* s0, i
 
 // Heavy-slot splits (A² value policy): the K kept-token slots of every (batch, KV head) are
 // cut into chunks of `hchunk` slots, one split each, after the quantised and window splits.
-// Chunks of 64 slots (a block handles 32 slots per pass, four threads a slot), or 128
-// (kMaxHeavyChunk, what the split kernel's per-block logit buffer holds) once there would be
-// more than 32 of them, so that the partials the combine merges stay few. K == 0: no split.
+// Chunks of 64 slots (one block of decode_heavy_kernel each), or 128 (kMaxHeavyChunk, what its
+// per-block logit buffer holds) once there would be more than 32 of them, so that the partials
+// the combine merges stay few. K == 0: no split.
 constexpr int kMaxHeavyChunk = 128;
 
 struct HeavyPlan {
