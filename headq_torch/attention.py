@@ -123,6 +123,7 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
         out, _ = sdpa_attention_forward(module, query, kw, vw, attention_mask, scaling=scale)
         return out.transpose(1, 2)
     rows = max(1, _PREFILL_LOGIT_BYTES // max(1, 4 * B * Hq * T))
+    values = _prefill_values(layer, Hq // layer.H)  # once for every block of rows
     if L > rows:
         parts = []
         for s0 in range(0, L, rows):
@@ -131,15 +132,25 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
                 m = attention_mask[..., s0:s0 + rows, :] if attention_mask.shape[-2] > 1 \
                     else attention_mask
             parts.append(_prefill_rows(layer, query[:, :, s0:s0 + rows], m, scale,
-                                       L - min(s0 + rows, L)))
+                                       L - min(s0 + rows, L), values))
         return torch.cat(parts, dim=2)
-    return _prefill_rows(layer, query, attention_mask, scale, 0)
+    return _prefill_rows(layer, query, attention_mask, scale, 0, values)
+
+
+def _prefill_values(layer, n_rep: int) -> torch.Tensor:
+    """The values a prefill reads, float32 ``[B, Hq, n_quant + n_window, D]``: the quantised
+    region as attention reads it (``vhat``, kept tokens' deltas added) then the window."""
+    nw = layer.n_window
+    v = torch.cat([layer.quantised_values(torch.float32),
+                   layer.buf["v_window"][:, :, :nw].float()], dim=2)
+    return v.repeat_interleave(n_rep, dim=1)
 
 
 def _prefill_rows(layer, query: torch.Tensor, attention_mask, scale: float,
-                  rows_after: int) -> torch.Tensor:
+                  rows_after: int, values: torch.Tensor) -> torch.Tensor:
     """``_prefill`` for a block of query rows; ``rows_after`` query tokens of this call follow
-    the block (they shape the causal mask when transformers passed none)."""
+    the block (they shape the causal mask when transformers passed none); ``values`` from
+    :func:`_prefill_values` (dequantised once per call, not once per block)."""
     s = layer.s
     B, Hq, L, D = query.shape
     n_rep = Hq // layer.H
@@ -171,9 +182,7 @@ def _prefill_rows(layer, query: torch.Tensor, attention_mask, scale: float,
         vis = _visible_mask(attention_mask, L, T, query.device)
     logits = logits.masked_fill(~vis, float("-inf"))
     a = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows (padding) -> 0
-    v = torch.cat([layer.quantised_values(torch.float32),
-                   layer.buf["v_window"][:, :, :nw].float()], dim=2)
-    out = a @ v.repeat_interleave(n_rep, dim=1)  # [B, Hq, L, D]
+    out = a @ values  # [B, Hq, L, D]
     if layer.a2:
         w = vp.squared_weights(a, layer.H)
         layer.add_weights(w[..., :nq], w[..., nq:])
