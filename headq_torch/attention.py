@@ -233,13 +233,8 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
             aw = aw * (pos.view(1, 1, -1) >= kv_start.view(-1, 1, 1))
         aw = torch.nan_to_num(aw, 0.0)
         w_window = (aw * aw).reshape(B, layer.H, n_rep, nw).sum(2)
-        w_heavy = None
-        if heavy:
-            ah = torch.nan_to_num(torch.exp(layer.heavy_logits(q, scale) - lse.unsqueeze(-1)), 0.0)
-            if kv_start is not None:
-                idx = layer.heavy_idx.repeat_interleave(n_rep, dim=1)
-                ah = ah * (idx >= kv_start.view(-1, 1, 1))
-            w_heavy = (ah * ah).reshape(B, layer.H, n_rep, -1).sum(2)
+        w_heavy = _kept_token_weights(layer, q, lse, heavy_idx, kv_start, scale) if heavy \
+            else None
         layer.add_weights(None, w_window, w_heavy)
     return out.unsqueeze(2)
 
@@ -265,17 +260,26 @@ def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
     aw = torch.where(vis.unsqueeze(1), torch.exp(lw - lse.unsqueeze(-1)), 0.0)
     aw = torch.nan_to_num(aw, 0.0)
     w_window = (aw * aw).reshape(B, layer.H, n_rep, W).sum(2)
-    w_heavy = None
-    if heavy_idx is not None:
-        ah = torch.nan_to_num(torch.exp(layer.heavy_logits(q, scale, heavy_idx)
-                                        - lse.unsqueeze(-1)), 0.0)
-        idx = heavy_idx.repeat_interleave(n_rep, dim=1)
-        ok = idx >= 0
-        if kv_start is not None:
-            ok = ok & (idx >= kv_start.view(-1, 1, 1))
-        ah = torch.where(ok, ah, 0.0)
-        w_heavy = (ah * ah).reshape(B, layer.H, n_rep, -1).sum(2)
+    w_heavy = None if heavy_idx is None \
+        else _kept_token_weights(layer, q, lse, heavy_idx, kv_start, scale)
     layer.add_step_weights(w_window, w_heavy)
+
+
+def _kept_token_weights(layer, q: torch.Tensor, lse: torch.Tensor, heavy_idx: torch.Tensor,
+                        kv_start: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """A² weights ``sum over the KV head's query heads of a²`` of the keep-set slots
+    ``heavy_idx`` ``[B, H, K]`` at one decode step, ``a = exp(logit - lse)``; float32
+    ``[B, H, K]``, 0 for empty slots (-1) and tokens before ``kv_start``."""
+    B, Hq, _ = q.shape
+    n_rep = Hq // layer.H
+    ah = torch.nan_to_num(torch.exp(layer.heavy_logits(q, scale, heavy_idx)
+                                    - lse.unsqueeze(-1)), 0.0)
+    idx = heavy_idx.repeat_interleave(n_rep, dim=1)
+    ok = idx >= 0
+    if kv_start is not None:
+        ok = ok & (idx >= kv_start.view(-1, 1, 1))
+    ah = torch.where(ok, ah, 0.0)
+    return (ah * ah).reshape(B, layer.H, n_rep, -1).sum(2)
 
 
 def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -2,7 +2,8 @@
 // launched from ops.cu. Same contract (docs/LAYOUT.md), split decomposition, partial layout
 // [B, Hq, S, D] / [B, Hq, S, 2] and combine kernel as the SIMT kernel of decode_kernels.cu, which
 // stays the fallback (fp32 queries, 3/8-bit codes, dense values, other head dims) and also runs
-// the dense-window and heavy-slot splits of this path (launch_decode_split with split0 = Sq).
+// the dense-window splits of this path (launch_decode_split with split0 = Sq); the heavy-slot
+// splits are decode_heavy_kernel's (launch_decode_heavy).
 //
 // Work decomposition
 // ------------------

@@ -410,8 +410,8 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
   if (has_side) project_queries(qf, a.side.basis, n_rep, D, r, qu);
   for (int64_t i = 0; i < n_rep; ++i) st[i] = OnlineSoftmax();
 
-  // Online softmax over logits[i, 0..n) (already scaled); leaves the weights in logits,
-  // rescales the running sums and clears the block's accb and zacc.
+  // Online softmax over logits[i, 0..n) (already scaled); leaves the weights in logits and
+  // rescales the running sums.
   auto softmax_block = [&](int64_t n) {
     for (int64_t i = 0; i < n_rep; ++i) {
       float* li = logits + i * NB;
@@ -433,15 +433,18 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
         li[t] = p;
       }
       l_d[i] += l;
-      st[i].l = static_cast<float>(l_d[i]);
     }
-    for (int64_t k = 0; k < n_rep * D; ++k) accb[k] = 0.0f;
-    for (int64_t k = 0; k < n_rep * ng; ++k) zacc[k] = 0.0f;
   };
-  // The block's sums into the running ones.
+  // The block's sums (accb, zacc) into the running ones; clears them for the next block.
   auto add_block = [&]() {
-    for (int64_t k = 0; k < n_rep * D; ++k) acc_d[k] += accb[k];
-    for (int64_t k = 0; k < n_rep * ng; ++k) zacc_d[k] += zacc[k];
+    for (int64_t k = 0; k < n_rep * D; ++k) {
+      acc_d[k] += accb[k];
+      accb[k] = 0.0f;
+    }
+    for (int64_t k = 0; k < n_rep * ng; ++k) {
+      zacc_d[k] += zacc[k];
+      zacc[k] = 0.0f;
+    }
   };
 
   // Quantised region: logical tokens [max(start, l_begin), min(nq, l_end)), in blocks that end
@@ -549,9 +552,11 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
   }
 
   // Fold the value zeros in: acc[i, c] = sum_t a_t v_t + sum_t a_t z_{t, c/Gv}.
-  for (int64_t i = 0; i < n_rep; ++i)
+  for (int64_t i = 0; i < n_rep; ++i) {
+    st[i].l = static_cast<float>(l_d[i]);
     for (int64_t c = 0; c < D; ++c)
       acc[i * D + c] = static_cast<float>(acc_d[i * D + c] + (v_coded ? zacc_d[i * ng + c / Gv] : 0.0));
+  }
 }
 
 #if HEADQ_CPU_X86_DISPATCH
