@@ -7,9 +7,12 @@ For each context T it builds a packed cache with the headq quantise ops (2-bit k
 reports the max |error| of ``ops.decode_attention`` and of the float32 PyTorch reference path
 (headq_torch.reference) against the float64 reference. Then it times the op on one thread
 (process CPU time, best of 7 x 10 calls; 1 sequence, 8 KV x 32 query heads, head dim 128, 8k
-tokens). Writes JSON with the command and machine.
+tokens). Writes JSON with the command and machine. With --device cuda it measures the CUDA
+decode's float32 error instead (float32 queries run the SIMT kernel), without the timing.
 
     python benchmarks/bench_cpu_accuracy.py --out benchmarks/results/cpu_accuracy.json
+    python benchmarks/bench_cpu_accuracy.py --device cuda --contexts 1024,8192,32768,131072 \
+        --out benchmarks/results/gpu_accuracy_fp32.json
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ import test_ops as T  # noqa: E402  (the decode test's inputs and float64 refere
 from headq_torch import reference as ref  # noqa: E402
 
 
-def accuracy(Tq: int) -> dict:
-    args = T._decode_case("cpu", torch.float32, D=64, heavy=50, Tq=Tq, G=64, Gv=64)
+def accuracy(Tq: int, device: str = "cpu") -> dict:
+    args = T._decode_case(device, torch.float32, D=64, heavy=50, Tq=Tq, G=64, Gv=64)
     out, _ = ops.decode_attention(*args)
     want32, _ = ref.decode_attention(*T._upcast(args, torch.float32))
     want64, _ = T._decode_fp64(args)
-    return dict(context=Tq, kernel_err=(out.double() - want64).abs().max().item(),
+    return dict(context=Tq, device=device, kernel_err=(out.cpu().double() - want64).abs().max().item(),
                 torch_float32_err=(want32.double() - want64).abs().max().item())
 
 
@@ -76,18 +79,23 @@ def cpu_time_ms(T_tokens: int = 8192) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--contexts", default="128,1024,4096,16384")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the float32 (SIMT) CUDA kernel's error, no CPU timing")
     ap.add_argument("--out", default="benchmarks/results/cpu_accuracy.json")
     args = ap.parse_args()
     rows = []
     for Tq in [int(x) for x in args.contexts.split(",") if x]:
-        rows.append(accuracy(Tq))
+        rows.append(accuracy(Tq, args.device))
         print(json.dumps(rows[-1]), flush=True)
-    ms = cpu_time_ms()
-    print(f"one thread, 8 KV x 32 query heads, D 128, 8k tokens: {ms:.2f} ms", flush=True)
+    machine = dict(cpu=cpu_model(), cores=os.cpu_count(), platform=platform.platform())
     result = dict(command=" ".join(["python"] + sys.argv), torch=torch.__version__,
-                  machine=dict(cpu=cpu_model(), cores=os.cpu_count(),
-                               platform=platform.platform()),
-                  rows=rows, single_thread_ms_8k=ms)
+                  machine=machine, rows=rows)
+    if args.device == "cpu":
+        ms = cpu_time_ms()
+        print(f"one thread, 8 KV x 32 query heads, D 128, 8k tokens: {ms:.2f} ms", flush=True)
+        result["single_thread_ms_8k"] = ms
+    else:
+        machine.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -379,7 +379,11 @@ __device__ __forceinline__ void load_query_rows(const DecodeParams& p, int b, in
 
 // sign * q.U of the block's heads (side code): qu_s[j * NG + hh], float32. P threads (a power of
 // two, <= 32, consecutive lanes) per output sum strided channels, then a shuffle reduction, so
-// that the block's D * r * NG basis loads are spread over all its threads.
+// that the block's D * r * NG basis loads are spread over all its threads. Each thread issues its
+// basis loads kQuBatch at a time into registers before the FMAs (one memory latency per batch
+// instead of one per channel).
+constexpr int kQuBatch = 16;
+
 template <int D, int NG>
 __device__ __forceinline__ void compute_qu(const DecodeParams& p, int h, const float* q_s,
                                            float* qu_s) {
@@ -392,7 +396,19 @@ __device__ __forceinline__ void compute_qu(const DecodeParams& p, int h, const f
     float a = 0.0f;
     if (o < O) {
       const int j = o / NG, hh = o % NG;
-      for (int c = part; c < D; c += P) a = fmaf(q_s[hh * D + c], u[c * p.r + j], a);
+      for (int c0 = part; c0 < D; c0 += kQuBatch * P) {
+        float ub[kQuBatch];
+#pragma unroll
+        for (int i = 0; i < kQuBatch; ++i) {
+          const int c = c0 + i * P;
+          ub[i] = c < D ? u[c * p.r + j] : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < kQuBatch; ++i) {
+          const int c = c0 + i * P;
+          if (c < D) a = fmaf(q_s[hh * D + c], ub[i], a);
+        }
+      }
     }
     for (int off = 1; off < P; off <<= 1) a += __shfl_xor_sync(0xffffffffu, a, off);
     if (o < O && part == 0) qu_s[o] = p.sign * a;
@@ -400,74 +416,172 @@ __device__ __forceinline__ void compute_qu(const DecodeParams& p, int h, const f
 }
 
 // Heavy-slot split (A² value policy) of (b, h): slots [k_lo, k_lo + n) of heavy_idx, n <=
-// kMaxHeavyChunk. A warp takes kHeavySlots slots at a time, lanes along the channels (every load
-// coalesced, the slots' loads in flight together), and computes the corrected logit of every slot
-// whose token is visible (ks <= t < nq; -1 marks an empty slot); the partial is
-// acc[hh][c] = sum_k 2^(x_k - m) delta_k[c] with m the largest such logit (-inf: none) and l = 0,
-// one thread per channel reading the deltas kBatch slots at a time.
-// Scratch: xs [kMaxHeavyChunk][NG] floats, t_s [kMaxHeavyChunk] ints, hm_s [NG] (the caller
-// writes m and l = 0 of the partial).
-constexpr int kHeavySlots = 4;
+// kMaxHeavyChunk. The partial is acc[hh][c] = sum_k 2^(x_k - m) delta_k[c] over the slots whose
+// token is visible (ks <= t < nq; -1 marks an empty slot), with m the largest such corrected
+// logit (-inf: none) and l = 0.
+//  - Logits: a warp takes kHeavySlots slots at a time, kLanesPerSlot lanes per slot, each lane
+//    D / kLanesPerSlot contiguous channels (its key codes in one or two vector loads, its scales
+//    and zeros in 16-byte loads), then a transposing shuffle reduction over the slot's lanes
+//    (every value halves the values left, so NG logits take ~NG shuffles, not 3 * NG).
+//  - Values: two channels per thread (one 4- or 8-byte delta load per slot), kThreads / (D / 2)
+//    slots at a time; their partial sums are added in a fixed order at the end.
+// Scratch: xs [kMaxHeavyChunk][NG] floats, t_s [kMaxHeavyChunk] ints (-1 once invisible), hm_s
+// [NG], red_s [kThreads * 2 * NG] floats (the caller writes m and l = 0 of the partial).
+constexpr int kHeavySlots = 4, kLanesPerSlot = 32 / kHeavySlots;
+
+// Up to 16 bytes of a packed code row, 16-byte aligned row base (decode_ready) and a lane offset
+// that is a multiple of nbytes, as little-endian 32-bit words.
+__device__ __forceinline__ void load_code_bytes(const uint8_t* p, int nbytes, uint32_t (&w)[4]) {
+  w[0] = w[1] = w[2] = w[3] = 0;
+  switch (nbytes) {
+    case 16: {
+      const uint4 u = *reinterpret_cast<const uint4*>(p);
+      w[0] = u.x; w[1] = u.y; w[2] = u.z; w[3] = u.w;
+      break;
+    }
+    case 8: {
+      const uint2 u = *reinterpret_cast<const uint2*>(p);
+      w[0] = u.x; w[1] = u.y;
+      break;
+    }
+    case 4:
+      w[0] = *reinterpret_cast<const uint32_t*>(p);
+      break;
+    case 2:
+      w[0] = *reinterpret_cast<const uint16_t*>(p);
+      break;
+    default:  // 3-bit codes: 3 or 6 bytes
+#pragma unroll
+      for (int i = 0; i < 6; ++i)
+        if (i < nbytes) w[i >> 2] |= static_cast<uint32_t>(p[i]) << (8 * (i & 3));
+  }
+}
+
+// Code i (compile-time) of `bits` (KB if KB > 0) from the words of load_code_bytes. A code never
+// straddles two 64-bit halves (2/4/8 bits are aligned; 3-bit chunks are at most 48 bits).
+template <int KB>
+__device__ __forceinline__ uint32_t code_of(const uint32_t (&w)[4], int i, int bits) {
+  if constexpr (KB > 0) {
+    constexpr uint32_t mask = (1u << KB) - 1u;
+    const int bit = i * KB;  // folds: i is unrolled
+    if ((bit & 31) + KB <= 32) return (w[bit >> 5] >> (bit & 31)) & mask;
+    return static_cast<uint32_t>(((static_cast<uint64_t>(w[(bit >> 5) + 1]) << 32 | w[bit >> 5]) >> (bit & 31)) & mask);
+  } else {
+    const int bit = i * bits;
+    const uint64_t lo = static_cast<uint64_t>(w[1]) << 32 | w[0];
+    const uint64_t hi = static_cast<uint64_t>(w[3]) << 32 | w[2];
+    return static_cast<uint32_t>((bit < 64 ? lo >> bit : hi >> (bit - 64)) & ((1u << bits) - 1u));
+  }
+}
+
+// Sums of V values (a power of two <= L) over groups of L consecutive lanes (L a power of two):
+// each halving step exchanges half the values left, so lane l ends with the sum of value
+// (l % L) >> log2(L / V) in v[0] (also held by the L / V - 1 lanes next to it).
+template <int V, int L>
+__device__ __forceinline__ float transpose_sum(float (&v)[V]) {
+  int n = V;
+#pragma unroll
+  for (int off = L / 2; off > 0; off >>= 1) {
+    const int lane = static_cast<int>(threadIdx.x) & 31;
+    if (n > 1) {
+      const bool upper = (lane & off) != 0;
+#pragma unroll
+      for (int i = 0; i < V / 2; ++i) {
+        if (i < n / 2) {
+          const float send = upper ? v[i] : v[i + n / 2];
+          const float keep = upper ? v[i + n / 2] : v[i];
+          v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+        }
+      }
+      n /= 2;
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+    }
+  }
+  return v[0];
+}
+
+template <int D, int NG, int KB>
+__device__ __forceinline__ void heavy_logits(const DecodeParams& p, int b, int h, int n, int nq,
+                                             int ks, const float* q_s, const float* qu_s,
+                                             int* t_s, float* xs) {
+  constexpr int CL = D / kLanesPerSlot;  // channels per lane: 16 or 8
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int sl = lane / kLanesPerSlot, sub = lane % kLanesPerSlot, c0 = sub * CL;
+  const int kbits = KB > 0 ? KB : p.kbits;
+  const int nbytes = CL * kbits / 8;
+  const bool side = p.z_codes.p != nullptr;
+  const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh + c0 * kbits / 8;
+  const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh + c0 * 2;
+  const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh + c0 * 2;
+  for (int k0 = warp * kHeavySlots; k0 < n; k0 += kWarps * kHeavySlots) {  // warp-uniform
+    const int k = k0 + sl;
+    const int t = k < n ? t_s[k] : -1;
+    const bool vis = k < n && t >= ks && t < nq;
+    const int ts = vis ? t : 0;  // an invisible slot reads row 0 (nq >= 1) and is dropped
+    uint32_t w[4];
+    load_code_bytes(reinterpret_cast<const uint8_t*>(kc_g + static_cast<int64_t>(ts) * p.k_codes.st),
+                    nbytes, w);
+    const int64_t grp = ts / p.G;
+    float khat[CL];
+#pragma unroll
+    for (int i = 0; i < CL; i += 8) {
+      float sc[8], zc[8];
+      load8<__half>(ks_g + grp * p.k_scale.st + i * 2, sc);
+      load8<__half>(kz_g + grp * p.k_zero.st + i * 2, zc);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) khat[i + e] = asym_dequant(code_of<KB>(w, i + e, kbits), sc[e], zc[e]);
+    }
+    float x[NG];
+#pragma unroll
+    for (int hh = 0; hh < NG; ++hh) {
+      float a = 0.0f;
+#pragma unroll
+      for (int i = 0; i < CL; i += 4) {
+        const float4 qv = *reinterpret_cast<const float4*>(q_s + hh * D + c0 + i);
+        a = fmaf(qv.x, khat[i], a);
+        a = fmaf(qv.y, khat[i + 1], a);
+        a = fmaf(qv.z, khat[i + 2], a);
+        a = fmaf(qv.w, khat[i + 3], a);
+      }
+      x[hh] = a;
+    }
+    if (side) {
+      const uint8_t* zrow = reinterpret_cast<const uint8_t*>(
+          p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh + static_cast<int64_t>(ts) * p.z_codes.st);
+      const float zs = __half2float(*reinterpret_cast<const __half*>(
+          p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh + static_cast<int64_t>(ts) * 2));
+      for (int j = sub; j < p.r; j += kLanesPerSlot) {
+        const float zhat = sym_dequant(get_code(zrow, j, p.zbits), zs, p.zbits);
+#pragma unroll
+        for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(qu_s[j * NG + hh], zhat, x[hh]);
+      }
+    }
+    const float xsum = transpose_sum<NG, kLanesPerSlot>(x);
+    constexpr int kHold = kLanesPerSlot / NG;  // lanes holding each head's sum
+    if (k < n && sub % kHold == 0) xs[k * NG + sub / kHold] = vis ? xsum * p.scale_log2 : -INFINITY;
+    __syncwarp();  // the slot's lanes have read t_s[k]
+    if (k < n && sub == 0 && !vis) t_s[k] = -1;
+  }
+}
 
 template <int D, int NG>
 __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h, int nh, int k_lo,
                                             int n, int nq, int ks, const float* q_s,
                                             const float* qu_s, float* xs, int* t_s, float* hm_s,
-                                            float* out_s) {
-  constexpr int CJ = D / 32, kBatch = 16;
+                                            float* red_s, float* out_s) {
+  static_assert(NG <= kLanesPerSlot, "transpose_sum needs NG <= lanes per slot");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const bool side = p.z_codes.p != nullptr;
   if (nq <= 0) n = 0;  // nothing visible (and no row to read)
   const int32_t* hidx = p.heavy_idx + (static_cast<int64_t>(b) * p.H + h) * p.K + k_lo;
   for (int k = tid; k < n; k += kThreads) t_s[k] = hidx[k];
   __syncthreads();
-  const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh;
-  const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh;
-  const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh;
-  for (int k0 = warp * kHeavySlots; k0 < n; k0 += kWarps * kHeavySlots) {  // warp-uniform
-    float x[kHeavySlots][NG];
-    bool vis[kHeavySlots];
-#pragma unroll
-    for (int u = 0; u < kHeavySlots; ++u) {
-      const int k = k0 + u;
-      const int t = k < n ? t_s[k] : -1;
-      vis[u] = k < n && t >= ks && t < nq;
-      const int ts = vis[u] ? t : 0;  // an invisible slot reads row 0 (nq >= 1) and is dropped
-      const uint8_t* krow = reinterpret_cast<const uint8_t*>(kc_g + static_cast<int64_t>(ts) * p.k_codes.st);
-      const int64_t grp = ts / p.G;
-      const __half* ksp = reinterpret_cast<const __half*>(ks_g + grp * p.k_scale.st);
-      const __half* kzp = reinterpret_cast<const __half*>(kz_g + grp * p.k_zero.st);
-#pragma unroll
-      for (int hh = 0; hh < NG; ++hh) x[u][hh] = 0.0f;
-#pragma unroll
-      for (int i = 0; i < CJ; ++i) {
-        const int c = lane + 32 * i;
-        const float khat = asym_dequant(get_code(krow, c, p.kbits), f16_at(ksp, c), f16_at(kzp, c));
-#pragma unroll
-        for (int hh = 0; hh < NG; ++hh) x[u][hh] = fmaf(q_s[hh * D + c], khat, x[u][hh]);
-      }
-      if (side) {
-        const uint8_t* zrow = reinterpret_cast<const uint8_t*>(
-            p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh + static_cast<int64_t>(ts) * p.z_codes.st);
-        const float zs = __half2float(*reinterpret_cast<const __half*>(
-            p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh + static_cast<int64_t>(ts) * 2));
-        for (int j = lane; j < p.r; j += 32) {
-          const float zhat = sym_dequant(get_code(zrow, j, p.zbits), zs, p.zbits);
-#pragma unroll
-          for (int hh = 0; hh < NG; ++hh) x[u][hh] = fmaf(qu_s[j * NG + hh], zhat, x[u][hh]);
-        }
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kHeavySlots; ++u) {
-#pragma unroll
-      for (int hh = 0; hh < NG; ++hh) x[u][hh] = warp_sum(x[u][hh]);
-      if (lane == 0 && k0 + u < n) {
-#pragma unroll
-        for (int hh = 0; hh < NG; ++hh)
-          xs[(k0 + u) * NG + hh] = vis[u] ? x[u][hh] * p.scale_log2 : -INFINITY;
-      }
-    }
+  if (p.kbits == 2) {
+    heavy_logits<D, NG, 2>(p, b, h, n, nq, ks, q_s, qu_s, t_s, xs);
+  } else if (p.kbits == 4) {
+    heavy_logits<D, NG, 4>(p, b, h, n, nq, ks, q_s, qu_s, t_s, xs);
+  } else {
+    heavy_logits<D, NG, 0>(p, b, h, n, nq, ks, q_s, qu_s, t_s, xs);
   }
   __syncthreads();
   for (int hh = warp; hh < NG; hh += kWarps) {  // m per head (NaN logits ignored, as the splits do)
@@ -482,36 +596,71 @@ __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h,
     xs[idx] = x == -INFINITY ? 0.0f : exp2f(x - hm_s[idx % NG]);  // a NaN logit stays NaN
   }
   __syncthreads();
+  constexpr int TPS = D / 2, SR = kThreads / TPS;  // threads per slot row, rows at a time
+  const int rg = tid / TPS, c = 2 * (tid % TPS);
   const char* drow0 = p.heavy_delta.p + b * p.heavy_delta.sb + h * p.heavy_delta.sh +
                       static_cast<int64_t>(k_lo) * p.heavy_delta.st;
   const int64_t dst = p.heavy_delta.st;
+  float o[NG][2];
+#pragma unroll
+  for (int hh = 0; hh < NG; ++hh) o[hh][0] = o[hh][1] = 0.0f;
   with_elem(p.dtype, [&](auto tag) {
     using E = decltype(tag);
-    for (int c = tid; c < D; c += kThreads) {
-      float o[NG];
+    constexpr int kBatch = 4;  // slot rows in flight per thread (8 or 16: more registers, slower)
+    for (int k0 = rg; k0 < n; k0 += SR * kBatch) {
+      float d[kBatch][2];
 #pragma unroll
-      for (int hh = 0; hh < NG; ++hh) o[hh] = 0.0f;
-      for (int k0 = 0; k0 < n; k0 += kBatch) {
-        float d[kBatch];
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u)
-          d[u] = k0 + u < n ? to_float(reinterpret_cast<const E*>(drow0 + (k0 + u) * dst)[c]) : 0.0f;
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          if (k0 + u < n) {
-#pragma unroll
-            for (int hh = 0; hh < NG; ++hh) {
-              const float w = xs[(k0 + u) * NG + hh];
-              o[hh] = fmaf(w, w != 0.0f ? d[u] : 0.0f, o[hh]);  // an invisible slot's delta never enters
-            }
+      for (int u = 0; u < kBatch; ++u) {
+        const int k = k0 + u * SR;
+        d[u][0] = d[u][1] = 0.0f;
+        if (k < n && t_s[k] >= 0) {  // an invisible slot's delta never enters
+          const E* dp = reinterpret_cast<const E*>(drow0 + k * dst) + c;
+          if constexpr (sizeof(E) == 2) {
+            uint32_t bits = *reinterpret_cast<const uint32_t*>(dp);
+            d[u][0] = to_float(*reinterpret_cast<const E*>(&bits));
+            d[u][1] = to_float(reinterpret_cast<const E*>(&bits)[1]);
+          } else {
+            const float2 v = *reinterpret_cast<const float2*>(dp);
+            d[u][0] = v.x;
+            d[u][1] = v.y;
           }
         }
       }
 #pragma unroll
-      for (int hh = 0; hh < NG; ++hh)
-        if (hh < nh) out_s[hh * D + c] = o[hh];
+      for (int u = 0; u < kBatch; ++u) {
+        const int k = k0 + u * SR;
+        if (k < n) {
+#pragma unroll
+          for (int hh = 0; hh < NG; ++hh) {
+            const float wgt = xs[k * NG + hh];
+            o[hh][0] = fmaf(wgt, d[u][0], o[hh][0]);
+            o[hh][1] = fmaf(wgt, d[u][1], o[hh][1]);
+          }
+        }
+      }
     }
   });
+  if (SR > 1) {
+#pragma unroll
+    for (int hh = 0; hh < NG; ++hh) {
+      red_s[(rg * NG + hh) * D + c] = o[hh][0];
+      red_s[(rg * NG + hh) * D + c + 1] = o[hh][1];
+    }
+    __syncthreads();
+    for (int idx = tid; idx < nh * D; idx += kThreads) {
+      float a = red_s[idx];
+      for (int g = 1; g < SR; ++g) a += red_s[g * NG * D + idx];
+      out_s[idx] = a;
+    }
+  } else {
+#pragma unroll
+    for (int hh = 0; hh < NG; ++hh) {
+      if (hh < nh) {
+        out_s[hh * D + c] = o[hh][0];
+        out_s[hh * D + c + 1] = o[hh][1];
+      }
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------ split kernel --
@@ -797,7 +946,7 @@ decode_split_kernel(const DecodeParams p) {
 // dependent, it runs in the slots their blocks leave free) and before the combine; a kernel of
 // its own so that its small shared memory and register needs let many blocks be resident.
 struct HeavySmem {
-  int q, qu, xs, t, out, hm, total;
+  int q, qu, xs, t, out, hm, red, total;
 };
 
 __host__ __device__ inline HeavySmem heavy_smem(const DecodeParams& p, int NG) {
@@ -810,6 +959,7 @@ __host__ __device__ inline HeavySmem heavy_smem(const DecodeParams& p, int NG) {
   s.t = o;   o += align16(kMaxHeavyChunk * 4);
   s.out = o; o += align16(NG * p.D * 4);
   s.hm = o;  o += align16(NG * 4);
+  s.red = o; o += align16(kThreads * 2 * NG * 4);
   s.total = o;
   return s;
 }
@@ -840,7 +990,7 @@ __global__ void __launch_bounds__(kThreads) decode_heavy_kernel(const DecodePara
   const int n = max(0, min(p.hchunk, p.K - k_lo));
   heavy_split<D, NG>(p, b, h, nh, k_lo, n, nq, ks, q_s, qu_s,
                      reinterpret_cast<float*>(smem + L.xs), reinterpret_cast<int*>(smem + L.t),
-                     hm_s, out_s);
+                     hm_s, reinterpret_cast<float*>(smem + L.red), out_s);
   __syncthreads();
   for (int idx = tid; idx < nh * D; idx += kThreads) {
     const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + idx / D) * p.S + split;

@@ -317,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   const at::Tensor v_zero = vcodes ? decode_ready(*v_zero_in, true) : at::Tensor();
   const at::Tensor v_dense = vcodes ? at::Tensor() : decode_ready(*v_dense_in, false);
   const bool heavy = heavy_delta_in.has_value() && heavy_delta_in->numel() > 0;
-  const at::Tensor heavy_delta = heavy ? heavy_delta_in->contiguous() : at::Tensor();
+  const at::Tensor heavy_delta = heavy ? decode_ready(*heavy_delta_in, false) : at::Tensor();
   const at::Tensor heavy_idx = heavy ? heavy_idx_in->contiguous() : at::Tensor();
   const at::Tensor k_window = decode_ready(k_window_in, false);
   const at::Tensor v_window = decode_ready(v_window_in, false);
@@ -391,7 +391,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   p.Sq = plan.Sq;
   p.Sw = plan.Sw;
   p.wchunk = plan.wchunk;
-  const HeavyPlan hplan = plan_heavy(p.K);  // heavy-slot splits after the window's (A² policy)
+  // heavy-slot splits after the window's (A² policy); chunks of 32 while 4 blocks per SM hold
+  // them all (the heavy kernel's blocks are 128 threads of <= 128 registers)
+  const HeavyPlan hplan = plan_heavy(p.K, static_cast<int64_t>(B) * p.H, 4 * static_cast<int64_t>(sm_count));
   p.Sh = hplan.Sh;
   p.hchunk = hplan.hchunk;
   p.S = p.Sq + p.Sw + p.Sh;

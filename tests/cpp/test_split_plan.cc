@@ -148,6 +148,28 @@ TEST(HeavyPlan, EverySlotInExactlyOneChunk) {
   EXPECT_EQ(plan_heavy(983).Sh, 16);
   EXPECT_EQ(plan_heavy(3932).hchunk, 128);  // 3% of 128k: 31 splits of 128
   EXPECT_EQ(plan_heavy(3932).Sh, 31);
+  // Short contexts: chunks of 32 while rows x chunks fit the resident blocks (132 SMs x 4).
+  EXPECT_EQ(plan_heavy(122, 64, 528).hchunk, 32);  // 3% of 4k at batch 8 x 8 KV heads
+  EXPECT_EQ(plan_heavy(122, 64, 528).Sh, 4);
+  EXPECT_EQ(plan_heavy(983, 64, 528).hchunk, 64);   // 31 x 64 blocks do not fit
+  EXPECT_EQ(plan_heavy(3932, 64, 528).hchunk, 128);
+  EXPECT_EQ(plan_heavy(264, 16, 528).hchunk, 32);   // 9 x 16 = 144 blocks
+  EXPECT_EQ(plan_heavy(1057, 16, 528).hchunk, 64);  // 34 chunks of 32: more than 32
+  EXPECT_EQ(plan_heavy(1000, 1, 528).hchunk, 32);
+  EXPECT_EQ(plan_heavy(983, 16, 528).hchunk, 32);   // 31 x 16 = 496 blocks
+  EXPECT_EQ(plan_heavy(983, 32, 528).hchunk, 64);   // 31 x 32 = 992 do not fit
+  for (int K = 0; K <= 20000; ++K) {
+    const HeavyPlan s = plan_heavy(K, 16, 528);
+    ASSERT_TRUE(s.hchunk == 32 || s.hchunk == plan_heavy(K).hchunk) << K;
+    if (s.hchunk == 32) {
+      ASSERT_LE(int64_t{16} * s.Sh, 528) << K;  // one wave
+      ASSERT_LE(s.Sh, 32) << K;                  // few partials
+    }
+    ASSERT_GE(int64_t{s.Sh} * s.hchunk, K) << K;
+    if (K > 0) {
+      ASSERT_LT(int64_t{s.Sh - 1} * s.hchunk, K) << K;
+    }
+  }
   for (int K = 0; K <= 20000; ++K) {
     const HeavyPlan h = plan_heavy(K);
     ASSERT_TRUE(h.hchunk == 64 || h.hchunk == kMaxHeavyChunk) << K;

@@ -69,17 +69,20 @@ HEADQ_HD inline void split_range(int split, int Sq, int nq, int tile, int* s0, i
 // cut into chunks of `hchunk` slots, one split each, after the quantised and window splits.
 // Chunks of 64 slots (one block of decode_heavy_kernel each), or 128 (kMaxHeavyChunk, what its
 // per-block logit buffer holds) once there would be more than 32 of them, so that the partials
-// the combine merges stay few. K == 0: no split.
+// the combine merges stay few. When chunks of 32 give `rows` (batch x KV heads) x chunks blocks
+// that all fit at once (<= `resident`; short contexts), chunks of 32: each block is then a
+// shorter chain of loads and the whole step waits for one block. K == 0: no split.
 constexpr int kMaxHeavyChunk = 128;
 
 struct HeavyPlan {
-  int hchunk;  // slots per heavy split (64 or kMaxHeavyChunk)
+  int hchunk;  // slots per heavy split (32, 64 or kMaxHeavyChunk)
   int Sh;      // heavy splits (ceil(K / hchunk), 0 when K == 0)
 };
 
-inline HeavyPlan plan_heavy(int K) {
+inline HeavyPlan plan_heavy(int K, int64_t rows = 0, int64_t resident = 0) {
   HeavyPlan h{};
   h.hchunk = K <= 32 * 64 ? 64 : kMaxHeavyChunk;
+  if (K <= 32 * 32 && rows > 0 && rows * ((K + 31) / 32) <= resident) h.hchunk = 32;
   h.Sh = K > 0 ? (K + h.hchunk - 1) / h.hchunk : 0;
   return h;
 }
