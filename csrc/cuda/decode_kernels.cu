@@ -597,6 +597,7 @@ __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h,
   }
   __syncthreads();
   constexpr int TPS = D / 2, SR = kThreads / TPS;  // threads per slot row, rows at a time
+  static_assert(SR * TPS == kThreads, "whole slot rows per block");
   const int rg = tid / TPS, c = 2 * (tid % TPS);
   const char* drow0 = p.heavy_delta.p + b * p.heavy_delta.sb + h * p.heavy_delta.sh +
                       static_cast<int64_t>(k_lo) * p.heavy_delta.st;
@@ -640,26 +641,16 @@ __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h,
       }
     }
   });
-  if (SR > 1) {
 #pragma unroll
-    for (int hh = 0; hh < NG; ++hh) {
-      red_s[(rg * NG + hh) * D + c] = o[hh][0];
-      red_s[(rg * NG + hh) * D + c + 1] = o[hh][1];
-    }
-    __syncthreads();
-    for (int idx = tid; idx < nh * D; idx += kThreads) {
-      float a = red_s[idx];
-      for (int g = 1; g < SR; ++g) a += red_s[g * NG * D + idx];
-      out_s[idx] = a;
-    }
-  } else {
-#pragma unroll
-    for (int hh = 0; hh < NG; ++hh) {
-      if (hh < nh) {
-        out_s[hh * D + c] = o[hh][0];
-        out_s[hh * D + c + 1] = o[hh][1];
-      }
-    }
+  for (int hh = 0; hh < NG; ++hh) {
+    red_s[(rg * NG + hh) * D + c] = o[hh][0];
+    red_s[(rg * NG + hh) * D + c + 1] = o[hh][1];
+  }
+  __syncthreads();
+  for (int idx = tid; idx < nh * D; idx += kThreads) {  // the SR row groups, in a fixed order
+    float a = red_s[idx];
+    for (int g = 1; g < SR; ++g) a += red_s[g * NG * D + idx];
+    out_s[idx] = a;
   }
 }
 

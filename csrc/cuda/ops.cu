@@ -391,9 +391,14 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   p.Sq = plan.Sq;
   p.Sw = plan.Sw;
   p.wchunk = plan.wchunk;
-  // heavy-slot splits after the window's (A² policy); chunks of 32 while 4 blocks per SM hold
+  // SIMT plan: the window and heavy-slot splits of the tensor-core path use its head chunking.
+  cuda::DecodePlan splan = plan;
+  if (use_mma && (p.Sw > 0 || p.K > 0)) C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &splan));
+  // heavy-slot splits after the window's (A² policy), over the heavy kernel's rows of blocks
+  // (batch x KV heads x the SIMT plan's head chunks); chunks of 32 while 4 blocks per SM hold
   // them all (the heavy kernel's blocks are 128 threads of <= 128 registers)
-  const HeavyPlan hplan = plan_heavy(p.K, static_cast<int64_t>(B) * p.H, 4 * static_cast<int64_t>(sm_count));
+  const HeavyPlan hplan = plan_heavy(p.K, static_cast<int64_t>(B) * p.H * splan.nchunk,
+                                     4 * static_cast<int64_t>(sm_count));
   p.Sh = hplan.Sh;
   p.hchunk = hplan.hchunk;
   p.S = p.Sq + p.Sw + p.Sh;
@@ -410,9 +415,6 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   // and heavy-slot splits run in the slots the tensor-core splits leave free as they finish, the
   // combine is scheduled early and waits for both on the device (HEADQ_PDL=0: plain launches).
   const bool pdl = cuda::decode_pdl_enabled(at::cuda::getCurrentDeviceProperties()->major);
-  // SIMT plan: the window and heavy-slot splits of the tensor-core path use its head chunking.
-  cuda::DecodePlan splan = plan;
-  if (use_mma && p.S > p.Sq) C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &splan));
   cuda::DecodeParams ps = p;
   ps.nchunk = splan.nchunk;
   if (use_mma) {

@@ -69,9 +69,10 @@ HEADQ_HD inline void split_range(int split, int Sq, int nq, int tile, int* s0, i
 // cut into chunks of `hchunk` slots, one split each, after the quantised and window splits.
 // Chunks of 64 slots (one block of decode_heavy_kernel each), or 128 (kMaxHeavyChunk, what its
 // per-block logit buffer holds) once there would be more than 32 of them, so that the partials
-// the combine merges stay few. When chunks of 32 give `rows` (batch x KV heads) x chunks blocks
-// that all fit at once (<= `resident`; short contexts), chunks of 32: each block is then a
-// shorter chain of loads and the whole step waits for one block. K == 0: no split.
+// the combine merges stay few. Chunks of 32 instead when there are at most 32 of them and the
+// `rows` (the heavy kernel's rows of blocks) x chunks blocks all fit at once (<= `resident`;
+// short contexts): each block is then a shorter chain of loads and the step waits for one wave
+// of short blocks. K == 0: no split.
 constexpr int kMaxHeavyChunk = 128;
 
 struct HeavyPlan {
