@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 
@@ -17,6 +18,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write a benchmark's result as indented JSON, creating the folder if needed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
 
 
 def finish(result: dict, ok_message: str) -> int:

@@ -46,7 +46,7 @@ def load_ops() -> None:
         import headq_torch  # noqa: F401
 
 
-from _common import cpu_model  # noqa: E402
+from _common import cpu_model, write_json  # noqa: E402
 
 
 def median_ms(fn, reps: int, warmup: int) -> float:
@@ -161,9 +161,7 @@ def main() -> int:
                     q_dtype="float32", reps=a.reps, warmup=a.warmup, statistic="median"),
         rows=rows,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(a.out, res)
     print("wrote", a.out)
     return 0
 

@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from _common import cpu_model  # noqa: E402
+from _common import cpu_model, write_json  # noqa: E402
 from headq_torch import ops  # noqa: E402
 import test_ops as T  # noqa: E402  (the decode test's inputs and float64 reference)
 from headq_torch import reference as ref  # noqa: E402
@@ -96,9 +96,7 @@ def main() -> int:
         result["single_thread_ms_8k"] = ms
     else:
         machine.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

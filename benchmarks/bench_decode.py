@@ -52,7 +52,6 @@ sm_90+ the window splits and the combine are programmatic dependent launches by 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -61,6 +60,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from _common import write_json  # this folder is on sys.path when run as a script
 
 
 def load_ops(lib: str | None) -> None:
@@ -578,9 +579,7 @@ def main() -> int:
                   f"{deq / t:>6.2f}", flush=True)
     result["copy_gbs"] = copy_gbs
     result["wall_s"] = time.time() - t_start
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.out, result)
     print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
     return 0
 
