@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -333,10 +333,39 @@ def _next_tokens(logits: torch.Tensor, do_sample: bool, temperature: float,
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
+def _token_id(x, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise ValueError(f"generate: {what} must be an integer token id, got {x!r}")
+    return int(x)
+
+
+def _eos_and_pad(model, eos_token_id, pad_token_id):
+    """The EOS ids (a list, empty: no EOS) and the pad id, with ``model.generate``'s defaults
+    from the model's generation config."""
+    gc = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(gc, "eos_token_id", None)
+    if eos_token_id is None:
+        eos = []
+    elif isinstance(eos_token_id, (list, tuple)):
+        eos = [_token_id(e, "eos_token_id") for e in eos_token_id]
+    elif isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() <= 1:
+        eos = [_token_id(int(e), "eos_token_id") for e in eos_token_id.reshape(-1).tolist()]
+    else:
+        eos = [_token_id(eos_token_id, "eos_token_id (an id or a list of ids)")]
+    if pad_token_id is None:
+        pad_token_id = getattr(gc, "pad_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    return eos, _token_id(pad_token_id, "pad_token_id")
+
+
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: int,
-             attention_mask: Optional[torch.Tensor] = None, eos_token_id: Optional[int] = None,
-             pad_token_id: int = 0, graph: Optional[bool] = None, do_sample: bool = False,
+             attention_mask: Optional[torch.Tensor] = None,
+             eos_token_id: Union[int, Sequence[int], None] = None,
+             pad_token_id: Optional[int] = None, graph: Optional[bool] = None,
+             do_sample: bool = False,
              temperature: float = 1.0, top_k: Optional[int] = None,
              top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
              check_every: int = 16) -> torch.Tensor:
@@ -348,8 +377,12 @@ def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: 
     ``do_sample=True`` sampled after transformers' warpers (``temperature``, then ``top_k``,
     then ``top_p``; unlike ``model.generate`` no top-k of 50 is implied), from ``generator``
     or torch's default generator, so that with the same seed and warpers the tokens are those of
-    ``model.generate(..., do_sample=True)`` on the same device. With ``eos_token_id`` the tokens
-    after a sequence's first EOS are ``pad_token_id``, and generation stops once every sequence
+    ``model.generate(..., do_sample=True)`` on the same device.
+
+    EOS as ``model.generate`` handles it: ``eos_token_id`` (an id or a list of ids; ``None``, the
+    default, takes ``model.generation_config.eos_token_id``; an empty list never stops) ends a
+    sequence, the tokens after its first EOS are ``pad_token_id`` (``None``: the generation
+    config's pad token, else the first EOS id, else 0), and generation stops once every sequence
     has finished: the loop never waits for the GPU except every ``check_every`` steps, when it
     reads whether all sequences are done (so up to ``check_every - 1`` steps may run past the
     end; the result is cut where ``model.generate`` stops)."""
@@ -363,6 +396,7 @@ def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: 
         raise TypeError(f"generate: cache must be a HeadQCache, got {type(cache).__name__}")
     if cache.get_seq_length() != 0:
         raise ValueError("generate: the cache must be empty (it is prefilled with the prompt)")
+    eos, pad_token_id = _eos_and_pad(model, eos_token_id, pad_token_id)
     B, n = input_ids.shape
     kw = {_cache_argument(model): cache, "use_cache": True}
     if attention_mask is not None:
@@ -379,7 +413,8 @@ def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: 
                        attention_mask=attention_mask, graph=graph)
     new = torch.empty(B, max_new_tokens, dtype=torch.int64, device=ids.device)
     new[:, :1] = ids
-    done = None if eos_token_id is None else ids[:, 0] == eos_token_id
+    eos = None if not eos else torch.tensor(eos, dtype=ids.dtype, device=ids.device)
+    done = None if eos is None else torch.isin(ids[:, 0], eos)
     steps = 1
     while steps < max_new_tokens:
         if done is not None and steps % check_every == 0 and bool(done.all()):
@@ -387,11 +422,11 @@ def generate(model, input_ids: torch.Tensor, cache: HeadQCache, max_new_tokens: 
         ids = pick(dec.step(ids))
         new[:, steps:steps + 1] = ids
         if done is not None:
-            done = done | (ids[:, 0] == eos_token_id)
+            done = done | torch.isin(ids[:, 0], eos)
         steps += 1
     new = new[:, :steps]
-    if eos_token_id is not None:
-        hit = (new == eos_token_id).long()
+    if eos is not None:
+        hit = torch.isin(new, eos).long()
         after = hit.cumsum(-1) - hit  # EOS tokens seen before this position
         new = new.masked_fill(after > 0, pad_token_id)
         if bool(done.all()):  # model.generate stops at the step the last sequence finished

@@ -185,7 +185,7 @@ def test_generate_equals_transformers_generate(restore_attn):
     T, steps = 55, 60
     ids, mask, ref = _padded_batch_and_generate(model, cal, [55, 40], steps, seed=30)
     got = generate(model, ids, HeadQCache(model.config, cal, **KW), steps, attention_mask=mask,
-                   graph=False)
+                   eos_token_id=[], graph=False)  # min_new_tokens above: no EOS stop
     assert torch.equal(got, ref)
     eos = int(ref[0, T + 5])  # a token the first sequence emits: pad after its first use
     cut = generate(model, ids, HeadQCache(model.config, cal, **KW), steps, attention_mask=mask,
@@ -225,6 +225,46 @@ def test_generate_stops_at_eos_like_transformers(restore_attn):
                        attention_mask=mask, eos_token_id=eos, pad_token_id=1, graph=False,
                        check_every=every)
         assert torch.equal(got, want), f"check_every={every}"
+
+
+def test_generate_takes_eos_and_pad_from_the_generation_config(restore_attn):
+    """Without eos_token_id / pad_token_id, graph.generate stops and pads as model.generate does
+    with its defaults: the generation config's EOS (an id or a list of ids) and pad token (else
+    the first EOS id)."""
+    model, cal = _setup(restore_attn)
+    T, steps = 55, 60
+    ids, mask, ref = _padded_batch_and_generate(model, cal, [55, 40], steps, seed=30)
+    firsts = [{int(t): i for i, t in reversed(list(enumerate(ref[b, T:])))} for b in range(2)]
+    common = [t for t in firsts[0] if t in firsts[1] and max(firsts[0][t], firsts[1][t]) < 40]
+    only0 = [t for t in firsts[0] if t not in firsts[1] and firsts[0][t] < 20]
+    assert common and only0, "no shared / first-sequence-only token to use as EOS"
+    gc = model.generation_config
+    saved = (gc.eos_token_id, gc.pad_token_id)
+    try:
+        for eos, pad in ((common[0], None), ([only0[0], common[0]], 3), (only0[0], None)):
+            gc.eos_token_id, gc.pad_token_id = eos, pad
+            want = model.generate(ids, attention_mask=mask, max_new_tokens=steps,
+                                  do_sample=False,
+                                  past_key_values=HeadQCache(model.config, cal, **KW))
+            got = generate(model, ids, HeadQCache(model.config, cal, **KW), steps,
+                           attention_mask=mask, graph=False)
+            assert torch.equal(got, want), f"eos={eos} pad={pad}"
+            first = eos[0] if isinstance(eos, list) else eos
+            if pad is None:  # padded with the (first) EOS id after the first EOS
+                b0 = got[0, T:]
+                k = int((b0 == first).nonzero()[0])
+                assert bool((b0[k:] == first).all())
+        gc.eos_token_id = common[0]  # an explicit empty list: no EOS stop
+        got = generate(model, ids, HeadQCache(model.config, cal, **KW), steps,
+                       attention_mask=mask, eos_token_id=[], graph=False)
+        assert torch.equal(got, ref)
+    finally:
+        gc.eos_token_id, gc.pad_token_id = saved
+    for bad, match in ((dict(eos_token_id=1.5), "eos_token_id .*must be an integer token id"),
+                       (dict(eos_token_id=[2, "x"]), "eos_token_id must be an integer"),
+                       (dict(pad_token_id=True), "pad_token_id must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            generate(model, ids, HeadQCache(model.config, cal, **KW), 3, graph=False, **bad)
 
 
 def test_generate_samples_like_transformers(restore_attn):
@@ -445,13 +485,14 @@ def test_a2_generate_equals_transformers_generate(restore_attn):
     T, steps = 55, 60
     ids, mask, ref = _padded_batch_and_generate(model, cal, [55, 40], steps, seed=30, **A2)
     got = generate(model, ids, HeadQCache(model.config, cal, **{**KW, **A2}), steps,
-                   attention_mask=mask, graph=False)
+                   attention_mask=mask, eos_token_id=[], graph=False)
     assert torch.equal(got, ref)
     ids = _ids(model, 2, 45)  # unpadded (no token 0, see _ids)
     ref = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                          past_key_values=HeadQCache(model.config, cal, **{**KW, **A2}),
                          pad_token_id=0)
-    got = generate(model, ids, HeadQCache(model.config, cal, **{**KW, **A2}), steps, graph=False)
+    got = generate(model, ids, HeadQCache(model.config, cal, **{**KW, **A2}), steps,
+                   eos_token_id=[], graph=False)
     assert torch.equal(got, ref)
 
 
@@ -529,7 +570,7 @@ def test_cuda_generate_equals_transformers_generate(restore_attn):
     steps = 50
     ref = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                          past_key_values=HeadQCache(model.config, cal, **KW), pad_token_id=0)
-    got = generate(model, ids, HeadQCache(model.config, cal, **KW), steps)
+    got = generate(model, ids, HeadQCache(model.config, cal, **KW), steps, eos_token_id=[])
     assert got.shape == ref.shape
     # same kernels; a different cuBLAS reduction order in the graph may flip a near-tie late
     assert (got[:, 70:] == ref[:, 70:]).float().mean() >= 0.9
