@@ -280,7 +280,7 @@ def test_side_code_reduces_logit_error_on_query_subspace():
 
 def _decode_case(device, dtype, *, B=3, H=2, n_rep=4, D=64, Tq=128, W=5, rank=8, G=32, Gv=32,
                  key_bits=2, value_bits=2, dense_values=False, heavy=0, side=True,
-                 kv_start=False, seed=0):
+                 side_bits=8, kv_start=False, seed=0):
     k = make((B, H, Tq, D), device, seed=seed)
     v = make((B, H, Tq, D), device, seed=seed + 1)
     q = make((B, H * n_rep, D), device, dtype, seed=seed + 2)
@@ -288,7 +288,7 @@ def _decode_case(device, dtype, *, B=3, H=2, n_rep=4, D=64, Tq=128, W=5, rank=8,
     vw = make((B, H, W, D), device, dtype, seed=seed + 4)
     kc = ops.quantize_keys(k, key_bits, G)
     basis = orthonormal_basis(H, D, rank, device, seed) if side else None
-    zc = ops.side_code(k, *kc, basis, key_bits, G, 8, False) if side else (None, None)
+    zc = ops.side_code(k, *kc, basis, key_bits, G, side_bits, False) if side else (None, None)
     if dense_values:
         vc, vd = (None, None, None), v.to(dtype)
     else:
@@ -305,7 +305,7 @@ def _decode_case(device, dtype, *, B=3, H=2, n_rep=4, D=64, Tq=128, W=5, rank=8,
     n_window = torch.tensor([W, 0, max(W - 1, 0)][:B], dtype=torch.int32, device=device)
     start = torch.tensor([0, 3, 40][:B], dtype=torch.int32, device=device) if kv_start else None
     args = (q, *kc, *zc, basis, *vc, vd, hd, hi, kw, vw, n_quant, n_window, start,
-            key_bits, G, 8, value_bits, Gv, 1.0, 1 / math.sqrt(D))
+            key_bits, G, side_bits, value_bits, Gv, 1.0, 1 / math.sqrt(D))
     return args
 
 
@@ -354,6 +354,9 @@ def _decode_fp64(args):
         dict(heavy=40, key_bits=4, value_bits=4, kv_start=True),
         dict(heavy=40, key_bits=3, value_bits=8, G=64, Gv=64),
         dict(heavy=40, key_bits=8, value_bits=2, rank=16),
+        # side-code rows of 5 bytes (staged byte by byte) and of 4 (4-bit codes)
+        dict(heavy=40, rank=5),
+        dict(heavy=40, rank=8, side_bits=4),
         dict(heavy=40, n_rep=1, B=2),
         dict(heavy=40, n_rep=8),
         dict(kv_start=True),
@@ -362,7 +365,8 @@ def _decode_fp64(args):
     ],
     ids=["2bit", "4bit", "3k8v", "dense_v", "heavy", "heavy_splits", "heavy_chunks_64",
          "heavy_chunks_128",
-         "heavy_4bit", "heavy_3k8v", "heavy_8k_r16", "heavy_mha", "heavy_ratio8",
+         "heavy_4bit", "heavy_3k8v", "heavy_8k_r16", "heavy_r5", "heavy_side4", "heavy_mha",
+         "heavy_ratio8",
          "kv_start", "no_side_no_window", "mha"],
 )
 def test_decode_attention(device, dtype, head_dim, case):
