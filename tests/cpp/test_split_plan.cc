@@ -159,26 +159,21 @@ TEST(HeavyPlan, EverySlotInExactlyOneChunk) {
   EXPECT_EQ(plan_heavy(983, 16, 528).hchunk, 32);   // 31 x 16 = 496 blocks
   EXPECT_EQ(plan_heavy(983, 32, 528).hchunk, 64);   // 31 x 32 = 992 do not fit
   for (int K = 0; K <= 20000; ++K) {
-    const HeavyPlan s = plan_heavy(K, 16, 528);
-    ASSERT_TRUE(s.hchunk == 32 || s.hchunk == plan_heavy(K).hchunk) << K;
+    const HeavyPlan h = plan_heavy(K), s = plan_heavy(K, 16, 528);
+    ASSERT_TRUE(h.hchunk == 64 || h.hchunk == kMaxHeavyChunk) << K;
+    if (h.hchunk == 64) {
+      ASSERT_LE(h.Sh, 32) << K;  // few partials at 64 slots a chunk
+    }
+    ASSERT_TRUE(s.hchunk == 32 || s.hchunk == h.hchunk) << K;
     if (s.hchunk == 32) {
       ASSERT_LE(int64_t{16} * s.Sh, 528) << K;  // one wave
       ASSERT_LE(s.Sh, 32) << K;                  // few partials
     }
-    ASSERT_GE(int64_t{s.Sh} * s.hchunk, K) << K;
-    if (K > 0) {
-      ASSERT_LT(int64_t{s.Sh - 1} * s.hchunk, K) << K;
-    }
-  }
-  for (int K = 0; K <= 20000; ++K) {
-    const HeavyPlan h = plan_heavy(K);
-    ASSERT_TRUE(h.hchunk == 64 || h.hchunk == kMaxHeavyChunk) << K;
-    ASSERT_GE(int64_t{h.Sh} * h.hchunk, K) << K;               // every slot is in a split
-    if (K > 0) {
-      ASSERT_LT(int64_t{h.Sh - 1} * h.hchunk, K) << K;  // no empty split
-    }
-    if (h.hchunk == 64) {
-      ASSERT_LE(h.Sh, 32) << K;  // few partials at 64 slots a chunk
+    for (const HeavyPlan& q : {h, s}) {
+      ASSERT_GE(int64_t{q.Sh} * q.hchunk, K) << K;  // every slot is in a split
+      if (K > 0) {
+        ASSERT_LT(int64_t{q.Sh - 1} * q.hchunk, K) << K;  // no empty split
+      }
     }
   }
 }
