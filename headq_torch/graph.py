@@ -349,8 +349,6 @@ def _eos_and_pad(model, eos_token_id, pad_token_id):
         eos = []
     elif isinstance(eos_token_id, (list, tuple)):
         eos = [_token_id(e, "eos_token_id") for e in eos_token_id]
-    elif isinstance(eos_token_id, torch.Tensor) and eos_token_id.dim() <= 1:
-        eos = [_token_id(int(e), "eos_token_id") for e in eos_token_id.reshape(-1).tolist()]
     else:
         eos = [_token_id(eos_token_id, "eos_token_id (an id or a list of ids)")]
     if pad_token_id is None:
