@@ -354,7 +354,7 @@ def _decode_fp64(args):
         dict(heavy=40, key_bits=4, value_bits=4, kv_start=True),
         dict(heavy=40, key_bits=3, value_bits=8, G=64, Gv=64),
         dict(heavy=40, key_bits=8, value_bits=2, rank=16),
-        # side-code rows of 5 bytes (staged byte by byte) and of 4 (4-bit codes)
+        # side-code rows of 5 bytes (no word alignment) and of 4 (4-bit codes)
         dict(heavy=40, rank=5),
         dict(heavy=40, rank=8, side_bits=4),
         dict(heavy=40, n_rep=1, B=2),
