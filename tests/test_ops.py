@@ -403,6 +403,42 @@ def test_decode_attention_float32_error_does_not_grow_with_context(device, Tq):
     assert_close_to_fp64(out.cpu(), want32, want64, floor=1e-6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the heavy-slot kernel's stage is CUDA's")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=_dt_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "case",
+    [dict(heavy=200, Tq=1024, kv_start=True), dict(heavy=1100, Tq=2048, G=64, Gv=64),
+     dict(heavy=2100, Tq=1024, G=64, Gv=64), dict(heavy=300, key_bits=3, value_bits=8, G=64,
+                                                  Gv=64, rank=5),
+     dict(heavy=130, rank=8, side_bits=4, n_rep=8), dict(heavy=90, side=False, n_rep=1, B=2)],
+    ids=["chunks_32", "chunks_64", "chunks_128", "3k8v_r5", "side4_ratio8", "no_side_mha"])
+def test_decode_heavy_stage_sizes_agree_exactly(monkeypatch, dtype, head_dim, case):
+    """The heavy-slot kernel stages 64 or 32 slots' rows at a time (HEADQ_HEAVY_STAGE forces
+    one; unset, the launch picks by residency). Each slot's logit and each row group's delta
+    sum keep their order whatever the stage size, so the outputs are bit-identical, and they
+    match the reference."""
+    args = _decode_case("cuda", dtype, D=head_dim, **case)
+    outs = {}
+    for stage in ("32", "64", None):
+        if stage is None:
+            monkeypatch.delenv("HEADQ_HEAVY_STAGE", raising=False)
+        else:
+            monkeypatch.setenv("HEADQ_HEAVY_STAGE", stage)
+        outs[stage] = ops.decode_attention(*args)
+    for stage in ("64", None):
+        assert torch.equal(outs[stage][0], outs["32"][0]), stage
+        assert torch.equal(outs[stage][1], outs["32"][1]), stage
+    out, lse = outs["32"]
+    want64, lse64 = _decode_fp64(args)
+    if dtype == torch.float32:
+        want32, _ = ref.decode_attention(*_upcast(args, torch.float32))
+        assert_close_to_fp64(out, want32, want64, floor=1e-5)
+    else:
+        torch.testing.assert_close(out.cpu().float(), want64.float(), rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(lse.cpu().double(), lse64, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 def test_decode_attention_empty_sequence_gives_zeros(device):
     args = list(_decode_case(device, torch.float32, kv_start=False))

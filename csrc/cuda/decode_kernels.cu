@@ -415,18 +415,7 @@ __device__ __forceinline__ void compute_qu(const DecodeParams& p, int h, const f
   }
 }
 
-// Heavy-slot split (A² value policy) of (b, h): slots [k_lo, k_lo + n) of heavy_idx, n <=
-// kMaxHeavyChunk. The partial is acc[hh][c] = sum_k 2^(x_k - m) delta_k[c] over the slots whose
-// token is visible (ks <= t < nq; -1 marks an empty slot), with m the largest such corrected
-// logit (-inf: none) and l = 0.
-//  - Logits: a warp takes kHeavySlots slots at a time, kLanesPerSlot lanes per slot, each lane
-//    D / kLanesPerSlot contiguous channels (its key codes in one or two vector loads, its scales
-//    and zeros in 16-byte loads), then a transposing shuffle reduction over the slot's lanes
-//    (every value halves the values left, so NG logits take ~NG shuffles, not 3 * NG).
-//  - Values: two channels per thread (one 4- or 8-byte delta load per slot), kThreads / (D / 2)
-//    slots at a time; their partial sums are added in a fixed order at the end.
-// Scratch: xs [kMaxHeavyChunk][NG] floats, t_s [kMaxHeavyChunk] ints (-1 once invisible), hm_s
-// [NG], red_s [kThreads * 2 * NG] floats (the caller writes m and l = 0 of the partial).
+// Heavy slots (see heavy_split): a warp computes kHeavySlots slots' logits at a time.
 constexpr int kHeavySlots = 4, kLanesPerSlot = 32 / kHeavySlots;
 
 // Up to 16 bytes of a packed code row, 16-byte aligned row base (decode_ready) and a lane offset
@@ -501,34 +490,88 @@ __device__ __forceinline__ float transpose_sum(float (&v)[V]) {
   return v[0];
 }
 
+// Stage buffer of the heavy-slot kernel: the key rows of up to p.hstage slots at a time (pass
+// 1), then as many delta rows as fit (pass 2), copied with cp.async so that a block's loads are
+// all in flight at once without holding registers. Per slot: the code row, the key scale and
+// zero rows of its group and the side-code row, each at a 16-byte offset. p.hstage is 32 or 64
+// (heavy_stage_slots, launch_decode_heavy).
+struct HeavyStage {
+  int code, scale, zero, z, row;  // byte offsets in a slot's key row; row = its stride
+};
+
+__host__ __device__ inline HeavyStage heavy_stage(const DecodeParams& p) {
+  HeavyStage s;
+  int o = 0;
+  s.code = o;  o += align16(p.D * p.kbits / 8);
+  s.scale = o; o += 2 * p.D;
+  s.zero = o;  o += 2 * p.D;
+  s.z = o;     o += p.z_codes.p != nullptr ? align16((p.r * p.zbits + 7) / 8) : 0;
+  s.row = o;
+  return s;
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_ca(void* smem_dst, const void* gmem_src) {
+  static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(smem_addr(smem_dst)),
+               "l"(gmem_src), "n"(N));
+}
+
+// Copies `rows` rows of `bytes` bytes (global row s at src(s), a multiple of `unit`-aligned;
+// shared row s at dst + s * dstride) in `unit`-byte pieces (4, 8 or 16; 1: plain byte copies),
+// skipping the rows whose slot is empty (t_s < 0). Returns nothing in flight for unit 1.
+template <class Src>
+__device__ __forceinline__ void stage_rows(unsigned char* dst, int dstride, int rows, int bytes,
+                                           int unit, const int* t_s, Src src) {
+  const int per = bytes / unit;
+#pragma unroll 1
+  for (int i = threadIdx.x; i < rows * per; i += kThreads) {
+    const int s = i / per, off = (i % per) * unit;
+    const int t = t_s[s];
+    if (t < 0) continue;
+    const char* g = src(s, t) + off;
+    unsigned char* d = dst + s * dstride + off;
+    switch (unit) {
+      case 16: cp_async16(d, g); break;
+      case 8: cp_async_ca<8>(d, g); break;
+      case 4: cp_async_ca<4>(d, g); break;
+      default: *d = *reinterpret_cast<const unsigned char*>(g);
+    }
+  }
+}
+
+__device__ __forceinline__ int copy_unit(int bytes) {
+  return bytes % 16 == 0 ? 16 : bytes % 8 == 0 ? 8 : bytes % 4 == 0 ? 4 : 1;
+}
+
+// Logits of slots [kb, kb + nb) from their staged key rows (stage): a warp takes kHeavySlots
+// slots at a time, kLanesPerSlot lanes per slot, each lane D / kLanesPerSlot contiguous channels
+// (codes in one vector load, scales and zeros in 16-byte loads), then a transposing shuffle
+// reduction over the slot's lanes (every step halves the values left: NG logits take ~NG
+// shuffles, not 3 * NG). xs[k][hh] = the corrected logit in log2 units, -inf for empty slots.
 template <int D, int NG, int KB>
-__device__ __forceinline__ void heavy_logits(const DecodeParams& p, int b, int h, int n, int nq,
-                                             int ks, const float* q_s, const float* qu_s,
-                                             int* t_s, float* xs) {
+__device__ __forceinline__ void heavy_logits(const DecodeParams& p, const HeavyStage& S,
+                                             const unsigned char* stage, int kb, int nb,
+                                             const float* q_s, const float* qu_s, const int* t_s,
+                                             const float* zs_s, float* xs) {
   constexpr int CL = D / kLanesPerSlot;  // channels per lane: 16 or 8
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sl = lane / kLanesPerSlot, sub = lane % kLanesPerSlot, c0 = sub * CL;
   const int kbits = KB > 0 ? KB : p.kbits;
   const int nbytes = CL * kbits / 8;
   const bool side = p.z_codes.p != nullptr;
-  const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh + c0 * kbits / 8;
-  const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh + c0 * 2;
-  const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh + c0 * 2;
-  for (int k0 = warp * kHeavySlots; k0 < n; k0 += kWarps * kHeavySlots) {  // warp-uniform
-    const int k = k0 + sl;
-    const int t = k < n ? t_s[k] : -1;
-    const bool vis = k < n && t >= ks && t < nq;
-    const int ts = vis ? t : 0;  // an invisible slot reads row 0 (nq >= 1) and is dropped
+  for (int k0 = warp * kHeavySlots; k0 < nb; k0 += kWarps * kHeavySlots) {  // warp-uniform
+    const int s = k0 + sl;
+    const bool live = s < nb && t_s[kb + s] >= 0;
+    const unsigned char* row = stage + (s < nb ? s : 0) * S.row;
     uint32_t w[4];
-    load_code_bytes(reinterpret_cast<const uint8_t*>(kc_g + static_cast<int64_t>(ts) * p.k_codes.st),
-                    nbytes, w);
-    const int64_t grp = ts / p.G;
+    load_code_bytes(row + S.code + c0 * kbits / 8, nbytes, w);
     float khat[CL];
 #pragma unroll
     for (int i = 0; i < CL; i += 8) {
       float sc[8], zc[8];
-      load8<__half>(ks_g + grp * p.k_scale.st + i * 2, sc);
-      load8<__half>(kz_g + grp * p.k_zero.st + i * 2, zc);
+      load8<__half>(row + S.scale + (c0 + i) * 2, sc);
+      load8<__half>(row + S.zero + (c0 + i) * 2, zc);
 #pragma unroll
       for (int e = 0; e < 8; ++e) khat[i + e] = asym_dequant(code_of<KB>(w, i + e, kbits), sc[e], zc[e]);
     }
@@ -547,43 +590,75 @@ __device__ __forceinline__ void heavy_logits(const DecodeParams& p, int b, int h
       x[hh] = a;
     }
     if (side) {
-      const uint8_t* zrow = reinterpret_cast<const uint8_t*>(
-          p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh + static_cast<int64_t>(ts) * p.z_codes.st);
-      const float zs = __half2float(*reinterpret_cast<const __half*>(
-          p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh + static_cast<int64_t>(ts) * 2));
+      const float zs = zs_s[s < nb ? s : 0];
       for (int j = sub; j < p.r; j += kLanesPerSlot) {
-        const float zhat = sym_dequant(get_code(zrow, j, p.zbits), zs, p.zbits);
+        const float zhat = sym_dequant(get_code(row + S.z, j, p.zbits), zs, p.zbits);
 #pragma unroll
         for (int hh = 0; hh < NG; ++hh) x[hh] = fmaf(qu_s[j * NG + hh], zhat, x[hh]);
       }
     }
     const float xsum = transpose_sum<NG, kLanesPerSlot>(x);
     constexpr int kHold = kLanesPerSlot / NG;  // lanes holding each head's sum
-    if (k < n && sub % kHold == 0) xs[k * NG + sub / kHold] = vis ? xsum * p.scale_log2 : -INFINITY;
-    __syncwarp();  // the slot's lanes have read t_s[k]
-    if (k < n && sub == 0 && !vis) t_s[k] = -1;
+    if (s < nb && sub % kHold == 0) xs[(kb + s) * NG + sub / kHold] = live ? xsum * p.scale_log2 : -INFINITY;
   }
 }
 
+// Heavy-slot split (A² value policy) of (b, h): slots [k_lo, k_lo + n) of heavy_idx, n <=
+// kMaxHeavyChunk. The partial is acc[hh][c] = sum_k 2^(x_k - m) delta_k[c] over the slots whose
+// token is visible (ks <= t < nq; -1 marks an empty slot), with m the largest such corrected
+// logit (-inf: none) and l = 0. t_s holds the slots' tokens, already -1 where invisible.
+//  - Pass 1, per p.hstage slots: their key rows are staged (stage_rows) and their
+//    logits computed from shared memory (heavy_logits).
+//  - Pass 2, per as many slots as the stage holds: their delta rows are staged and accumulated,
+//    two channels per thread, kThreads / (D / 2) slots at a time; the row groups' partial sums
+//    are added in a fixed order at the end.
+// Scratch: xs [kMaxHeavyChunk][NG] floats, zs_s [p.hstage], hm_s [NG], red_s
+// [kThreads * 2 * NG] floats, stage (heavy_stage rows; the caller writes m and l = 0).
 template <int D, int NG>
 __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h, int nh, int k_lo,
-                                            int n, int nq, int ks, const float* q_s,
-                                            const float* qu_s, float* xs, int* t_s, float* hm_s,
-                                            float* red_s, float* out_s) {
+                                            int n, const float* q_s, const float* qu_s,
+                                            const int* t_s, unsigned char* stage, float* zs_s,
+                                            float* xs, float* hm_s, float* red_s, float* out_s) {
   static_assert(NG <= kLanesPerSlot, "transpose_sum needs NG <= lanes per slot");
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (nq <= 0) n = 0;  // nothing visible (and no row to read)
-  const int32_t* hidx = p.heavy_idx + (static_cast<int64_t>(b) * p.H + h) * p.K + k_lo;
-  for (int k = tid; k < n; k += kThreads) t_s[k] = hidx[k];
-  __syncthreads();
-  if (p.kbits == 2) {
-    heavy_logits<D, NG, 2>(p, b, h, n, nq, ks, q_s, qu_s, t_s, xs);
-  } else if (p.kbits == 4) {
-    heavy_logits<D, NG, 4>(p, b, h, n, nq, ks, q_s, qu_s, t_s, xs);
-  } else {
-    heavy_logits<D, NG, 0>(p, b, h, n, nq, ks, q_s, qu_s, t_s, xs);
+  const HeavyStage S = heavy_stage(p);
+  const bool side = p.z_codes.p != nullptr;
+  const int cbytes = D * p.kbits / 8, zbytes = side ? (p.r * p.zbits + 7) / 8 : 0;
+  const int gshift = __ffs(p.G) - 1;  // key groups are 32, 64 or 128 tokens
+  const char* kc_g = p.k_codes.p + b * p.k_codes.sb + h * p.k_codes.sh;
+  const char* ks_g = p.k_scale.p + b * p.k_scale.sb + h * p.k_scale.sh;
+  const char* kz_g = p.k_zero.p + b * p.k_zero.sb + h * p.k_zero.sh;
+  const char* zc_g = side ? p.z_codes.p + b * p.z_codes.sb + h * p.z_codes.sh : nullptr;
+  const char* zs_g = side ? p.z_scale.p + b * p.z_scale.sb + h * p.z_scale.sh : nullptr;
+  for (int kb = 0; kb < n; kb += p.hstage) {
+    const int nb = min(p.hstage, n - kb);
+    const int* tb = t_s + kb;
+    stage_rows(stage + S.scale, S.row, nb, 2 * D, 16, tb,
+               [&](int, int t) { return ks_g + static_cast<int64_t>(t >> gshift) * p.k_scale.st; });
+    stage_rows(stage + S.zero, S.row, nb, 2 * D, 16, tb,
+               [&](int, int t) { return kz_g + static_cast<int64_t>(t >> gshift) * p.k_zero.st; });
+    stage_rows(stage + S.code, S.row, nb, cbytes, copy_unit(cbytes), tb,
+               [&](int, int t) { return kc_g + static_cast<int64_t>(t) * p.k_codes.st; });
+    if (side) {
+      stage_rows(stage + S.z, S.row, nb, zbytes, copy_unit(zbytes), tb,
+                 [&](int, int t) { return zc_g + static_cast<int64_t>(t) * p.z_codes.st; });
+      for (int s = tid; s < nb; s += kThreads) {
+        const int t = tb[s];
+        zs_s[s] = t < 0 ? 0.0f : __half2float(*reinterpret_cast<const __half*>(zs_g + static_cast<int64_t>(t) * 2));
+      }
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+    if (p.kbits == 2) {
+      heavy_logits<D, NG, 2>(p, S, stage, kb, nb, q_s, qu_s, t_s, zs_s, xs);
+    } else if (p.kbits == 4) {
+      heavy_logits<D, NG, 4>(p, S, stage, kb, nb, q_s, qu_s, t_s, zs_s, xs);
+    } else {
+      heavy_logits<D, NG, 0>(p, S, stage, kb, nb, q_s, qu_s, t_s, zs_s, xs);
+    }
+    __syncthreads();  // the stage is free again; all logits written
   }
-  __syncthreads();
   for (int hh = warp; hh < NG; hh += kWarps) {  // m per head (NaN logits ignored, as the splits do)
     float m = -INFINITY;
     for (int k = lane; k < n; k += 32) m = fmaxf(m, xs[k * NG + hh]);
@@ -595,7 +670,6 @@ __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h,
     const float x = xs[idx];
     xs[idx] = x == -INFINITY ? 0.0f : exp2f(x - hm_s[idx % NG]);  // a NaN logit stays NaN
   }
-  __syncthreads();
   constexpr int TPS = D / 2, SR = kThreads / TPS;  // threads per slot row, rows at a time
   static_assert(SR * TPS == kThreads, "whole slot rows per block");
   const int rg = tid / TPS, c = 2 * (tid % TPS);
@@ -607,38 +681,38 @@ __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h,
   for (int hh = 0; hh < NG; ++hh) o[hh][0] = o[hh][1] = 0.0f;
   with_elem(p.dtype, [&](auto tag) {
     using E = decltype(tag);
-    constexpr int kBatch = 4;  // slot rows in flight per thread (8 or 16: more registers, slower)
-    for (int k0 = rg; k0 < n; k0 += SR * kBatch) {
-      float d[kBatch][2];
+    constexpr int kRow = D * static_cast<int>(sizeof(E));
+    // delta rows the stage holds (>= p.hstage), a multiple of SR: each row group keeps its rows
+    // (ascending), so the sums are those of one pass over all n rows, whatever the stage size
+    const int per = p.hstage * S.row / kRow / SR * SR;
+    for (int kb = 0; kb < n; kb += per) {
+      const int nb = min(per, n - kb);
+      stage_rows(stage, kRow, nb, kRow, 16, t_s + kb,
+                 [&](int s, int) { return drow0 + (kb + s) * dst; });
+      cp_async_commit();
+      cp_async_wait_all();
+      __syncthreads();  // (the first time also: the weights xs are ready)
+      for (int s = rg; s < nb; s += SR) {
+        if (t_s[kb + s] < 0) continue;  // an invisible slot's delta never enters
+        const E* dp = reinterpret_cast<const E*>(stage + s * kRow) + c;
+        float d0, d1;
+        if constexpr (sizeof(E) == 2) {
+          const uint32_t bits = *reinterpret_cast<const uint32_t*>(dp);
+          d0 = to_float(*reinterpret_cast<const E*>(&bits));
+          d1 = to_float(reinterpret_cast<const E*>(&bits)[1]);
+        } else {
+          const float2 v = *reinterpret_cast<const float2*>(dp);
+          d0 = v.x;
+          d1 = v.y;
+        }
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int k = k0 + u * SR;
-        d[u][0] = d[u][1] = 0.0f;
-        if (k < n && t_s[k] >= 0) {  // an invisible slot's delta never enters
-          const E* dp = reinterpret_cast<const E*>(drow0 + k * dst) + c;
-          if constexpr (sizeof(E) == 2) {
-            uint32_t bits = *reinterpret_cast<const uint32_t*>(dp);
-            d[u][0] = to_float(*reinterpret_cast<const E*>(&bits));
-            d[u][1] = to_float(reinterpret_cast<const E*>(&bits)[1]);
-          } else {
-            const float2 v = *reinterpret_cast<const float2*>(dp);
-            d[u][0] = v.x;
-            d[u][1] = v.y;
-          }
+        for (int hh = 0; hh < NG; ++hh) {
+          const float wgt = xs[(kb + s) * NG + hh];
+          o[hh][0] = fmaf(wgt, d0, o[hh][0]);
+          o[hh][1] = fmaf(wgt, d1, o[hh][1]);
         }
       }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int k = k0 + u * SR;
-        if (k < n) {
-#pragma unroll
-          for (int hh = 0; hh < NG; ++hh) {
-            const float wgt = xs[k * NG + hh];
-            o[hh][0] = fmaf(wgt, d[u][0], o[hh][0]);
-            o[hh][1] = fmaf(wgt, d[u][1], o[hh][1]);
-          }
-        }
-      }
+      __syncthreads();  // the stage is free again
     }
   });
 #pragma unroll
@@ -937,26 +1011,35 @@ decode_split_kernel(const DecodeParams p) {
 // dependent, it runs in the slots their blocks leave free) and before the combine; a kernel of
 // its own so that its small shared memory and register needs let many blocks be resident.
 struct HeavySmem {
-  int q, qu, xs, t, out, hm, red, total;
+  int q, qu, xs, t, zs, out, hm, stage, red, total;
 };
 
 __host__ __device__ inline HeavySmem heavy_smem(const DecodeParams& p, int NG) {
   const int r = p.z_codes.p != nullptr ? p.r : 1;
+  const int stage = p.hstage * heavy_stage(p).row;
+  const int red = kThreads * 2 * NG * 4;
   HeavySmem s;
   int o = 0;
-  s.q = o;   o += align16(NG * p.D * 4);
-  s.qu = o;  o += align16(r * NG * 4);
-  s.xs = o;  o += align16(kMaxHeavyChunk * NG * 4);
-  s.t = o;   o += align16(kMaxHeavyChunk * 4);
-  s.out = o; o += align16(NG * p.D * 4);
-  s.hm = o;  o += align16(NG * 4);
-  s.red = o; o += align16(kThreads * 2 * NG * 4);
+  s.q = o;     o += align16(NG * p.D * 4);
+  s.qu = o;    o += align16(r * NG * 4);
+  s.xs = o;    o += align16(kMaxHeavyChunk * NG * 4);
+  s.t = o;     o += align16(kMaxHeavyChunk * 4);
+  s.zs = o;    o += align16(p.hstage * 4);
+  s.out = o;   o += align16(NG * p.D * 4);
+  s.hm = o;    o += align16(NG * 4);
+  s.stage = o;
+  s.red = o;   o += align16(stage > red ? stage : red);  // red_s is used once the stage is free
   s.total = o;
   return s;
 }
 
+#ifdef HEADQ_HEAVY_MIN_BLOCKS  // experiments: a register cap for more resident blocks
+#define HEADQ_HEAVY_BOUNDS __launch_bounds__(kThreads, HEADQ_HEAVY_MIN_BLOCKS)
+#else
+#define HEADQ_HEAVY_BOUNDS __launch_bounds__(kThreads)
+#endif
 template <int D, int NG>
-__global__ void __launch_bounds__(kThreads) decode_heavy_kernel(const DecodeParams p) {
+__global__ void HEADQ_HEAVY_BOUNDS decode_heavy_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const HeavySmem L = heavy_smem(p, NG);
   float* q_s = reinterpret_cast<float*>(smem + L.q);
@@ -971,16 +1054,21 @@ __global__ void __launch_bounds__(kThreads) decode_heavy_kernel(const DecodePara
   const int tid = threadIdx.x;
   const int nq = min(max(p.n_quant[b], 0), p.Tq);
   const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
-  load_query_rows<D, NG>(p, b, qh0, nh, q_s);
+  const int k_lo = blockIdx.x * p.hchunk;
+  const int n = nq > 0 ? max(0, min(p.hchunk, p.K - k_lo)) : 0;  // nq <= 0: nothing visible
+  static_assert(kMaxHeavyChunk <= kThreads, "one slot index per thread");
+  int* t_s = reinterpret_cast<int*>(smem + L.t);
+  int t = -1;
+  if (tid < n) t = p.heavy_idx[(static_cast<int64_t>(b) * p.H + h) * p.K + k_lo + tid];
+  load_query_rows<D, NG>(p, b, qh0, nh, q_s);  // its loads overlap the index load's latency
+  if (tid < n) t_s[tid] = t >= ks && t < nq ? t : -1;  // -1: empty or invisible
   __syncthreads();
   if (p.z_codes.p != nullptr) {
     compute_qu<D, NG>(p, h, q_s, qu_s);
     __syncthreads();
   }
-  const int k_lo = blockIdx.x * p.hchunk;
-  const int n = max(0, min(p.hchunk, p.K - k_lo));
-  heavy_split<D, NG>(p, b, h, nh, k_lo, n, nq, ks, q_s, qu_s,
-                     reinterpret_cast<float*>(smem + L.xs), reinterpret_cast<int*>(smem + L.t),
+  heavy_split<D, NG>(p, b, h, nh, k_lo, n, q_s, qu_s, t_s, smem + L.stage,
+                     reinterpret_cast<float*>(smem + L.zs), reinterpret_cast<float*>(smem + L.xs),
                      hm_s, reinterpret_cast<float*>(smem + L.red), out_s);
   __syncthreads();
   for (int idx = tid; idx < nh * D; idx += kThreads) {
@@ -1174,18 +1262,43 @@ cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan, c
   });
 }
 
-cudaError_t launch_decode_heavy(const DecodeParams& p, const DecodePlan& plan, cudaStream_t stream,
+// Stage size forced by HEADQ_HEAVY_STAGE ("32" or "64", read at every call, for A/B runs);
+// 0 (unset, or anything else): heavy_stage_slots decides.
+static int heavy_stage_override() {
+  const char* env = std::getenv("HEADQ_HEAVY_STAGE");
+  if (env == nullptr) return 0;
+  if (std::strcmp(env, "32") == 0) return kHeavyStageSmall;
+  if (std::strcmp(env, "64") == 0) return kHeavyStageLarge;
+  return 0;
+}
+
+cudaError_t launch_decode_heavy(const DecodeParams& p0, const DecodePlan& plan, cudaStream_t stream,
                                 bool pdl) {
-  if (p.Sh <= 0 || p.B == 0 || p.H == 0) return cudaSuccess;
-  const size_t smem = static_cast<size_t>(heavy_smem(p, plan.ng).total);
-  return with_shape(p.D, plan.ng, [&](auto d, auto ng) {
+  if (p0.Sh <= 0 || p0.B == 0 || p0.H == 0) return cudaSuccess;
+  return with_shape(p0.D, plan.ng, [&](auto d, auto ng) {
     auto kernel = decode_heavy_kernel<decltype(d)::value, decltype(ng)::value>;
+    DecodeParams p = p0;
+    const dim3 grid(p.Sh, p.H * plan.nchunk, p.B);
+    p.hstage = heavy_stage_override();
+    if (p.hstage == 0) {  // 64 if every block is resident at once with the 64-slot stage
+      p.hstage = kHeavyStageLarge;
+      int dev = 0, sms = 0, per_sm = 0;
+      cudaError_t err = cudaGetDevice(&dev);
+      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+      if (err == cudaSuccess) {
+        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, kernel, kThreads, static_cast<size_t>(heavy_smem(p, ng).total));
+      }
+      if (err != cudaSuccess) return err;
+      p.hstage = heavy_stage_slots(static_cast<int64_t>(grid.x) * grid.y * grid.z,
+                                   static_cast<int64_t>(per_sm) * sms);
+    }
+    const size_t smem = static_cast<size_t>(heavy_smem(p, ng).total);
     if (smem > 48 * 1024) {
       const cudaError_t err = cudaFuncSetAttribute(
           kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
       if (err != cudaSuccess) return err;
     }
-    const dim3 grid(p.Sh, p.H * plan.nchunk, p.B);
     return launch_maybe_pdl(kernel, grid, dim3(kThreads), smem, stream, pdl, p);
   });
 }

@@ -132,6 +132,7 @@ struct DecodeParams {
   // spread over them), Sw over the window in chunks of wchunk tokens, then Sh over the heavy
   // slots in chunks of hchunk (plan_heavy); S = Sq + Sw + Sh
   int Tq, W, S, Sq, wchunk, Sw, Sh, hchunk;
+  int hstage;  // slots the heavy-slot kernel stages at a time (set by launch_decode_heavy)
   int kbits, G, zbits, r, vbits, Gv;
   DType dtype;
   float sign, scale_log2;  // scale * log2(e)

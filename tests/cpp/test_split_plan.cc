@@ -8,6 +8,7 @@
 
 namespace {
 
+using headq::heavy_stage_slots;
 using headq::HeavyPlan;
 using headq::kMaxHeavyChunk;
 using headq::plan_heavy;
@@ -176,6 +177,19 @@ TEST(HeavyPlan, EverySlotInExactlyOneChunk) {
       }
     }
   }
+}
+
+// The heavy kernel's stage: 64 slots while the launch's blocks fit at once at the 64-slot
+// stage's residency, 32 beyond (the H200 bench shapes: 5 blocks per SM at 64 slots).
+TEST(HeavyStage, LargeWhileOneWave) {
+  const int64_t resident64 = 5 * 132;
+  EXPECT_EQ(heavy_stage_slots(4 * 64, resident64), 64);   // 4k: 4 chunks of 32 x 64 rows
+  EXPECT_EQ(heavy_stage_slots(8 * 64, resident64), 64);   // 16k: 8 chunks of 64
+  EXPECT_EQ(heavy_stage_slots(16 * 64, resident64), 32);  // 32k: 16 chunks of 64
+  EXPECT_EQ(heavy_stage_slots(31 * 64, resident64), 32);  // 128k: 31 chunks of 128
+  EXPECT_EQ(heavy_stage_slots(resident64, resident64), 64);
+  EXPECT_EQ(heavy_stage_slots(resident64 + 1, resident64), 32);
+  EXPECT_EQ(heavy_stage_slots(1, 0), 32);  // no residency known: the small stage
 }
 
 }  // namespace

@@ -88,4 +88,15 @@ inline HeavyPlan plan_heavy(int K, int64_t rows = 0, int64_t resident = 0) {
   return h;
 }
 
+// Slots the heavy-slot kernel stages in shared memory at a time (its key rows, then as many
+// delta rows as fit): 64 while the launch's `blocks` all fit at once at the residency of the
+// 64-slot stage (`resident64` = its resident blocks per SM x SMs), else 32, whose smaller stage
+// lets more blocks be resident (H200, batch 8, 8 KV heads, 3% kept: 64 at 4k and 16k, where
+// the blocks fit in one wave, 32 at 32k and 128k, where they would not; PERF.md).
+constexpr int kHeavyStageLarge = 64, kHeavyStageSmall = 32;
+
+inline int heavy_stage_slots(int64_t blocks, int64_t resident64) {
+  return blocks <= resident64 ? kHeavyStageLarge : kHeavyStageSmall;
+}
+
 }  // namespace headq
