@@ -17,6 +17,11 @@ replayed per token; the capture happens in the first warm-up step, outside the t
 DynamicCache and QuantizedCache change their tensors' shapes every step and cannot be
 captured: they are timed eagerly, as transformers runs them.
 
+``headq_a2`` / ``headq_a2_graph`` are the same cache with the A² value policy (``value_policy="a2"``,
+3% of the quantised tokens keep their value deltas): its prefill materialises each block of
+logits to accumulate ``Σ a²`` per token (``prefill_s`` records what that costs), and every
+decode step adds the A² weights of the window and the kept tokens.
+
 ``static_graph`` is the dense bf16 cache under the same conditions as ``headq_2bit_graph``, so
 that the graph's own gain (no per-kernel Python launch) is not credited to HeadQ: transformers'
 ``StaticCache`` (``max_cache_len`` = context + warm-up + timed steps + slack, rounded up to 64),
@@ -50,6 +55,7 @@ import torch
 
 WARMUP_STEPS = 3  # untimed decode steps before the timed ones (a graph is captured in the first)
 STATIC_ATTN = "bench_static_sdpa"  # attention function of the static_graph row (see below)
+A2_KEEP_FRAC = 0.03  # the A² rows keep 3% of the quantised tokens' values (bench_decode's A² rows)
 
 
 def build_model(layers: int, device: str):
@@ -239,6 +245,11 @@ def make_cache(kind: str, model, rank: int, max_cache_len: int = 0):
         hattn.enable(model)
         return HeadQCache(model.config, random_calibration(model, rank), key_bits=2,
                           value_bits=2, group_size=64, value_group_size=64)
+    if kind in ("headq_a2", "headq_a2_graph"):
+        hattn.enable(model)
+        return HeadQCache(model.config, random_calibration(model, rank), key_bits=2,
+                          value_bits=2, group_size=64, value_group_size=64,
+                          value_policy="a2", value_keep_frac=A2_KEEP_FRAC)
     raise ValueError(kind)
 
 
@@ -359,10 +370,10 @@ def main(argv=None):
         rows.append(row)
     by = {r["cache"]: r for r in rows if "tokens_per_s" in r}
     summary = {}
-    for mine in ("headq_2bit", "headq_2bit_graph"):
+    for mine in ("headq_2bit", "headq_2bit_graph", "headq_a2", "headq_a2_graph"):
         for other in ("dynamic", "quantized_quanto_2bit"):
             if mine in by and other in by:
-                tag = "headq" if mine == "headq_2bit" else "headq_graph"
+                tag = mine.replace("_2bit", "")
                 summary[f"{tag}_speedup_vs_{other}"] = (by[mine]["tokens_per_s"]
                                                         / by[other]["tokens_per_s"])
     # the graph against the graph: HeadQ vs the dense cache both replayed from CUDA graphs

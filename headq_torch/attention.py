@@ -123,7 +123,12 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
         out, _ = sdpa_attention_forward(module, query, kw, vw, attention_mask, scaling=scale)
         return out.transpose(1, 2)
     rows = max(1, _PREFILL_LOGIT_BYTES // max(1, 4 * B * Hq * T))
-    values = _prefill_values(layer, Hq // layer.H)  # once for every block of rows
+    # Read once per call, not once per block of rows: the values (dequantised) and the dense
+    # keys, float32 and per KV head (the query heads of a KV head share them: no
+    # repeat_interleave copy, see _grouped).
+    values = _prefill_values(layer)
+    k_window = layer.buf["k_window"][:, :, :nw].float()
+    k_dense = layer.buf["k_dense"][:, :, :nq].float() if nq and not layer.quantise_keys else None
     if L > rows:
         parts = []
         for s0 in range(0, L, rows):
@@ -132,30 +137,41 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
                 m = attention_mask[..., s0:s0 + rows, :] if attention_mask.shape[-2] > 1 \
                     else attention_mask
             parts.append(_prefill_rows(layer, query[:, :, s0:s0 + rows], m, scale,
-                                       L - min(s0 + rows, L), values))
+                                       L - min(s0 + rows, L), values, k_window, k_dense))
         return torch.cat(parts, dim=2)
-    return _prefill_rows(layer, query, attention_mask, scale, 0, values)
+    return _prefill_rows(layer, query, attention_mask, scale, 0, values, k_window, k_dense)
 
 
-def _prefill_values(layer, n_rep: int) -> torch.Tensor:
-    """The values a prefill reads, float32 ``[B, Hq, n_quant + n_window, D]``: the quantised
+def _prefill_values(layer) -> torch.Tensor:
+    """The values a prefill reads, float32 ``[B, H, n_quant + n_window, D]``: the quantised
     region as attention reads it (``vhat``, kept tokens' deltas added) then the window."""
     nw = layer.n_window
-    v = torch.cat([layer.quantised_values(torch.float32),
-                   layer.buf["v_window"][:, :, :nw].float()], dim=2)
-    return v.repeat_interleave(n_rep, dim=1)
+    return torch.cat([layer.quantised_values(torch.float32),
+                      layer.buf["v_window"][:, :, :nw].float()], dim=2)
 
 
-def _prefill_rows(layer, query: torch.Tensor, attention_mask, scale: float,
-                  rows_after: int, values: torch.Tensor) -> torch.Tensor:
+def _grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x @ y`` per query head, ``x`` ``[B, Hq, L, M]``, ``y`` ``[B, H, M, N]`` shared by the
+    ``Hq / H`` query heads of each KV head (query head ``h·n_rep + r`` reads KV head ``h``), as
+    one batched matmul over ``[B, H, n_rep·L, M]``: -> ``[B, Hq, L, N]``."""
+    B, Hq, L, M = x.shape
+    H = y.shape[1]
+    out = x.reshape(B, H, (Hq // H) * L, M) @ y
+    return out.view(B, Hq, L, y.shape[-1])
+
+
+def _prefill_rows(layer, query: torch.Tensor, attention_mask, scale: float, rows_after: int,
+                  values: torch.Tensor, k_window: torch.Tensor,
+                  k_dense: Optional[torch.Tensor]) -> torch.Tensor:
     """``_prefill`` for a block of query rows; ``rows_after`` query tokens of this call follow
-    the block (they shape the causal mask when transformers passed none); ``values`` from
-    :func:`_prefill_values` (dequantised once per call, not once per block)."""
+    the block; ``values``, ``k_window``, ``k_dense`` from :func:`_prefill` (read once per call).
+    When transformers passed no mask (plain causal attention), the block attends to the first
+    ``T - rows_after`` tokens only, so the columns after them are never computed."""
     s = layer.s
     B, Hq, L, D = query.shape
-    n_rep = Hq // layer.H
     nq, nw = layer.n_quant, layer.n_window
     T = nq + nw
+    Tv = T - rows_after if attention_mask is None else T  # columns this block may see
     qf = query.float()
     parts = []
     if nq:
@@ -170,21 +186,18 @@ def _prefill_rows(layer, query: torch.Tensor, attention_mask, scale: float,
                 b["z_scale"][:, :, :nq].contiguous() if has_side else None,
                 layer.basis if has_side else None, s.key_bits, G, s.side_bits, s.sign, scale))
         else:
-            kq = layer.buf["k_dense"][:, :, :nq].float().repeat_interleave(n_rep, dim=1)
-            parts.append((qf @ kq.transpose(-1, -2)) * scale)
-    kw = layer.buf["k_window"][:, :, :nw].float().repeat_interleave(n_rep, dim=1)
-    parts.append((qf @ kw.transpose(-1, -2)) * scale)
+            parts.append(_grouped(qf, k_dense.transpose(-1, -2)) * scale)
+    parts.append(_grouped(qf, k_window[:, :, :Tv - nq].transpose(-1, -2)) * scale)
     logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    if attention_mask is None and rows_after:
-        vis = _visible_mask(None, L, T - rows_after, query.device)
-        vis = torch.cat([vis, vis.new_zeros(1, 1, L, rows_after)], dim=-1)
-    else:
-        vis = _visible_mask(attention_mask, L, T, query.device)
-    logits = logits.masked_fill(~vis, float("-inf"))
-    a = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # fully masked rows (padding) -> 0
-    out = a @ values  # [B, Hq, L, D]
+    vis = _visible_mask(attention_mask, L, Tv, query.device)
+    logits.masked_fill_(~vis, float("-inf"))
+    a = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding) -> 0
+    del logits
+    out = _grouped(a, values[:, :, :Tv])  # [B, Hq, L, D]
     if layer.a2:
         w = vp.squared_weights(a, layer.H)
+        if Tv < T:  # tokens after the block: never visible to it, weight 0
+            w = torch.nn.functional.pad(w, (0, T - Tv))
         layer.add_weights(w[..., :nq], w[..., nq:])
     return out.to(query.dtype)
 

@@ -324,28 +324,75 @@ def test_smollm2_two_bit_logits_bound(smollm2, smollm2_calibration):
     assert dlogit_hq < 1.2, results
 
 
-def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch):
+def test_a2_prefill_weights_match_eager_attention(restore_attn, monkeypatch):
+    """The A² weights a first prompt accumulates are Σ a² over each KV head's query heads and
+    the prompt's queries, with ``a`` the attention probabilities transformers' eager attention
+    returns (the prompt is attended at full precision): checked for the kept tokens (their
+    ``heavy_w``) and the window, with the prompt in one block of rows and in ~7-row blocks."""
+    from headq_torch import value_policy as vp
+
+    model = make_tiny("llama")
+    cal = tiny_calibration(model)
+    ids = _prompt(model, n=70)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = model(ids, output_attentions=True).attentions
+    restore_attn.append(attention.enable(model))
+    for rows_bytes in (None, 4 * 4 * 70 * 7):
+        if rows_bytes is not None:
+            monkeypatch.setattr(attention, "_PREFILL_LOGIT_BYTES", rows_bytes)
+        cache = HeadQCache(model.config, cal, key_bits=2, value_bits=2, group_size=32,
+                           value_group_size=32, value_policy="a2", value_keep_frac=0.1)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+        for layer, a in zip(cache.headq_layers, probs):
+            want = vp.squared_weights(a, layer.H)  # [B, H, 70]
+            nq, nw = layer.n_quant, layer.n_window
+            assert nq > 0 and nq + nw == 70
+            torch.testing.assert_close(layer.buf["w_window"][:, :, :nw], want[..., nq:],
+                                       atol=1e-6, rtol=1e-5)
+            idx = layer.heavy_idx
+            assert idx.shape[-1] > 0 and bool((idx >= 0).all())
+            torch.testing.assert_close(layer.heavy_w, torch.gather(want, -1, idx.long()),
+                                       atol=1e-6, rtol=1e-5)
+            # the kept tokens are the heaviest of the quantised region
+            top = want[..., :nq].topk(idx.shape[-1], dim=-1).values.min(-1).values
+            assert bool((layer.heavy_w.min(-1).values >= top - 1e-6).all())
+
+
+@pytest.mark.parametrize("policy", ["uniform", "a2"])
+def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch, policy):
     """Long multi-token calls are processed in query-row chunks (bounded logit memory): the
-    result equals the unchunked computation, for a first prompt (dense fast path) and for a
-    second chunk that reads quantised tokens."""
+    result equals the unchunked computation, for a first prompt (dense fast path, or with A²
+    the materialised one, whose blocks skip the columns after them) and for a second chunk that
+    reads quantised tokens; with A² the accumulated weights and the keep set too."""
     model = make_tiny("llama")
     cal = tiny_calibration(model)
     restore_attn.append(attention.enable(model))
     ids = _prompt(model, n=120)
     kw = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
+    if policy == "a2":
+        kw.update(value_policy="a2", value_keep_frac=0.1)
 
     def run():
         with torch.no_grad():
             c = HeadQCache(model.config, cal, **kw)
             a = model(ids[:, :70], past_key_values=c, use_cache=True).logits
             b = model(ids[:, 70:], past_key_values=c, use_cache=True).logits
-        return a, b
+        return a, b, c
 
-    a_full, b_full = run()
+    a_full, b_full, c_full = run()
     monkeypatch.setattr(attention, "_PREFILL_LOGIT_BYTES", 4 * 4 * 90 * 7)  # ~7-row chunks
-    a_chunk, b_chunk = run()
+    a_chunk, b_chunk, c_chunk = run()
     torch.testing.assert_close(a_chunk, a_full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b_chunk, b_full, atol=1e-5, rtol=1e-5)
+    if policy == "a2":
+        for lf, lc in zip(c_full.layers, c_chunk.layers):
+            assert lf.n_quant > 0 and lf.heavy_idx is not None and lf.heavy_idx.shape[-1] > 0
+            torch.testing.assert_close(lc.buf["w_window"], lf.buf["w_window"], atol=1e-6,
+                                       rtol=1e-5)
+            torch.testing.assert_close(lc.heavy_w, lf.heavy_w, atol=1e-6, rtol=1e-5)
+            assert torch.equal(lc.heavy_idx, lf.heavy_idx)
     with torch.no_grad():
         dense = model(ids[:, :70], past_key_values=DynamicCache(config=model.config),
                       use_cache=True).logits
