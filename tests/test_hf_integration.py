@@ -360,7 +360,7 @@ def test_a2_prefill_weights_match_eager_attention(restore_attn, monkeypatch):
             assert bool((layer.heavy_w.min(-1).values >= top - 1e-6).all())
 
 
-@pytest.mark.parametrize("policy", ["uniform", "a2"])
+@pytest.mark.parametrize("policy", ["uniform", "a2", "dense_keys"])
 def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch, policy):
     """Long multi-token calls are processed in query-row chunks (bounded logit memory): the
     result equals the unchunked computation, for a first prompt (dense fast path, or with A²
@@ -373,6 +373,9 @@ def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch, policy):
     kw = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
     if policy == "a2":
         kw.update(value_policy="a2", value_keep_frac=0.1)
+    if policy == "dense_keys":  # 16-bit keys and values: the second call reads dense keys
+        cal = None
+        kw.update(key_bits=16, value_bits=16)
 
     def run():
         with torch.no_grad():
@@ -394,6 +397,10 @@ def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch, policy):
             torch.testing.assert_close(lc.heavy_w, lf.heavy_w, atol=1e-6, rtol=1e-5)
             assert torch.equal(lc.heavy_idx, lf.heavy_idx)
     with torch.no_grad():
-        dense = model(ids[:, :70], past_key_values=DynamicCache(config=model.config),
-                      use_cache=True).logits
+        dc = DynamicCache(config=model.config)
+        dense = model(ids[:, :70], past_key_values=dc, use_cache=True).logits
+        dense_b = model(ids[:, 70:], past_key_values=dc, use_cache=True).logits
     torch.testing.assert_close(a_full, dense, atol=1e-5, rtol=1e-5)
+    if policy == "dense_keys":  # nothing is quantised: the second call is plain attention too
+        assert c_full.layers[0].n_quant > 0
+        torch.testing.assert_close(b_full, dense_b, atol=1e-5, rtol=1e-5)
