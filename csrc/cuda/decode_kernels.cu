@@ -1033,13 +1033,8 @@ __host__ __device__ inline HeavySmem heavy_smem(const DecodeParams& p, int NG) {
   return s;
 }
 
-#ifdef HEADQ_HEAVY_MIN_BLOCKS  // experiments: a register cap for more resident blocks
-#define HEADQ_HEAVY_BOUNDS __launch_bounds__(kThreads, HEADQ_HEAVY_MIN_BLOCKS)
-#else
-#define HEADQ_HEAVY_BOUNDS __launch_bounds__(kThreads)
-#endif
 template <int D, int NG>
-__global__ void HEADQ_HEAVY_BOUNDS decode_heavy_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads) decode_heavy_kernel(const DecodeParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const HeavySmem L = heavy_smem(p, NG);
   float* q_s = reinterpret_cast<float*>(smem + L.q);
@@ -1272,33 +1267,32 @@ static int heavy_stage_override() {
   return 0;
 }
 
-cudaError_t launch_decode_heavy(const DecodeParams& p0, const DecodePlan& plan, cudaStream_t stream,
-                                bool pdl) {
+cudaError_t launch_decode_heavy(const DecodeParams& p0, const DecodePlan& plan, int sm_count,
+                                cudaStream_t stream, bool pdl) {
   if (p0.Sh <= 0 || p0.B == 0 || p0.H == 0) return cudaSuccess;
   return with_shape(p0.D, plan.ng, [&](auto d, auto ng) {
     auto kernel = decode_heavy_kernel<decltype(d)::value, decltype(ng)::value>;
     DecodeParams p = p0;
     const dim3 grid(p.Sh, p.H * plan.nchunk, p.B);
+    // The 64-slot stage's shared memory bounds both sizes': allowed before the occupancy query
+    // (which counts 0 blocks for more than the kernel's allowance) and the launch.
+    p.hstage = kHeavyStageLarge;
+    const size_t smem64 = static_cast<size_t>(heavy_smem(p, ng).total);
+    if (smem64 > 48 * 1024) {
+      const cudaError_t err = cudaFuncSetAttribute(
+          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem64));
+      if (err != cudaSuccess) return err;
+    }
     p.hstage = heavy_stage_override();
     if (p.hstage == 0) {  // 64 if every block is resident at once with the 64-slot stage
-      p.hstage = kHeavyStageLarge;
-      int dev = 0, sms = 0, per_sm = 0;
-      cudaError_t err = cudaGetDevice(&dev);
-      if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-      if (err == cudaSuccess) {
-        err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, kernel, kThreads, static_cast<size_t>(heavy_smem(p, ng).total));
-      }
+      int per_sm = 0;
+      const cudaError_t err =
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem64);
       if (err != cudaSuccess) return err;
       p.hstage = heavy_stage_slots(static_cast<int64_t>(grid.x) * grid.y * grid.z,
-                                   static_cast<int64_t>(per_sm) * sms);
+                                   static_cast<int64_t>(per_sm) * sm_count);
     }
     const size_t smem = static_cast<size_t>(heavy_smem(p, ng).total);
-    if (smem > 48 * 1024) {
-      const cudaError_t err = cudaFuncSetAttribute(
-          kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-      if (err != cudaSuccess) return err;
-    }
     return launch_maybe_pdl(kernel, grid, dim3(kThreads), smem, stream, pdl, p);
   });
 }

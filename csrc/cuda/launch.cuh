@@ -180,8 +180,10 @@ cudaError_t launch_decode_split(const DecodeParams& p, const DecodePlan& plan,
 
 // Heavy-slot splits Sq + Sw .. S-1 (p.Sh of them, p.hchunk slots each; plan.ng / plan.nchunk of
 // the SIMT plan, which p.nchunk must match): numerator-only partials of the kept tokens' value
-// corrections (A² value policy). pdl: a programmatic dependent of the previous split kernel.
-cudaError_t launch_decode_heavy(const DecodeParams& p, const DecodePlan& plan,
+// corrections (A² value policy). p.hstage is set here: HEADQ_HEAVY_STAGE, else
+// heavy_stage_slots from the kernel's occupancy and sm_count. pdl: a programmatic dependent of
+// the previous split kernel.
+cudaError_t launch_decode_heavy(const DecodeParams& p, const DecodePlan& plan, int sm_count,
                                 cudaStream_t stream, bool pdl = false);
 
 // Tensor-core split kernel (decode_mma.cu) over the quantised region: splits 0 .. Sq-1 with the

@@ -430,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   if (p.Sh > 0) {  // heavy-slot splits Sq + Sw .. S-1 (A² value policy)
-    C10_CUDA_CHECK(cuda::launch_decode_heavy(ps, splan, stream, pdl));
+    C10_CUDA_CHECK(cuda::launch_decode_heavy(ps, splan, sm_count, stream, pdl));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   C10_CUDA_CHECK(cuda::launch_decode_combine(p.part_acc, p.part_ml, B * Hq, p.S,
