@@ -25,6 +25,8 @@ const char* dtype_name(at::ScalarType t) {
       return "int32";
     case at::kLong:
       return "int64";
+    case at::kBool:
+      return "bool";
     default:
       return c10::toString(t);
   }
@@ -447,4 +449,34 @@ void validate_decode_attention(
   }
 }
 
+void validate_a2_weights(const at::Tensor& q, const at::Tensor& k,
+                         const std::optional<at::Tensor>& mask, double scale) {
+  const char* op = "a2_weights";
+  check_dims(op, "q", q, 4, "[batch, query_heads, query_len, head_dim]");
+  check_float(op, "q", q);
+  check_dims(op, "k", k, 4, "[batch, heads, tokens, head_dim]");
+  check_dtype(op, "k", k, q.scalar_type());
+  check_device(op, "k", k, "q", q);
+  check_finite(op, "scale", scale);
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t H = k.size(1), T = k.size(2);
+  TORCH_CHECK(k.size(0) == B, op, ": k batch (", k.size(0), ") must equal q batch (", B, ")");
+  TORCH_CHECK(k.size(3) == D, op, ": k head_dim (", k.size(3), ") must equal q head_dim (", D,
+              ")");
+  TORCH_CHECK(D > 0, op, ": head_dim must be positive, got ", D);
+  TORCH_CHECK(H > 0 && Hq % H == 0, op, ": query_heads (", Hq,
+              ") must be a positive multiple of k heads (", H, ")");
+  TORCH_CHECK(L <= T, op, ": query_len (", L, ") must be at most the tokens of k (", T,
+              "): the queries are the last query_len of the tokens");
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    check_dims(op, "mask", m, 3, "[batch or 1, query_len, tokens]");
+    check_dtype(op, "mask", m, at::kBool);
+    check_device(op, "mask", m, "q", q);
+    TORCH_CHECK((m.size(0) == B || m.size(0) == 1) && m.size(1) == L && m.size(2) == T, op,
+                ": mask must have shape [", B, " or 1, ", L, ", ", T, "], got ", m.sizes());
+  }
+}
+
 }  // namespace headq
+

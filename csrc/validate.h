@@ -83,4 +83,11 @@ void validate_decode_attention(
     int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
     int64_t value_group_size, double sign, double scale);
 
+// a2_weights: dense attention of L query rows over T keys; the visible keys of query row i are
+// mask[b, i, :] when a mask is given, else t <= T - L + i (causal, the queries are the last L).
+void validate_a2_weights(const at::Tensor& q,                    // [B, Hq, L, D]
+                         const at::Tensor& k,                    // [B, H, T, D] q.dtype
+                         const std::optional<at::Tensor>& mask,  // [B or 1, L, T] bool
+                         double scale);
+
 }  // namespace headq

@@ -113,7 +113,7 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
     B, Hq, L, D = query.shape
     nq, nw = layer.n_quant, layer.n_window
     T = nq + nw
-    if nq == 0 and not layer.a2:
+    if nq == 0 and (not layer.a2 or _fused_a2_weights(query)):
         # Nothing quantised yet (a first prompt): plain dense attention over the window, which
         # holds exactly the tokens of this call and those before them.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -121,6 +121,13 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
         kw = layer.buf["k_window"][:, :, :nw]
         vw = layer.buf["v_window"][:, :, :nw]
         out, _ = sdpa_attention_forward(module, query, kw, vw, attention_mask, scaling=scale)
+        if layer.a2:
+            # The A² weights of the same attention by the a2_weights op: two streaming passes,
+            # no [B, Hq, L, T] logits or probabilities in memory.
+            mask = None if attention_mask is None else _visible_mask(attention_mask, L, nw,
+                                                                     query.device)
+            w, _ = ops.a2_weights(query, kw, mask, scale)
+            layer.add_weights(None, w)
         return out.transpose(1, 2)
     rows = max(1, _PREFILL_LOGIT_BYTES // max(1, 4 * B * Hq * T))
     # Read once per call, not once per block of rows: the values (dequantised) and the dense
@@ -140,6 +147,14 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
                                        L - min(s0 + rows, L), values, k_window, k_dense))
         return torch.cat(parts, dim=2)
     return _prefill_rows(layer, query, attention_mask, scale, 0, values, k_window, k_dense)
+
+
+def _fused_a2_weights(query: torch.Tensor) -> bool:
+    """Whether a first prompt's A² weights come from SDPA + the a2_weights op (CUDA, the head
+    dims its kernels are built for) rather than :func:`_prefill_rows`. On the CPU the row
+    blocks stay: they take the output and the weights from one softmax, where the op would
+    compute the attention a second time (benchmarks/bench_a2_prefill.py, --device cpu)."""
+    return query.device.type == "cuda" and query.shape[-1] in (64, 128)
 
 
 def _prefill_values(layer) -> torch.Tensor:

@@ -26,6 +26,7 @@ __all__ = [
     "dequantize_side",
     "corrected_logits",
     "decode_attention",
+    "a2_weights",
 ]
 
 
@@ -194,6 +195,31 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
                                  float(sign), float(scale))
 
 
+def a2_weights(q: Tensor, k: Tensor, mask: Optional[Tensor] = None,
+               scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """A² weights of dense attention: ``w[b, h, t] = Σ_(query heads of KV head h) Σ_i a²``,
+    ``a = softmax(scale · q k^T)`` over the keys each query row sees, without materialising
+    the attention matrix on CUDA (two streaming passes: row log-sum-exp, then column sums).
+
+    Args:
+        q: ``[B, Hq, L, D]`` float32/float16/bfloat16, the last ``L`` of the ``T`` tokens.
+        k: ``[B, H, T, D]``, ``q``'s dtype, ``Hq % H == 0`` (query head ``h·n_rep + r`` reads
+            KV head ``h``).
+        mask: bool ``[B or 1, L, T]`` (True = visible), or None for causal attention (row ``i``
+            sees ``t <= T - L + i``). A ``[B or 1, 1, L, T]`` mask (transformers' layout) is
+            accepted too.
+        scale: logit scale.
+
+    Returns:
+        ``w`` float32 ``[B, H, T]`` and ``lse`` float32 ``[B, Hq, L]``, each row's
+        log-sum-exp (``-inf`` for a row that sees no key, which adds nothing to ``w``).
+    """
+    _same_device("a2_weights", q=q, k=k, mask=mask)
+    if mask is not None and mask.dim() == 4 and mask.shape[1] == 1:
+        mask = mask[:, 0]
+    return _ops.a2_weights(q, k, mask, float(scale))
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: the shape rules, for torch.compile / FakeTensor / meta tensors.
 # ---------------------------------------------------------------------------------------------
@@ -295,3 +321,13 @@ def _decode_attention_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
     _check((v_codes is None) != (v_dense is None),
            "decode_attention: exactly one of v_codes and v_dense must be given")
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("headq::a2_weights")
+def _a2_weights_fake(q, k, mask, scale):
+    _check(q.dim() == 4, f"a2_weights: q must be [B, Hq, L, D], got {q.dim()} dims")
+    _check(k.dim() == 4, f"a2_weights: k must be [B, H, T, D], got {k.dim()} dims")
+    B, Hq, L, D = q.shape
+    H, T = k.shape[1], k.shape[2]
+    return (q.new_empty((B, H, T), dtype=torch.float32),
+            q.new_empty((B, Hq, L), dtype=torch.float32))

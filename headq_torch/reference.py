@@ -24,6 +24,7 @@ __all__ = [
     "dequantize_side",
     "corrected_logits",
     "decode_attention",
+    "a2_weights",
     "expand_kv",
 ]
 
@@ -265,3 +266,23 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
                         o[h] = o[h] + a[h, idx] * hd[h, i]
         out[b] = o
     return out.to(q.dtype), lse.to(torch.float32 if wd == torch.float32 else wd)
+
+
+def a2_weights(q, k, mask, scale: float):
+    """Reference of ``ops.a2_weights``: the full attention matrix, float32 (float64 for a
+    float64 ``q``). Returns ``w`` ``[B, H, T]`` and ``lse`` ``[B, Hq, L]``."""
+    B, Hq, L, D = q.shape
+    H, T = k.shape[1], k.shape[2]
+    n_rep = Hq // H
+    wd = _work_dtype(q)
+    s = (q.to(wd) @ expand_kv(k.to(wd), n_rep).transpose(-1, -2)) * scale  # [B, Hq, L, T]
+    if mask is None:
+        vis = torch.ones(L, T, dtype=torch.bool, device=q.device).tril(T - L)
+    else:
+        vis = (mask[:, 0] if mask.dim() == 4 else mask).unsqueeze(1)  # [B or 1, 1, L, T]
+    s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    a = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    w = (a * a).sum(2).reshape(B, H, n_rep, T).sum(2)
+    return w, lse
+

@@ -8,7 +8,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from conftest import TINY_KINDS, make_tiny, tiny_calibration
-from headq_torch import attention
+from headq_torch import attention, ops
 from headq_torch.cache import HeadQCache, HeadQLayer
 
 N_NEW = 20
@@ -324,11 +324,13 @@ def test_smollm2_two_bit_logits_bound(smollm2, smollm2_calibration):
     assert dlogit_hq < 1.2, results
 
 
-def test_a2_prefill_weights_match_eager_attention(restore_attn, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True], ids=["row_blocks", "a2_weights_op"])
+def test_a2_prefill_weights_match_eager_attention(restore_attn, monkeypatch, fused):
     """The A² weights a first prompt accumulates are Σ a² over each KV head's query heads and
     the prompt's queries, with ``a`` the attention probabilities transformers' eager attention
     returns (the prompt is attended at full precision): checked for the kept tokens (their
-    ``heavy_w``) and the window, with the prompt in one block of rows and in ~7-row blocks."""
+    ``heavy_w``) and the window, with the prompt in one block of rows and in ~7-row blocks, and
+    by SDPA + the a2_weights op (the CUDA path, forced here on the CPU op)."""
     from headq_torch import value_policy as vp
 
     model = make_tiny("llama")
@@ -338,6 +340,11 @@ def test_a2_prefill_weights_match_eager_attention(restore_attn, monkeypatch):
     with torch.no_grad():
         probs = model(ids, output_attentions=True).attentions
     restore_attn.append(attention.enable(model))
+    calls = []
+    if fused:
+        real = ops.a2_weights
+        monkeypatch.setattr(attention, "_fused_a2_weights", lambda q: True)
+        monkeypatch.setattr(ops, "a2_weights", lambda *a: calls.append(1) or real(*a))
     for rows_bytes in (None, 4 * 4 * 70 * 7):
         if rows_bytes is not None:
             monkeypatch.setattr(attention, "_PREFILL_LOGIT_BYTES", rows_bytes)
@@ -358,6 +365,7 @@ def test_a2_prefill_weights_match_eager_attention(restore_attn, monkeypatch):
             # the kept tokens are the heaviest of the quantised region
             top = want[..., :nq].topk(idx.shape[-1], dim=-1).values.min(-1).values
             assert bool((layer.heavy_w.min(-1).values >= top - 1e-6).all())
+    assert len(calls) == (2 * len(probs) if fused else 0)
 
 
 @pytest.mark.parametrize("policy", ["uniform", "a2", "dense_keys"])

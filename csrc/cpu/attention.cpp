@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -230,10 +231,56 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   return {out, lse};
 }
 
+// a2_weights on the CPU: blocks of query rows (all query heads of a KV head together, so the
+// keys are read once per block and never repeated per query head), float32 logits by ATen's
+// matmul, the block's log-sum-exp and sum of squared probabilities per key. Memory per block
+// is bounded (kLogitBytes of logits); under the causal rule a block never computes the
+// columns after its last row.
+std::tuple<at::Tensor, at::Tensor> a2_weights_cpu(const at::Tensor& q,  // [B, Hq, L, D]
+                                                  const at::Tensor& k,  // [B, H, T, D]
+                                                  const std::optional<at::Tensor>& mask,
+                                                  double scale) {
+  validate_a2_weights(q, k, mask, scale);
+  constexpr int64_t kLogitBytes = int64_t(1) << 28;
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t H = k.size(1), T = k.size(2), n_rep = Hq / H;
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor w = at::zeros({B, H, T}, f32);
+  at::Tensor lse = at::full({B, Hq, L}, -std::numeric_limits<float>::infinity(), f32);
+  if (B == 0 || L == 0 || T == 0) return {w, lse};
+  const at::Tensor qf = q.to(at::kFloat).view({B, H, n_rep, L, D});
+  const at::Tensor kt = k.to(at::kFloat).transpose(2, 3);  // [B, H, D, T]
+  at::Tensor lse5 = lse.view({B, H, n_rep, L});
+  const int64_t rows = std::max<int64_t>(1, kLogitBytes / (4 * B * Hq * T));
+  for (int64_t r0 = 0; r0 < L; r0 += rows) {
+    const int64_t r1 = std::min(L, r0 + rows), nr = r1 - r0;
+    const int64_t tv = mask.has_value() ? T : T - L + r1;  // columns the block may see
+    at::Tensor s = at::matmul(qf.narrow(3, r0, nr).reshape({B, H, n_rep * nr, D}),
+                              kt.narrow(3, 0, tv))
+                       .mul_(scale)
+                       .view({B, H, n_rep, nr, tv});
+    at::Tensor vis;
+    if (mask.has_value()) {
+      vis = mask->narrow(1, r0, nr).view({mask->size(0), 1, 1, nr, T});
+    } else {  // row i sees t <= T - L + i
+      const at::Tensor i = at::arange(r0, r1, q.options().dtype(at::kLong)).view({nr, 1});
+      const at::Tensor t = at::arange(tv, q.options().dtype(at::kLong)).view({1, tv});
+      vis = t.le(i + (T - L));
+    }
+    s.masked_fill_(vis.logical_not(), -std::numeric_limits<float>::infinity());
+    const at::Tensor l = at::logsumexp(s, {-1});  // [B, H, n_rep, nr]; -inf: nothing visible
+    at::Tensor p = (s - l.unsqueeze(-1)).exp_().nan_to_num_(0.0);  // rows with nothing -> 0
+    w.narrow(2, 0, tv).add_(p.mul_(p).sum({2, 3}));
+    lse5.narrow(3, r0, nr).copy_(l);
+  }
+  return {w, lse};
+}
+
 }  // namespace
 }  // namespace headq
 
 TORCH_LIBRARY_IMPL(headq, CPU, m) {
   m.impl("corrected_logits", &headq::corrected_logits_cpu);
   m.impl("decode_attention", &headq::decode_attention_cpu);
+  m.impl("a2_weights", &headq::a2_weights_cpu);
 }

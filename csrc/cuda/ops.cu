@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <tuple>
 
@@ -441,6 +442,36 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> a2_weights_cuda(const at::Tensor& q_in,  // [B, Hq, L, D]
+                                                   const at::Tensor& k_in,  // [B, H, T, D]
+                                                   const std::optional<at::Tensor>& mask_in,
+                                                   double scale) {
+  validate_a2_weights(q_in, k_in, mask_in, scale);
+  const int64_t D = q_in.size(3);
+  TORCH_CHECK(D == 64 || D == 128, "a2_weights: head_dim must be 64 or 128 on CUDA, got ", D);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous();
+  const at::Tensor k = k_in.contiguous();
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2);
+  const int64_t H = k.size(1), T = k.size(2);
+  at::Tensor mask;
+  if (mask_in.has_value()) {
+    mask = mask_in->stride(2) == 1 ? *mask_in : mask_in->contiguous();
+  }
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor lse = at::full({B, Hq, L}, -std::numeric_limits<float>::infinity(), f32);
+  at::Tensor w = at::empty({B, H, T}, f32);
+  const cudaError_t err = cuda::launch_a2_weights(
+      q.const_data_ptr(), k.const_data_ptr(), dtype_of(q.scalar_type(), "a2_weights"),
+      mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
+      mask.defined() && mask.size(0) > 1 ? mask.stride(0) : 0,
+      mask.defined() ? mask.stride(1) : 0, B, H, Hq, L, T, D, static_cast<float>(scale),
+      lse.data_ptr<float>(), w.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {w, lse};
+}
+
 }  // namespace
 }  // namespace headq
 
@@ -454,4 +485,5 @@ TORCH_LIBRARY_IMPL(headq, CUDA, m) {
   m.impl("dequantize_side", &headq::dequantize_side_cuda);
   m.impl("corrected_logits", &headq::corrected_logits_cuda);
   m.impl("decode_attention", &headq::decode_attention_cuda);
+  m.impl("a2_weights", &headq::a2_weights_cuda);
 }

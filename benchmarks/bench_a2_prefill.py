@@ -1,0 +1,150 @@
+"""The attention of an A² cache's first prompt, one layer: output and A² weights, the row-block
+PyTorch path it had until session 12 against SDPA + the a2_weights op.
+
+An A² cache needs, for every prompt token j, ``w_j = Σ_(query heads, query rows) a²``. The
+``rows`` path is the code before this benchmark's commit (``attention._prefill_rows`` on a first
+prompt): for blocks of query rows it materialises float32 logits, masks them, takes the softmax,
+multiplies by the values and squares and sums the probabilities. The ``fused`` path is the
+library's current code: the output from transformers' SDPA attention (as for a uniform cache) and
+the weights from ``ops.a2_weights`` (two streaming passes, nothing of size L x T in memory).
+Both weights are compared (max relative difference recorded).
+
+    python benchmarks/bench_a2_prefill.py --device cuda --contexts 4096,8192,32768 \\
+        --out benchmarks/results/gpu_a2_prefill.json
+    python benchmarks/bench_a2_prefill.py --device cpu --batch 1 --contexts 1024,2048
+
+The ``rows`` path is timed only up to --rows-max tokens (its cost grows as T², 4 s per layer at
+32k on an H100); the fused path at every context. CUDA timing: events around each call, median of
+--reps after a warm-up; CPU: wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from _common import cpu_model, write_json
+from headq_torch import ops
+from headq_torch import value_policy as vp
+
+_LOGIT_BYTES = 1 << 30  # attention._PREFILL_LOGIT_BYTES
+
+
+def rows_path(q, k, v, scale):
+    """Session 11's first-prompt A² prefill (attention._prefill_rows, causal, no mask)."""
+    B, Hq, L, D = q.shape
+    H, T = k.shape[1], k.shape[2]
+    n_rep = Hq // H
+    rows = max(1, _LOGIT_BYTES // max(1, 4 * B * Hq * T))
+    kf, vf = k.float(), v.float()
+    outs = []
+    w = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
+    for s0 in range(0, L, rows):
+        qb = q[:, :, s0:s0 + rows].float()
+        nr = qb.shape[2]
+        tv = T - L + s0 + nr
+        lg = (qb.reshape(B, H, n_rep * nr, D) @ kf[:, :, :tv].transpose(-1, -2)).view(
+            B, Hq, nr, tv) * scale
+        vis = torch.ones(nr, tv, dtype=torch.bool, device=q.device).tril(T - L + s0)
+        lg.masked_fill_(~vis, float("-inf"))
+        a = torch.softmax(lg, dim=-1).nan_to_num_(0.0)
+        del lg
+        outs.append((a.reshape(B, H, n_rep * nr, tv) @ vf[:, :, :tv]).view(B, Hq, nr, D))
+        w[..., :tv] += vp.squared_weights(a, H)
+    return torch.cat(outs, dim=2).to(q.dtype), w
+
+
+def fused_path(q, k, v, scale):
+    """The current first-prompt A² prefill: SDPA for the output, a2_weights for the weights."""
+    n_rep = q.shape[1] // k.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                           enable_gqa=n_rep > 1)
+    w, _ = ops.a2_weights(q, k, None, scale)
+    return out, w
+
+
+def weights_only(q, k, scale):
+    return ops.a2_weights(q, k, None, scale)[0]
+
+
+def time_ms(f, device: str, reps: int) -> float:
+    f()
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            f()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            f()
+            times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--q-heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--contexts", default="4096,8192,32768")
+    ap.add_argument("--rows-max", type=int, default=8192,
+                    help="largest context at which the old row-block path is timed")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda needs a CUDA device")
+    dtype = getattr(torch, args.dtype)
+    B, Hq, H, D = args.batch, args.q_heads, args.kv_heads, args.head_dim
+    scale = D ** -0.5
+    rows_out = []
+    for T in (int(x) for x in args.contexts.split(",")):
+        g = torch.Generator().manual_seed(T)
+        q = torch.randn(B, Hq, T, D, generator=g).to(args.device, dtype)
+        k = torch.randn(B, H, T, D, generator=g).to(args.device, dtype)
+        v = torch.randn(B, H, T, D, generator=g).to(args.device, dtype)
+        row = dict(context=T)
+        row["fused_ms"] = round(time_ms(lambda: fused_path(q, k, v, scale), args.device,
+                                        args.reps), 3)
+        row["a2_weights_ms"] = round(time_ms(lambda: weights_only(q, k, scale), args.device,
+                                             args.reps), 3)
+        if T <= args.rows_max:
+            row["rows_ms"] = round(time_ms(lambda: rows_path(q, k, v, scale), args.device,
+                                           max(1, args.reps - 1)), 3)
+            row["speedup"] = round(row["rows_ms"] / row["fused_ms"], 2)
+            (o1, w1), (o2, w2) = rows_path(q, k, v, scale), fused_path(q, k, v, scale)
+            row["w_max_rel_diff"] = ((w1 - w2).abs().max() / w1.abs().max()).item()
+            row["out_max_abs_diff"] = (o1.float() - o2.float()).abs().max().item()
+        print(row, flush=True)
+        rows_out.append(row)
+        del q, k, v
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"{cpu_model()}, {torch.get_num_threads()} threads"
+    result = dict(
+        command=" ".join(["python"] + sys.argv), machine=machine, torch=torch.__version__,
+        cuda=torch.version.cuda, python=platform.python_version(),
+        shape=dict(batch=B, q_heads=Hq, kv_heads=H, head_dim=D, dtype=args.dtype,
+                   first_prompt="query rows = context, causal"),
+        unit="ms per call (one layer: output + A² weights; a2_weights_ms: the weights alone)",
+        rows=rows_out,
+    )
+    if args.out:
+        write_json(args.out, result)
+    for row in rows_out:
+        if "w_max_rel_diff" in row:
+            assert row["w_max_rel_diff"] < 1e-3, f"the two paths' weights disagree: {row}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,467 @@
+// a2_weights: the A² weights w[b, h, t] = Σ_(query heads r of KV head h) Σ_i a[r, i, t]² of
+// dense attention, a = softmax(scale · q k^T) over the keys each query row sees, without ever
+// materialising the attention matrix (the prefill of an A² cache used to write every block's
+// float32 logits, probabilities and squares to memory: ~10 passes over B·Hq·L·T floats).
+//
+// Two streaming passes over 64 x 64 tiles, each a tiled matrix product whose epilogue never
+// leaves registers:
+//   pass 0 (rows):    grid over 64 query rows; walks the key tiles; online max / sum of
+//                     exp2 per row -> lse[b, hq, i] (natural log).
+//   pass 1 (columns): grid over 64 keys; walks every query row of the KV head's query heads
+//                     that can see the keys; Σ exp(2 (s - lse_row)) per key -> w[b, h, t].
+// Each block owns its output rows / keys: plain stores, no atomics, deterministic.
+//
+// float16 / bfloat16 inputs run on mma.sync.m16n8k16 with float32 accumulation (the products of
+// two 16-bit inputs are exact in float32, so the logits are float32 dot products of the inputs,
+// as the CPU op's float32 matmul computes them, up to the summation order). float32 inputs use
+// the same tiles with float32 FMAs (no tensor cores: TF32 would round the inputs).
+//
+// Visibility: mask[b, i, t] (bool, strides msb / msl, last stride 1) when given, else causal
+// with the queries the last L of the T tokens: t <= T - L + i.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "device_common.cuh"
+#include "launch.cuh"
+
+namespace headq {
+namespace cuda {
+namespace {
+
+constexpr int kTile = 64;     // rows of a tile (A: 16 per warp; B: 8 n-tiles of 8)
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <typename T>
+struct A2Traits;
+template <>
+struct A2Traits<float> {
+  static constexpr bool kMma = false;
+};
+template <>
+struct A2Traits<__half> {
+  static constexpr bool kMma = true;
+};
+template <>
+struct A2Traits<__nv_bfloat16> {
+  static constexpr bool kMma = true;
+};
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4],
+                                                 uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* gmem_src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)),
+               "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_wait_one() {
+  asm volatile("cp.async.wait_group 1;\n" ::);
+}
+
+struct A2Params {
+  const void* q;  // [B, Hq, L, D] contiguous
+  const void* k;  // [B, H, T, D] contiguous
+  const bool* mask;  // [B or 1, L, T] or null
+  int64_t msb, msl;  // mask strides (batch 0 when broadcast)
+  float* lse;        // [B, Hq, L]
+  float* w;          // [B, H, T]
+  int64_t L, T;
+  int H, n_rep;
+  float scale2;  // scale · log2(e)
+};
+
+// Row bytes of a staged tile row: D elements + 16 bytes of padding, so that the 8 rows a
+// fragment load touches start 4 banks apart (conflict-free 32-bit fragment loads).
+template <typename T, int D>
+struct TileShape {
+  static constexpr int kRowBytes = D * int(sizeof(T)) + 16;
+  static constexpr int kBytes = kTile * kRowBytes;
+  static constexpr int kChunks = D * int(sizeof(T)) / 16;  // 16-byte chunks per row
+};
+
+// Stage 64 rows into smem: row j from row_ptr(j) (nullptr: zero-fill). All threads take part;
+// the copies complete at the caller's cp.async wait.
+template <typename T, int D, typename RowPtr>
+__device__ __forceinline__ void stage_rows(unsigned char* dst, RowPtr row_ptr) {
+  using S = TileShape<T, D>;
+  for (int c = threadIdx.x; c < kTile * S::kChunks; c += kThreads) {
+    const int j = c / S::kChunks, part = c % S::kChunks;
+    unsigned char* d = dst + j * S::kRowBytes + part * 16;
+    const unsigned char* src = static_cast<const unsigned char*>(row_ptr(j));
+    if (src != nullptr) {
+      cp_async16(d, src + part * 16);
+    } else {
+      *reinterpret_cast<uint4*>(d) = make_uint4(0, 0, 0, 0);
+    }
+  }
+}
+
+// The warp's 16 x 64 score tile: c[j][e] = A row (g + 8 (e / 2)) · B row (8 j + 2 cq + e % 2),
+// g = lane / 4, cq = lane % 4 (the mma C-fragment layout). 16-bit: A fragments in registers.
+template <typename T, int D>
+struct ScoreTile {
+  static constexpr int kSteps = D / 16;
+  uint32_t a[A2Traits<T>::kMma ? kSteps : 1][4];
+  const unsigned char* a_smem;  // float32 path: the warp's 16 A rows in shared memory
+
+  __device__ __forceinline__ void load_a(const unsigned char* tile, int warp, int lane) {
+    using S = TileShape<T, D>;
+    const unsigned char* base = tile + warp * 16 * S::kRowBytes;
+    if constexpr (A2Traits<T>::kMma) {
+      const int g = lane >> 2, cq = lane & 3;
+#pragma unroll
+      for (int ks = 0; ks < kSteps; ++ks) {
+        const uint32_t* r0 = reinterpret_cast<const uint32_t*>(base + g * S::kRowBytes) + ks * 8;
+        const uint32_t* r1 =
+            reinterpret_cast<const uint32_t*>(base + (g + 8) * S::kRowBytes) + ks * 8;
+        a[ks][0] = r0[cq];
+        a[ks][1] = r1[cq];
+        a[ks][2] = r0[cq + 4];
+        a[ks][3] = r1[cq + 4];
+      }
+    } else {
+      a_smem = base;
+    }
+  }
+
+  __device__ __forceinline__ void scores(const unsigned char* btile, int lane,
+                                         float (&c)[8][4]) const {
+    using S = TileShape<T, D>;
+    const int g = lane >> 2, cq = lane & 3;
+    if constexpr (A2Traits<T>::kMma) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        c[j][0] = c[j][1] = c[j][2] = c[j][3] = 0.f;
+        const uint32_t* br =
+            reinterpret_cast<const uint32_t*>(btile + (8 * j + g) * S::kRowBytes);
+#pragma unroll
+        for (int ks = 0; ks < kSteps; ++ks) mma16816<T>(c[j], a[ks], br[ks * 8 + cq], br[ks * 8 + 4 + cq]);
+      }
+    } else {
+      const float4* a0 = reinterpret_cast<const float4*>(a_smem + g * S::kRowBytes);
+      const float4* a1 = reinterpret_cast<const float4*>(a_smem + (g + 8) * S::kRowBytes);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float4* b0 = reinterpret_cast<const float4*>(btile + (8 * j + 2 * cq) * S::kRowBytes);
+        const float4* b1 =
+            reinterpret_cast<const float4*>(btile + (8 * j + 2 * cq + 1) * S::kRowBytes);
+        float s00 = 0.f, s01 = 0.f, s10 = 0.f, s11 = 0.f;
+#pragma unroll 4
+        for (int d = 0; d < D / 4; ++d) {
+          const float4 x0 = a0[d], x1 = a1[d], y0 = b0[d], y1 = b1[d];
+          s00 += x0.x * y0.x + x0.y * y0.y + x0.z * y0.z + x0.w * y0.w;
+          s01 += x0.x * y1.x + x0.y * y1.y + x0.z * y1.z + x0.w * y1.w;
+          s10 += x1.x * y0.x + x1.y * y0.y + x1.z * y0.z + x1.w * y0.w;
+          s11 += x1.x * y1.x + x1.y * y1.y + x1.z * y1.z + x1.w * y1.w;
+        }
+        c[j][0] = s00;
+        c[j][1] = s01;
+        c[j][2] = s10;
+        c[j][3] = s11;
+      }
+    }
+  }
+};
+
+__device__ __forceinline__ bool visible(const A2Params& p, int b, int64_t i, int64_t t) {
+  if (p.mask != nullptr) return p.mask[b * p.msb + i * p.msl + t];
+  return t <= p.T - p.L + i;
+}
+
+// Shared memory: float32 keeps the A tile staged for the whole block (SIMT reads it), 16-bit
+// types load it into registers and reuse the buffer.
+template <typename T, int D>
+constexpr int a2_smem_bytes() {
+  return (A2Traits<T>::kMma ? 2 : 3) * TileShape<T, D>::kBytes + 2 * kTile * int(sizeof(float));
+}
+
+// ---------------------------------------------------------------------------------------------
+// pass 0: lse of 64 query rows. Rows are the KV head's n_rep·L query rows flattened (query head
+// r, row i) -> v = r·L + i, as q[b, h·n_rep : (h+1)·n_rep] is laid out.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
+  using S = TileShape<T, D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* buf[2] = {smem, smem + S::kBytes};
+  unsigned char* a_tile = A2Traits<T>::kMma ? smem : smem + 2 * S::kBytes;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int64_t nv = p.n_rep * p.L;
+  const int64_t v0 = int64_t(blockIdx.x) * kTile;
+  const int64_t v_last = (v0 + kTile < nv ? v0 + kTile : nv) - 1;
+  const T* qh = static_cast<const T*>(p.q) + (int64_t(b) * p.H + h) * nv * D;
+  const T* kh = static_cast<const T*>(p.k) + (int64_t(b) * p.H + h) * p.T * D;
+  // keys any row of the block may see
+  const int64_t i_max = (v0 / p.L != v_last / p.L) ? p.L - 1 : v_last % p.L;
+  const int64_t t_end = p.mask != nullptr ? p.T : p.T - p.L + i_max + 1;
+  const int n_tiles = static_cast<int>((t_end + kTile - 1) / kTile);
+
+  stage_rows<T, D>(a_tile, [&](int j) -> const void* {
+    const int64_t v = v0 + j;
+    return v < nv ? qh + v * D : nullptr;
+  });
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  ScoreTile<T, D> st;
+  st.load_a(a_tile, warp, lane);
+  __syncthreads();  // the 16-bit path reuses a_tile (= buf[0]) for key tiles
+
+  const int g = lane >> 2, cq = lane & 3;
+  int64_t row_i[2];
+  bool row_ok[2];
+  for (int hi = 0; hi < 2; ++hi) {
+    const int64_t v = v0 + warp * 16 + g + 8 * hi;
+    row_ok[hi] = v < nv;
+    row_i[hi] = row_ok[hi] ? v % p.L : 0;
+  }
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+
+  auto issue = [&](int n) {
+    const int64_t t0 = int64_t(n) * kTile;
+    stage_rows<T, D>(buf[n & 1], [&](int j) -> const void* {
+      return t0 + j < p.T ? kh + (t0 + j) * D : nullptr;
+    });
+    cp_async_commit();
+  };
+  if (n_tiles > 0) issue(0);
+  for (int n = 0; n < n_tiles; ++n) {
+    if (n + 1 < n_tiles) {
+      issue(n + 1);
+      cp_async_wait_one();
+    } else {
+      cp_async_wait_all();
+    }
+    __syncthreads();
+    float c[8][4];
+    st.scores(buf[n & 1], lane, c);
+    const int64_t t0 = int64_t(n) * kTile;
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      float tmax = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int64_t t = t0 + 8 * j + 2 * cq + e;
+          const bool ok = row_ok[hi] && t < p.T && visible(p, b, row_i[hi], t);
+          const float s = ok ? c[j][2 * hi + e] * p.scale2 : -INFINITY;
+          c[j][2 * hi + e] = s;
+          tmax = fmaxf(tmax, s);
+        }
+      if (tmax == -INFINITY) continue;
+      const float m_new = fmaxf(m[hi], tmax);
+      float sum = l[hi] * exp2f(m[hi] - m_new);  // m = -inf: l = 0 and exp2f(-inf) = 0
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) sum += exp2f(c[j][2 * hi + e] - m_new);
+      m[hi] = m_new;
+      l[hi] = sum;
+    }
+    __syncthreads();  // the buffer is restaged two iterations later
+  }
+  // the four lanes of a quad hold disjoint columns of the same two rows
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+#pragma unroll
+    for (int off = 1; off <= 2; off <<= 1) {
+      const float mo = __shfl_xor_sync(0xffffffffu, m[hi], off);
+      const float lo = __shfl_xor_sync(0xffffffffu, l[hi], off);
+      const float mn = fmaxf(m[hi], mo);
+      if (mn != -INFINITY) {
+        l[hi] = l[hi] * exp2f(m[hi] - mn) + lo * exp2f(mo - mn);
+        m[hi] = mn;
+      }
+    }
+    const int64_t v = v0 + warp * 16 + g + 8 * hi;
+    if (cq == 0 && v < nv) {
+      const float lse2 = l[hi] > 0.f ? m[hi] + log2f(l[hi]) : -INFINITY;
+      p.lse[(int64_t(b) * p.H + h) * nv + v] = lse2 * kLn2;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// pass 1: w of 64 keys. Walks (query head r, 64-row tile) of the KV head's query rows, from the
+// first row that can see the block's first key (causal) or row 0 (mask).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
+  using S = TileShape<T, D>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* buf[2] = {smem, smem + S::kBytes};
+  unsigned char* a_tile = A2Traits<T>::kMma ? smem : smem + 2 * S::kBytes;
+  float* lse_buf = reinterpret_cast<float*>(smem + a2_smem_bytes<T, D>() - 2 * kTile * sizeof(float));
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int64_t t0 = int64_t(blockIdx.x) * kTile;
+  const int64_t nv = p.n_rep * p.L;
+  const T* qh = static_cast<const T*>(p.q) + (int64_t(b) * p.H + h) * nv * D;
+  const T* kh = static_cast<const T*>(p.k) + (int64_t(b) * p.H + h) * p.T * D;
+  const float* lseh = p.lse + (int64_t(b) * p.H + h) * nv;
+  int64_t i_start = 0;
+  if (p.mask == nullptr) {
+    i_start = t0 - (p.T - p.L);  // first row with t0 <= T - L + i
+    if (i_start < 0) i_start = 0;
+  }
+  const int64_t rows = p.L - i_start;
+  const int per_head = rows > 0 ? static_cast<int>((rows + kTile - 1) / kTile) : 0;
+  const int n_tiles = per_head * p.n_rep;
+
+  stage_rows<T, D>(a_tile, [&](int j) -> const void* {
+    return t0 + j < p.T ? kh + (t0 + j) * D : nullptr;
+  });
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  ScoreTile<T, D> st;
+  st.load_a(a_tile, warp, lane);
+  __syncthreads();
+
+  const int g = lane >> 2, cq = lane & 3;
+  int64_t key_t[2];
+  for (int hi = 0; hi < 2; ++hi) key_t[hi] = t0 + warp * 16 + g + 8 * hi;
+  float acc[2] = {0.f, 0.f};
+
+  auto issue = [&](int n) {
+    const int r = n / per_head;
+    const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
+    const T* qr = qh + int64_t(r) * p.L * D;
+    stage_rows<T, D>(buf[n & 1], [&](int j) -> const void* {
+      return i0 + j < p.L ? qr + (i0 + j) * D : nullptr;
+    });
+    float* lb = lse_buf + (n & 1) * kTile;
+    for (int j = threadIdx.x; j < kTile; j += kThreads) {
+      if (i0 + j < p.L) {
+        cp_async4(lb + j, lseh + int64_t(r) * p.L + i0 + j);
+      } else {
+        lb[j] = -INFINITY;
+      }
+    }
+    cp_async_commit();
+  };
+  if (n_tiles > 0) issue(0);
+  for (int n = 0; n < n_tiles; ++n) {
+    if (n + 1 < n_tiles) {
+      issue(n + 1);
+      cp_async_wait_one();
+    } else {
+      cp_async_wait_all();
+    }
+    __syncthreads();
+    float c[8][4];
+    st.scores(buf[n & 1], lane, c);
+    const float* lb = lse_buf + (n & 1) * kTile;
+    const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int jr = 8 * j + 2 * cq + e;
+        const float lse2 = lb[jr] * kLog2e;
+        if (lse2 == -INFINITY) continue;  // past L, or a row that sees no key
+        const int64_t i = i0 + jr;
+#pragma unroll
+        for (int hi = 0; hi < 2; ++hi) {
+          const int64_t t = key_t[hi];
+          if (t < p.T && visible(p, b, i, t)) {
+            const float x = exp2f(2.f * (c[j][2 * hi + e] * p.scale2 - lse2));
+            acc[hi] += x == x ? x : 0.f;  // a NaN row adds nothing, as on the CPU
+          }
+        }
+      }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+    float x = acc[hi];
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    x += __shfl_xor_sync(0xffffffffu, x, 2);
+    if (cq == 0 && key_t[hi] < p.T) p.w[(int64_t(b) * p.H + h) * p.T + key_t[hi]] = x;
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_a2_typed(const A2Params& p, int64_t B, cudaStream_t stream) {
+  constexpr int smem = a2_smem_bytes<T, D>();
+  cudaError_t err = cudaFuncSetAttribute(a2_rows_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(a2_cols_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             smem);
+  if (err != cudaSuccess) return err;
+  const int64_t nv = p.n_rep * p.L;
+  const dim3 rows_grid(static_cast<unsigned>((nv + kTile - 1) / kTile), p.H,
+                       static_cast<unsigned>(B));
+  a2_rows_kernel<T, D><<<rows_grid, kThreads, smem, stream>>>(p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const dim3 cols_grid(static_cast<unsigned>((p.T + kTile - 1) / kTile), p.H,
+                       static_cast<unsigned>(B));
+  a2_cols_kernel<T, D><<<cols_grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_a2_weights(const void* q, const void* k, DType dtype, const bool* mask,
+                              int64_t mask_sb, int64_t mask_sl, int64_t B, int64_t H,
+                              int64_t Hq, int64_t L, int64_t T, int64_t D, float scale,
+                              float* lse, float* w, cudaStream_t stream) {
+  if (B == 0 || H == 0 || T == 0) return cudaSuccess;
+  A2Params p;
+  p.q = q;
+  p.k = k;
+  p.mask = mask;
+  p.msb = mask_sb;
+  p.msl = mask_sl;
+  p.lse = lse;
+  p.w = w;
+  p.L = L;
+  p.T = T;
+  p.H = static_cast<int>(H);
+  p.n_rep = static_cast<int>(Hq / H);
+  p.scale2 = scale * kLog2e;
+  if (L == 0) return cudaMemsetAsync(w, 0, sizeof(float) * B * H * T, stream);
+  switch (dtype) {
+    case DType::kFloat32:
+      return D == 64 ? launch_a2_typed<float, 64>(p, B, stream)
+                     : launch_a2_typed<float, 128>(p, B, stream);
+    case DType::kFloat16:
+      return D == 64 ? launch_a2_typed<__half, 64>(p, B, stream)
+                     : launch_a2_typed<__half, 128>(p, B, stream);
+    case DType::kBFloat16:
+      return D == 64 ? launch_a2_typed<__nv_bfloat16, 64>(p, B, stream)
+                     : launch_a2_typed<__nv_bfloat16, 128>(p, B, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace headq

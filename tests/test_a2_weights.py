@@ -1,0 +1,170 @@
+"""ops.a2_weights (the A² weights of dense attention, used by an A² cache's prefill) against the
+pure-PyTorch reference (headq_torch.reference.a2_weights) and its float64 twin, on the CPU and,
+where a GPU exists, on CUDA (tensor cores for float16 / bfloat16, float32 FMAs for float32)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from headq_torch import ops
+from headq_torch import reference as ref
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _case(B, Hq, H, L, T, D, dtype, device, seed=0, spread=1.0):
+    g = torch.Generator().manual_seed(seed)
+    q = (torch.randn(B, Hq, L, D, generator=g) * spread).to(device=device, dtype=dtype)
+    k = (torch.randn(B, H, T, D, generator=g) * spread).to(device=device, dtype=dtype)
+    return q, k
+
+
+def _check(q, k, mask, scale):
+    """The op against the float32 reference and the float64 computation: error vs float64 at
+    most twice the float32 reference's plus a relative floor (exp2 on the GPU is 2 ulp)."""
+    w, lse = ops.a2_weights(q, k, mask, scale)
+    assert w.dtype == torch.float32 and lse.dtype == torch.float32
+    assert w.shape == (q.shape[0], k.shape[1], k.shape[2])
+    assert lse.shape == q.shape[:3]
+    assert w.device == q.device and lse.device == q.device
+    cpu = [t.cpu() if t is not None else None for t in (q, k, mask)]
+    w32, lse32 = ref.a2_weights(*cpu, scale)
+    w64, lse64 = ref.a2_weights(cpu[0].double(), cpu[1].double(), cpu[2], scale)
+    w, lse = w.cpu().double(), lse.cpu().double()
+    assert torch.isfinite(w).all()
+    assert (w >= 0).all()
+    fin = torch.isfinite(lse64)
+    assert torch.equal(torch.isfinite(lse), fin), "rows that see no key must have lse -inf"
+    assert (lse[~fin] == float("-inf")).all()
+    floor = 1e-5 * max(1.0, w64.abs().max().item())
+    err = (w - w64).abs().max().item()
+    base = (w32.double() - w64).abs().max().item()
+    assert err <= 2 * base + floor, f"w error {err:.3e} vs reference error {base:.3e}"
+    if fin.any():
+        err = (lse - lse64)[fin].abs().max().item()
+        base = (lse32.double() - lse64)[fin].abs().max().item()
+        assert err <= 2 * base + 1e-5 * max(1.0, lse64[fin].abs().max().item()), \
+            f"lse error {err:.3e} vs reference error {base:.3e}"
+    return w, w64
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("shape", [
+    (2, 8, 2, 70, 70),     # first prompt: L == T, not a multiple of the 64-row tiles
+    (1, 9, 3, 5, 133),     # a short chunk after 128 tokens, SmolLM2's 9 query / 3 KV heads
+    (2, 4, 4, 130, 200),   # no grouping (n_rep 1)
+    (1, 4, 1, 1, 65),      # one query row
+])
+def test_a2_weights_causal(device, dtype, D, shape):
+    B, Hq, H, L, T = shape
+    q, k = _case(B, Hq, H, L, T, D, dtype, device)
+    _check(q, k, None, 1 / math.sqrt(D))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_a2_weights_mask(device, dtype):
+    """A transformers-style bool mask [B, 1, L, T]: left padding, a hole, and a padded query row
+    that sees nothing (its lse is -inf and it adds nothing)."""
+    B, Hq, H, L, T, D = 3, 6, 2, 67, 150, 64
+    q, k = _case(B, Hq, H, L, T, D, dtype, device, seed=1)
+    causal = torch.ones(L, T, dtype=torch.bool).tril(T - L)
+    m = causal.expand(B, 1, L, T).clone()
+    m[1, :, :, :40] = False  # left padding of 40 tokens
+    m[2, :, :, 90:95] = False  # a hole
+    m[2, :, 3, :] = False  # a row that sees nothing
+    w, _ = _check(q, k, m.to(device), 0.125)
+    assert (w[1, :, :40] == 0).all()
+    assert (w[2, :, 90:95] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a2_weights_broadcast_mask_equals_causal(device):
+    """A [1, L, T] mask broadcast over the batch, equal to the causal rule: same result as no
+    mask (the kernels take the mask's batch stride 0)."""
+    B, Hq, H, L, T, D = 2, 4, 2, 33, 97, 64
+    q, k = _case(B, Hq, H, L, T, D, torch.float16, device, seed=2)
+    m = torch.ones(L, T, dtype=torch.bool, device=device).tril(T - L).unsqueeze(0)
+    w1, l1 = ops.a2_weights(q, k, m, 0.1)
+    w2, l2 = ops.a2_weights(q, k, None, 0.1)
+    torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(l1, l2, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a2_weights_peaked_attention(device):
+    """Large logits (a sharply peaked softmax): the online max keeps exp finite and the weights
+    of the peak keys near one per query row."""
+    B, Hq, H, L, T, D = 1, 4, 2, 40, 300, 64
+    q, k = _case(B, Hq, H, L, T, D, torch.bfloat16, device, seed=3, spread=3.0)
+    w, w64 = _check(q, k, None, 1.0)
+    assert w.sum().item() > 0.5 * Hq * L  # most rows put nearly all weight on one key
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a2_weights_sums_over_query_heads_of_a_kv_head(device):
+    """w of a KV head is the sum over its query heads: equal to running each query head alone
+    against that KV head and adding."""
+    B, Hq, H, L, T, D = 1, 6, 2, 20, 50, 64
+    q, k = _case(B, Hq, H, L, T, D, torch.float32, device, seed=4)
+    w, _ = ops.a2_weights(q, k, None, 0.2)
+    for h in range(H):
+        parts = [ops.a2_weights(q[:, h * 3 + r:h * 3 + r + 1], k[:, h:h + 1], None, 0.2)[0]
+                 for r in range(3)]
+        torch.testing.assert_close(w[:, h:h + 1], sum(parts), rtol=1e-5, atol=1e-6)
+
+
+def test_a2_weights_empty():
+    q = torch.zeros(2, 4, 0, 64)
+    k = torch.zeros(2, 2, 10, 64)
+    w, lse = ops.a2_weights(q, k, None, 1.0)
+    assert w.shape == (2, 2, 10) and (w == 0).all() and lse.shape == (2, 4, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a2_weights_bad_input(device):
+    q, k = _case(1, 4, 2, 8, 16, 64, torch.float32, device)
+    with pytest.raises(RuntimeError, match="a2_weights: k must have dtype float32"):
+        ops.a2_weights(q, k.half(), None, 1.0)
+    with pytest.raises(RuntimeError, match=r"a2_weights: query_heads \(4\) must be a positive "
+                                           r"multiple of k heads \(3\)"):
+        ops.a2_weights(q, torch.zeros(1, 3, 16, 64, device=device), None, 1.0)
+    with pytest.raises(RuntimeError, match=r"a2_weights: query_len \(8\) must be at most"):
+        ops.a2_weights(q, k[:, :, :4], None, 1.0)
+    with pytest.raises(RuntimeError, match=r"a2_weights: k head_dim \(32\) must equal"):
+        ops.a2_weights(q, torch.zeros(1, 2, 16, 32, device=device), None, 1.0)
+    with pytest.raises(RuntimeError, match="a2_weights: mask must have dtype bool"):
+        ops.a2_weights(q, k, torch.ones(1, 8, 16, device=device), 1.0)
+    with pytest.raises(RuntimeError, match=r"a2_weights: mask must have shape \[1 or 1, 8, 16\]"):
+        ops.a2_weights(q, k, torch.ones(1, 8, 15, dtype=torch.bool, device=device), 1.0)
+    with pytest.raises(RuntimeError, match="a2_weights: scale must be finite"):
+        ops.a2_weights(q, k, None, float("nan"))
+    with pytest.raises(RuntimeError, match="a2_weights: q must have 4 dims"):
+        ops.a2_weights(q[0], k, None, 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_a2_weights_cuda_head_dim_error():
+    q, k = _case(1, 2, 1, 4, 8, 96, torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="a2_weights: head_dim must be 64 or 128 on CUDA"):
+        ops.a2_weights(q, k, None, 1.0)
+    # the CPU op takes any head_dim
+    w, _ = ops.a2_weights(q.cpu(), k.cpu(), None, 1.0)
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+def test_a2_weights_cuda_matches_cpu_long():
+    """A prompt of a few thousand tokens (many tiles in both passes): CUDA against the CPU op."""
+    B, Hq, H, L, T, D = 1, 8, 2, 2048, 2048, 128
+    q, k = _case(B, Hq, H, L, T, D, torch.bfloat16, "cuda", seed=5)
+    w, lse = ops.a2_weights(q, k, None, D ** -0.5)
+    wc, lc = ops.a2_weights(q.cpu(), k.cpu(), None, D ** -0.5)
+    torch.testing.assert_close(w.cpu(), wc, rtol=2e-4, atol=1e-5)
+    torch.testing.assert_close(lse.cpu(), lc, rtol=1e-5, atol=1e-5)
