@@ -120,6 +120,29 @@ def test_a2_weights_sums_over_query_heads_of_a_kv_head(device):
         torch.testing.assert_close(w[:, h:h + 1], sum(parts), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a2_weights_nan_query_row_adds_nothing(device):
+    """A NaN in one query row (not checked: a check would sync the GPU): that row's lse is NaN
+    and it adds nothing to w; every other row is as without it."""
+    B, Hq, H, L, T, D = 1, 4, 2, 9, 40, 64
+    q, k = _case(B, Hq, H, L, T, D, torch.float16, device, seed=6)
+    w0, l0 = ops.a2_weights(q, k, None, 0.125)
+    q2 = q.clone()
+    q2[0, 1, 4, 7] = float("nan")
+    w, lse = ops.a2_weights(q2, k, None, 0.125)
+    assert torch.isnan(lse[0, 1, 4])
+    ok = torch.ones_like(lse, dtype=torch.bool)
+    ok[0, 1, 4] = False
+    torch.testing.assert_close(lse[ok], l0[ok], rtol=1e-6, atol=1e-6)
+    s = (q[0, 1, 4].float() @ k[0, 0].float().T) * 0.125  # query head 1 reads KV head 0
+    s[T - L + 4 + 1:] = float("-inf")  # row 4 sees t <= T - L + 4
+    row = torch.softmax(s, -1) ** 2
+    want = w0.clone()
+    want[0, 0] -= row.to(want.device)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-6)
+
+
 def test_a2_weights_empty():
     q = torch.zeros(2, 4, 0, 64)
     k = torch.zeros(2, 2, 10, 64)

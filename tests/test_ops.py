@@ -488,6 +488,9 @@ def _opcheck_cases(device):
         "dequantize_side": (*zc, 8),
         "corrected_logits": (q, *kc, *zc, basis, 2, 32, 8, 1.0, 0.125),
         "decode_attention": dec,
+        "a2_weights": (q, k, None, 0.125),
+        "a2_weights_mask": (q, k, torch.ones(1, 3, 64, dtype=torch.bool, device=device).tril(61),
+                            0.125),
     }
 
 
@@ -495,7 +498,7 @@ def _opcheck_cases(device):
 @pytest.mark.parametrize("name", list(_opcheck_cases("cpu").keys()))
 def test_opcheck(device, name):
     args = _opcheck_cases(device)[name]
-    torch.library.opcheck(getattr(torch.ops.headq, name).default, args)
+    torch.library.opcheck(getattr(torch.ops.headq, name.replace("_mask", "")).default, args)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -302,7 +302,8 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
     }
     const int64_t v = v0 + warp * 16 + g + 8 * hi;
     if (cq == 0 && v < nv) {
-      const float lse2 = l[hi] > 0.f ? m[hi] + log2f(l[hi]) : -INFINITY;
+      // l NaN (a NaN logit): lse NaN, as the CPU op's logsumexp; the column pass skips it
+      const float lse2 = l[hi] > 0.f ? m[hi] + log2f(l[hi]) : (l[hi] == l[hi] ? -INFINITY : l[hi]);
       p.lse[(int64_t(b) * p.H + h) * nv + v] = lse2 * kLn2;
     }
   }
@@ -385,7 +386,7 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
       for (int e = 0; e < 2; ++e) {
         const int jr = 8 * j + 2 * cq + e;
         const float lse2 = lb[jr] * kLog2e;
-        if (lse2 == -INFINITY) continue;  // past L, or a row that sees no key
+        if (!(lse2 > -INFINITY)) continue;  // past L, a row that sees no key, or NaN
         const int64_t i = i0 + jr;
 #pragma unroll
         for (int hi = 0; hi < 2; ++hi) {
