@@ -189,9 +189,12 @@ struct ScoreTile {
   }
 };
 
-__device__ __forceinline__ bool visible(const A2Params& p, int b, int64_t i, int64_t t) {
-  if (p.mask != nullptr) return p.mask[b * p.msb + i * p.msl + t];
-  return t <= p.T - p.L + i;
+// Tile-local index of the last visible column: min(last in range, last allowed), clamped to
+// [-1, kTile - 1] (both arguments relative to the tile's first column).
+__device__ __forceinline__ int tile_last(int64_t last_in_range, int64_t last_allowed) {
+  int64_t x = last_in_range < last_allowed ? last_in_range : last_allowed;
+  x = x < -1 ? -1 : (x > kTile - 1 ? kTile - 1 : x);
+  return static_cast<int>(x);
 }
 
 // Shared memory: float32 keeps the A tile staged for the whole block (SIMT reads it), 16-bit
@@ -264,13 +267,20 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
     const int64_t t0 = int64_t(n) * kTile;
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
+      // last visible column of the tile for this row (tile-local, -1: none), so that the
+      // causal rule costs one 32-bit compare per element
+      const int last = row_ok[hi] ? tile_last(p.T - 1 - t0, p.mask != nullptr
+                                                                 ? int64_t(kTile)
+                                                                 : p.T - p.L + row_i[hi] - t0)
+                                  : -1;
       float tmax = -INFINITY;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int64_t t = t0 + 8 * j + 2 * cq + e;
-          const bool ok = row_ok[hi] && t < p.T && visible(p, b, row_i[hi], t);
+          const int col = 8 * j + 2 * cq + e;
+          const bool ok = col <= last &&
+                          (p.mask == nullptr || p.mask[b * p.msb + row_i[hi] * p.msl + t0 + col]);
           const float s = ok ? c[j][2 * hi + e] * p.scale2 : -INFINITY;
           c[j][2 * hi + e] = s;
           tmax = fmaxf(tmax, s);
@@ -380,6 +390,15 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
     st.scores(buf[n & 1], lane, c);
     const float* lb = lse_buf + (n & 1) * kTile;
     const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
+    // first tile-local row that sees each key (causal: i >= t - (T - L)); kTile: none
+    int first[2];
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int64_t f = key_t[hi] >= p.T ? int64_t(kTile)
+                        : p.mask != nullptr ? int64_t(0)
+                                            : key_t[hi] - (p.T - p.L) - i0;
+      first[hi] = static_cast<int>(f < 0 ? 0 : (f > kTile ? kTile : f));
+    }
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -387,11 +406,10 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
         const int jr = 8 * j + 2 * cq + e;
         const float lse2 = lb[jr] * kLog2e;
         if (!(lse2 > -INFINITY)) continue;  // past L, a row that sees no key, or NaN
-        const int64_t i = i0 + jr;
 #pragma unroll
         for (int hi = 0; hi < 2; ++hi) {
-          const int64_t t = key_t[hi];
-          if (t < p.T && visible(p, b, i, t)) {
+          if (jr >= first[hi] &&
+              (p.mask == nullptr || p.mask[b * p.msb + (i0 + jr) * p.msl + key_t[hi]])) {
             const float x = exp2f(2.f * (c[j][2 * hi + e] * p.scale2 - lse2));
             acc[hi] += x == x ? x : 0.f;  // a NaN row adds nothing, as on the CPU
           }
