@@ -618,3 +618,42 @@ def test_cuda_a2_graph_replay_equals_eager(max_length, restore_attn):
         assert same >= 0.8
         torch.testing.assert_close(b.buf["w_window"][:, :, :a.n_window],
                                    a.buf["w_window"][:, :, :a.n_window], atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_a2_prefill_op_equals_row_blocks(dtype, padded, restore_attn, monkeypatch):
+    """An A² cache's first prompt on CUDA: SDPA + the a2_weights op (the default) against the
+    row-block path that materialises the logits, causal and left-padded (a bool mask): the same
+    logits to the precision of the dtype, the same window weights and kept tokens' weights to
+    float rounding, most kept tokens the same."""
+    model, cal = _setup(restore_attn, "cuda", dtype)
+    prompt = _ids(model, 3, 90).cuda()
+    mask = torch.ones_like(prompt)
+    if padded:
+        mask[1, :17] = 0
+        prompt[1, :17] = 0
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setattr(attention, "_fused_a2_weights", lambda q, f=fused: f)
+        cache = HeadQCache(model.config, cal, **KW, **A2)
+        with torch.no_grad():
+            logits = model(prompt, attention_mask=mask, past_key_values=cache,
+                           use_cache=True).logits
+        runs.append((logits.float(), cache))
+    (lr, cr), (lf, cf) = runs
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(lf, lr, atol=tol * lr.abs().max().item(), rtol=0)
+    for i, (a, b) in enumerate(zip(cr.headq_layers, cf.headq_layers)):
+        assert a.n_quant == b.n_quant > 0
+        nw = a.n_window
+        # layer 0 sees the same q and k on both paths; later layers the other path's output
+        # (SDPA in the dtype vs float32 row blocks), so their weights differ by its rounding
+        rtol = 1e-4 if i == 0 or dtype == torch.float32 else 50 * torch.finfo(dtype).eps
+        torch.testing.assert_close(b.buf["w_window"][:, :, :nw], a.buf["w_window"][:, :, :nw],
+                                   atol=1e-5 if i == 0 else 1e-3, rtol=rtol)
+        same = (a.heavy_idx.unsqueeze(-1) == b.heavy_idx.unsqueeze(-2)).any(-1).float().mean()
+        assert same >= 0.9
+        if padded:  # padding tokens get no weight
+            assert bool((b.buf["w_window"][1, :, :max(0, 17 - a.n_quant)] == 0).all())

@@ -274,6 +274,7 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
                                                                  : p.T - p.L + row_i[hi] - t0)
                                   : -1;
       float tmax = -INFINITY;
+      bool nan = false;
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -283,8 +284,10 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
                           (p.mask == nullptr || p.mask[b * p.msb + row_i[hi] * p.msl + t0 + col]);
           const float s = ok ? c[j][2 * hi + e] * p.scale2 : -INFINITY;
           c[j][2 * hi + e] = s;
-          tmax = fmaxf(tmax, s);
+          tmax = fmaxf(tmax, s);  // fmaxf ignores NaN: tracked apart
+          nan |= s != s;
         }
+      if (nan) l[hi] = NAN;  // stays NaN through every later rescale and the quad merge
       if (tmax == -INFINITY) continue;
       const float m_new = fmaxf(m[hi], tmax);
       float sum = l[hi] * exp2f(m[hi] - m_new);  // m = -inf: l = 0 and exp2f(-inf) = 0
@@ -308,6 +311,8 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
       if (mn != -INFINITY) {
         l[hi] = l[hi] * exp2f(m[hi] - mn) + lo * exp2f(mo - mn);
         m[hi] = mn;
+      } else {
+        l[hi] += lo;  // 0, or NaN from a lane whose logits were all NaN
       }
     }
     const int64_t v = v0 + warp * 16 + g + 8 * hi;
