@@ -644,7 +644,8 @@ def test_cuda_a2_prefill_op_equals_row_blocks(dtype, padded, restore_attn, monke
         runs.append((logits.float(), cache))
     (lr, cr), (lf, cf) = runs
     tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
-    torch.testing.assert_close(lf, lr, atol=tol * lr.abs().max().item(), rtol=0)
+    real = mask.bool()  # a padding position sees nothing: its output is arbitrary on either path
+    torch.testing.assert_close(lf[real], lr[real], atol=tol * lr[real].abs().max().item(), rtol=0)
     for i, (a, b) in enumerate(zip(cr.headq_layers, cf.headq_layers)):
         assert a.n_quant == b.n_quant > 0
         nw = a.n_window
