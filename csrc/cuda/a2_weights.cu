@@ -189,6 +189,13 @@ struct ScoreTile {
   }
 };
 
+// 2^x by the SFU (ex2.approx.ftz: 2 ulp; results below 2^-126 flush to 0, 2^-inf = +0).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Tile-local index of the last visible column: min(last in range, last allowed), clamped to
 // [-1, kTile - 1] (both arguments relative to the tile's first column).
 __device__ __forceinline__ int tile_last(int64_t last_in_range, int64_t last_allowed) {
@@ -273,28 +280,46 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
                                                                  ? int64_t(kTile)
                                                                  : p.T - p.L + row_i[hi] - t0)
                                   : -1;
+      if (last < 2 * cq) continue;  // none of this lane's columns of the tile is in range
       float tmax = -INFINITY;
-      bool nan = false;
+      bool any = true;  // a visible column among this lane's (causal: last >= 2 cq)
+      if (p.mask == nullptr) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
+        for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int col = 8 * j + 2 * cq + e;
-          const bool ok = col <= last &&
-                          (p.mask == nullptr || p.mask[b * p.msb + row_i[hi] * p.msl + t0 + col]);
-          const float s = ok ? c[j][2 * hi + e] * p.scale2 : -INFINITY;
-          c[j][2 * hi + e] = s;
-          tmax = fmaxf(tmax, s);  // fmaxf ignores NaN: tracked apart
-          nan |= s != s;
-        }
-      if (nan) l[hi] = NAN;  // stays NaN through every later rescale and the quad merge
-      if (tmax == -INFINITY) continue;
+          for (int e = 0; e < 2; ++e) {
+            const float s = 8 * j + 2 * cq + e <= last ? c[j][2 * hi + e] * p.scale2 : -INFINITY;
+            c[j][2 * hi + e] = s;
+            tmax = fmaxf(tmax, s);
+          }
+      } else {
+        any = false;
+        const bool* mrow = p.mask + b * p.msb + row_i[hi] * p.msl + t0;
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int col = 8 * j + 2 * cq + e;
+            const bool ok = col <= last && mrow[col];
+            any |= ok;
+            const float s = ok ? c[j][2 * hi + e] * p.scale2 : -INFINITY;
+            c[j][2 * hi + e] = s;
+            tmax = fmaxf(tmax, s);
+          }
+      }
+      if (tmax == -INFINITY) {
+        // fmaxf drops NaN: visible columns and no maximum means their logits were all NaN;
+        // the row's lse is then NaN, as the CPU op's logsumexp (a single NaN among finite
+        // logits turns the sum below NaN)
+        if (any) l[hi] = NAN;
+        continue;
+      }
       const float m_new = fmaxf(m[hi], tmax);
-      float sum = l[hi] * exp2f(m[hi] - m_new);  // m = -inf: l = 0 and exp2f(-inf) = 0
+      float sum = l[hi] * fast_exp2(m[hi] - m_new);  // m = -inf: l = 0 (or NaN) times +0
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 2; ++e) sum += exp2f(c[j][2 * hi + e] - m_new);
+        for (int e = 0; e < 2; ++e) sum += fast_exp2(c[j][2 * hi + e] - m_new);
       m[hi] = m_new;
       l[hi] = sum;
     }
@@ -309,7 +334,7 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
       const float lo = __shfl_xor_sync(0xffffffffu, l[hi], off);
       const float mn = fmaxf(m[hi], mo);
       if (mn != -INFINITY) {
-        l[hi] = l[hi] * exp2f(m[hi] - mn) + lo * exp2f(mo - mn);
+        l[hi] = l[hi] * fast_exp2(m[hi] - mn) + lo * fast_exp2(mo - mn);
         m[hi] = mn;
       } else {
         l[hi] += lo;  // 0, or NaN from a lane whose logits were all NaN
@@ -364,6 +389,7 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
   int64_t key_t[2];
   for (int hi = 0; hi < 2; ++hi) key_t[hi] = t0 + warp * 16 + g + 8 * hi;
   float acc[2] = {0.f, 0.f};
+  const float scale2x2 = 2.f * p.scale2;  // a^2 = 2^(2 (s2 - lse2)), one FMA
 
   auto issue = [&](int n) {
     const int r = n / per_head;
@@ -404,22 +430,35 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
                                             : key_t[hi] - (p.T - p.L) - i0;
       first[hi] = static_cast<int>(f < 0 ? 0 : (f > kTile ? kTile : f));
     }
+    // rows whose lse is not finite add nothing: -inf (past L, or a row that sees no key), NaN
+    // (a NaN logit), +inf
+    if (p.mask == nullptr && first[0] == 0 && first[1] == 0) {  // every row sees both keys
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int jr = 8 * j + 2 * cq + e;
-        const float lse2 = lb[jr] * kLog2e;
-        if (!(lse2 > -INFINITY)) continue;  // past L, a row that sees no key, or NaN
+        for (int e = 0; e < 2; ++e) {
+          const float lse2 = lb[8 * j + 2 * cq + e] * kLog2e;
+          if (!(fabsf(lse2) < INFINITY)) continue;
 #pragma unroll
-        for (int hi = 0; hi < 2; ++hi) {
-          if (jr >= first[hi] &&
-              (p.mask == nullptr || p.mask[b * p.msb + (i0 + jr) * p.msl + key_t[hi]])) {
-            const float x = exp2f(2.f * (c[j][2 * hi + e] * p.scale2 - lse2));
-            acc[hi] += x == x ? x : 0.f;  // a NaN row adds nothing, as on the CPU
+          for (int hi = 0; hi < 2; ++hi)
+            acc[hi] += fast_exp2(fmaf(c[j][2 * hi + e], scale2x2, -2.f * lse2));
+        }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int jr = 8 * j + 2 * cq + e;
+          const float lse2 = lb[jr] * kLog2e;
+          if (!(fabsf(lse2) < INFINITY)) continue;
+#pragma unroll
+          for (int hi = 0; hi < 2; ++hi) {
+            if (jr >= first[hi] &&
+                (p.mask == nullptr || p.mask[b * p.msb + (i0 + jr) * p.msl + key_t[hi]]))
+              acc[hi] += fast_exp2(fmaf(c[j][2 * hi + e], scale2x2, -2.f * lse2));
           }
         }
-      }
+    }
     __syncthreads();
   }
 #pragma unroll
