@@ -204,6 +204,25 @@ __device__ __forceinline__ int tile_last(int64_t last_in_range, int64_t last_all
   return static_cast<int>(x);
 }
 
+// Double-buffered walk over n_tiles tiles: issue(n) stages tile n into buffer n & 1 and commits
+// one cp.async group; body(n) runs once tile n has landed, between two block barriers (the
+// second keeps a buffer from being restaged while a warp still reads it).
+template <typename Issue, typename Body>
+__device__ __forceinline__ void double_buffered(int n_tiles, Issue& issue, Body&& body) {
+  if (n_tiles > 0) issue(0);
+  for (int n = 0; n < n_tiles; ++n) {
+    if (n + 1 < n_tiles) {
+      issue(n + 1);
+      cp_async_wait_one();
+    } else {
+      cp_async_wait_all();
+    }
+    __syncthreads();
+    body(n);
+    __syncthreads();
+  }
+}
+
 // Shared memory: float32 keeps the A tile staged for the whole block (SIMT reads it), 16-bit
 // types load it into registers and reuse the buffer.
 template <typename T, int D>
@@ -260,15 +279,7 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
     });
     cp_async_commit();
   };
-  if (n_tiles > 0) issue(0);
-  for (int n = 0; n < n_tiles; ++n) {
-    if (n + 1 < n_tiles) {
-      issue(n + 1);
-      cp_async_wait_one();
-    } else {
-      cp_async_wait_all();
-    }
-    __syncthreads();
+  double_buffered(n_tiles, issue, [&](int n) {
     float c[8][4];
     st.scores(buf[n & 1], lane, c);
     const int64_t t0 = int64_t(n) * kTile;
@@ -323,8 +334,7 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
       m[hi] = m_new;
       l[hi] = sum;
     }
-    __syncthreads();  // the buffer is restaged two iterations later
-  }
+  });
   // the four lanes of a quad hold disjoint columns of the same two rows
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
@@ -408,15 +418,7 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
     }
     cp_async_commit();
   };
-  if (n_tiles > 0) issue(0);
-  for (int n = 0; n < n_tiles; ++n) {
-    if (n + 1 < n_tiles) {
-      issue(n + 1);
-      cp_async_wait_one();
-    } else {
-      cp_async_wait_all();
-    }
-    __syncthreads();
+  double_buffered(n_tiles, issue, [&](int n) {
     float c[8][4];
     st.scores(buf[n & 1], lane, c);
     const float* lb = lse_buf + (n & 1) * kTile;
@@ -459,8 +461,7 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
           }
         }
     }
-    __syncthreads();
-  }
+  });
 #pragma unroll
   for (int hi = 0; hi < 2; ++hi) {
     float x = acc[hi];
