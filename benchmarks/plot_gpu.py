@@ -5,7 +5,8 @@ quantise + pack benchmark (gpu_quant.json) as GB/s per op and token count, curre
 against the earlier ones, and the end-to-end decode tokens/s of the last complete run with the
 graph decoder (gpu_e2e.json).
 
-    python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png, gpu_quant.png, gpu_e2e.png
+    python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png, gpu_quant.png,
+                                    # gpu_e2e.png, gpu_a2.png
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ def main() -> None:
     print("wrote", RESULTS / "gpu_decode.png")
     plot_quant()
     plot_e2e()
+    plot_a2()
 
 
 def plot_quant() -> None:
@@ -145,6 +147,53 @@ def plot_e2e() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "gpu_e2e.png", dpi=110)
     print("wrote", RESULTS / "gpu_e2e.png")
+
+
+def plot_a2() -> None:
+    """The A² value policy: the first prompt's attention per layer (gpu_a2_prefill.json) and the
+    end-to-end step and prefill against session 11 and the uniform cache (summary_session12)."""
+    path = RESULTS / "gpu_a2_prefill.json"
+    e = json.loads((RESULTS / "gpu_e2e.json").read_text())
+    if not path.exists() or "summary_session12" not in e:
+        return
+    p = json.loads(path.read_text())
+    s = e["summary_session12"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    rows = p["rows"]
+    old = [r for r in rows if "rows_ms" in r]
+    a.plot([r["context"] for r in old], [r["rows_ms"] for r in old], marker="o",
+           label="float32 logits per block of rows (before)")
+    a.plot([r["context"] for r in rows], [r["fused_ms"] for r in rows], marker="o",
+           label="SDPA + a2_weights")
+    a.plot([r["context"] for r in rows], [r["a2_weights_ms"] for r in rows], marker=".", ls=":",
+           label="of which a2_weights")
+    a.set_xscale("log", base=2)
+    a.set_yscale("log")
+    a.set_xlabel("prompt tokens")
+    a.set_ylabel("ms per layer (output + A² weights)")
+    a.set_title(f"A² first prompt, batch {p['shape']['batch']}, {p['machine']}", fontsize=9)
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    s11 = s["session11_same_shape_h100"]
+    labels = ["A² session 11", "A² session 12", "uniform"]
+    step = [s11["headq_a2_graph_ms_per_step"], s["headq_a2_graph_ms_per_step"],
+            s["headq_graph_ms_per_step"]]
+    pre = [s11["prefill_s_headq_a2"], s["prefill_s"]["headq_a2"], s["prefill_s"]["headq_2bit"]]
+    x = range(len(labels))
+    b.bar([i - 0.2 for i in x], step, 0.4, label="ms per decode step")
+    b.bar([i + 0.2 for i in x], pre, 0.4, label="prefill s")
+    for i in x:
+        b.text(i - 0.2, step[i], f"{step[i]:.1f}", ha="center", va="bottom", fontsize=8)
+        b.text(i + 0.2, pre[i], f"{pre[i]:.0f}", ha="center", va="bottom", fontsize=8)
+    b.set_xticks(list(x))
+    b.set_xticklabels(labels, fontsize=9)
+    b.set_yscale("log")
+    b.set_title(f"end to end, batch 8, 32k, graph decoder, {s['card']}", fontsize=9)
+    b.grid(alpha=0.3, axis="y")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gpu_a2.png", dpi=110)
+    print("wrote", RESULTS / "gpu_a2.png")
 
 
 if __name__ == "__main__":
