@@ -29,8 +29,7 @@ import torch
 from _common import cpu_model, median_ms, wall_median_ms, write_json
 from headq_torch import ops
 from headq_torch import value_policy as vp
-
-_LOGIT_BYTES = 1 << 30  # attention._PREFILL_LOGIT_BYTES
+from headq_torch.attention import _PREFILL_LOGIT_BYTES
 
 
 def rows_path(q, k, v, scale):
@@ -38,7 +37,7 @@ def rows_path(q, k, v, scale):
     B, Hq, L, D = q.shape
     H, T = k.shape[1], k.shape[2]
     n_rep = Hq // H
-    rows = max(1, _LOGIT_BYTES // max(1, 4 * B * Hq * T))
+    rows = max(1, _PREFILL_LOGIT_BYTES // max(1, 4 * B * Hq * T))
     kf, vf = k.float(), v.float()
     outs = []
     w = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
