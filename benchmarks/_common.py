@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 
 def cpu_model() -> str:
@@ -18,6 +19,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def median_ms(times: list) -> float:
+    """The median of a list of times (the upper one of an even count)."""
+    return sorted(times)[len(times) // 2]
+
+
+def wall_median_ms(f, reps: int) -> float:
+    """Median wall time of ``f()`` over ``reps`` calls, in ms (CPU timing)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        times.append((time.perf_counter() - t0) * 1000)
+    return median_ms(times)
 
 
 def write_json(path: str, result: dict) -> None:

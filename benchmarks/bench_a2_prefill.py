@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 
 import torch
 
-from _common import cpu_model, write_json
+from _common import cpu_model, median_ms, wall_median_ms, write_json
 from headq_torch import ops
 from headq_torch import value_policy as vp
 
@@ -73,20 +72,17 @@ def weights_only(q, k, scale):
 
 def time_ms(f, device: str, reps: int) -> float:
     f()
+    if device != "cuda":
+        return wall_median_ms(f, reps)
     times = []
     for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            f()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            f()
-            times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        f()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return median_ms(times)
 
 
 def main(argv=None):

@@ -21,12 +21,11 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from types import SimpleNamespace
 
 import torch
 
-from _common import cpu_model, write_json
+from _common import cpu_model, median_ms, wall_median_ms, write_json
 from headq_torch import ops
 from headq_torch.cache import HeadQLayer
 from headq_torch.reference import unpack_bits
@@ -66,27 +65,22 @@ def gather_int64(layer, q, scale, heavy_idx):
 
 def time_ms(f, device: str, reps: int) -> float:
     f()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(10):
-                f()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 10)
-    else:
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+    if device != "cuda":
+        return wall_median_ms(f, reps)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
             f()
-            times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 10)
+    return median_ms(times)
 
 
 def main(argv=None):

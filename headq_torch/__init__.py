@@ -6,6 +6,7 @@ added back as a logit correction. Values: an A²-weighted value policy. See the 
 
 from . import ops, reference
 from .ops import (
+    a2_weights,
     corrected_logits,
     decode_attention,
     dequantize_keys,
@@ -51,6 +52,7 @@ __all__ = [
     "dequantize_side",
     "corrected_logits",
     "decode_attention",
+    "a2_weights",
     "storage_report",
     "StorageReport",
     "HeadQCache",

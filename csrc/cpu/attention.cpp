@@ -240,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
 }
 
 // a2_weights on the CPU: blocks of query rows (all query heads of a KV head together, so the
-// keys are read once per block and never repeated per query head), float32 logits by ATen's
+// keys are read once per block and never repeated per query head), float64 logits by ATen's
 // matmul, the block's log-sum-exp and sum of squared probabilities per key. Memory per block
 // is bounded (kLogitBytes of logits); under the causal rule a block never computes the
 // columns after its last row.
@@ -256,10 +256,13 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cpu(const at::Tensor& q,  // [B, H
   at::Tensor w = at::zeros({B, H, T}, f32);
   at::Tensor lse = at::full({B, Hq, L}, -std::numeric_limits<float>::infinity(), f32);
   if (B == 0 || L == 0 || T == 0) return {w, lse};
-  const at::Tensor qf = q.to(at::kFloat).view({B, H, n_rep, L, D});
-  const at::Tensor kt = k.to(at::kFloat).transpose(2, 3);  // [B, H, D, T]
+  // float64 inside (float32 out): the CPU op is the accurate twin of the CUDA kernels, and
+  // float32 matrix products on the CPU can take reduced-precision library paths (a first call
+  // was seen 1.5e-5 off in relative terms, once in ~10 processes)
+  const at::Tensor qf = q.to(at::kDouble).view({B, H, n_rep, L, D});
+  const at::Tensor kt = k.to(at::kDouble).transpose(2, 3);  // [B, H, D, T]
   at::Tensor lse5 = lse.view({B, H, n_rep, L});
-  const int64_t rows = std::max<int64_t>(1, kLogitBytes / (4 * B * Hq * T));
+  const int64_t rows = std::max<int64_t>(1, kLogitBytes / (8 * B * Hq * T));
   for (int64_t r0 = 0; r0 < L; r0 += rows) {
     const int64_t r1 = std::min(L, r0 + rows), nr = r1 - r0;
     const int64_t tv = mask.has_value() ? T : T - L + r1;  // columns the block may see
@@ -275,10 +278,10 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cpu(const at::Tensor& q,  // [B, H
       const at::Tensor t = at::arange(tv, q.options().dtype(at::kLong)).view({1, tv});
       vis = t.le(i + (T - L));
     }
-    s.masked_fill_(vis.logical_not(), -std::numeric_limits<float>::infinity());
+    s.masked_fill_(vis.logical_not(), -std::numeric_limits<double>::infinity());
     const at::Tensor l = at::logsumexp(s, {-1});  // [B, H, n_rep, nr]; -inf: nothing visible
     at::Tensor p = (s - l.unsqueeze(-1)).exp_().nan_to_num_(0.0);  // rows with nothing -> 0
-    w.narrow(2, 0, tv).add_(p.mul_(p).sum({2, 3}));
+    w.narrow(2, 0, tv).add_(p.mul_(p).sum({2, 3}).to(at::kFloat));
     lse5.narrow(3, r0, nr).copy_(l);
   }
   return {w, lse};
