@@ -377,7 +377,8 @@ void validate_decode_attention(
     const at::Tensor& k_window, const at::Tensor& v_window, const at::Tensor& n_quant,
     const at::Tensor& n_window, const std::optional<at::Tensor>& kv_start, int64_t key_bits,
     int64_t group_size, int64_t side_bits, int64_t value_bits, int64_t value_group_size,
-    double sign, double scale) {
+    double sign, double scale,
+    const std::optional<at::Tensor>& heavy_logits) {
   const char* op = "decode_attention";
   const QueryKeyShape qk =
       check_query_keys(op, q, 3, "[batch, query_heads, head_dim]", k_codes, k_scale, k_zero,
@@ -446,6 +447,14 @@ void validate_decode_attention(
     check_shape(op, "kv_start", *kv_start, {B});
     check_device(op, "kv_start", *kv_start, "q", q);
     check_lengths_cpu(op, "kv_start", *kv_start, -1);
+  }
+  if (heavy_logits.has_value()) {
+    TORCH_CHECK(heavy_idx.has_value(), op,
+                ": heavy_logits (the kept tokens' logits, an output) needs heavy_idx");
+    check_dtype(op, "heavy_logits", *heavy_logits, at::kFloat);
+    check_shape(op, "heavy_logits", *heavy_logits, {B, q.size(1), heavy_idx->size(2)});
+    check_device(op, "heavy_logits", *heavy_logits, "q", q);
+    TORCH_CHECK(heavy_logits->is_contiguous(), op, ": heavy_logits must be contiguous");
   }
 }
 

@@ -81,7 +81,8 @@ void validate_decode_attention(
     const at::Tensor& n_window,                     // [B] int32
     const std::optional<at::Tensor>& kv_start,      // [B] int32
     int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
-    int64_t value_group_size, double sign, double scale);
+    int64_t value_group_size, double sign, double scale,
+    const std::optional<at::Tensor>& heavy_logits);  // [B, Hq, K] float32, written
 
 // a2_weights: dense attention of L query rows over T keys; the visible keys of query row i are
 // mask[b, i, :] when a mask is given, else t <= T - L + i (causal, the queries are the last L).

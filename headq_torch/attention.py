@@ -237,6 +237,9 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
         # graph decode: the fixed-capacity keep set (empty slots -1, which the op skips)
         heavy_idx, _, heavy_delta = layer.keep_store
     heavy = heavy_idx is not None and heavy_idx.shape[-1] > 0
+    # The A² step needs the kept tokens' logits: the op computes them anyway and writes them here.
+    hl = q.new_empty((B, Hq, heavy_idx.shape[-1]), dtype=torch.float32) \
+        if layer.a2 and heavy else None
     out, lse = ops.decode_attention(
         q, b["k_codes"], b["k_scale"], b["k_zero"],
         b["z_codes"] if has_side else None, b["z_scale"] if has_side else None,
@@ -248,9 +251,10 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
         heavy_delta.contiguous() if heavy else None,
         heavy_idx.contiguous() if heavy else None,
         b["k_window"], b["v_window"], nq_t, nw_t, kv_start,
-        s.key_bits, s.group_size, s.side_bits, s.value_bits, s.value_group_size, s.sign, scale)
+        s.key_bits, s.group_size, s.side_bits, s.value_bits, s.value_group_size, s.sign, scale,
+        heavy_logits=hl)
     if layer.a2 and step is not None:
-        _a2_step_weights(layer, q, lse, heavy_idx if heavy else None, nq_t, nw_t, kv_start,
+        _a2_step_weights(layer, q, lse, heavy_idx if heavy else None, hl, nq_t, nw_t, kv_start,
                          scale)
     elif layer.a2:
         kw = b["k_window"][:, :, :nw].float().repeat_interleave(n_rep, dim=1)
@@ -261,15 +265,15 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
             aw = aw * (pos.view(1, 1, -1) >= kv_start.view(-1, 1, 1))
         aw = torch.nan_to_num(aw, 0.0)
         w_window = (aw * aw).reshape(B, layer.H, n_rep, nw).sum(2)
-        w_heavy = _kept_token_weights(layer, q, lse, heavy_idx, kv_start, scale) if heavy \
-            else None
+        w_heavy = _kept_token_weights(layer, lse, hl) if heavy else None
         layer.add_weights(None, w_window, w_heavy)
     return out.unsqueeze(2)
 
 
 def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
-                     heavy_idx: Optional[torch.Tensor], nq_t: torch.Tensor, nw_t: torch.Tensor,
-                     kv_start: Optional[torch.Tensor], scale: float) -> None:
+                     heavy_idx: Optional[torch.Tensor], heavy_logits: Optional[torch.Tensor],
+                     nq_t: torch.Tensor, nw_t: torch.Tensor, kv_start: Optional[torch.Tensor],
+                     scale: float) -> None:
     """A² weights of a graph-decode step: the eager computation of :func:`_decode` with fixed
     shapes. Window logits over the window buffer's whole capacity, positions past the step's
     ``n_window`` (or before ``kv_start``) masked to 0 with ``where`` (never ``exp(...) * 0``,
@@ -288,26 +292,18 @@ def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
     aw = torch.where(vis.unsqueeze(1), torch.exp(lw - lse.unsqueeze(-1)), 0.0)
     aw = torch.nan_to_num(aw, 0.0)
     w_window = (aw * aw).reshape(B, layer.H, n_rep, W).sum(2)
-    w_heavy = None if heavy_idx is None \
-        else _kept_token_weights(layer, q, lse, heavy_idx, kv_start, scale)
+    w_heavy = None if heavy_idx is None else _kept_token_weights(layer, lse, heavy_logits)
     layer.add_step_weights(w_window, w_heavy)
 
 
-def _kept_token_weights(layer, q: torch.Tensor, lse: torch.Tensor, heavy_idx: torch.Tensor,
-                        kv_start: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """A² weights ``sum over the KV head's query heads of a²`` of the keep-set slots
-    ``heavy_idx`` ``[B, H, K]`` at one decode step, ``a = exp(logit - lse)``; float32
-    ``[B, H, K]``, 0 for empty slots (-1) and tokens before ``kv_start``."""
-    B, Hq, _ = q.shape
-    n_rep = Hq // layer.H
-    ah = torch.nan_to_num(torch.exp(layer.heavy_logits(q, scale, heavy_idx)
-                                    - lse.unsqueeze(-1)), 0.0)
-    idx = heavy_idx.repeat_interleave(n_rep, dim=1)
-    ok = idx >= 0
-    if kv_start is not None:
-        ok = ok & (idx >= kv_start.view(-1, 1, 1))
-    ah = torch.where(ok, ah, 0.0)
-    return (ah * ah).reshape(B, layer.H, n_rep, -1).sum(2)
+def _kept_token_weights(layer, lse: torch.Tensor, heavy_logits: torch.Tensor) -> torch.Tensor:
+    """A² weights ``sum over the KV head's query heads of a²`` of the keep-set slots at one
+    decode step, ``a = exp(logit - lse)``, from the slots' logits that ``decode_attention``
+    wrote (``heavy_logits`` ``[B, Hq, K]``, ``-inf`` for empty slots and tokens before
+    ``kv_start``); float32 ``[B, H, K]``, 0 for those slots."""
+    B, Hq, K = heavy_logits.shape
+    ah = torch.nan_to_num(torch.exp(heavy_logits - lse.unsqueeze(-1)), 0.0)
+    return (ah * ah).reshape(B, layer.H, Hq // layer.H, K).sum(2)
 
 
 def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -164,7 +164,8 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
                      n_quant: Tensor, n_window: Tensor, kv_start: Optional[Tensor],
                      key_bits: int, group_size: int, side_bits: int, value_bits: int,
                      value_group_size: int, sign: float = 1.0,
-                     scale: float = 1.0) -> tuple[Tensor, Tensor]:
+                     scale: float = 1.0,
+                     heavy_logits: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One decode step of attention over the packed cache, without a dense copy of K or V.
 
     Args:
@@ -178,6 +179,11 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
         k_window/v_window: dense recent tokens ``[B, H, W, D]``.
         n_quant/n_window: int32 ``[B]`` valid tokens per sequence in each region.
         kv_start: int32 ``[B]`` first visible logical token (left padding), or None.
+        heavy_logits: optional float32 ``[B, Hq, K]`` output (contiguous), written in place:
+            each kept slot's logit (as in ``lse``: scaled, side code included) for every query
+            head, ``-inf`` for an empty slot or a token that is not visible. The A² step's
+            kept-token weights are ``exp(heavy_logits - lse)``: the op computes these logits
+            anyway, so they cost no second pass over the kept rows.
 
     Returns:
         ``out`` ``[B, Hq, D]`` in ``q``'s dtype and ``lse`` float32 ``[B, Hq]``, the
@@ -187,12 +193,12 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
                  z_codes=z_codes, z_scale=z_scale, basis=basis, v_codes=v_codes,
                  v_scale=v_scale, v_zero=v_zero, v_dense=v_dense, heavy_delta=heavy_delta,
                  heavy_idx=heavy_idx, k_window=k_window, v_window=v_window, n_quant=n_quant,
-                 n_window=n_window, kv_start=kv_start)
+                 n_window=n_window, kv_start=kv_start, heavy_logits=heavy_logits)
     return _ops.decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
                                  v_codes, v_scale, v_zero, v_dense, heavy_delta, heavy_idx,
                                  k_window, v_window, n_quant, n_window, kv_start, key_bits,
                                  group_size, side_bits, value_bits, value_group_size,
-                                 float(sign), float(scale))
+                                 float(sign), float(scale), heavy_logits)
 
 
 def a2_weights(q: Tensor, k: Tensor, mask: Optional[Tensor] = None,
@@ -316,7 +322,7 @@ def _corrected_logits_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
 def _decode_attention_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_codes,
                            v_scale, v_zero, v_dense, heavy_delta, heavy_idx, k_window, v_window,
                            n_quant, n_window, kv_start, key_bits, group_size, side_bits,
-                           value_bits, value_group_size, sign, scale):
+                           value_bits, value_group_size, sign, scale, heavy_logits=None):
     _check(q.dim() == 3, f"decode_attention: q must be [B, Hq, D], got {q.dim()} dims")
     _check((v_codes is None) != (v_dense is None),
            "decode_attention: exactly one of v_codes and v_dense must be given")

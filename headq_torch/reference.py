@@ -222,10 +222,13 @@ def corrected_logits(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_b
 def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_codes, v_scale,
                      v_zero, v_dense, heavy_delta, heavy_idx, k_window, v_window, n_quant,
                      n_window, kv_start, key_bits: int, group_size: int, side_bits: int,
-                     value_bits: int, value_group_size: int, sign: float, scale: float):
+                     value_bits: int, value_group_size: int, sign: float, scale: float,
+                     heavy_logits=None):
     """One decode step over the packed cache (see docs/LAYOUT.md). Returns ``out``
     ``[B, Hq, D]`` in ``q``'s dtype and ``lse`` float32 ``[B, Hq]`` (log-sum-exp of the
-    visible logits, ``-inf`` where none is visible). Computed densely in float32."""
+    visible logits, ``-inf`` where none is visible). Computed densely in float32. A given
+    ``heavy_logits`` ``[B, Hq, K]`` is filled with the kept slots' logits (``-inf`` for an
+    empty slot or an invisible token)."""
     B, Hq, D = q.shape
     H = k_codes.shape[1]
     n_rep = Hq // H
@@ -242,10 +245,18 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
     qf = q.to(wd)
     out = torch.zeros(B, Hq, D, dtype=wd, device=q.device)
     lse = torch.full((B, Hq), float("-inf"), dtype=wd, device=q.device)
+    if heavy_logits is not None:
+        heavy_logits.fill_(float("-inf"))
     for b in range(B):
         nq = int(n_quant[b])
         nw = int(n_window[b])
         start = int(kv_start[b]) if kv_start is not None else 0
+        if heavy_logits is not None and logits_q.shape[-1] > 0:
+            hi = expand_kv(heavy_idx[b : b + 1], n_rep)[0].long()  # [Hq, K]
+            vis = (hi >= max(start, 0)) & (hi < nq)
+            got = torch.gather(logits_q[b], 1, hi.clamp(0, max(logits_q.shape[-1] - 1, 0)))
+            heavy_logits[b] = torch.where(vis, got, torch.full_like(got, float("-inf"))).to(
+                heavy_logits.dtype)
         lw = torch.einsum("hd,htd->ht", qf[b], kw[b, :, :nw]) * scale
         logits = torch.cat([logits_q[b, :, :nq], lw], dim=-1)
         vals = torch.cat([vq[b, :, :nq], vw[b, :, :nw]], dim=1)

@@ -195,9 +195,9 @@ def test_decode_lengths_made_once_per_step(restore_attn, monkeypatch):
     seen = []
     real = attention.ops.decode_attention
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         seen.append((args[15], args[16]))  # n_quant, n_window
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(attention.ops, "decode_attention", spy)
     with torch.no_grad():

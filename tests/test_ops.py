@@ -387,6 +387,55 @@ def test_decode_attention(device, dtype, head_dim, case):
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+@pytest.mark.parametrize(
+    "case",
+    [dict(heavy=12), dict(heavy=40, kv_start=True), dict(heavy=300, Tq=1024, n_rep=4),
+     dict(heavy=12, key_bits=4, value_bits=4), dict(heavy=40, n_rep=1, B=2),
+     dict(heavy=40, n_rep=8), dict(heavy=12, side=False), dict(heavy=12, D=128)],
+    ids=["heavy", "kv_start", "chunks", "4bit", "mha", "ratio8", "no_side", "d128"],
+)
+def test_decode_attention_heavy_logits(device, dtype, case):
+    """With heavy_logits, the op also writes each kept slot's logit for every query head: the
+    reference's (float64) where the token is visible, -inf for empty slots and tokens before
+    kv_start or past n_quant; the output and lse are the same as without it."""
+    args = _decode_case(device, dtype, **case)
+    B, Hq = args[0].shape[:2]
+    K = args[12].shape[-1]
+    hl = torch.full((B, Hq, K), 7.0, device=device)  # every element must be written
+    out, lse = ops.decode_attention(*args, heavy_logits=hl)
+    out0, lse0 = ops.decode_attention(*args)
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    want = torch.empty(B, Hq, K, dtype=torch.float64)
+    ref.decode_attention(*_upcast(args, torch.float64), heavy_logits=want)
+    hl = hl.cpu().double()
+    fin = torch.isfinite(want)
+    assert fin.any() and (~fin).any()
+    assert torch.equal(torch.isfinite(hl), fin)
+    assert (hl[~fin] == float("-inf")).all()
+    torch.testing.assert_close(hl[fin], want[fin], rtol=1e-5, atol=1e-4)
+    # the A² step's kept-token weights: exp(logit - lse) is the token's attention probability
+    # (a sequence that sees nothing has lse -inf: nan_to_num, as the library does)
+    a = torch.exp(hl - lse.cpu().double().unsqueeze(-1)).nan_to_num(0.0)
+    assert ((a >= 0) & (a <= 1 + 1e-6)).all()
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_decode_attention_heavy_logits_bad_input(device):
+    args = _decode_case(device, torch.float32, heavy=12)
+    B, Hq = args[0].shape[:2]
+    with pytest.raises(RuntimeError, match=r"heavy_logits must have shape \[3, 8, 12\]"):
+        ops.decode_attention(*args, heavy_logits=torch.empty(B, Hq, 11, device=device))
+    with pytest.raises(RuntimeError, match="heavy_logits must have dtype float32"):
+        ops.decode_attention(*args, heavy_logits=torch.empty(B, Hq, 12, device=device).half())
+    with pytest.raises(RuntimeError, match="heavy_logits must be contiguous"):
+        ops.decode_attention(*args, heavy_logits=torch.empty(B, 12, Hq, device=device).mT)
+    no_heavy = list(_decode_case(device, torch.float32))
+    with pytest.raises(RuntimeError, match="heavy_logits .* needs heavy_idx"):
+        ops.decode_attention(*no_heavy, heavy_logits=torch.empty(B, Hq, 12, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 @pytest.mark.parametrize("Tq", [1024, 8192, 32768])
 def test_decode_attention_float32_error_does_not_grow_with_context(device, Tq):
     """float32 sums over tokens. CPU: per block of 64 in float, across blocks in double (with
@@ -488,8 +537,9 @@ def _opcheck_cases(device):
         "dequantize_side": (*zc, 8),
         "corrected_logits": (q, *kc, *zc, basis, 2, 32, 8, 1.0, 0.125),
         "decode_attention": dec,
+        "decode_attention:heavy_logits": (*dec, torch.empty(3, 8, 3, device=device)),
         "a2_weights": (q, k, None, 0.125),
-        "a2_weights_mask": (q, k, torch.ones(1, 3, 64, dtype=torch.bool, device=device).tril(61),
+        "a2_weights:mask": (q, k, torch.ones(1, 3, 64, dtype=torch.bool, device=device).tril(61),
                             0.125),
     }
 
@@ -498,7 +548,7 @@ def _opcheck_cases(device):
 @pytest.mark.parametrize("name", list(_opcheck_cases("cpu").keys()))
 def test_opcheck(device, name):
     args = _opcheck_cases(device)[name]
-    torch.library.opcheck(getattr(torch.ops.headq, name.replace("_mask", "")).default, args)
+    torch.library.opcheck(getattr(torch.ops.headq, name.split(":")[0]).default, args)
 
 
 # ----------------------------------------------------------------------------- bad input

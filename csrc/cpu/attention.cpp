@@ -108,12 +108,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
     const at::Tensor& n_window_in,                     // [B] int32
     const std::optional<at::Tensor>& kv_start_in,      // [B] int32
     int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
-    int64_t value_group_size, double sign, double scale) {
+    int64_t value_group_size, double sign, double scale,
+    const std::optional<at::Tensor>& heavy_logits) {  // [B, Hq, K] float32, written
   validate_decode_attention(q_in, k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in,
                             basis_in, v_codes_in, v_scale_in, v_zero_in, v_dense_in,
                             heavy_delta_in, heavy_idx_in, k_window_in, v_window_in, n_quant_in,
                             n_window_in, kv_start_in, key_bits, group_size, side_bits,
-                            value_bits, value_group_size, sign, scale);
+                            value_bits, value_group_size, sign, scale, heavy_logits);
   const at::Tensor q = q_in.contiguous();
   const at::Tensor k_codes = k_codes_in.contiguous();
   const at::Tensor k_scale = k_scale_in.contiguous();
@@ -158,6 +159,12 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   const int32_t* nw_p = n_window.const_data_ptr<int32_t>();  // [B]
   const int32_t* ks0_p = kv_start.has_value() ? kv_start->const_data_ptr<int32_t>() : nullptr;
   float* lse_p = lse.data_ptr<float>();  // [B, Hq]
+  float* hl_p = nullptr;                 // [B, Hq, K]: -inf unless a visible kept token's logit
+  if (heavy_logits.has_value() && heavy_logits->numel() > 0) {
+    at::Tensor hl = *heavy_logits;
+    hl.fill_(-std::numeric_limits<float>::infinity());
+    hl_p = hl.data_ptr<float>();
+  }
 
   // Work split: one task per (batch, KV head) slice. When there are fewer slices than
   // threads (e.g. batch 1 with few KV heads), each slice's token range is also cut into
@@ -188,6 +195,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
         a.heavy_delta = heavy_delta->const_data_ptr<scalar_t>() + bh * K * D;
         a.heavy_idx = heavy_idx->const_data_ptr<int32_t>() + bh * K;
         a.n_heavy = K;
+        if (hl_p != nullptr) a.heavy_logits = hl_p + hq0 * K;
       }
       a.k_window = k_window.const_data_ptr<scalar_t>() + bh * W * D;
       a.v_window = v_window.const_data_ptr<scalar_t>() + bh * W * D;

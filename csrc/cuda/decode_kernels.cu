@@ -615,8 +615,8 @@ __device__ __forceinline__ void heavy_logits(const DecodeParams& p, const HeavyS
 // Scratch: xs [kMaxHeavyChunk][NG] floats, zs_s [p.hstage], hm_s [NG], red_s
 // [kThreads * 2 * NG] floats, stage (heavy_stage rows; the caller writes m and l = 0).
 template <int D, int NG>
-__device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h, int nh, int k_lo,
-                                            int n, const float* q_s, const float* qu_s,
+__device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h, int qh0, int nh,
+                                            int k_lo, int n, const float* q_s, const float* qu_s,
                                             const int* t_s, unsigned char* stage, float* zs_s,
                                             float* xs, float* hm_s, float* red_s, float* out_s) {
   static_assert(NG <= kLanesPerSlot, "transpose_sum needs NG <= lanes per slot");
@@ -664,6 +664,14 @@ __device__ __forceinline__ void heavy_split(const DecodeParams& p, int b, int h,
     for (int k = lane; k < n; k += 32) m = fmaxf(m, xs[k * NG + hh]);
     m = warp_max(m);
     if (lane == 0) hm_s[hh] = m;
+  }
+  if (p.heavy_logits != nullptr) {  // the logits themselves, in natural units (A² step weights)
+    for (int idx = tid; idx < n * NG; idx += kThreads) {
+      const int k = idx / NG, hh = idx % NG;
+      if (hh < nh)
+        p.heavy_logits[(static_cast<int64_t>(b) * p.Hq + qh0 + hh) * p.K + k_lo + k] =
+            xs[idx] * 0.6931471805599453f;
+    }
   }
   __syncthreads();
   for (int idx = tid; idx < n * NG; idx += kThreads) {
@@ -1062,7 +1070,7 @@ __global__ void __launch_bounds__(kThreads) decode_heavy_kernel(const DecodePara
     compute_qu<D, NG>(p, h, q_s, qu_s);
     __syncthreads();
   }
-  heavy_split<D, NG>(p, b, h, nh, k_lo, n, q_s, qu_s, t_s, smem + L.stage,
+  heavy_split<D, NG>(p, b, h, qh0, nh, k_lo, n, q_s, qu_s, t_s, smem + L.stage,
                      reinterpret_cast<float*>(smem + L.zs), reinterpret_cast<float*>(smem + L.xs),
                      hm_s, reinterpret_cast<float*>(smem + L.red), out_s);
   __syncthreads();

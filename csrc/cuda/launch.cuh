@@ -120,6 +120,7 @@ struct DecodeParams {
   Strided v_dense;      // [B, H, Tq, D] dtype
   Strided heavy_delta;  // [B, H, K, D] dtype (p == null: no heavy slots)
   const int32_t* heavy_idx;  // [B, H, K] contiguous
+  float* heavy_logits;       // [B, Hq, K] contiguous out (null: not asked): visible slots' logits
   Strided k_window;     // [B, H, W, D] dtype
   Strided v_window;     // [B, H, W, D] dtype
   const int32_t* n_quant;    // [B]

@@ -290,12 +290,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
     const at::Tensor& n_window_in,                   // [B] int32
     const std::optional<at::Tensor>& kv_start_in,    // [B] int32
     int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
-    int64_t value_group_size, double sign, double scale) {
+    int64_t value_group_size, double sign, double scale,
+    const std::optional<at::Tensor>& heavy_logits) {  // [B, Hq, K] float32, written
   validate_decode_attention(q_in, k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in,
                             basis_in, v_codes_in, v_scale_in, v_zero_in, v_dense_in,
                             heavy_delta_in, heavy_idx_in, k_window_in, v_window_in, n_quant_in,
                             n_window_in, kv_start_in, key_bits, group_size, side_bits, value_bits,
-                            value_group_size, sign, scale);
+                            value_group_size, sign, scale, heavy_logits);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   const int64_t H = k_codes_in.size(1), Tq = k_codes_in.size(2), W = k_window_in.size(2);
@@ -347,6 +348,11 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
     p.heavy_delta = strided(heavy_delta);
     p.heavy_idx = heavy_idx.const_data_ptr<int32_t>();
     p.K = static_cast<int>(heavy_idx.size(2));
+    if (heavy_logits.has_value()) {  // -inf unless the heavy kernel writes a visible slot's logit
+      at::Tensor hl = *heavy_logits;
+      hl.fill_(-std::numeric_limits<float>::infinity());
+      p.heavy_logits = hl.data_ptr<float>();
+    }
   }
   p.k_window = strided(k_window);
   p.v_window = strided(v_window);

@@ -320,6 +320,7 @@ struct DecodeSlice {
   const T* heavy_delta = nullptr;      // [K, D], or nullptr: no heavy tokens
   const int32_t* heavy_idx = nullptr;  // [K], -1 = empty slot
   int64_t n_heavy = 0;                 // K
+  float* heavy_logits = nullptr;       // [n_rep, K] out: visible kept tokens' logits, or null
   const T* k_window = nullptr;         // [W, D]
   const T* v_window = nullptr;         // [W, D]
   int64_t n_quant = 0;
@@ -491,6 +492,13 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
     } else {
       for (int64_t i = 0; i < n_rep; ++i)
         for (int64_t t = 0; t < n; ++t) logits[i * NB + t] *= sh.scale;
+    }
+    if (a.heavy_logits != nullptr) {  // the kept tokens' logits, before the softmax overwrites them
+      for (int64_t s = 0; s < a.n_heavy; ++s) {
+        const int64_t idx = a.heavy_idx[s];
+        if (idx < t0 || idx >= t1) continue;
+        for (int64_t i = 0; i < n_rep; ++i) a.heavy_logits[i * a.n_heavy + s] = logits[i * NB + (idx - t0)];
+      }
     }
     softmax_block(n);
 
