@@ -57,7 +57,9 @@ HEADQ_HD HEADQ_INLINE OnlineSoftmax online_softmax_merge(const OnlineSoftmax& a,
   if (r.m == -INFINITY) {
     *ca = 0.0f;
     *cb = 0.0f;
-    r.l = 0.0f;
+    // 0 when nothing was visible; NaN stays NaN (a part whose logits were all NaN keeps m at
+    // -inf, fmaxf skipping NaN, and l NaN): the merged lse must not claim "nothing visible"
+    r.l = a.l + b.l;
     return r;
   }
   *ca = (a.m == -INFINITY) ? 0.0f : expf(a.m - r.m);
