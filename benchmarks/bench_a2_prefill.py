@@ -1,13 +1,18 @@
 """The attention of an A² cache's first prompt, one layer: output and A² weights, the row-block
-PyTorch path it had until session 12 against SDPA + the a2_weights op.
+PyTorch path it had until session 12 against the a2_weights op (with SDPA, or with the row
+log-sum-exp of PyTorch's fused attention kernel).
 
 An A² cache needs, for every prompt token j, ``w_j = Σ_(query heads, query rows) a²``. The
 ``rows`` path is the code before this benchmark's commit (``attention._prefill_rows`` on a first
 prompt): for blocks of query rows it materialises float32 logits, masks them, takes the softmax,
-multiplies by the values and squares and sums the probabilities. The ``fused`` path is the
-library's current code: the output from transformers' SDPA attention (as for a uniform cache) and
-the weights from ``ops.a2_weights`` (two streaming passes, nothing of size L x T in memory).
-Both weights are compared (max relative difference recorded).
+multiplies by the values and squares and sums the probabilities. The ``sdpa_op`` path is session
+12's: the output from SDPA and the weights from ``ops.a2_weights`` (two streaming passes: the
+rows' log-sum-exp, then the per-key sums; nothing of size L x T in memory). The ``fused`` path
+is the library's current code (``attention._attention_with_lse``): PyTorch's cuDNN attention
+(or flash) returns the output and each row's log-sum-exp, and ``ops.a2_weights(..., lse=)`` runs
+only the per-key pass (where neither applies, e.g. float32, it is the ``sdpa_op`` path). The
+kernels that return the lse are timed alone too (``cudnn_ms``, ``flash_ms``). The weights of every
+path are compared (max relative difference recorded).
 
     python benchmarks/bench_a2_prefill.py --device cuda --contexts 4096,8192,32768 \\
         --out benchmarks/results/gpu_a2_prefill.json
@@ -29,7 +34,7 @@ import torch
 from _common import cpu_model, median_ms, wall_median_ms, write_json
 from headq_torch import ops
 from headq_torch import value_policy as vp
-from headq_torch.attention import _PREFILL_LOGIT_BYTES
+from headq_torch.attention import _PREFILL_LOGIT_BYTES, _attention_with_lse
 
 
 def rows_path(q, k, v, scale):
@@ -56,8 +61,8 @@ def rows_path(q, k, v, scale):
     return torch.cat(outs, dim=2).to(q.dtype), w
 
 
-def fused_path(q, k, v, scale):
-    """The current first-prompt A² prefill: SDPA for the output, a2_weights for the weights."""
+def sdpa_op_path(q, k, v, scale):
+    """Session 12's first-prompt A² prefill: SDPA for the output, a2_weights (both passes)."""
     n_rep = q.shape[1] // k.shape[1]
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
                                                            enable_gqa=n_rep > 1)
@@ -65,8 +70,19 @@ def fused_path(q, k, v, scale):
     return out, w
 
 
-def weights_only(q, k, scale):
-    return ops.a2_weights(q, k, None, scale)[0]
+def fused_path(q, k, v, scale):
+    """The current first-prompt A² prefill (attention._prefill): the output and row lse of a
+    fused attention kernel (cuDNN, else flash), then a2_weights' per-key pass with that lse."""
+    fused = _attention_with_lse(None, q, k, v, None, scale)
+    if fused is None:
+        return sdpa_op_path(q, k, v, scale)
+    out, lse = fused
+    w, _ = ops.a2_weights(q, k, None, scale, lse=lse)
+    return out, w
+
+
+def weights_only(q, k, scale, lse=None):
+    return ops.a2_weights(q, k, None, scale, lse=lse)[0]
 
 
 def time_ms(f, device: str, reps: int) -> float:
@@ -112,8 +128,23 @@ def main(argv=None):
         row = dict(context=T)
         row["fused_ms"] = round(time_ms(lambda: fused_path(q, k, v, scale), args.device,
                                         args.reps), 3)
+        row["sdpa_op_ms"] = round(time_ms(lambda: sdpa_op_path(q, k, v, scale), args.device,
+                                          args.reps), 3)
         row["a2_weights_ms"] = round(time_ms(lambda: weights_only(q, k, scale), args.device,
                                              args.reps), 3)
+        for name in ("cudnn", "flash"):
+            f = (lambda n=name: _attention_with_lse(None, q, k, v, None, scale, kernels=(n,)))
+            if f() is not None:
+                row[f"{name}_ms"] = round(time_ms(f, args.device, args.reps), 3)
+        fused = _attention_with_lse(None, q, k, v, None, scale)
+        if fused is not None:
+            lse = fused[1]
+            row["a2_weights_given_lse_ms"] = round(
+                time_ms(lambda: weights_only(q, k, scale, lse), args.device, args.reps), 3)
+            wa, wb = weights_only(q, k, scale), weights_only(q, k, scale, lse)
+            row["w_max_rel_diff_given_lse"] = ((wa - wb).abs().max() / wa.abs().max()).item()
+            del lse, wa, wb
+        del fused
         if T <= args.rows_max:
             row["rows_ms"] = round(time_ms(lambda: rows_path(q, k, v, scale), args.device,
                                            max(1, args.reps - 1)), 3)
@@ -131,14 +162,17 @@ def main(argv=None):
         cuda=torch.version.cuda, python=platform.python_version(),
         shape=dict(batch=B, q_heads=Hq, kv_heads=H, head_dim=D, dtype=args.dtype,
                    first_prompt="query rows = context, causal"),
-        unit="ms per call (one layer: output + A² weights; a2_weights_ms: the weights alone)",
+        unit=("ms per call (one layer: output + A² weights; a2_weights_ms: the weights alone, "
+              "both passes; a2_weights_given_lse_ms: the per-key pass with the fused kernel's "
+              "lse; cudnn_ms / flash_ms: those attention kernels alone, with their lse)"),
         rows=rows_out,
     )
     if args.out:
         write_json(args.out, result)
     for row in rows_out:
-        if "w_max_rel_diff" in row:
-            assert row["w_max_rel_diff"] < 1e-3, f"the two paths' weights disagree: {row}"
+        for key in ("w_max_rel_diff", "w_max_rel_diff_given_lse"):
+            if key in row:
+                assert row[key] < 1e-3, f"the paths' weights disagree ({key}): {row}"
 
 
 if __name__ == "__main__":

@@ -48,5 +48,7 @@ TORCH_LIBRARY(headq, m) {
       "Tensor k_window, Tensor v_window, Tensor n_quant, Tensor n_window, Tensor? kv_start, "
       "int key_bits, int group_size, int side_bits, int value_bits, int value_group_size, "
       "float sign, float scale, Tensor(a!)? heavy_logits=None) -> (Tensor, Tensor)");
-  m.def("a2_weights(Tensor q, Tensor k, Tensor? mask, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "a2_weights(Tensor q, Tensor k, Tensor? mask, float scale, Tensor? lse=None) -> "
+      "(Tensor, Tensor)");
 }

@@ -459,7 +459,8 @@ void validate_decode_attention(
 }
 
 void validate_a2_weights(const at::Tensor& q, const at::Tensor& k,
-                         const std::optional<at::Tensor>& mask, double scale) {
+                         const std::optional<at::Tensor>& mask, double scale,
+                         const std::optional<at::Tensor>& lse) {
   const char* op = "a2_weights";
   check_dims(op, "q", q, 4, "[batch, query_heads, query_len, head_dim]");
   check_float(op, "q", q);
@@ -484,6 +485,11 @@ void validate_a2_weights(const at::Tensor& q, const at::Tensor& k,
     check_device(op, "mask", m, "q", q);
     TORCH_CHECK((m.size(0) == B || m.size(0) == 1) && m.size(1) == L && m.size(2) == T, op,
                 ": mask must have shape [", B, " or 1, ", L, ", ", T, "], got ", m.sizes());
+  }
+  if (lse.has_value()) {
+    check_dtype(op, "lse", *lse, at::kFloat);
+    check_shape(op, "lse", *lse, {B, Hq, L});
+    check_device(op, "lse", *lse, "q", q);
   }
 }
 

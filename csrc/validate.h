@@ -89,6 +89,7 @@ void validate_decode_attention(
 void validate_a2_weights(const at::Tensor& q,                    // [B, Hq, L, D]
                          const at::Tensor& k,                    // [B, H, T, D] q.dtype
                          const std::optional<at::Tensor>& mask,  // [B or 1, L, T] bool
-                         double scale);
+                         double scale,
+                         const std::optional<at::Tensor>& lse);  // [B, Hq, L] float32, given
 
 }  // namespace headq

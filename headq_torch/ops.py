@@ -202,7 +202,7 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
 
 
 def a2_weights(q: Tensor, k: Tensor, mask: Optional[Tensor] = None,
-               scale: float = 1.0) -> tuple[Tensor, Tensor]:
+               scale: float = 1.0, lse: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """A² weights of dense attention: ``w[b, h, t] = Σ_(query heads of KV head h) Σ_i a²``,
     ``a = softmax(scale · q k^T)`` over the keys each query row sees, without materialising
     the attention matrix on CUDA (two streaming passes: row log-sum-exp, then column sums).
@@ -215,15 +215,21 @@ def a2_weights(q: Tensor, k: Tensor, mask: Optional[Tensor] = None,
             sees ``t <= T - L + i``). A ``[B or 1, 1, L, T]`` mask (transformers' layout) is
             accepted too.
         scale: logit scale.
+        lse: optional float32 ``[B, Hq, L]``, the rows' log-sum-exp (natural log of the scaled
+            logits) when the caller already has it, e.g. from the flash attention that
+            produced the output (``aten._scaled_dot_product_flash_attention`` returns it). The
+            op then skips its row pass (on CUDA one of its two passes over ``q k^T``) and
+            trusts the given values; a row whose given lse is not finite adds nothing.
 
     Returns:
         ``w`` float32 ``[B, H, T]`` and ``lse`` float32 ``[B, Hq, L]``, each row's
-        log-sum-exp (``-inf`` for a row that sees no key, which adds nothing to ``w``).
+        log-sum-exp (``-inf`` for a row that sees no key, which adds nothing to ``w``; a copy
+        of the given ``lse``).
     """
-    _same_device("a2_weights", q=q, k=k, mask=mask)
+    _same_device("a2_weights", q=q, k=k, mask=mask, lse=lse)
     if mask is not None and mask.dim() == 4 and mask.shape[1] == 1:
         mask = mask[:, 0]
-    return _ops.a2_weights(q, k, mask, float(scale))
+    return _ops.a2_weights(q, k, mask, float(scale), lse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +336,7 @@ def _decode_attention_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
 
 
 @torch.library.register_fake("headq::a2_weights")
-def _a2_weights_fake(q, k, mask, scale):
+def _a2_weights_fake(q, k, mask, scale, lse=None):
     _check(q.dim() == 4, f"a2_weights: q must be [B, Hq, L, D], got {q.dim()} dims")
     _check(k.dim() == 4, f"a2_weights: k must be [B, H, T, D], got {k.dim()} dims")
     B, Hq, L, D = q.shape

@@ -279,9 +279,10 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
     return out.to(q.dtype), lse.to(torch.float32 if wd == torch.float32 else wd)
 
 
-def a2_weights(q, k, mask, scale: float):
+def a2_weights(q, k, mask, scale: float, lse=None):
     """Reference of ``ops.a2_weights``: the full attention matrix, float32 (float64 for a
-    float64 ``q``). Returns ``w`` ``[B, H, T]`` and ``lse`` ``[B, Hq, L]``."""
+    float64 ``q``). Returns ``w`` ``[B, H, T]`` and ``lse`` ``[B, Hq, L]``; with a given
+    ``lse`` the weights use it (a row whose given lse is not finite adds nothing)."""
     B, Hq, L, D = q.shape
     H, T = k.shape[1], k.shape[2]
     n_rep = Hq // H
@@ -292,8 +293,13 @@ def a2_weights(q, k, mask, scale: float):
     else:
         vis = (mask[:, 0] if mask.dim() == 4 else mask).unsqueeze(1)  # [B or 1, 1, L, T]
     s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    a = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    if lse is None:
+        lse = torch.logsumexp(s, dim=-1)
+        a = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    else:
+        lse = lse.clone()
+        lw = lse.to(wd).unsqueeze(-1)
+        a = torch.exp(s - lw).nan_to_num(0.0).masked_fill(~lw.isfinite(), 0.0)
     w = (a * a).sum(2).reshape(B, H, n_rep, T).sum(2)
     return w, lse
 

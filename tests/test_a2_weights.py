@@ -143,6 +143,73 @@ def test_a2_weights_nan_query_row_adds_nothing(device):
     torch.testing.assert_close(w, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("masked", [False, True])
+def test_a2_weights_given_lse(device, dtype, masked):
+    """The rows' lse given (what the flash kernel returns): the op skips its row pass. With its
+    own lse given back the weights are unchanged; with a shifted lse, a row's lse -inf and
+    another's NaN, the weights follow the reference with that lse (the op trusts it; a row whose
+    lse is not finite adds nothing); the returned lse is a copy of the given one."""
+    B, Hq, H, L, T, D = 2, 6, 2, 70, 100, 64
+    q, k = _case(B, Hq, H, L, T, D, dtype, device, seed=3)
+    mask = None
+    if masked:
+        g = torch.Generator().manual_seed(5)
+        mask = (torch.rand(B, L, T, generator=g) < 0.7).to(device)
+        mask[1, 4] = False  # a row that sees no key
+    scale = 1 / math.sqrt(D)
+    w0, l0 = ops.a2_weights(q, k, mask, scale)
+    w1, l1 = ops.a2_weights(q, k, mask, scale, lse=l0)
+    assert torch.equal(l1, l0) and l1.data_ptr() != l0.data_ptr()
+    torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-7)
+    given = l0.nan_to_num(neginf=0.0) + 0.1 * torch.arange(L, device=device) / L
+    given[0, 1, 5] = float("-inf")
+    given[1, 2, 9] = float("nan")
+    w2, l2 = ops.a2_weights(q, k, mask, scale, lse=given)
+    torch.testing.assert_close(l2, given, rtol=0, atol=0, equal_nan=True)
+    cpu = [t.cpu() if t is not None else None for t in (q, k, mask)]
+    w64, _ = ref.a2_weights(cpu[0].double(), cpu[1].double(), cpu[2], scale, lse=given.cpu())
+    assert torch.isfinite(w2).all()
+    torch.testing.assert_close(w2.cpu().double(), w64, rtol=2e-5, atol=1e-6)
+    # the -inf and NaN rows added nothing: the reference without those two rows agrees
+    keep = given.clone()
+    keep[0, 1, 5] = keep[1, 2, 9] = float("-inf")
+    w3, _ = ref.a2_weights(cpu[0].double(), cpu[1].double(), cpu[2], scale, lse=keep.cpu())
+    torch.testing.assert_close(w64, w3, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("D", [64, 128])
+def test_a2_weights_fused_attention_lse(kernel, dtype, D):
+    """The row lse of PyTorch's cuDNN and flash attention kernels (an A² cache's first prompt
+    passes it, GQA keys not repeated; attention._attention_with_lse) against the op's own: the
+    same lse and weights to float rounding, and the kernel's output equals SDPA's."""
+    from headq_torch.attention import _attention_with_lse
+
+    B, Hq, H, L = 2, 9, 3, 300
+    q, k = _case(B, Hq, H, L, L, D, dtype, "cuda", seed=4)
+    v = torch.randn_like(k)
+    scale = 1 / math.sqrt(D)
+    res = _attention_with_lse(None, q, k, v, None, scale, kernels=(kernel,))
+    if res is None:
+        pytest.skip(f"PyTorch's {kernel} attention does not run here")
+    out, lse = res
+    assert lse.shape == (B, Hq, L) and lse.dtype == torch.float32
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                                            enable_gqa=True)
+    # SDPA may pick another kernel (cuDNN): the same attention to the dtype's rounding
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out, want, atol=eps, rtol=eps)
+    w0, l0 = ops.a2_weights(q, k, None, scale)
+    torch.testing.assert_close(lse, l0, rtol=0, atol=2e-5)
+    w1, _ = ops.a2_weights(q, k, None, scale, lse=lse)
+    torch.testing.assert_close(w1, w0, rtol=1e-4, atol=1e-6)
+
+
 def test_a2_weights_empty():
     q = torch.zeros(2, 4, 0, 64)
     k = torch.zeros(2, 2, 10, 64)
@@ -170,6 +237,13 @@ def test_a2_weights_bad_input(device):
         ops.a2_weights(q, k, None, float("nan"))
     with pytest.raises(RuntimeError, match="a2_weights: q must have 4 dims"):
         ops.a2_weights(q[0], k, None, 1.0)
+    lse = torch.zeros(1, 4, 8, device=device)
+    with pytest.raises(RuntimeError, match="a2_weights: lse must have dtype float32"):
+        ops.a2_weights(q, k, None, 1.0, lse=lse.double())
+    with pytest.raises(RuntimeError, match=r"a2_weights: lse must have shape \[1, 4, 8\]"):
+        ops.a2_weights(q, k, None, 1.0, lse=lse[:, :, :7])
+    with pytest.raises(RuntimeError, match="a2_weights: lse is on meta but q is on"):
+        ops.a2_weights(q, k, None, 1.0, lse=lse.to("meta"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")

@@ -658,3 +658,43 @@ def test_cuda_a2_prefill_op_equals_row_blocks(dtype, padded, restore_attn, monke
         assert same >= 0.9
         if padded:  # padding tokens get no weight
             assert bool((b.buf["w_window"][1, :, :max(0, 17 - a.n_quant)] == 0).all())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_a2_prefill_fused_lse(dtype, restore_attn, monkeypatch):
+    """An unpadded A² first prompt on CUDA (sm80+) takes its output and the rows' log-sum-exp
+    from PyTorch's cuDNN or flash kernel in every layer, and a2_weights runs only its per-key
+    pass: the same logits, window weights and kept tokens as SDPA + the op's own row pass."""
+    model, cal = _setup(restore_attn, "cuda", dtype)
+    prompt = _ids(model, 3, 90).cuda()
+    real, used = attention._attention_with_lse, []
+
+    def spy(*args, **kwargs):
+        res = real(*args, **kwargs)
+        used.append(res is not None)
+        return res
+
+    runs = []
+    for flash in (False, True):
+        monkeypatch.setattr(attention, "_attention_with_lse",
+                            spy if flash else (lambda *args, **kwargs: None))
+        cache = HeadQCache(model.config, cal, **KW, **A2)
+        with torch.no_grad():
+            logits = model(prompt, attention_mask=torch.ones_like(prompt), past_key_values=cache,
+                           use_cache=True).logits
+        runs.append((logits.float(), cache))
+    assert len(used) == model.config.num_hidden_layers
+    if torch.cuda.get_device_capability() >= (8, 0):
+        assert all(used)
+    (ls, cs), (lf, cf) = runs
+    tol = {torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    torch.testing.assert_close(lf, ls, atol=tol * ls.abs().max().item(), rtol=0)
+    for i, (a, b) in enumerate(zip(cs.headq_layers, cf.headq_layers)):
+        assert a.n_quant == b.n_quant > 0
+        nw = a.n_window
+        rtol = 1e-4 if i == 0 else 50 * torch.finfo(dtype).eps
+        torch.testing.assert_close(b.buf["w_window"][:, :, :nw], a.buf["w_window"][:, :, :nw],
+                                   atol=1e-5 if i == 0 else 1e-3, rtol=rtol)
+        same = (a.heavy_idx.unsqueeze(-1) == b.heavy_idx.unsqueeze(-2)).any(-1).float().mean()
+        assert same >= 0.9

@@ -344,7 +344,7 @@ def test_a2_prefill_weights_match_eager_attention(restore_attn, monkeypatch, fus
     if fused:
         real = ops.a2_weights
         monkeypatch.setattr(attention, "_fused_a2_weights", lambda q: True)
-        monkeypatch.setattr(ops, "a2_weights", lambda *a: calls.append(1) or real(*a))
+        monkeypatch.setattr(ops, "a2_weights", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     for rows_bytes in (None, 4 * 4 * 70 * 7):
         if rows_bytes is not None:
             monkeypatch.setattr(attention, "_PREFILL_LOGIT_BYTES", rows_bytes)

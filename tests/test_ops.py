@@ -541,6 +541,7 @@ def _opcheck_cases(device):
         "a2_weights": (q, k, None, 0.125),
         "a2_weights:mask": (q, k, torch.ones(1, 3, 64, dtype=torch.bool, device=device).tril(61),
                             0.125),
+        "a2_weights:lse": (q, k, None, 0.125, torch.zeros(q.shape[:3], device=device)),
     }
 
 

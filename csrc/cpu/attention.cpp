@@ -247,15 +247,23 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
 std::tuple<at::Tensor, at::Tensor> a2_weights_cpu(const at::Tensor& q,  // [B, Hq, L, D]
                                                   const at::Tensor& k,  // [B, H, T, D]
                                                   const std::optional<at::Tensor>& mask,
-                                                  double scale) {
-  validate_a2_weights(q, k, mask, scale);
+                                                  double scale,
+                                                  const std::optional<at::Tensor>& lse_in) {
+  validate_a2_weights(q, k, mask, scale, lse_in);
   constexpr int64_t kLogitBytes = int64_t(1) << 28;
   const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
   const int64_t H = k.size(1), T = k.size(2), n_rep = Hq / H;
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor w = at::zeros({B, H, T}, f32);
-  at::Tensor lse = at::full({B, Hq, L}, -std::numeric_limits<float>::infinity(), f32);
+  at::Tensor lse = lse_in.has_value()
+                       ? lse_in->clone(at::MemoryFormat::Contiguous)
+                       : at::full({B, Hq, L}, -std::numeric_limits<float>::infinity(), f32);
   if (B == 0 || L == 0 || T == 0) return {w, lse};
+  // given row lse (e.g. from the flash attention that produced the output): the rows' own
+  // log-sum-exp is not computed, the weights use the given one
+  const std::optional<at::Tensor> lse_given =
+      lse_in.has_value() ? std::optional<at::Tensor>(lse_in->to(at::kDouble).view({B, H, n_rep, L}))
+                         : std::nullopt;
   // float64 inside (float32 out): the CPU op is the accurate twin of the CUDA kernels, and
   // float32 matrix products on the CPU can take reduced-precision library paths (a first call
   // was seen 1.5e-5 off in relative terms, once in ~10 processes)
@@ -279,10 +287,14 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cpu(const at::Tensor& q,  // [B, H
       vis = t.le(i + (T - L));
     }
     s.masked_fill_(vis.logical_not(), -std::numeric_limits<double>::infinity());
-    const at::Tensor l = at::logsumexp(s, {-1});  // [B, H, n_rep, nr]; -inf: nothing visible
-    at::Tensor p = (s - l.unsqueeze(-1)).exp_().nan_to_num_(0.0);  // rows with nothing -> 0
+    // [B, H, n_rep, nr]; -inf: nothing visible
+    const at::Tensor l = lse_given.has_value() ? lse_given->narrow(3, r0, nr)
+                                               : at::logsumexp(s, {-1});
+    // rows with nothing visible -> 0; a given lse that is not finite adds nothing (the CUDA rule)
+    at::Tensor p = (s - l.unsqueeze(-1)).exp_().nan_to_num_(0.0);
+    if (lse_given.has_value()) p.masked_fill_(l.isfinite().logical_not().unsqueeze(-1), 0.0);
     w.narrow(2, 0, tv).add_(p.mul_(p).sum({2, 3}).to(at::kFloat));
-    lse5.narrow(3, r0, nr).copy_(l);
+    if (!lse_given.has_value()) lse5.narrow(3, r0, nr).copy_(l);
   }
   return {w, lse};
 }

@@ -472,7 +472,7 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
 }
 
 template <typename T, int D>
-cudaError_t launch_a2_typed(const A2Params& p, int64_t B, cudaStream_t stream) {
+cudaError_t launch_a2_typed(const A2Params& p, int64_t B, bool rows, cudaStream_t stream) {
   constexpr int smem = a2_smem_bytes<T, D>();
   cudaError_t err = cudaFuncSetAttribute(a2_rows_kernel<T, D>,
                                          cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
@@ -480,12 +480,14 @@ cudaError_t launch_a2_typed(const A2Params& p, int64_t B, cudaStream_t stream) {
   err = cudaFuncSetAttribute(a2_cols_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              smem);
   if (err != cudaSuccess) return err;
-  const int64_t nv = p.n_rep * p.L;
-  const dim3 rows_grid(static_cast<unsigned>((nv + kTile - 1) / kTile), p.H,
-                       static_cast<unsigned>(B));
-  a2_rows_kernel<T, D><<<rows_grid, kThreads, smem, stream>>>(p);
-  err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
+  if (rows) {
+    const int64_t nv = p.n_rep * p.L;
+    const dim3 rows_grid(static_cast<unsigned>((nv + kTile - 1) / kTile), p.H,
+                         static_cast<unsigned>(B));
+    a2_rows_kernel<T, D><<<rows_grid, kThreads, smem, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
   const dim3 cols_grid(static_cast<unsigned>((p.T + kTile - 1) / kTile), p.H,
                        static_cast<unsigned>(B));
   a2_cols_kernel<T, D><<<cols_grid, kThreads, smem, stream>>>(p);
@@ -497,7 +499,7 @@ cudaError_t launch_a2_typed(const A2Params& p, int64_t B, cudaStream_t stream) {
 cudaError_t launch_a2_weights(const void* q, const void* k, DType dtype, const bool* mask,
                               int64_t mask_sb, int64_t mask_sl, int64_t B, int64_t H,
                               int64_t Hq, int64_t L, int64_t T, int64_t D, float scale,
-                              float* lse, float* w, cudaStream_t stream) {
+                              float* lse, bool lse_given, float* w, cudaStream_t stream) {
   if (B == 0 || H == 0 || T == 0) return cudaSuccess;
   A2Params p;
   p.q = q;
@@ -515,14 +517,14 @@ cudaError_t launch_a2_weights(const void* q, const void* k, DType dtype, const b
   if (L == 0) return cudaMemsetAsync(w, 0, sizeof(float) * B * H * T, stream);
   switch (dtype) {
     case DType::kFloat32:
-      return D == 64 ? launch_a2_typed<float, 64>(p, B, stream)
-                     : launch_a2_typed<float, 128>(p, B, stream);
+      return D == 64 ? launch_a2_typed<float, 64>(p, B, !lse_given, stream)
+                     : launch_a2_typed<float, 128>(p, B, !lse_given, stream);
     case DType::kFloat16:
-      return D == 64 ? launch_a2_typed<__half, 64>(p, B, stream)
-                     : launch_a2_typed<__half, 128>(p, B, stream);
+      return D == 64 ? launch_a2_typed<__half, 64>(p, B, !lse_given, stream)
+                     : launch_a2_typed<__half, 128>(p, B, !lse_given, stream);
     case DType::kBFloat16:
-      return D == 64 ? launch_a2_typed<__nv_bfloat16, 64>(p, B, stream)
-                     : launch_a2_typed<__nv_bfloat16, 128>(p, B, stream);
+      return D == 64 ? launch_a2_typed<__nv_bfloat16, 64>(p, B, !lse_given, stream)
+                     : launch_a2_typed<__nv_bfloat16, 128>(p, B, !lse_given, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -451,8 +451,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
 std::tuple<at::Tensor, at::Tensor> a2_weights_cuda(const at::Tensor& q_in,  // [B, Hq, L, D]
                                                    const at::Tensor& k_in,  // [B, H, T, D]
                                                    const std::optional<at::Tensor>& mask_in,
-                                                   double scale) {
-  validate_a2_weights(q_in, k_in, mask_in, scale);
+                                                   double scale,
+                                                   const std::optional<at::Tensor>& lse_in) {
+  validate_a2_weights(q_in, k_in, mask_in, scale, lse_in);
   const int64_t D = q_in.size(3);
   TORCH_CHECK(D == 64 || D == 128, "a2_weights: head_dim must be 64 or 128 on CUDA, got ", D);
   const c10::cuda::CUDAGuard guard(q_in.device());
@@ -465,14 +466,17 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cuda(const at::Tensor& q_in,  // [
     mask = mask_in->stride(2) == 1 ? *mask_in : mask_in->contiguous();
   }
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor lse = at::full({B, Hq, L}, -std::numeric_limits<float>::infinity(), f32);
+  // the row pass writes every row's lse; a given lse (the flash attention's) replaces that pass
+  at::Tensor lse = lse_in.has_value() ? lse_in->clone(at::MemoryFormat::Contiguous)
+                                      : at::empty({B, Hq, L}, f32);
   at::Tensor w = at::empty({B, H, T}, f32);
   const cudaError_t err = cuda::launch_a2_weights(
       q.const_data_ptr(), k.const_data_ptr(), dtype_of(q.scalar_type(), "a2_weights"),
       mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
       mask.defined() && mask.size(0) > 1 ? mask.stride(0) : 0,
       mask.defined() ? mask.stride(1) : 0, B, H, Hq, L, T, D, static_cast<float>(scale),
-      lse.data_ptr<float>(), w.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+      lse.data_ptr<float>(), lse_in.has_value(), w.data_ptr<float>(),
+      at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {w, lse};
