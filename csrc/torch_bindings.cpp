@@ -51,4 +51,8 @@ TORCH_LIBRARY(headq, m) {
   m.def(
       "a2_weights(Tensor q, Tensor k, Tensor? mask, float scale, Tensor? lse=None) -> "
       "(Tensor, Tensor)");
+  m.def(
+      "a2_step_weights(Tensor q, Tensor k_window, Tensor lse, Tensor n_quant, Tensor n_window, "
+      "Tensor? kv_start, float scale, Tensor(a!) w_window, Tensor? heavy_logits=None, "
+      "Tensor(b!)? heavy_w=None) -> ()");
 }

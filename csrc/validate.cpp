@@ -493,5 +493,60 @@ void validate_a2_weights(const at::Tensor& q, const at::Tensor& k,
   }
 }
 
+void validate_a2_step_weights(const at::Tensor& q, const at::Tensor& k_window,
+                              const at::Tensor& lse, const at::Tensor& n_quant,
+                              const at::Tensor& n_window,
+                              const std::optional<at::Tensor>& kv_start, double scale,
+                              const at::Tensor& w_window,
+                              const std::optional<at::Tensor>& heavy_logits,
+                              const std::optional<at::Tensor>& heavy_w) {
+  const char* op = "a2_step_weights";
+  check_dims(op, "q", q, 3, "[batch, query_heads, head_dim]");
+  check_float(op, "q", q);
+  check_dims(op, "k_window", k_window, 4, "[batch, heads, window, head_dim]");
+  check_dtype(op, "k_window", k_window, q.scalar_type());
+  check_device(op, "k_window", k_window, "q", q);
+  check_finite(op, "scale", scale);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t H = k_window.size(1), W = k_window.size(2);
+  TORCH_CHECK(H > 0 && Hq % H == 0, op, ": query_heads (", Hq,
+              ") must be a positive multiple of k_window heads (", H, ")");
+  check_shape(op, "k_window", k_window, {B, H, W, D});
+  check_dtype(op, "lse", lse, at::kFloat);
+  check_shape(op, "lse", lse, {B, Hq});
+  check_device(op, "lse", lse, "q", q);
+  check_dtype(op, "n_quant", n_quant, at::kInt);
+  check_shape(op, "n_quant", n_quant, {B});
+  check_device(op, "n_quant", n_quant, "q", q);
+  check_dtype(op, "n_window", n_window, at::kInt);
+  check_shape(op, "n_window", n_window, {B});
+  check_device(op, "n_window", n_window, "q", q);
+  check_lengths_cpu(op, "n_quant", n_quant, -1);
+  check_lengths_cpu(op, "n_window", n_window, W);
+  if (kv_start.has_value()) {
+    check_dtype(op, "kv_start", *kv_start, at::kInt);
+    check_shape(op, "kv_start", *kv_start, {B});
+    check_device(op, "kv_start", *kv_start, "q", q);
+    check_lengths_cpu(op, "kv_start", *kv_start, -1);
+  }
+  check_dtype(op, "w_window", w_window, at::kFloat);
+  check_shape(op, "w_window", w_window, {B, H, W});
+  check_device(op, "w_window", w_window, "q", q);
+  TORCH_CHECK(w_window.is_contiguous(), op, ": w_window (written in place) must be contiguous");
+  TORCH_CHECK(heavy_logits.has_value() == heavy_w.has_value(), op,
+              ": heavy_logits and heavy_w must be given together");
+  if (heavy_logits.has_value()) {
+    const int64_t K = heavy_logits->dim() == 3 ? heavy_logits->size(2) : -1;
+    check_dims(op, "heavy_logits", *heavy_logits, 3, "[batch, query_heads, slots]");
+    check_dtype(op, "heavy_logits", *heavy_logits, at::kFloat);
+    check_shape(op, "heavy_logits", *heavy_logits, {B, Hq, K});
+    check_device(op, "heavy_logits", *heavy_logits, "q", q);
+    check_dtype(op, "heavy_w", *heavy_w, at::kFloat);
+    check_shape(op, "heavy_w", *heavy_w, {B, H, K});
+    check_device(op, "heavy_w", *heavy_w, "q", q);
+    TORCH_CHECK(heavy_w->is_contiguous(), op, ": heavy_w (written in place) must be contiguous");
+  }
+}
+
 }  // namespace headq
 

@@ -92,4 +92,19 @@ void validate_a2_weights(const at::Tensor& q,                    // [B, Hq, L, D
                          double scale,
                          const std::optional<at::Tensor>& lse);  // [B, Hq, L] float32, given
 
+// a2_step_weights: the A² weights one decode step adds to the window tokens (w_window += sum
+// over a KV head's query heads of a^2, a = exp(scale q.k - lse), for t < n_window[b] and
+// n_quant[b] + t >= kv_start[b]) and to the kept-token slots (heavy_w += sum of
+// exp(heavy_logits - lse)^2).
+void validate_a2_step_weights(const at::Tensor& q,         // [B, Hq, D]
+                              const at::Tensor& k_window,  // [B, H, W, D] q.dtype
+                              const at::Tensor& lse,       // [B, Hq] float32
+                              const at::Tensor& n_quant,   // [B] int32
+                              const at::Tensor& n_window,  // [B] int32
+                              const std::optional<at::Tensor>& kv_start,  // [B] int32
+                              double scale,
+                              const at::Tensor& w_window,  // [B, H, W] float32, written
+                              const std::optional<at::Tensor>& heavy_logits,  // [B, Hq, K] f32
+                              const std::optional<at::Tensor>& heavy_w);  // [B, H, K] f32, written
+
 }  // namespace headq

@@ -316,26 +316,18 @@ def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
                      heavy_idx: Optional[torch.Tensor], heavy_logits: Optional[torch.Tensor],
                      nq_t: torch.Tensor, nw_t: torch.Tensor, kv_start: Optional[torch.Tensor],
                      scale: float) -> None:
-    """A² weights of a graph-decode step: the eager computation of :func:`_decode` with fixed
-    shapes. Window logits over the window buffer's whole capacity, positions past the step's
-    ``n_window`` (or before ``kv_start``) masked to 0 with ``where`` (never ``exp(...) * 0``,
-    which can be NaN); kept-token weights over every slot of the fixed keep set, empty slots
-    masked. Both are added in place (``HeadQLayer.add_step_weights``)."""
-    b = layer.buf
-    B, Hq, D = q.shape
-    n_rep = Hq // layer.H
-    kw = b["k_window"].float().repeat_interleave(n_rep, dim=1)
-    W = kw.shape[2]
-    lw = torch.einsum("bhd,bhtd->bht", q.float(), kw) * scale
-    t = torch.arange(W, dtype=torch.int32, device=q.device).view(1, -1)
-    vis = t < nw_t.view(-1, 1)  # [B, W]
-    if kv_start is not None:
-        vis = vis & (nq_t.view(-1, 1) + t >= kv_start.view(-1, 1))
-    aw = torch.where(vis.unsqueeze(1), torch.exp(lw - lse.unsqueeze(-1)), 0.0)
-    aw = torch.nan_to_num(aw, 0.0)
-    w_window = (aw * aw).reshape(B, layer.H, n_rep, W).sum(2)
-    w_heavy = None if heavy_idx is None else _kept_token_weights(layer, lse, heavy_logits)
-    layer.add_step_weights(w_window, w_heavy)
+    """A² weights of a graph-decode step, with fixed shapes, added in place by one op
+    (``ops.a2_step_weights``; one kernel on CUDA instead of ~30 small PyTorch ones): the window
+    tokens' over the window buffer's whole capacity, positions past the step's ``n_window`` (or
+    before ``kv_start``) adding nothing; the kept tokens' over every slot of the fixed keep set,
+    from the slots' logits ``decode_attention`` wrote (-inf for empty slots: they add 0)."""
+    if heavy_idx is not None:
+        _, sw = layer.keep_store[:2] if layer.keep_store is not None \
+            else (layer.heavy_idx, layer.heavy_w)
+    ops.a2_step_weights(q, layer.buf["k_window"], lse, nq_t, nw_t, kv_start, scale,
+                        layer.buf["w_window"],
+                        heavy_logits if heavy_idx is not None else None,
+                        sw if heavy_idx is not None else None)
 
 
 def _kept_token_weights(layer, lse: torch.Tensor, heavy_logits: torch.Tensor) -> torch.Tensor:

@@ -629,18 +629,6 @@ class HeadQLayer(CacheLayerMixin):
             w_heavy = w_heavy.detach()  # bookkeeping, never differentiated
             self.heavy_w.add_(torch.where(valid, w_heavy, torch.zeros_like(w_heavy)))
 
-    def add_step_weights(self, w_window: torch.Tensor, w_heavy: Optional[torch.Tensor]) -> None:
-        """``add_weights`` of a graph-decode step, with fixed shapes: ``w_window`` ``[B, H,
-        window capacity]`` (0 where no token is), ``w_heavy`` ``[B, H, K]`` over the slots of
-        ``keep_store`` (empty slots ignored), both added in place."""
-        if not self.a2:
-            return
-        self.buf["w_window"].add_(w_window)
-        if w_heavy is not None:
-            si, sw = self.keep_store[:2] if self.keep_store is not None \
-                else (self.heavy_idx, self.heavy_w)
-            sw.add_(torch.where(si >= 0, w_heavy, torch.zeros_like(w_heavy)))
-
     def after_attention(self) -> None:
         if self._owner._static_step is None:  # a graph-decode step: the decoder flushes
             self.flush()

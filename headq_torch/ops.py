@@ -27,6 +27,7 @@ __all__ = [
     "corrected_logits",
     "decode_attention",
     "a2_weights",
+    "a2_step_weights",
 ]
 
 
@@ -232,6 +233,36 @@ def a2_weights(q: Tensor, k: Tensor, mask: Optional[Tensor] = None,
     return _ops.a2_weights(q, k, mask, float(scale), lse)
 
 
+def a2_step_weights(q: Tensor, k_window: Tensor, lse: Tensor, n_quant: Tensor,
+                    n_window: Tensor, kv_start: Optional[Tensor], scale: float,
+                    w_window: Tensor, heavy_logits: Optional[Tensor] = None,
+                    heavy_w: Optional[Tensor] = None) -> None:
+    """Add one decode step's A² weights in place (one kernel on CUDA; an A² cache's graph step).
+
+    For the window tokens ``t < n_window[b]`` (and ``n_quant[b] + t >= kv_start[b]``):
+    ``w_window[b, h, t] += Σ_r a²``, ``a = exp(scale · q[b, h·n_rep + r] · k_window[b, h, t] -
+    lse[b, h·n_rep + r])`` over the KV head's query heads ``r``; for the kept-token slots:
+    ``heavy_w[b, h, k] += Σ_r exp(heavy_logits[b, h·n_rep + r, k] - lse[...])²``. An ``a`` that
+    is not finite (a NaN query, an ``lse`` of -inf) adds 0; an empty slot's logit is -inf
+    (``decode_attention``'s ``heavy_logits``) and adds 0.
+
+    Args:
+        q: ``[B, Hq, D]`` the step's queries (float32/float16/bfloat16).
+        k_window: ``[B, H, W, D]`` in ``q``'s dtype, the dense window buffer (its capacity).
+        lse: float32 ``[B, Hq]``, the step's log-sum-exp from ``decode_attention``.
+        n_quant, n_window: int32 ``[B]``; kv_start: int32 ``[B]`` or None.
+        scale: logit scale.
+        w_window: float32 ``[B, H, W]``, contiguous, added to in place.
+        heavy_logits: float32 ``[B, Hq, K]`` (``decode_attention``'s output) or None;
+        heavy_w: float32 ``[B, H, K]``, contiguous, added to in place (with ``heavy_logits``).
+    """
+    _same_device("a2_step_weights", q=q, k_window=k_window, lse=lse, n_quant=n_quant,
+                 n_window=n_window, kv_start=kv_start, w_window=w_window,
+                 heavy_logits=heavy_logits, heavy_w=heavy_w)
+    _ops.a2_step_weights(q, k_window, lse, n_quant, n_window, kv_start, float(scale), w_window,
+                         heavy_logits, heavy_w)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake kernels: the shape rules, for torch.compile / FakeTensor / meta tensors.
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +364,14 @@ def _decode_attention_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
     _check((v_codes is None) != (v_dense is None),
            "decode_attention: exactly one of v_codes and v_dense must be given")
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.register_fake("headq::a2_step_weights")
+def _a2_step_weights_fake(q, k_window, lse, n_quant, n_window, kv_start, scale, w_window,
+                          heavy_logits=None, heavy_w=None):
+    _check(q.dim() == 3, f"a2_step_weights: q must be [B, Hq, D], got {q.dim()} dims")
+    _check(w_window.dim() == 3, "a2_step_weights: w_window must be [B, H, W]")
+    return None
 
 
 @torch.library.register_fake("headq::a2_weights")

@@ -25,6 +25,7 @@ __all__ = [
     "corrected_logits",
     "decode_attention",
     "a2_weights",
+    "a2_step_weights",
     "expand_kv",
 ]
 
@@ -303,3 +304,27 @@ def a2_weights(q, k, mask, scale: float, lse=None):
     w = (a * a).sum(2).reshape(B, H, n_rep, T).sum(2)
     return w, lse
 
+
+def a2_step_weights(q, k_window, lse, n_quant, n_window, kv_start, scale: float, w_window,
+                    heavy_logits=None, heavy_w=None):
+    """Reference of ``ops.a2_step_weights``, out of place: returns the updated ``(w_window,
+    heavy_w)`` (``heavy_w`` None when not given). Logits in float32 (float64 for a float64
+    ``q``); an ``a`` that is not finite adds 0."""
+    B, Hq, D = q.shape
+    H, W = k_window.shape[1], k_window.shape[2]
+    n_rep = Hq // H
+    wd = _work_dtype(q)
+    s = torch.einsum("bhd,bhtd->bht", q.to(wd), expand_kv(k_window.to(wd), n_rep)) * scale
+    t = torch.arange(W, device=q.device).view(1, -1)
+    vis = t < n_window.view(-1, 1).long()
+    if kv_start is not None:
+        vis = vis & (n_quant.view(-1, 1).long() + t >= kv_start.view(-1, 1).long())
+    a = torch.exp(s - lse.to(wd).unsqueeze(-1))
+    a = torch.where(vis.unsqueeze(1) & torch.isfinite(a), a, 0.0)
+    w = w_window + (a * a).reshape(B, H, n_rep, W).sum(2).to(w_window.dtype)
+    if heavy_logits is None:
+        return w, None
+    ah = torch.exp(heavy_logits.to(wd) - lse.to(wd).unsqueeze(-1))
+    ah = torch.where(torch.isfinite(ah), ah, 0.0)
+    K = heavy_logits.shape[-1]
+    return w, heavy_w + (ah * ah).reshape(B, H, n_rep, K).sum(2).to(heavy_w.dtype)

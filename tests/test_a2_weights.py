@@ -265,3 +265,128 @@ def test_a2_weights_cuda_matches_cpu_long():
     wc, lc = ops.a2_weights(q.cpu(), k.cpu(), None, D ** -0.5)
     torch.testing.assert_close(w.cpu(), wc, rtol=2e-4, atol=1e-5)
     torch.testing.assert_close(lse.cpu(), lc, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- a2_step_weights
+
+
+def _step_case(B, Hq, H, W, D, K, dtype, device, seed=0, kv_start=True):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, D, generator=g).to(device=device, dtype=dtype)
+    kw = torch.randn(B, H, W, D, generator=g).to(device=device, dtype=dtype)
+    lse = (torch.randn(B, Hq, generator=g) + 3.0).to(device)
+    nq = torch.randint(0, 200, (B,), generator=g, dtype=torch.int32).to(device)
+    nw = torch.randint(0, W + 1, (B,), generator=g, dtype=torch.int32).to(device)
+    nw[0] = W
+    ks = (nq + torch.randint(0, W, (B,), generator=g, dtype=torch.int32).to(device)) \
+        if kv_start else None
+    w0 = torch.rand(B, H, W, generator=g).to(device)
+    hl = hw0 = None
+    if K:
+        hl = (torch.randn(B, Hq, K, generator=g) + 1.0).to(device)
+        hl[:, :, K // 2:][torch.rand(B, Hq, K - K // 2, generator=g).to(device) < 0.5] = \
+            float("-inf")  # empty slots / tokens before kv_start
+        hw0 = torch.rand(B, H, K, generator=g).to(device)
+    return q, kw, lse, nq, nw, ks, w0, hl, hw0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("shape", [
+    (2, 8, 2, 96, 64, 37),    # n_rep 4, kept slots
+    (3, 9, 3, 80, 40, 0),     # SmolLM2's 9 / 3 heads, an odd head dim, no kept slots
+    (1, 4, 4, 33, 128, 5),    # n_rep 1
+])
+@pytest.mark.parametrize("kv_start", [False, True])
+def test_a2_step_weights(device, dtype, shape, kv_start):
+    """The op adds the step's A² weights in place: the window tokens it may see and every slot,
+    against the float64 reference (error at most twice the float32 reference's plus a floor);
+    positions past n_window or before kv_start unchanged."""
+    B, Hq, H, W, D, K = shape
+    q, kw, lse, nq, nw, ks, w0, hl, hw0 = _step_case(B, Hq, H, W, D, K, dtype, device,
+                                                     kv_start=kv_start)
+    w, hw = w0.clone(), (hw0.clone() if K else None)
+    ops.a2_step_weights(q, kw, lse, nq, nw, ks, 0.125, w, hl, hw)
+    cpu = [t.cpu() if t is not None else None for t in (q, kw, lse, nq, nw, ks, w0, hl, hw0)]
+    w32, hw32 = ref.a2_step_weights(*cpu[:6], 0.125, *cpu[6:])
+    c64 = [cpu[0].double(), cpu[1].double(), cpu[2].double()] + cpu[3:6]
+    w64, hw64 = ref.a2_step_weights(*c64, 0.125, cpu[6].double(), cpu[7],
+                                    None if hw0 is None else cpu[8].double())
+    err = (w.cpu().double() - w64).abs().max().item()
+    base = (w32.double() - w64).abs().max().item()
+    assert err <= 2 * base + 1e-5, f"w_window error {err:.3e} vs reference {base:.3e}"
+    t = torch.arange(W).view(1, 1, -1)
+    hidden = t >= cpu[4].view(-1, 1, 1).long()
+    if kv_start:
+        hidden = hidden | (cpu[3].view(-1, 1, 1).long() + t < cpu[5].view(-1, 1, 1).long())
+    hidden = hidden.expand(B, H, W)
+    assert torch.equal(w.cpu()[hidden], cpu[6][hidden])
+    assert (w.cpu() >= cpu[6]).all()
+    if K:
+        err = (hw.cpu().double() - hw64).abs().max().item()
+        base = (hw32.double() - hw64).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"heavy_w error {err:.3e} vs reference {base:.3e}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a2_step_weights_non_finite_adds_nothing(device):
+    """A NaN query head and an lse of -inf add nothing (w stays finite); an empty slot (-inf
+    logit) adds 0; the other heads add as without them."""
+    B, Hq, H, W, D, K = 2, 4, 2, 20, 64, 6
+    q, kw, lse, nq, nw, _, w0, hl, hw0 = _step_case(B, Hq, H, W, D, K, torch.float16, device,
+                                                    seed=2, kv_start=False)
+    q2, lse2, hl2 = q.clone(), lse.clone(), hl.clone()
+    q2[0, 1, 3] = float("nan")
+    hl2[0, 1] = float("nan")  # what decode_attention writes for a NaN query
+    lse2[1, 2] = float("-inf")
+    w, hw = w0.clone(), hw0.clone()
+    ops.a2_step_weights(q2, kw, lse2, nq, nw, None, 0.1, w, hl2, hw)
+    assert torch.isfinite(w).all() and torch.isfinite(hw).all()
+    # the same as the op with those two heads' lse at NaN: both add nothing
+    wr, hwr = w0.clone(), hw0.clone()
+    lse3 = lse.clone()
+    lse3[0, 1] = lse3[1, 2] = float("nan")
+    ops.a2_step_weights(q, kw, lse3, nq, nw, None, 0.1, wr, hl, hwr)
+    torch.testing.assert_close(w, wr, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(hw, hwr, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a2_step_weights_bad_input(device):
+    B, Hq, H, W, D, K = 2, 4, 2, 16, 64, 3
+    q, kw, lse, nq, nw, ks, w, hl, hw = _step_case(B, Hq, H, W, D, K, torch.float32, device)
+
+    def call(**ch):
+        a = dict(q=q, k_window=kw, lse=lse, n_quant=nq, n_window=nw, kv_start=ks, scale=1.0,
+                 w_window=w, heavy_logits=hl, heavy_w=hw)
+        a.update(ch)
+        ops.a2_step_weights(**a)
+
+    with pytest.raises(RuntimeError, match="a2_step_weights: q must have 3 dims"):
+        call(q=q[:, :, None])
+    with pytest.raises(RuntimeError, match="a2_step_weights: k_window must have dtype float32"):
+        call(k_window=kw.half())
+    with pytest.raises(RuntimeError, match=r"a2_step_weights: query_heads \(4\) must be a "
+                                           r"positive multiple of k_window heads \(3\)"):
+        call(k_window=torch.zeros(B, 3, W, D, device=device))
+    with pytest.raises(RuntimeError, match="a2_step_weights: lse must have shape"):
+        call(lse=lse[:, :2])
+    with pytest.raises(RuntimeError, match="a2_step_weights: n_window must have dtype int32"):
+        call(n_window=nw.long())
+    with pytest.raises(RuntimeError, match="a2_step_weights: w_window must have shape"):
+        call(w_window=w[:, :, :4])
+    with pytest.raises(RuntimeError, match=r"a2_step_weights: w_window \(written in place\) "
+                                           r"must be contiguous"):
+        call(w_window=torch.zeros(B, W, H, device=device).transpose(1, 2))
+    with pytest.raises(RuntimeError, match="heavy_logits and heavy_w must be given together"):
+        call(heavy_w=None)
+    with pytest.raises(RuntimeError, match="a2_step_weights: heavy_w must have shape"):
+        call(heavy_w=hw[:, :, :2])
+    with pytest.raises(RuntimeError, match="a2_step_weights: scale must be finite"):
+        call(scale=float("inf"))
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match=r"a2_step_weights: n_window\[0\] \(17\) must be "
+                                               r"<= its capacity \(16\)"):
+            call(n_window=torch.full((B,), 17, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="a2_step_weights: lse is on meta"):
+        call(lse=lse.to("meta"))

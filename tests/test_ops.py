@@ -542,7 +542,21 @@ def _opcheck_cases(device):
         "a2_weights:mask": (q, k, torch.ones(1, 3, 64, dtype=torch.bool, device=device).tril(61),
                             0.125),
         "a2_weights:lse": (q, k, None, 0.125, torch.zeros(q.shape[:3], device=device)),
+        "a2_step_weights": _a2_step_case(device),
     }
+
+
+def _a2_step_case(device):
+    B, Hq, H, W, D, K = 2, 4, 2, 16, 64, 3
+    g = torch.Generator().manual_seed(9)
+    dev = dict(device=device)
+    return (torch.randn(B, Hq, D, generator=g).to(**dev),
+            torch.randn(B, H, W, D, generator=g).to(**dev),
+            torch.full((B, Hq), 4.0, **dev), torch.tensor([5, 0], dtype=torch.int32, **dev),
+            torch.tensor([16, 9], dtype=torch.int32, **dev),
+            torch.tensor([0, 3], dtype=torch.int32, **dev), 0.125,
+            torch.zeros(B, H, W, **dev), torch.randn(B, Hq, K, generator=g).to(**dev),
+            torch.zeros(B, H, K, **dev))
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)

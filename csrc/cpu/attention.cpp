@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -299,6 +300,64 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cpu(const at::Tensor& q,  // [B, H
   return {w, lse};
 }
 
+// a2_step_weights on the CPU: per (batch, KV head), the window tokens' logits as float64 dot
+// products of the inputs (times scale, rounded to float32 as the float32 einsum it replaces),
+// a = exp(s - lse) (0 unless finite), a^2 summed over the KV head's query heads in order and
+// added to w_window; the kept slots likewise from heavy_logits.
+void a2_step_weights_cpu(const at::Tensor& q, const at::Tensor& k_window_in,
+                         const at::Tensor& lse_in, const at::Tensor& n_quant,
+                         const at::Tensor& n_window, const std::optional<at::Tensor>& kv_start,
+                         double scale, const at::Tensor& w_window,
+                         const std::optional<at::Tensor>& heavy_logits,
+                         const std::optional<at::Tensor>& heavy_w) {
+  validate_a2_step_weights(q, k_window_in, lse_in, n_quant, n_window, kv_start, scale, w_window,
+                           heavy_logits, heavy_w);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t H = k_window_in.size(1), W = k_window_in.size(2), n_rep = Hq / H;
+  const at::Tensor qd = q.to(at::kDouble).contiguous();                // [B, Hq, D]
+  const at::Tensor kd = k_window_in.to(at::kDouble).contiguous();      // [B, H, W, D]
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor nq = n_quant.contiguous(), nw = n_window.contiguous();
+  const std::optional<at::Tensor> ks = contiguous_opt(kv_start);
+  const std::optional<at::Tensor> hl = contiguous_opt(heavy_logits);
+  const double* qp = qd.const_data_ptr<double>();
+  const double* kp = kd.const_data_ptr<double>();
+  const float* lp = lse.const_data_ptr<float>();
+  const int32_t* nqp = nq.const_data_ptr<int32_t>();
+  const int32_t* nwp = nw.const_data_ptr<int32_t>();
+  const int32_t* ksp = ks.has_value() ? ks->const_data_ptr<int32_t>() : nullptr;
+  float* wp = w_window.data_ptr<float>();
+  const float* hlp = hl.has_value() ? hl->const_data_ptr<float>() : nullptr;
+  float* hwp = heavy_w.has_value() ? heavy_w->data_ptr<float>() : nullptr;
+  const int64_t K = hl.has_value() ? hl->size(2) : 0;
+  const float sc = static_cast<float>(scale);
+  auto a_sq = [](float a) { return std::isfinite(a) ? a * a : 0.0f; };
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, hq0 = b * Hq + (bh % H) * n_rep;
+      const int64_t tend = std::min<int64_t>(nwp[b], W);
+      for (int64_t t = 0; t < tend; ++t) {
+        if (ksp != nullptr && int64_t(nqp[b]) + t < ksp[b]) continue;
+        const double* kr = kp + (bh * W + t) * D;
+        float acc = 0.0f;
+        for (int64_t r = 0; r < n_rep; ++r) {
+          const double* qr = qp + (hq0 + r) * D;
+          double s = 0.0;
+          for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];
+          acc += a_sq(std::exp(static_cast<float>(s) * sc - lp[hq0 + r]));
+        }
+        wp[bh * W + t] += acc;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        float acc = 0.0f;
+        for (int64_t r = 0; r < n_rep; ++r)
+          acc += a_sq(std::exp(hlp[(hq0 + r) * K + k] - lp[hq0 + r]));
+        hwp[bh * K + k] += acc;
+      }
+    }
+  });
+}
+
 }  // namespace
 }  // namespace headq
 
@@ -306,4 +365,5 @@ TORCH_LIBRARY_IMPL(headq, CPU, m) {
   m.impl("corrected_logits", &headq::corrected_logits_cpu);
   m.impl("decode_attention", &headq::decode_attention_cpu);
   m.impl("a2_weights", &headq::a2_weights_cpu);
+  m.impl("a2_step_weights", &headq::a2_step_weights_cpu);
 }

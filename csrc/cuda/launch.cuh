@@ -224,5 +224,27 @@ cudaError_t launch_a2_weights(const void* q, const void* k, DType dtype, const b
                               int64_t Hq, int64_t L, int64_t T, int64_t D, float scale,
                               float* lse, bool lse_given, float* w, cudaStream_t stream);
 
+// a2_step_weights (a2_step.cu): q [B, Hq, D] and k [B, H, W, D] contiguous in dtype, lse
+// [B, Hq], the lengths [B] int32 (kv_start may be null), w_window [B, H, W] and (when
+// heavy_logits [B, Hq, K] is given) heavy_w [B, H, K] float32 contiguous, added to in place.
+struct A2StepParams {
+  const void* q = nullptr;
+  const void* k = nullptr;
+  DType dtype = DType::kFloat32;
+  const float* lse = nullptr;
+  const int32_t* n_quant = nullptr;
+  const int32_t* n_window = nullptr;
+  const int32_t* kv_start = nullptr;
+  float* w_window = nullptr;
+  const float* heavy_logits = nullptr;
+  float* heavy_w = nullptr;
+  int H = 0, n_rep = 0, D = 0, W = 0;
+  int64_t K = 0;
+  float scale = 1.0f;
+};
+// shared memory of one block (the query rows and their lse): at most 48 KB
+int64_t a2_step_smem_bytes(int64_t n_rep, int64_t D);
+cudaError_t launch_a2_step(const A2StepParams& p, int64_t B, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace headq

@@ -482,6 +482,49 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cuda(const at::Tensor& q_in,  // [
   return {w, lse};
 }
 
+void a2_step_weights_cuda(const at::Tensor& q_in, const at::Tensor& k_window_in,
+                          const at::Tensor& lse_in, const at::Tensor& n_quant_in,
+                          const at::Tensor& n_window_in,
+                          const std::optional<at::Tensor>& kv_start_in, double scale,
+                          const at::Tensor& w_window,
+                          const std::optional<at::Tensor>& heavy_logits_in,
+                          const std::optional<at::Tensor>& heavy_w) {
+  validate_a2_step_weights(q_in, k_window_in, lse_in, n_quant_in, n_window_in, kv_start_in,
+                           scale, w_window, heavy_logits_in, heavy_w);
+  const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
+  const int64_t H = k_window_in.size(1), W = k_window_in.size(2);
+  TORCH_CHECK(cuda::a2_step_smem_bytes(Hq / H, D) <= 48 * 1024,
+              "a2_step_weights (CUDA): query_heads per KV head x head_dim (", Hq / H, " x ", D,
+              ") must fit 48 KB of float32 query rows");
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = q_in.contiguous(), k = k_window_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor nq = n_quant_in.contiguous(), nw = n_window_in.contiguous();
+  at::Tensor ks, hl;
+  if (kv_start_in.has_value()) ks = kv_start_in->contiguous();
+  if (heavy_logits_in.has_value()) hl = heavy_logits_in->contiguous();
+  cuda::A2StepParams p;
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.dtype = dtype_of(q.scalar_type(), "a2_step_weights");
+  p.lse = lse.const_data_ptr<float>();
+  p.n_quant = nq.const_data_ptr<int32_t>();
+  p.n_window = nw.const_data_ptr<int32_t>();
+  p.kv_start = ks.defined() ? ks.const_data_ptr<int32_t>() : nullptr;
+  p.w_window = w_window.data_ptr<float>();
+  if (hl.defined()) {
+    p.heavy_logits = hl.const_data_ptr<float>();
+    p.heavy_w = heavy_w->data_ptr<float>();
+    p.K = hl.size(2);
+  }
+  p.H = static_cast<int>(H);
+  p.n_rep = static_cast<int>(Hq / H);
+  p.D = static_cast<int>(D);
+  p.W = static_cast<int>(W);
+  p.scale = static_cast<float>(scale);
+  C10_CUDA_CHECK(cuda::launch_a2_step(p, B, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 }  // namespace headq
 
@@ -496,4 +539,5 @@ TORCH_LIBRARY_IMPL(headq, CUDA, m) {
   m.impl("corrected_logits", &headq::corrected_logits_cuda);
   m.impl("decode_attention", &headq::decode_attention_cuda);
   m.impl("a2_weights", &headq::a2_weights_cuda);
+  m.impl("a2_step_weights", &headq::a2_step_weights_cuda);
 }
