@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -192,6 +193,8 @@ def plot_a2() -> None:
     b.set_xticks(list(x))
     b.set_xticklabels(labels, fontsize=9)
     b.set_yscale("log")
+    b.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    b.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     b.set_title(f"end to end, batch 8, 32k, graph decoder, {s['card']}", fontsize=9)
     b.grid(alpha=0.3, axis="y")
     b.legend(fontsize=8)
