@@ -174,6 +174,27 @@ void check_lengths_cpu(const char* op, const char* name, const at::Tensor& t, in
   }
 }
 
+// A decode step's lengths: n_quant, n_window and kv_start (optional) int32 [B] on q's device;
+// on the CPU also 0 <= n_quant <= quant_cap (-1: any), n_window <= window_cap, kv_start >= 0.
+void check_step_lengths(const char* op, const at::Tensor& q, int64_t B, const at::Tensor& n_quant,
+                        int64_t quant_cap, const at::Tensor& n_window, int64_t window_cap,
+                        const std::optional<at::Tensor>& kv_start) {
+  check_dtype(op, "n_quant", n_quant, at::kInt);
+  check_shape(op, "n_quant", n_quant, {B});
+  check_dtype(op, "n_window", n_window, at::kInt);
+  check_shape(op, "n_window", n_window, {B});
+  check_device(op, "n_quant", n_quant, "q", q);
+  check_device(op, "n_window", n_window, "q", q);
+  check_lengths_cpu(op, "n_quant", n_quant, quant_cap);
+  check_lengths_cpu(op, "n_window", n_window, window_cap);
+  if (kv_start.has_value()) {
+    check_dtype(op, "kv_start", *kv_start, at::kInt);
+    check_shape(op, "kv_start", *kv_start, {B});
+    check_device(op, "kv_start", *kv_start, "q", q);
+    check_lengths_cpu(op, "kv_start", *kv_start, -1);
+  }
+}
+
 }  // namespace
 
 void validate_quantize_keys(const at::Tensor& k, int64_t bits, int64_t group_size) {
@@ -434,20 +455,7 @@ void validate_decode_attention(
   check_device(op, "k_window", k_window, "q", q);
   check_device(op, "v_window", v_window, "q", q);
 
-  check_dtype(op, "n_quant", n_quant, at::kInt);
-  check_shape(op, "n_quant", n_quant, {B});
-  check_dtype(op, "n_window", n_window, at::kInt);
-  check_shape(op, "n_window", n_window, {B});
-  check_device(op, "n_quant", n_quant, "q", q);
-  check_device(op, "n_window", n_window, "q", q);
-  check_lengths_cpu(op, "n_quant", n_quant, Tq);
-  check_lengths_cpu(op, "n_window", n_window, W);
-  if (kv_start.has_value()) {
-    check_dtype(op, "kv_start", *kv_start, at::kInt);
-    check_shape(op, "kv_start", *kv_start, {B});
-    check_device(op, "kv_start", *kv_start, "q", q);
-    check_lengths_cpu(op, "kv_start", *kv_start, -1);
-  }
+  check_step_lengths(op, q, B, n_quant, Tq, n_window, W, kv_start);
   if (heavy_logits.has_value()) {
     TORCH_CHECK(heavy_idx.has_value(), op,
                 ": heavy_logits (the kept tokens' logits, an output) needs heavy_idx");
@@ -515,20 +523,7 @@ void validate_a2_step_weights(const at::Tensor& q, const at::Tensor& k_window,
   check_dtype(op, "lse", lse, at::kFloat);
   check_shape(op, "lse", lse, {B, Hq});
   check_device(op, "lse", lse, "q", q);
-  check_dtype(op, "n_quant", n_quant, at::kInt);
-  check_shape(op, "n_quant", n_quant, {B});
-  check_device(op, "n_quant", n_quant, "q", q);
-  check_dtype(op, "n_window", n_window, at::kInt);
-  check_shape(op, "n_window", n_window, {B});
-  check_device(op, "n_window", n_window, "q", q);
-  check_lengths_cpu(op, "n_quant", n_quant, -1);
-  check_lengths_cpu(op, "n_window", n_window, W);
-  if (kv_start.has_value()) {
-    check_dtype(op, "kv_start", *kv_start, at::kInt);
-    check_shape(op, "kv_start", *kv_start, {B});
-    check_device(op, "kv_start", *kv_start, "q", q);
-    check_lengths_cpu(op, "kv_start", *kv_start, -1);
-  }
+  check_step_lengths(op, q, B, n_quant, -1, n_window, W, kv_start);
   check_dtype(op, "w_window", w_window, at::kFloat);
   check_shape(op, "w_window", w_window, {B, H, W});
   check_device(op, "w_window", w_window, "q", q);

@@ -163,6 +163,9 @@ def test_a2_weights_given_lse(device, dtype, masked):
     w1, l1 = ops.a2_weights(q, k, mask, scale, lse=l0)
     assert torch.equal(l1, l0) and l1.data_ptr() != l0.data_ptr()
     torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-7)
+    strided = l0.transpose(1, 2).contiguous().transpose(1, 2)  # the same values, not contiguous
+    w1s, l1s = ops.a2_weights(q, k, mask, scale, lse=strided)
+    assert torch.equal(w1s, w1) and torch.equal(l1s, l0) and l1s.is_contiguous()
     given = l0.nan_to_num(neginf=0.0) + 0.1 * torch.arange(L, device=device) / L
     given[0, 1, 5] = float("-inf")
     given[1, 2, 9] = float("nan")
