@@ -177,7 +177,9 @@ def _attention_with_lse(module, query, key, value, attention_mask, scale,
             torch.cuda.get_device_capability(query.device) < (8, 0):
         return None
     for name in kernels:
-        try:  # a kernel this build or card lacks raises: try the next, else SDPA + row pass
+        # a kernel this build or card lacks raises (RuntimeError; TypeError where a torch
+        # version changed the private op's schema): try the next, else SDPA + the row pass
+        try:
             if name == "cudnn" and torch.backends.cuda.cudnn_sdp_enabled():
                 res = torch.ops.aten._scaled_dot_product_cudnn_attention(
                     query, key, value, None, True, 0.0, True, False, scale=scale)
@@ -186,7 +188,7 @@ def _attention_with_lse(module, query, key, value, attention_mask, scale,
                 res = torch.ops.aten._scaled_dot_product_flash_attention(
                     query, key, value, 0.0, True, False, scale=scale)
                 return res[0], res[1]
-        except RuntimeError:
+        except (RuntimeError, TypeError):
             continue
     return None
 

@@ -213,6 +213,25 @@ def test_a2_weights_fused_attention_lse(kernel, dtype, D):
     torch.testing.assert_close(w1, w0, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_attention_lse_not_taken_where_it_does_not_apply(device):
+    """attention._attention_with_lse declines (None: SDPA + the op's own row pass) on the CPU, in
+    float32, with a mask, for queries that are not all the tokens, and for a non-causal module."""
+    from types import SimpleNamespace
+
+    from headq_torch.attention import _attention_with_lse
+
+    q, k = _case(1, 4, 2, 16, 16, 64, torch.float16, device)
+    v = torch.randn_like(k)
+    mask = torch.ones(1, 1, 16, 16, dtype=torch.bool, device=device)
+    assert _attention_with_lse(None, q.float(), k.float(), v.float(), None, 0.125) is None
+    assert _attention_with_lse(None, q, k, v, mask, 0.125) is None
+    assert _attention_with_lse(None, q[:, :, 8:], k, v, None, 0.125) is None
+    assert _attention_with_lse(SimpleNamespace(is_causal=False), q, k, v, None, 0.125) is None
+    if device == "cpu":
+        assert _attention_with_lse(None, q, k, v, None, 0.125) is None
+
+
 def test_a2_weights_empty():
     q = torch.zeros(2, 4, 0, 64)
     k = torch.zeros(2, 2, 10, 64)
