@@ -265,7 +265,6 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
     """One query token per sequence through the fused decode op."""
     s, b = layer.s, layer.buf
     B, Hq, _, D = query.shape
-    n_rep = Hq // layer.H
     nq, nw = layer.n_quant, layer.n_window
     T = nq + nw
     q = query[:, :, 0].contiguous()
@@ -301,16 +300,16 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
         _a2_step_weights(layer, q, lse, heavy_idx if heavy else None, hl, nq_t, nw_t, kv_start,
                          scale)
     elif layer.a2:
-        kw = b["k_window"][:, :, :nw].float().repeat_interleave(n_rep, dim=1)
-        lw = torch.einsum("bhd,bhtd->bht", q.float(), kw) * scale
-        aw = torch.exp(lw - lse.unsqueeze(-1))
-        if kv_start is not None:
-            pos = torch.arange(nq, T, device=query.device)
-            aw = aw * (pos.view(1, 1, -1) >= kv_start.view(-1, 1, 1))
-        aw = torch.nan_to_num(aw, 0.0)
-        w_window = (aw * aw).reshape(B, layer.H, n_rep, nw).sum(2)
-        w_heavy = _kept_token_weights(layer, lse, hl) if heavy else None
-        layer.add_weights(None, w_window, w_heavy)
+        # the same op as the graph step, over the buffers' capacity with this step's lengths;
+        # the kept slots' weights too where heavy_w is its own tensor (a view of a reserved
+        # keep set is not contiguous: those go through PyTorch)
+        hw = layer.heavy_w if heavy else None
+        fused = hw is not None and hw.is_contiguous()
+        ops.a2_step_weights(q, b["k_window"], lse, nq_t, nw_t, kv_start, scale, b["w_window"],
+                            hl if fused else None, hw if fused else None)
+        if heavy and not fused:
+            w_heavy = _kept_token_weights(layer, lse, hl)
+            hw.add_(torch.where(layer.heavy_idx >= 0, w_heavy, torch.zeros_like(w_heavy)))
     return out.unsqueeze(2)
 
 

@@ -698,3 +698,33 @@ def test_cuda_a2_prefill_fused_lse(dtype, restore_attn, monkeypatch):
                                    atol=1e-5 if i == 0 else 1e-3, rtol=rtol)
         same = (a.heavy_idx.unsqueeze(-1) == b.heavy_idx.unsqueeze(-2)).any(-1).float().mean()
         assert same >= 0.9
+
+
+def test_a2_eager_step_after_reserve_equals_unreserved(restore_attn):
+    """Eager decode steps of an A² cache whose keep set was reserved (heavy_w then a view of
+    the fixed-capacity store, not contiguous: its kept-token weights go through PyTorch while
+    the window's go through a2_step_weights) add the same weights as without the reservation
+    (both through the op)."""
+    model, cal = _setup(restore_attn)
+    prompt = _ids(model, 2, 100)
+    caches = []
+    for reserve in (False, True):
+        c = HeadQCache(model.config, cal, **KW, **A2)
+        with torch.no_grad():
+            out = model(prompt, past_key_values=c, use_cache=True)
+            if reserve:
+                c.reserve(200)
+            nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(3):
+                out = model(nxt, past_key_values=c, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+        caches.append(c)
+    a, b = caches
+    for la, lb in zip(a.headq_layers, b.headq_layers):
+        assert la.heavy_w.is_contiguous() and not lb.heavy_w.is_contiguous()
+        assert torch.equal(la.heavy_idx, lb.heavy_idx)
+        torch.testing.assert_close(lb.heavy_w, la.heavy_w, rtol=1e-6, atol=1e-7)
+        nw = la.n_window
+        assert lb.n_window == nw
+        torch.testing.assert_close(lb.buf["w_window"][:, :, :nw], la.buf["w_window"][:, :, :nw],
+                                   rtol=0, atol=0)
