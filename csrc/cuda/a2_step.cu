@@ -48,7 +48,8 @@ __global__ void __launch_bounds__(kStepThreads) a2_step_kernel(A2StepParams p) {
     float acc = 0.0f;
     for (int r = 0; r < p.n_rep; ++r) {
       float s = 0.0f;
-      for (int d = lane; d < p.D; d += 32) s = fmaf(qs[r * p.D + d], load_as_float(p.k, p.dtype, k0 + d), s);
+      for (int d = lane; d < p.D; d += 32)
+        s = fmaf(qs[r * p.D + d], load_as_float(p.k, p.dtype, k0 + d), s);
       s = warp_sum(s);
       acc += a_squared(expf(s * p.scale - ls[r]));
     }
