@@ -276,8 +276,10 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
         nq_t, nw_t = _lengths_shared(layer, B, nq, nw, query.device)
     has_side = layer.basis is not None
     heavy_idx, heavy_delta = layer.heavy_idx, layer.heavy_delta
-    if step is not None and layer.keep_store is not None:
-        # graph decode: the fixed-capacity keep set (empty slots -1, which the op skips)
+    if layer.keep_store is not None:
+        # a reserved keep set (graph decode, or reserve()): the fixed-capacity store, of which
+        # heavy_idx / heavy_delta are views of the first K slots (the other slots -1, which the
+        # op skips)
         heavy_idx, _, heavy_delta = layer.keep_store
     heavy = heavy_idx is not None and heavy_idx.shape[-1] > 0
     # The A² step needs the kept tokens' logits: the op computes them anyway and writes them here.
@@ -296,49 +298,26 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
         b["k_window"], b["v_window"], nq_t, nw_t, kv_start,
         s.key_bits, s.group_size, s.side_bits, s.value_bits, s.value_group_size, s.sign, scale,
         heavy_logits=hl)
-    if layer.a2 and step is not None:
-        _a2_step_weights(layer, q, lse, heavy_idx if heavy else None, hl, nq_t, nw_t, kv_start,
-                         scale)
-    elif layer.a2:
-        # the same op as the graph step, over the buffers' capacity with this step's lengths;
-        # the kept slots' weights too where heavy_w is its own tensor (a view of a reserved
-        # keep set is not contiguous: those go through PyTorch)
-        hw = layer.heavy_w if heavy else None
-        fused = hw is not None and hw.is_contiguous()
-        ops.a2_step_weights(q, b["k_window"], lse, nq_t, nw_t, kv_start, scale, b["w_window"],
-                            hl if fused else None, hw if fused else None)
-        if heavy and not fused:
-            w_heavy = _kept_token_weights(layer, lse, hl)
-            hw.add_(torch.where(layer.heavy_idx >= 0, w_heavy, torch.zeros_like(w_heavy)))
+    if layer.a2:
+        _a2_step_weights(layer, q, lse, hl, nq_t, nw_t, kv_start, scale)
     return out.unsqueeze(2)
 
 
 def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
-                     heavy_idx: Optional[torch.Tensor], heavy_logits: Optional[torch.Tensor],
-                     nq_t: torch.Tensor, nw_t: torch.Tensor, kv_start: Optional[torch.Tensor],
-                     scale: float) -> None:
-    """A² weights of a graph-decode step, with fixed shapes, added in place by one op
+                     heavy_logits: Optional[torch.Tensor], nq_t: torch.Tensor,
+                     nw_t: torch.Tensor, kv_start: Optional[torch.Tensor], scale: float) -> None:
+    """A² weights of a decode step (graph or eager), added in place by one op
     (``ops.a2_step_weights``; one kernel on CUDA instead of ~30 small PyTorch ones): the window
     tokens' over the window buffer's whole capacity, positions past the step's ``n_window`` (or
-    before ``kv_start``) adding nothing; the kept tokens' over every slot of the fixed keep set,
-    from the slots' logits ``decode_attention`` wrote (-inf for empty slots: they add 0)."""
-    if heavy_idx is not None:
-        _, sw = layer.keep_store[:2] if layer.keep_store is not None \
-            else (layer.heavy_idx, layer.heavy_w)
+    before ``kv_start``) adding nothing; the kept tokens' over every slot of the keep set the
+    decode op read (the reserved store, or the exact-size set), from the slots' logits
+    ``decode_attention`` wrote (``heavy_logits``, None without kept tokens; -inf for empty
+    slots: they add 0)."""
+    sw = None
+    if heavy_logits is not None:
+        sw = layer.keep_store[1] if layer.keep_store is not None else layer.heavy_w
     ops.a2_step_weights(q, layer.buf["k_window"], lse, nq_t, nw_t, kv_start, scale,
-                        layer.buf["w_window"],
-                        heavy_logits if heavy_idx is not None else None,
-                        sw if heavy_idx is not None else None)
-
-
-def _kept_token_weights(layer, lse: torch.Tensor, heavy_logits: torch.Tensor) -> torch.Tensor:
-    """A² weights ``sum over the KV head's query heads of a²`` of the keep-set slots at one
-    decode step, ``a = exp(logit - lse)``, from the slots' logits that ``decode_attention``
-    wrote (``heavy_logits`` ``[B, Hq, K]``, ``-inf`` for empty slots and tokens before
-    ``kv_start``); float32 ``[B, H, K]``, 0 for those slots."""
-    B, Hq, K = heavy_logits.shape
-    ah = torch.nan_to_num(torch.exp(heavy_logits - lse.unsqueeze(-1)), 0.0)
-    return (ah * ah).reshape(B, layer.H, Hq // layer.H, K).sum(2)
+                        layer.buf["w_window"], heavy_logits, sw)
 
 
 def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

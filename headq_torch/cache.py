@@ -204,11 +204,15 @@ class HeadQLayer(CacheLayerMixin):
     def _set_keep(self, idx: Optional[torch.Tensor], w: Optional[torch.Tensor],
                   delta: Optional[torch.Tensor]) -> None:
         """Make ``(idx, w, delta)`` (``[B, H, K]``, fresh tensors) the keep set. Exact mode:
-        these tensors. Reserved mode: copied into the front of the store, the rest padded, and
-        the attributes are views of the first ``K`` slots."""
+        these tensors (``w`` made contiguous: a decode step adds to it in place through
+        ``ops.a2_step_weights``, and a crop passes a slice of its sorted weights). Reserved
+        mode: copied into the front of the store, the rest padded, and the attributes are views
+        of the first ``K`` slots."""
         store = self.keep_store
         self.heavy_idx, self.heavy_w, self.heavy_delta = idx, w, delta
         if store is None:
+            if w is not None:
+                self.heavy_w = w.contiguous()
             return
         K = 0 if idx is None else idx.shape[-1]
         if K > store[0].shape[-1]:  # not reached through flush (the store follows the region)
@@ -612,21 +616,20 @@ class HeadQLayer(CacheLayerMixin):
 
     # -- after attention ---------------------------------------------------------------------
 
-    def add_weights(self, w_quant: Optional[torch.Tensor], w_window: torch.Tensor,
-                    w_heavy: Optional[torch.Tensor] = None) -> None:
-        """Accumulate A² weights (float32, summed over query heads per KV head):
-        ``w_quant`` ``[B, H, n_quant]`` (prefill: only the kept tokens' entries are used),
-        ``w_window`` ``[B, H, n_window]``, or ``w_heavy`` ``[B, H, K]`` directly (decode)."""
+    def add_weights(self, w_quant: Optional[torch.Tensor], w_window: torch.Tensor) -> None:
+        """Accumulate a prefill's A² weights (float32, summed over query heads per KV head):
+        ``w_quant`` ``[B, H, n_quant]`` (only the kept tokens' entries are used) and
+        ``w_window`` ``[B, H, n_window]``. A decode step adds its own through
+        ``ops.a2_step_weights`` (attention._a2_step_weights)."""
         if not self.a2:
             return
         self.buf["w_window"][:, :, :self.n_window] += w_window
         if self.heavy_idx is None or self.heavy_idx.shape[-1] == 0:
             return
-        valid = self.heavy_idx >= 0
-        if w_heavy is None and w_quant is not None and w_quant.shape[-1]:
-            w_heavy = torch.gather(w_quant, -1, self.heavy_idx.clamp_min(0).long())
-        if w_heavy is not None:  # in place: heavy_w may be a view of the reserved keep set
-            w_heavy = w_heavy.detach()  # bookkeeping, never differentiated
+        if w_quant is not None and w_quant.shape[-1]:
+            valid = self.heavy_idx >= 0
+            w_heavy = torch.gather(w_quant, -1, self.heavy_idx.clamp_min(0).long()).detach()
+            # in place: heavy_w may be a view of the reserved keep set
             self.heavy_w.add_(torch.where(valid, w_heavy, torch.zeros_like(w_heavy)))
 
     def after_attention(self) -> None:

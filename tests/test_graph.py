@@ -702,9 +702,8 @@ def test_cuda_a2_prefill_fused_lse(dtype, restore_attn, monkeypatch):
 
 def test_a2_eager_step_after_reserve_equals_unreserved(restore_attn):
     """Eager decode steps of an A² cache whose keep set was reserved (heavy_w then a view of
-    the fixed-capacity store, not contiguous: its kept-token weights go through PyTorch while
-    the window's go through a2_step_weights) add the same weights as without the reservation
-    (both through the op)."""
+    the fixed-capacity store, not contiguous: the step reads and adds through the store, as a
+    graph step does) add the same weights as without the reservation (the exact-size set)."""
     model, cal = _setup(restore_attn)
     prompt = _ids(model, 2, 100)
     caches = []
