@@ -262,8 +262,8 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cpu(const at::Tensor& q,  // [B, H
   if (B == 0 || L == 0 || T == 0) return {w, lse};
   // given row lse (e.g. from the flash attention that produced the output): the rows' own
   // log-sum-exp is not computed, the weights use the given one
-  std::optional<at::Tensor> lse_given;
-  if (lse_in.has_value()) lse_given = lse_in->to(at::kDouble).contiguous().view({B, H, n_rep, L});
+  std::optional<at::Tensor> lse_given;  // from the contiguous copy returned as lse
+  if (lse_in.has_value()) lse_given = lse.to(at::kDouble).view({B, H, n_rep, L});
   // float64 inside (float32 out): the CPU op is the accurate twin of the CUDA kernels, and
   // float32 matrix products on the CPU can take reduced-precision library paths (a first call
   // was seen 1.5e-5 off in relative terms, once in ~10 processes)
