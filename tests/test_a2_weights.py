@@ -67,6 +67,33 @@ def test_a2_weights_causal(device, dtype, D, shape):
     _check(q, k, None, 1 / math.sqrt(D))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("shape", [
+    (1, 8, 2, 300, 300),   # several 128-key blocks of the key pass, the last one partial
+    (2, 4, 2, 200, 700),   # a chunk after 500 tokens: warps whose keys no row of a tile sees
+])
+def test_a2_weights_cuda_key_blocks(dtype, D, masked, shape):
+    """The 16-bit key pass (128 keys per block, 32 per warp) on shapes that cross its blocks:
+    against float64, with and without a mask, with and without the row pass's own lse."""
+    B, Hq, H, L, T = shape
+    q, k = _case(B, Hq, H, L, T, D, dtype, "cuda", seed=11)
+    mask = None
+    if masked:
+        g = torch.Generator().manual_seed(12)
+        mask = torch.ones(L, T, dtype=torch.bool).tril(T - L)
+        mask = (mask.expand(B, L, T) & (torch.rand(B, L, T, generator=g) > 0.2)).contiguous()
+        mask = mask.cuda()
+    _, w64 = _check(q, k, mask, 1 / math.sqrt(D))
+    _, lse = ops.a2_weights(q, k, mask, 1 / math.sqrt(D))
+    w, _ = ops.a2_weights(q, k, mask, 1 / math.sqrt(D), lse=lse)
+    floor = 1e-5 * max(1.0, w64.abs().max().item())
+    assert (w.cpu().double() - w64).abs().max().item() <= 2e-4 * w64.abs().max().item() + floor
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_a2_weights_mask(device, dtype):
@@ -121,21 +148,24 @@ def test_a2_weights_sums_over_query_heads_of_a_kv_head(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a2_weights_nan_query_row_adds_nothing(device):
+@pytest.mark.parametrize("L, T, i", [(9, 40, 4), (300, 300, 250)],
+                         ids=["partial_tiles", "full_tiles"])
+def test_a2_weights_nan_query_row_adds_nothing(device, L, T, i):
     """A NaN in one query row (not checked: a check would sync the GPU): that row's lse is NaN
-    and it adds nothing to w; every other row is as without it."""
-    B, Hq, H, L, T, D = 1, 4, 2, 9, 40, 64
+    and it adds nothing to w; every other row is as without it. The second case puts the row
+    where the CUDA key pass takes whole tiles without per-element checks."""
+    B, Hq, H, D = 1, 4, 2, 64
     q, k = _case(B, Hq, H, L, T, D, torch.float16, device, seed=6)
     w0, l0 = ops.a2_weights(q, k, None, 0.125)
     q2 = q.clone()
-    q2[0, 1, 4, 7] = float("nan")
+    q2[0, 1, i, 7] = float("nan")
     w, lse = ops.a2_weights(q2, k, None, 0.125)
-    assert torch.isnan(lse[0, 1, 4])
+    assert torch.isnan(lse[0, 1, i])
     ok = torch.ones_like(lse, dtype=torch.bool)
-    ok[0, 1, 4] = False
+    ok[0, 1, i] = False
     torch.testing.assert_close(lse[ok], l0[ok], rtol=1e-6, atol=1e-6)
-    s = (q[0, 1, 4].float() @ k[0, 0].float().T) * 0.125  # query head 1 reads KV head 0
-    s[T - L + 4 + 1:] = float("-inf")  # row 4 sees t <= T - L + 4
+    s = (q[0, 1, i].float() @ k[0, 0].float().T) * 0.125  # query head 1 reads KV head 0
+    s[T - L + i + 1:] = float("-inf")  # row i sees t <= T - L + i
     row = torch.softmax(s, -1) ** 2
     want = w0.clone()
     want[0, 0] -= row.to(want.device)

@@ -7,8 +7,11 @@
 // leaves registers:
 //   pass 0 (rows):    grid over 64 query rows; walks the key tiles; online max / sum of
 //                     exp2 per row -> lse[b, hq, i] (natural log).
-//   pass 1 (columns): grid over 64 keys; walks every query row of the KV head's query heads
-//                     that can see the keys; Σ exp(2 (s - lse_row)) per key -> w[b, h, t].
+//   pass 1 (columns): grid over 128 keys (16-bit inputs, a2_cols_mma_kernel: 32 keys per warp,
+//                     query rows read by ldmatrix) or 64 keys (float32, a2_cols_kernel); walks
+//                     every query row of the KV head's query heads that can see the keys;
+//                     Σ exp(2 (s - lse_row)) per key -> w[b, h, t]. When the caller gives the
+//                     rows' lse (from a fused attention kernel), pass 0 is skipped.
 // Each block owns its output rows / keys: plain stores, no atomics, deterministic.
 //
 // float16 / bfloat16 inputs run on mma.sync.m16n8k16 with float32 accumulation (the products of
@@ -471,16 +474,196 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// pass 1 for 16-bit inputs: w of 128 keys per block, 32 per warp (two m16 tiles whose A
+// fragments stay in registers for the whole walk). The query rows stream through the same
+// double-buffered 64-row stages and are read with ldmatrix.x4 (the B fragments of two n-tiles
+// per instruction); each B fragment feeds both of the warp's m-tiles. The 16-key-per-warp
+// layout of a2_cols_kernel (still used for float32) loaded every B fragment with two 32-bit
+// LDS per mma and was bound by shared-memory wavefronts (2 per mma against 1 here).
+constexpr int kKeysMma = 128;               // keys per block
+constexpr int kMTiles = kKeysMma / 16 / kWarps;  // m16 tiles per warp (2)
+
+template <typename T, int D>
+constexpr int a2_cols_mma_stage_bytes() {
+  // the 128-key tile is staged once into the space of the two 64-row query buffers
+  return kKeysMma * TileShape<T, D>::kRowBytes > 2 * TileShape<T, D>::kBytes
+             ? kKeysMma * TileShape<T, D>::kRowBytes
+             : 2 * TileShape<T, D>::kBytes;
+}
+template <typename T, int D>
+constexpr int a2_cols_mma_smem_bytes() {
+  return a2_cols_mma_stage_bytes<T, D>() + 2 * kTile * int(sizeof(float));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(ptr)));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads, 4) a2_cols_mma_kernel(A2Params p) {
+  using S = TileShape<T, D>;
+  constexpr int kSteps = D / 16;
+  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char* buf[2] = {smem, smem + S::kBytes};
+  float* lse_buf = reinterpret_cast<float*>(smem + a2_cols_mma_stage_bytes<T, D>());
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, cq = lane & 3;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int64_t t0 = int64_t(blockIdx.x) * kKeysMma;
+  const int64_t nv = p.n_rep * p.L;
+  const T* qh = static_cast<const T*>(p.q) + (int64_t(b) * p.H + h) * nv * D;
+  const T* kh = static_cast<const T*>(p.k) + (int64_t(b) * p.H + h) * p.T * D;
+  const float* lseh = p.lse + (int64_t(b) * p.H + h) * nv;
+  const int64_t off = p.T - p.L;  // causal: row i sees key t iff t <= off + i
+  int64_t i_start = 0;
+  if (p.mask == nullptr) {
+    i_start = t0 - off;  // first row that sees the block's first key
+    if (i_start < 0) i_start = 0;
+  }
+  const int64_t rows = p.L - i_start;
+  const int per_head = rows > 0 ? static_cast<int>((rows + kTile - 1) / kTile) : 0;
+  const int n_tiles = per_head * p.n_rep;
+
+  for (int half = 0; half < kKeysMma / kTile; ++half) {
+    const int64_t th = t0 + half * kTile;
+    stage_rows<T, D>(smem + half * S::kBytes, [&](int j) -> const void* {
+      return th + j < p.T ? kh + (th + j) * D : nullptr;
+    });
+  }
+  cp_async_commit();
+  cp_async_wait_all();
+  __syncthreads();
+  // the warp's keys: rows 32 warp + 16 m + (g, g + 8) of the key tile
+  uint32_t a[kMTiles][kSteps][4];
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m) {
+    const unsigned char* base = smem + (warp * 16 * kMTiles + 16 * m) * S::kRowBytes;
+#pragma unroll
+    for (int ks = 0; ks < kSteps; ++ks) {
+      const uint32_t* r0 = reinterpret_cast<const uint32_t*>(base + g * S::kRowBytes) + ks * 8;
+      const uint32_t* r1 = reinterpret_cast<const uint32_t*>(base + (g + 8) * S::kRowBytes) + ks * 8;
+      a[m][ks][0] = r0[cq];
+      a[m][ks][1] = r1[cq];
+      a[m][ks][2] = r0[cq + 4];
+      a[m][ks][3] = r1[cq + 4];
+    }
+  }
+  __syncthreads();  // the key tile's space becomes the query buffers
+
+  const int64_t warp_t0 = t0 + warp * 16 * kMTiles;
+  const bool warp_has_keys = warp_t0 < p.T;
+  const int64_t warp_last = (warp_t0 + 16 * kMTiles < p.T ? warp_t0 + 16 * kMTiles : p.T) - 1;
+  int64_t key_t[kMTiles][2];
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) key_t[m][hi] = warp_t0 + 16 * m + g + 8 * hi;
+  float acc[kMTiles][2] = {};
+  const float scale2x2 = 2.f * p.scale2;  // a^2 = 2^(2 (s2 - lse2)), one FMA
+  // ldmatrix.x4 row address of this lane within a 16-row chunk: matrix lane / 8 is
+  // (n-tile lane / 16, channels 8 ((lane / 8) & 1) .. + 7 of the k-step)
+  const int ld_row = 8 * (lane >> 4) + (lane & 7);
+  const int ld_col = 16 * ((lane >> 3) & 1);  // bytes
+
+  auto issue = [&](int n) {
+    const int r = n / per_head;
+    const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
+    const T* qr = qh + int64_t(r) * p.L * D;
+    stage_rows<T, D>(buf[n & 1], [&](int j) -> const void* {
+      return i0 + j < p.L ? qr + (i0 + j) * D : nullptr;
+    });
+    float* lb = lse_buf + (n & 1) * kTile;
+    for (int j = threadIdx.x; j < kTile; j += kThreads) {
+      if (i0 + j < p.L) {
+        cp_async4(lb + j, lseh + int64_t(r) * p.L + i0 + j);
+      } else {
+        lb[j] = -INFINITY;
+      }
+    }
+    cp_async_commit();
+  };
+  double_buffered(n_tiles, issue, [&](int n) {
+    const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
+    // causal: no row of the stage sees any key of the warp
+    if (!warp_has_keys || (p.mask == nullptr && warp_t0 > off + i0 + kTile - 1)) return;
+    // every row of the stage sees every key of the warp: no per-element checks
+    const bool full = p.mask == nullptr && warp_last <= off + i0;
+    const unsigned char* bt = buf[n & 1];
+    const float* lb = lse_buf + (n & 1) * kTile;
+    // one 16-row chunk at a time: unrolled by 2 it spills and took 140.6 vs 136.2 ms (32k)
+#pragma unroll 1
+    for (int nc = 0; nc < kTile / 16; ++nc) {
+      float c[kMTiles][2][4];
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) c[m][nt][0] = c[m][nt][1] = c[m][nt][2] = c[m][nt][3] = 0.f;
+      const unsigned char* brow = bt + (16 * nc + ld_row) * S::kRowBytes + ld_col;
+#pragma unroll
+      for (int ks = 0; ks < kSteps; ++ks) {
+        uint32_t bf[4];
+        ldsm_x4(bf, brow + ks * 32);
+#pragma unroll
+        for (int m = 0; m < kMTiles; ++m) {
+          mma16816<T>(c[m][0], a[m][ks], bf[0], bf[1]);
+          mma16816<T>(c[m][1], a[m][ks], bf[2], bf[3]);
+        }
+      }
+      // rows whose lse is not finite add nothing: -inf (past L, or a row that sees no key),
+      // NaN (a NaN logit), +inf. Their bias is -inf, and fmaxf turns the NaN of a non-finite
+      // logit plus -inf into -inf (a row with a finite lse has finite logits).
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int jr = 16 * nc + 8 * nt + 2 * cq + e;
+          const float lv = lb[jr];
+          const bool row_ok = fabsf(lv) < INFINITY;
+          const float bias = row_ok ? -2.f * kLog2e * lv : -INFINITY;
+          if (full) {
+#pragma unroll
+            for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+              for (int hi = 0; hi < 2; ++hi)
+                acc[m][hi] += fast_exp2(fmaxf(fmaf(c[m][nt][2 * hi + e], scale2x2, bias),
+                                              -INFINITY));
+          } else if (row_ok) {
+#pragma unroll
+            for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+              for (int hi = 0; hi < 2; ++hi) {
+                const int64_t t = key_t[m][hi];
+                const bool vis = t < p.T && (p.mask != nullptr
+                                                 ? p.mask[b * p.msb + (i0 + jr) * p.msl + t]
+                                                 : t <= off + i0 + jr);
+                if (vis) acc[m][hi] += fast_exp2(fmaf(c[m][nt][2 * hi + e], scale2x2, bias));
+              }
+          }
+        }
+    }
+  });
+#pragma unroll
+  for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      float x = acc[m][hi];
+      x += __shfl_xor_sync(0xffffffffu, x, 1);
+      x += __shfl_xor_sync(0xffffffffu, x, 2);
+      if (cq == 0 && key_t[m][hi] < p.T) p.w[(int64_t(b) * p.H + h) * p.T + key_t[m][hi]] = x;
+    }
+}
+
 template <typename T, int D>
 cudaError_t launch_a2_typed(const A2Params& p, int64_t B, bool rows, cudaStream_t stream) {
   constexpr int smem = a2_smem_bytes<T, D>();
-  cudaError_t err = cudaFuncSetAttribute(a2_rows_kernel<T, D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(a2_cols_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             smem);
-  if (err != cudaSuccess) return err;
+  cudaError_t err;
   if (rows) {
+    err = cudaFuncSetAttribute(a2_rows_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               smem);
+    if (err != cudaSuccess) return err;
     const int64_t nv = p.n_rep * p.L;
     const dim3 rows_grid(static_cast<unsigned>((nv + kTile - 1) / kTile), p.H,
                          static_cast<unsigned>(B));
@@ -488,9 +671,22 @@ cudaError_t launch_a2_typed(const A2Params& p, int64_t B, bool rows, cudaStream_
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  const dim3 cols_grid(static_cast<unsigned>((p.T + kTile - 1) / kTile), p.H,
-                       static_cast<unsigned>(B));
-  a2_cols_kernel<T, D><<<cols_grid, kThreads, smem, stream>>>(p);
+  if constexpr (A2Traits<T>::kMma) {
+    constexpr int smem_c = a2_cols_mma_smem_bytes<T, D>();
+    err = cudaFuncSetAttribute(a2_cols_mma_kernel<T, D>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, smem_c);
+    if (err != cudaSuccess) return err;
+    const dim3 grid(static_cast<unsigned>((p.T + kKeysMma - 1) / kKeysMma), p.H,
+                    static_cast<unsigned>(B));
+    a2_cols_mma_kernel<T, D><<<grid, kThreads, smem_c, stream>>>(p);
+  } else {
+    err = cudaFuncSetAttribute(a2_cols_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               smem);
+    if (err != cudaSuccess) return err;
+    const dim3 cols_grid(static_cast<unsigned>((p.T + kTile - 1) / kTile), p.H,
+                         static_cast<unsigned>(B));
+    a2_cols_kernel<T, D><<<cols_grid, kThreads, smem, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
