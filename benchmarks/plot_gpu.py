@@ -152,14 +152,14 @@ def plot_e2e() -> None:
 
 def plot_a2() -> None:
     """The A² value policy: the first prompt's attention per layer (gpu_a2_prefill.json) and the
-    end-to-end step and prefill of sessions 11-13 against the uniform cache (summary_session12,
-    summary_session13)."""
+    end-to-end step and prefill of sessions 11-14 against the uniform cache (summary_session12,
+    summary_session13, summary_session14)."""
     path = RESULTS / "gpu_a2_prefill.json"
     e = json.loads((RESULTS / "gpu_e2e.json").read_text())
-    if not path.exists() or "summary_session13" not in e:
+    if not path.exists() or "summary_session14" not in e:
         return
     p = json.loads(path.read_text())
-    s12, s = e["summary_session12"], e["summary_session13"]
+    s12, s13, s = e["summary_session12"], e["summary_session13"], e["summary_session14"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
     rows = p["rows"]
     old = [r for r in rows if "rows_ms" in r]
@@ -170,7 +170,10 @@ def plot_a2() -> None:
     a.plot([r["context"] for r in rows], [r["fused_ms"] for r in rows], marker="o",
            label="cuDNN attention's lse + a2_weights' key pass")
     a.plot([r["context"] for r in rows], [r["a2_weights_given_lse_ms"] for r in rows],
-           marker=".", ls=":", label="of which the key pass")
+           marker=".", ls=":", label="of which the key pass (session 14)")
+    prev = p["session13"]["rows"]
+    a.plot([r["context"] for r in prev], [r["a2_weights_given_lse_ms"] for r in prev],
+           marker=".", ls=":", color="grey", label="the key pass in session 13")
     a.set_xscale("log", base=2)
     a.set_yscale("log")
     a.set_xlabel("prompt tokens")
@@ -179,11 +182,12 @@ def plot_a2() -> None:
     a.grid(alpha=0.3)
     a.legend(fontsize=8)
     s11 = s12["session11_same_shape_h100"]
-    labels = ["A² session 11", "A² session 12", "A² session 13", "uniform"]
+    labels = ["A² s11", "A² s12", "A² s13", "A² s14", "uniform"]
     step = [s11["headq_a2_graph_ms_per_step"], s12["headq_a2_graph_ms_per_step"],
-            s["headq_a2_graph_ms_per_step"], s["headq_graph_ms_per_step"]]
-    pre = [s11["prefill_s_headq_a2"], s12["prefill_s"]["headq_a2"], s["prefill_s"]["headq_a2"],
-           s["prefill_s"]["headq_2bit"]]
+            s13["headq_a2_graph_ms_per_step"], s["ms_per_step"]["headq_a2_graph"],
+            s["ms_per_step"]["headq_2bit_graph"]]
+    pre = [s11["prefill_s_headq_a2"], s12["prefill_s"]["headq_a2"], s13["prefill_s"]["headq_a2"],
+           s["prefill_s"]["headq_a2_graph"], s["prefill_s"]["headq_2bit_graph"]]
     x = range(len(labels))
     b.bar([i - 0.2 for i in x], step, 0.4, label="ms per decode step")
     b.bar([i + 0.2 for i in x], pre, 0.4, label="prefill s")
