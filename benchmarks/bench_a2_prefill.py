@@ -132,6 +132,14 @@ def main(argv=None):
                                           args.reps), 3)
         row["a2_weights_ms"] = round(time_ms(lambda: weights_only(q, k, scale), args.device,
                                              args.reps), 3)
+        # the path of a masked prompt (e.g. a left-padded batch): here the causal mask itself,
+        # passed explicitly ([1, L, T], broadcast over the batch), so both passes read it
+        mask = torch.ones(T, T, dtype=torch.bool, device=args.device).tril().unsqueeze(0)
+        row["a2_weights_masked_ms"] = round(time_ms(
+            lambda: ops.a2_weights(q, k, mask, scale)[0], args.device, args.reps), 3)
+        wm, wc = ops.a2_weights(q, k, mask, scale)[0], weights_only(q, k, scale)
+        row["w_max_rel_diff_masked"] = ((wm - wc).abs().max() / wc.abs().max()).item()
+        del mask, wm, wc
         for name in ("cudnn", "flash"):
             f = (lambda n=name: _attention_with_lse(None, q, k, v, None, scale, kernels=(n,)))
             if f() is not None:
@@ -163,14 +171,15 @@ def main(argv=None):
         shape=dict(batch=B, q_heads=Hq, kv_heads=H, head_dim=D, dtype=args.dtype,
                    first_prompt="query rows = context, causal"),
         unit=("ms per call (one layer: output + A² weights; a2_weights_ms: the weights alone, "
-              "both passes; a2_weights_given_lse_ms: the per-key pass with the fused kernel's "
-              "lse; cudnn_ms / flash_ms: those attention kernels alone, with their lse)"),
+              "both passes; a2_weights_masked_ms: both passes with the causal mask given as a "
+              "boolean [1, L, T] mask, as a masked prompt runs them; a2_weights_given_lse_ms: the "
+              "per-key pass with the fused kernel's lse; cudnn_ms / flash_ms: those attention kernels alone, with their lse)"),
         rows=rows_out,
     )
     if args.out:
         write_json(args.out, result)
     for row in rows_out:
-        for key in ("w_max_rel_diff", "w_max_rel_diff_given_lse"):
+        for key in ("w_max_rel_diff", "w_max_rel_diff_given_lse", "w_max_rel_diff_masked"):
             if key in row:
                 assert row[key] < 1e-3, f"the paths' weights disagree ({key}): {row}"
 

@@ -19,8 +19,10 @@
 // as the CPU op's float32 matmul computes them, up to the summation order). float32 inputs use
 // the same tiles with float32 FMAs (no tensor cores: TF32 would round the inputs).
 //
-// Visibility: mask[b, i, t] (bool, strides msb / msl, last stride 1) when given, else causal
-// with the queries the last L of the T tokens: t <= T - L + i.
+// Visibility: mask[b, i, t] when given, else causal with the queries the last L of the T tokens:
+// t <= T - L + i. The kernels read the mask as bits (a2_mask_bits_kernel packs the bool mask
+// first): bit t % 32 of word mbits[b, i, t / 32]. A lane then loads one 32-bit word for the
+// keys of its warp (key pass) or two for a 64-key tile (row pass) instead of a byte per logit.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -90,8 +92,9 @@ __device__ __forceinline__ void cp_async_wait_one() {
 struct A2Params {
   const void* q;  // [B, Hq, L, D] contiguous
   const void* k;  // [B, H, T, D] contiguous
-  const bool* mask;  // [B or 1, L, T] or null
-  int64_t msb, msl;  // mask strides (batch 0 when broadcast)
+  const uint32_t* mbits;  // [B or 1, L, nw] mask bits, or null (causal)
+  int64_t mbsb;           // words between two sequences' bits (0 when broadcast)
+  int64_t nw;             // words per row: ceil(T / 32)
   float* lse;        // [B, Hq, L]
   float* w;          // [B, H, T]
   int64_t L, T;
@@ -251,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
   const T* kh = static_cast<const T*>(p.k) + (int64_t(b) * p.H + h) * p.T * D;
   // keys any row of the block may see
   const int64_t i_max = (v0 / p.L != v_last / p.L) ? p.L - 1 : v_last % p.L;
-  const int64_t t_end = p.mask != nullptr ? p.T : p.T - p.L + i_max + 1;
+  const int64_t t_end = p.mbits != nullptr ? p.T : p.T - p.L + i_max + 1;
   const int n_tiles = static_cast<int>((t_end + kTile - 1) / kTile);
 
   stage_rows<T, D>(a_tile, [&](int j) -> const void* {
@@ -290,14 +293,14 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
     for (int hi = 0; hi < 2; ++hi) {
       // last visible column of the tile for this row (tile-local, -1: none), so that the
       // causal rule costs one 32-bit compare per element
-      const int last = row_ok[hi] ? tile_last(p.T - 1 - t0, p.mask != nullptr
+      const int last = row_ok[hi] ? tile_last(p.T - 1 - t0, p.mbits != nullptr
                                                                  ? int64_t(kTile)
                                                                  : p.T - p.L + row_i[hi] - t0)
                                   : -1;
       if (last < 2 * cq) continue;  // none of this lane's columns of the tile is in range
       float tmax = -INFINITY;
       bool any = true;  // a visible column among this lane's (causal: last >= 2 cq)
-      if (p.mask == nullptr) {
+      if (p.mbits == nullptr) {
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -308,13 +311,16 @@ __global__ void __launch_bounds__(kThreads) a2_rows_kernel(A2Params p) {
           }
       } else {
         any = false;
-        const bool* mrow = p.mask + b * p.msb + row_i[hi] * p.msl + t0;
+        // the tile's 64 bits of this row (t0 is a multiple of 64)
+        const uint32_t* mrow = p.mbits + b * p.mbsb + row_i[hi] * p.nw + (t0 >> 5);
+        const uint64_t bits =
+            uint64_t(mrow[0]) | ((t0 >> 5) + 1 < p.nw ? uint64_t(mrow[1]) << 32 : uint64_t(0));
 #pragma unroll
         for (int j = 0; j < 8; ++j)
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int col = 8 * j + 2 * cq + e;
-            const bool ok = col <= last && mrow[col];
+            const bool ok = col <= last && ((bits >> col) & 1u);
             any |= ok;
             const float s = ok ? c[j][2 * hi + e] * p.scale2 : -INFINITY;
             c[j][2 * hi + e] = s;
@@ -380,7 +386,7 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
   const T* kh = static_cast<const T*>(p.k) + (int64_t(b) * p.H + h) * p.T * D;
   const float* lseh = p.lse + (int64_t(b) * p.H + h) * nv;
   int64_t i_start = 0;
-  if (p.mask == nullptr) {
+  if (p.mbits == nullptr) {
     i_start = t0 - (p.T - p.L);  // first row with t0 <= T - L + i
     if (i_start < 0) i_start = 0;
   }
@@ -431,13 +437,13 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int64_t f = key_t[hi] >= p.T ? int64_t(kTile)
-                        : p.mask != nullptr ? int64_t(0)
+                        : p.mbits != nullptr ? int64_t(0)
                                             : key_t[hi] - (p.T - p.L) - i0;
       first[hi] = static_cast<int>(f < 0 ? 0 : (f > kTile ? kTile : f));
     }
     // rows whose lse is not finite add nothing: -inf (past L, or a row that sees no key), NaN
     // (a NaN logit), +inf
-    if (p.mask == nullptr && first[0] == 0 && first[1] == 0) {  // every row sees both keys
+    if (p.mbits == nullptr && first[0] == 0 && first[1] == 0) {  // every row sees both keys
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -459,7 +465,9 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
 #pragma unroll
           for (int hi = 0; hi < 2; ++hi) {
             if (jr >= first[hi] &&
-                (p.mask == nullptr || p.mask[b * p.msb + (i0 + jr) * p.msl + key_t[hi]]))
+                (p.mbits == nullptr ||
+                 ((p.mbits[b * p.mbsb + (i0 + jr) * p.nw + (key_t[hi] >> 5)] >> (key_t[hi] & 31)) &
+                  1u)))
               acc[hi] += fast_exp2(fmaf(c[j][2 * hi + e], scale2x2, -2.f * lse2));
           }
         }
@@ -519,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 4) a2_cols_mma_kernel(A2Params p) {
   const float* lseh = p.lse + (int64_t(b) * p.H + h) * nv;
   const int64_t off = p.T - p.L;  // causal: row i sees key t iff t <= off + i
   int64_t i_start = 0;
-  if (p.mask == nullptr) {
+  if (p.mbits == nullptr) {
     i_start = t0 - off;  // first row that sees the block's first key
     if (i_start < 0) i_start = 0;
   }
@@ -588,9 +596,9 @@ __global__ void __launch_bounds__(kThreads, 4) a2_cols_mma_kernel(A2Params p) {
   double_buffered(n_tiles, issue, [&](int n) {
     const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
     // causal: no row of the stage sees any key of the warp
-    if (!warp_has_keys || (p.mask == nullptr && warp_t0 > off + i0 + kTile - 1)) return;
+    if (!warp_has_keys || (p.mbits == nullptr && warp_t0 > off + i0 + kTile - 1)) return;
     // every row of the stage sees every key of the warp: no per-element checks
-    const bool full = p.mask == nullptr && warp_last <= off + i0;
+    const bool full = p.mbits == nullptr && warp_last <= off + i0;
     const unsigned char* bt = buf[n & 1];
     const float* lb = lse_buf + (n & 1) * kTile;
     // one 16-row chunk at a time: unrolled by 2 it spills and took 140.6 vs 136.2 ms (32k)
@@ -631,13 +639,16 @@ __global__ void __launch_bounds__(kThreads, 4) a2_cols_mma_kernel(A2Params p) {
                 acc[m][hi] += fast_exp2(fmaxf(fmaf(c[m][nt][2 * hi + e], scale2x2, bias),
                                               -INFINITY));
           } else if (row_ok) {
+            // the row's bits of the warp's 32 keys (warp_t0 is a multiple of 32)
+            const uint32_t bits =
+                p.mbits != nullptr ? p.mbits[b * p.mbsb + (i0 + jr) * p.nw + (warp_t0 >> 5)] : 0u;
 #pragma unroll
             for (int m = 0; m < kMTiles; ++m)
 #pragma unroll
               for (int hi = 0; hi < 2; ++hi) {
                 const int64_t t = key_t[m][hi];
-                const bool vis = t < p.T && (p.mask != nullptr
-                                                 ? p.mask[b * p.msb + (i0 + jr) * p.msl + t]
+                const bool vis = t < p.T && (p.mbits != nullptr
+                                                 ? ((bits >> (16 * m + g + 8 * hi)) & 1u) != 0
                                                  : t <= off + i0 + jr);
                 if (vis) acc[m][hi] += fast_exp2(fmaf(c[m][nt][2 * hi + e], scale2x2, bias));
               }
@@ -654,6 +665,22 @@ __global__ void __launch_bounds__(kThreads, 4) a2_cols_mma_kernel(A2Params p) {
       x += __shfl_xor_sync(0xffffffffu, x, 2);
       if (cq == 0 && key_t[m][hi] < p.T) p.w[(int64_t(b) * p.H + h) * p.T + key_t[m][hi]] = x;
     }
+}
+
+// bits[word] = the 32 mask values of (sequence bm, row i, keys 32 wd .. 32 wd + 31), word =
+// (bm · L + i) · nw + wd, 0 past T; one warp per word (a ballot of one bool per lane).
+__global__ void __launch_bounds__(256) a2_mask_bits_kernel(const bool* mask, int64_t msb,
+                                                           int64_t msl, int64_t L, int64_t T,
+                                                           int64_t nw, int64_t n_words,
+                                                           uint32_t* bits) {
+  const int64_t word = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (word >= n_words) return;  // whole warps: blockDim is a multiple of 32
+  const int lane = threadIdx.x & 31;
+  const int64_t wd = word % nw, row = word / nw;
+  const int64_t t = wd * 32 + lane;
+  const bool v = t < T && mask[(row / L) * msb + (row % L) * msl + t];
+  const uint32_t b = __ballot_sync(0xffffffffu, v);
+  if (lane == 0) bits[word] = b;
 }
 
 template <typename T, int D>
@@ -692,17 +719,28 @@ cudaError_t launch_a2_typed(const A2Params& p, int64_t B, bool rows, cudaStream_
 
 }  // namespace
 
-cudaError_t launch_a2_weights(const void* q, const void* k, DType dtype, const bool* mask,
-                              int64_t mask_sb, int64_t mask_sl, int64_t B, int64_t H,
+cudaError_t launch_a2_mask_bits(const bool* mask, int64_t mask_sb, int64_t mask_sl, int64_t Bm,
+                                int64_t L, int64_t T, uint32_t* bits, cudaStream_t stream) {
+  const int64_t nw = (T + 31) / 32, n_words = Bm * L * nw;
+  if (n_words == 0) return cudaSuccess;
+  const int64_t blocks = (n_words * 32 + 255) / 256;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;  // > 2^31 blocks of 8 words
+  a2_mask_bits_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(mask, mask_sb, mask_sl,
+                                                                         L, T, nw, n_words, bits);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_a2_weights(const void* q, const void* k, DType dtype,
+                              const uint32_t* mask_bits, int64_t bits_sb, int64_t B, int64_t H,
                               int64_t Hq, int64_t L, int64_t T, int64_t D, float scale,
                               float* lse, bool lse_given, float* w, cudaStream_t stream) {
   if (B == 0 || H == 0 || T == 0) return cudaSuccess;
   A2Params p;
   p.q = q;
   p.k = k;
-  p.mask = mask;
-  p.msb = mask_sb;
-  p.msl = mask_sl;
+  p.mbits = mask_bits;
+  p.mbsb = bits_sb;
+  p.nw = (T + 31) / 32;
   p.lse = lse;
   p.w = w;
   p.L = L;

@@ -216,11 +216,14 @@ cudaError_t launch_decode_combine(const float* part_acc,  // [B, Hq, S, D]
                                   int Hq, cudaStream_t stream, bool pdl = false);
 
 // a2_weights (a2_weights.cu): q [B, Hq, L, D] and k [B, H, T, D] contiguous in dtype, D 64 or
-// 128; mask bool [B or 1, L, T] with element strides (mask_sb: 0 when broadcast, mask_sl; last
-// stride 1) or null for causal. Writes lse [B, Hq, L] (float32, contiguous; read instead when
-// lse_given: the row pass is skipped) and w [B, H, T] (float32, contiguous).
-cudaError_t launch_a2_weights(const void* q, const void* k, DType dtype, const bool* mask,
-                              int64_t mask_sb, int64_t mask_sl, int64_t B, int64_t H,
+// 128; mask_bits [B or 1, L, ceil(T / 32)] uint32 contiguous (bits_sb: L · ceil(T / 32), 0 when
+// broadcast), written by launch_a2_mask_bits from the bool mask, or null for causal. Writes lse
+// [B, Hq, L] (float32, contiguous; read instead when lse_given: the row pass is skipped) and w
+// [B, H, T] (float32, contiguous).
+cudaError_t launch_a2_mask_bits(const bool* mask, int64_t mask_sb, int64_t mask_sl, int64_t Bm,
+                                int64_t L, int64_t T, uint32_t* bits, cudaStream_t stream);
+cudaError_t launch_a2_weights(const void* q, const void* k, DType dtype,
+                              const uint32_t* mask_bits, int64_t bits_sb, int64_t B, int64_t H,
                               int64_t Hq, int64_t L, int64_t T, int64_t D, float scale,
                               float* lse, bool lse_given, float* w, cudaStream_t stream);
 

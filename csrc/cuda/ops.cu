@@ -470,11 +470,22 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cuda(const at::Tensor& q_in,  // [
   at::Tensor lse = lse_in.has_value() ? lse_in->clone(at::MemoryFormat::Contiguous)
                                       : at::empty({B, Hq, L}, f32);
   at::Tensor w = at::empty({B, H, T}, f32);
+  // the kernels read the mask as bits: 1/8 of the bytes, one word per lane for 32 keys
+  at::Tensor bits;
+  if (mask.defined()) {
+    const int64_t Bm = mask.size(0), nw = (T + 31) / 32;
+    bits = at::empty({Bm, L, nw}, q.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cuda::launch_a2_mask_bits(
+        mask.const_data_ptr<bool>(), Bm > 1 ? mask.stride(0) : 0, mask.stride(1), Bm, L, T,
+        reinterpret_cast<uint32_t*>(bits.data_ptr<int32_t>()), at::cuda::getCurrentCUDAStream()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   const cudaError_t err = cuda::launch_a2_weights(
       q.const_data_ptr(), k.const_data_ptr(), dtype_of(q.scalar_type(), "a2_weights"),
-      mask.defined() ? mask.const_data_ptr<bool>() : nullptr,
-      mask.defined() && mask.size(0) > 1 ? mask.stride(0) : 0,
-      mask.defined() ? mask.stride(1) : 0, B, H, Hq, L, T, D, static_cast<float>(scale),
+      bits.defined() ? reinterpret_cast<const uint32_t*>(bits.const_data_ptr<int32_t>())
+                     : nullptr,
+      bits.defined() && bits.size(0) > 1 ? bits.stride(0) : 0, B, H, Hq, L, T, D,
+      static_cast<float>(scale),
       lse.data_ptr<float>(), lse_in.has_value(), w.data_ptr<float>(),
       at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
