@@ -800,9 +800,8 @@ side_code_fast(const E* __restrict__ k, int64_t sb, int64_t sh, int64_t st, int6
   extern __shared__ float scf_smem[];
   const int ES = D + 4;             // residual row stride (floats)
   const int R4 = (r + 3) & ~3;      // basis columns padded to 4
-  const int nj4 = R4 / 4;
   float* e_s = scf_smem;            // [G, ES]
-  float* u_s = e_s + G * ES;        // [nj4, D, 4]
+  float* u_s = e_s + G * ES;        // [R4 / 4, D, 4]
   float* y_s = u_s + D * R4;        // [G, R4]
   float* s_s = y_s + G * R4;        // [D]
   float* z_s = s_s + D;             // [D]
@@ -968,11 +967,11 @@ quantize_kv_fast(const E* __restrict__ k, int64_t ksb, int64_t ksh, int64_t kst,
   const int tid = threadIdx.x;
   const int nq = D / kChunk, S = G / kKeyTok;  // NT == nq * S
   const int ES = D + 4;
-  const int R4 = (r + 3) & ~3, nj4 = R4 / 4;
+  const int R4 = (r + 3) & ~3;
   float* e_s = qkv_smem;            // [G, ES] residuals; first the partials:
   float* pmn = e_s;                 //   [S, D] min
   float* pmx = e_s + S * D;         //   [S, D] max
-  float* u_s = e_s + G * ES;        // [nj4, D, 4] basis
+  float* u_s = e_s + G * ES;        // [R4 / 4, D, 4] basis
   float* y_s = u_s + D * R4;        // [G, R4] projections
   float* s_s = y_s + G * R4;        // [D] key scale, zero, reciprocal scale
   float* z_s = s_s + D;
