@@ -173,7 +173,8 @@ def main(argv=None):
         unit=("ms per call (one layer: output + A² weights; a2_weights_ms: the weights alone, "
               "both passes; a2_weights_masked_ms: both passes with the causal mask given as a "
               "boolean [1, L, T] mask, as a masked prompt runs them; a2_weights_given_lse_ms: the "
-              "per-key pass with the fused kernel's lse; cudnn_ms / flash_ms: those attention kernels alone, with their lse)"),
+              "per-key pass with the fused kernel's lse; cudnn_ms / flash_ms: those attention "
+              "kernels alone, with their lse)"),
         rows=rows_out,
     )
     if args.out:

@@ -552,7 +552,8 @@ __global__ void __launch_bounds__(kThreads, 4) a2_cols_mma_kernel(A2Params p) {
 #pragma unroll
     for (int ks = 0; ks < kSteps; ++ks) {
       const uint32_t* r0 = reinterpret_cast<const uint32_t*>(base + g * S::kRowBytes) + ks * 8;
-      const uint32_t* r1 = reinterpret_cast<const uint32_t*>(base + (g + 8) * S::kRowBytes) + ks * 8;
+      const uint32_t* r1 =
+          reinterpret_cast<const uint32_t*>(base + (g + 8) * S::kRowBytes) + ks * 8;
       a[m][ks][0] = r0[cq];
       a[m][ks][1] = r1[cq];
       a[m][ks][2] = r0[cq + 4];
