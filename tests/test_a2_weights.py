@@ -112,6 +112,24 @@ def test_a2_weights_mask(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a2_weights_strided_mask(device):
+    """A mask that is a slice of a wider one (row stride T + 13, as transformers' masks sliced to
+    the keys a call sees): the same weights as its contiguous copy (the CUDA op packs the mask
+    into bits through its strides), and both against float64."""
+    B, Hq, H, L, T, D = 2, 4, 2, 45, 109, 64
+    q, k = _case(B, Hq, H, L, T, D, torch.bfloat16, device, seed=9)
+    g = torch.Generator().manual_seed(10)
+    wide = torch.ones(L, T + 13, dtype=torch.bool).tril(T - L).expand(B, L, T + 13).clone()
+    wide &= torch.rand(B, L, T + 13, generator=g) > 0.3
+    m = wide.to(device)[:, :, :T]
+    assert not m.is_contiguous() and m.stride(1) == T + 13
+    w1, l1 = _check(q, k, m, 0.125)[0], ops.a2_weights(q, k, m, 0.125)[1]
+    w2, l2 = ops.a2_weights(q, k, m.contiguous(), 0.125)
+    torch.testing.assert_close(w1, w2.cpu().double(), rtol=0, atol=0)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a2_weights_broadcast_mask_equals_causal(device):
     """A [1, L, T] mask broadcast over the batch, equal to the causal rule: same result as no
     mask (the kernels take the mask's batch stride 0)."""
