@@ -210,6 +210,29 @@ __device__ __forceinline__ int tile_last(int64_t last_in_range, int64_t last_all
   return static_cast<int>(x);
 }
 
+// Stage n of a key pass: the 64 query rows i0 = i_start + 64 (n % per_head) .. of query head
+// r = n / per_head (zero rows past L) into dst and their lse (-inf past L) into lse_dst; one
+// cp.async group.
+template <typename T, int D>
+__device__ __forceinline__ void stage_query_rows(unsigned char* dst, float* lse_dst, const T* qh,
+                                                 const float* lseh, int64_t L, int64_t i_start,
+                                                 int per_head, int n) {
+  const int r = n / per_head;
+  const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
+  const T* qr = qh + int64_t(r) * L * D;
+  stage_rows<T, D>(dst, [&](int j) -> const void* {
+    return i0 + j < L ? qr + (i0 + j) * D : nullptr;
+  });
+  for (int j = threadIdx.x; j < kTile; j += kThreads) {
+    if (i0 + j < L) {
+      cp_async4(lse_dst + j, lseh + int64_t(r) * L + i0 + j);
+    } else {
+      lse_dst[j] = -INFINITY;
+    }
+  }
+  cp_async_commit();
+}
+
 // Double-buffered walk over n_tiles tiles: issue(n) stages tile n into buffer n & 1 and commits
 // one cp.async group; body(n) runs once tile n has landed, between two block barriers (the
 // second keeps a buffer from being restaged while a warp still reads it).
@@ -411,21 +434,8 @@ __global__ void __launch_bounds__(kThreads) a2_cols_kernel(A2Params p) {
   const float scale2x2 = 2.f * p.scale2;  // a^2 = 2^(2 (s2 - lse2)), one FMA
 
   auto issue = [&](int n) {
-    const int r = n / per_head;
-    const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
-    const T* qr = qh + int64_t(r) * p.L * D;
-    stage_rows<T, D>(buf[n & 1], [&](int j) -> const void* {
-      return i0 + j < p.L ? qr + (i0 + j) * D : nullptr;
-    });
-    float* lb = lse_buf + (n & 1) * kTile;
-    for (int j = threadIdx.x; j < kTile; j += kThreads) {
-      if (i0 + j < p.L) {
-        cp_async4(lb + j, lseh + int64_t(r) * p.L + i0 + j);
-      } else {
-        lb[j] = -INFINITY;
-      }
-    }
-    cp_async_commit();
+    stage_query_rows<T, D>(buf[n & 1], lse_buf + (n & 1) * kTile, qh, lseh, p.L, i_start,
+                           per_head, n);
   };
   double_buffered(n_tiles, issue, [&](int n) {
     float c[8][4];
@@ -578,21 +588,8 @@ __global__ void __launch_bounds__(kThreads, 4) a2_cols_mma_kernel(A2Params p) {
   const int ld_col = 16 * ((lane >> 3) & 1);  // bytes
 
   auto issue = [&](int n) {
-    const int r = n / per_head;
-    const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
-    const T* qr = qh + int64_t(r) * p.L * D;
-    stage_rows<T, D>(buf[n & 1], [&](int j) -> const void* {
-      return i0 + j < p.L ? qr + (i0 + j) * D : nullptr;
-    });
-    float* lb = lse_buf + (n & 1) * kTile;
-    for (int j = threadIdx.x; j < kTile; j += kThreads) {
-      if (i0 + j < p.L) {
-        cp_async4(lb + j, lseh + int64_t(r) * p.L + i0 + j);
-      } else {
-        lb[j] = -INFINITY;
-      }
-    }
-    cp_async_commit();
+    stage_query_rows<T, D>(buf[n & 1], lse_buf + (n & 1) * kTile, qh, lseh, p.L, i_start,
+                           per_head, n);
   };
   double_buffered(n_tiles, issue, [&](int n) {
     const int64_t i0 = i_start + int64_t(n % per_head) * kTile;
