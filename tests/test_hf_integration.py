@@ -41,6 +41,37 @@ def _greedy(model, ids, cache, attention_mask=None, n=N_NEW):
 
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize("policy", ["uniform", "a2"])
+def test_generate_prefill_chunk_size(kind, policy, restore_attn, monkeypatch):
+    """transformers' chunked prefill (``generate(prefill_chunk_size=...)``): the 70-token prompt
+    arrives in chunks of 24 tokens, so the later chunks attend to already quantised tokens
+    (group size 32). 8-bit greedy output equals the dense cache's; the cache holds every
+    token."""
+    model = make_tiny(kind)
+    cal = tiny_calibration(model)
+    ids, ref = _confident_prompt(model)
+    kw = dict(key_bits=8, value_bits=8, group_size=32, value_group_size=32)
+    if policy == "a2":
+        kw.update(value_policy="a2", value_keep_frac=0.25)
+    calls = []  # (query tokens, quantised tokens) of every multi-token attention call
+    prefill = attention._prefill
+
+    def spy(layer, module, query, *args, **kwargs):
+        calls.append((query.shape[2], layer.n_quant))
+        return prefill(layer, module, query, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "_prefill", spy)
+    restore_attn.append(attention.enable(model))
+    cache = HeadQCache(model.config, cal, **kw)
+    out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
+                         past_key_values=cache, pad_token_id=0, prefill_chunk_size=24)
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == ids.shape[1] + N_NEW - 1
+    assert {n for n, _ in calls} == {24, 22}  # 24 + 24 + 22 prompt tokens
+    assert any(nq > 0 for _, nq in calls)  # a chunk over quantised tokens
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("variant", ["kv8", "kv8_residual", "kv8_a2", "k8_dense_v"])
 def test_greedy_8bit_matches_dynamic_cache(kind, variant, restore_attn):
     model = make_tiny(kind)
