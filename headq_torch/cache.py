@@ -96,8 +96,12 @@ class HeadQLayer(CacheLayerMixin):
 
     is_sliding = False
     is_compileable = False
-    # crop() inside the quantised region is lossy (the tokens come back dequantised)
-    is_croppable = False
+    # crop() restores the keys and values exactly while it cuts only the dense window (at least
+    # residual_length tokens after every flush); a crop into the quantised region brings the
+    # cut group's surviving tokens back dequantised and warns once per cache (crop()). True, so
+    # that transformers' assisted (speculative) decoding, which rolls back rejected drafts with
+    # crop(), accepts the cache.
+    is_croppable = True
 
     def __init__(self, settings: HeadQSettings, basis: Optional[torch.Tensor], layer_idx: int,
                  owner: "HeadQCache"):
@@ -400,6 +404,10 @@ class HeadQLayer(CacheLayerMixin):
         """Negative: remove that many tokens; positive: keep that many (earlier 5.x). Cropping
         into the quantised region brings the surviving tokens of the cut group back to the window
         dequantised (lossy)."""
+        if isinstance(tokens_to_remove, torch.Tensor) and tokens_to_remove.dim() == 0 and \
+                not tokens_to_remove.dtype.is_floating_point and \
+                not tokens_to_remove.dtype.is_complex and tokens_to_remove.dtype != torch.bool:
+            tokens_to_remove = int(tokens_to_remove)  # assisted decoding passes a 0-d tensor
         if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int):
             raise TypeError(f"HeadQCache: crop({tokens_to_remove!r}): expected an integer")
         n = self.get_seq_length()
@@ -411,6 +419,7 @@ class HeadQLayer(CacheLayerMixin):
             self.n_window = new_len - self.n_quant
             self._refresh_views()
             return
+        self._owner._warn_lossy_crop(self.n_quant - new_len)
         G = self.s.group_size
         keep_q = (new_len // G) * G
         k_all, v_all = self.dense_kv()
@@ -761,6 +770,7 @@ class HeadQCache(Cache):
                 layers.append(DynamicLayer())
         super().__init__(layers=layers)
         self._warned_fallback = False
+        self._warned_lossy_crop = False
         self._checked_configs: set[int] = set()
         # The device-side state of a graph-decode step while one runs (headq_torch.graph).
         self._static_step = None
@@ -775,6 +785,17 @@ class HeadQCache(Cache):
                              f"{max_length!r}")
         for layer in self.headq_layers:
             layer.reserve(max_length)
+
+    def _warn_lossy_crop(self, n_cut: int) -> None:
+        """Once per cache: a crop reached ``n_cut`` tokens into the quantised region."""
+        if self._warned_lossy_crop:
+            return
+        self._warned_lossy_crop = True
+        warnings.warn(f"HeadQCache.crop: the crop reaches {n_cut} token(s) into the quantised "
+                      f"region; the rest of the cut group comes back dequantised (lossy). Crops "
+                      f"of at most residual_length tokens (now {self.settings.residual_length}) "
+                      f"stay in the dense window and are exact: for assisted decoding, "
+                      f"residual_length >= the number of draft tokens.", stacklevel=3)
 
     def attention_active(self) -> bool:
         """Whether the model this cache was built for uses the ``"headq"`` attention function."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -75,20 +77,28 @@ def test_crop_within_window_and_into_quantised_region(llama):
     ids = _ids(model, 90)
     cache = HeadQCache(model.config, cal, **KW)
     _step(model, ids[:, :80], cache)  # 64 quantised + 16 window
-    cache.crop(-10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a crop inside the window does not warn
+        cache.crop(torch.tensor(-10))  # a 0-d tensor, as assisted decoding passes it
     assert cache.get_seq_length() == 70
     fresh = HeadQCache(model.config, cal, **KW)
     _step(model, ids[:, :70], fresh)
     # cropping inside the window is exact: the next step matches a fresh cache of 70 tokens
     torch.testing.assert_close(_step(model, ids[:, 70:71], cache),
                                _step(model, ids[:, 70:71], fresh), atol=1e-5, rtol=1e-5)
-    cache.crop(-31)  # 71 -> 40: cuts into the second group (lossy, tokens 32..39 come back)
+    with pytest.warns(UserWarning, match="reaches 24 token"):
+        cache.crop(-31)  # 71 -> 40: cuts into the second group (lossy, tokens 32..39 come back)
     layer = cache.headq_layers[0]
     assert cache.get_seq_length() == 40 and layer.n_quant == 32 and layer.n_window == 8
     out = _step(model, ids[:, 40:41], cache)
     assert torch.isfinite(out).all() and cache.get_seq_length() == 41
-    cache.crop(20)  # earlier 5.x semantics: positive = keep that many tokens
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # lossy again, but the cache warned once already
+        cache.crop(20)  # earlier 5.x semantics: positive = keep that many tokens
     assert cache.get_seq_length() == 20
+    for bad in (torch.tensor(2.5), torch.tensor([3]), torch.tensor(True)):
+        with pytest.raises(TypeError, match="crop"):
+            cache.crop(bad)
 
 
 def test_reorder_select_repeat(llama):

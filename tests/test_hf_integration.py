@@ -72,6 +72,58 @@ def test_generate_prefill_chunk_size(kind, policy, restore_attn, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
+@pytest.mark.parametrize("policy", ["uniform", "a2"])
+@pytest.mark.parametrize("residual", [0, 32])
+def test_assisted_decoding(kind, policy, residual, restore_attn, monkeypatch):
+    """transformers' assisted (speculative) decoding: a draft model proposes tokens, the target
+    verifies them in one multi-token call and rolls the rejected ones back with crop() (a 0-d
+    tensor under transformers 5.17). Greedy 8-bit output equals the dense cache's. With
+    residual_length >= the drafts (32) every rollback stays in the dense window: no lossy-crop
+    warning; with 0 a rollback may reach the quantised region, and the cache warns at most
+    once."""
+    import warnings
+
+    model = make_tiny(kind)
+    draft = make_tiny(kind)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # a draft that agrees with the target only in part
+        for p in draft.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    cal = tiny_calibration(model)
+    ids, ref = _confident_prompt(model)
+    try:  # the same with the dense cache
+        dense = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
+                               past_key_values=DynamicCache(config=model.config), pad_token_id=0,
+                               assistant_model=draft)
+    except RuntimeError as e:  # transformers 5.17, Gemma 3: the draft's sliding layers
+        pytest.skip(f"assisted decoding fails with DynamicCache too in this transformers: {e}")
+    assert torch.equal(dense, ref)
+    removed = []
+    crop = HeadQLayer.crop
+
+    def spy(layer, n):
+        removed.append(n)
+        return crop(layer, n)
+
+    monkeypatch.setattr(HeadQLayer, "crop", spy)
+    kw = dict(key_bits=8, value_bits=8, group_size=32, value_group_size=32,
+              residual_length=residual)
+    if policy == "a2":
+        kw.update(value_policy="a2", value_keep_frac=0.25)
+    restore_attn.append(attention.enable(model))
+    cache = HeadQCache(model.config, cal, **kw)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
+                             past_key_values=cache, pad_token_id=0, assistant_model=draft)
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == ids.shape[1] + N_NEW - 1
+    assert any(n < 0 for n in removed)  # drafts were rejected and rolled back
+    lossy = [w for w in caught if "quantised region" in str(w.message)]
+    assert len(lossy) <= (1 if residual == 0 else 0)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("variant", ["kv8", "kv8_residual", "kv8_a2", "k8_dense_v"])
 def test_greedy_8bit_matches_dynamic_cache(kind, variant, restore_attn):
     model = make_tiny(kind)
