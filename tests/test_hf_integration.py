@@ -123,6 +123,27 @@ def test_assisted_decoding(kind, policy, residual, restore_attn, monkeypatch):
     assert len(lossy) <= (1 if residual == 0 else 0)
 
 
+@pytest.mark.parametrize("policy", ["uniform", "a2"])
+def test_prompt_lookup_decoding(policy, restore_attn):
+    """Prompt-lookup decoding (``generate(prompt_lookup_num_tokens=5)``: drafts copied from the
+    prompt, verified and rolled back like assisted decoding) over a prompt that repeats itself:
+    greedy 8-bit output equals the dense cache's."""
+    model = make_tiny("llama")
+    cal = tiny_calibration(model)
+    ids, _ = _confident_prompt(model)
+    ids = torch.cat([ids, ids[:, :30]], dim=1)
+    ref = _greedy(model, ids, DynamicCache(config=model.config))
+    kw = dict(key_bits=8, value_bits=8, group_size=32, value_group_size=32, residual_length=32)
+    if policy == "a2":
+        kw.update(value_policy="a2", value_keep_frac=0.25)
+    restore_attn.append(attention.enable(model))
+    cache = HeadQCache(model.config, cal, **kw)
+    out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
+                         past_key_values=cache, pad_token_id=0, prompt_lookup_num_tokens=5)
+    assert torch.equal(out, ref)
+    assert cache.get_seq_length() == ids.shape[1] + N_NEW - 1
+
+
 @pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("variant", ["kv8", "kv8_residual", "kv8_a2", "k8_dense_v"])
 def test_greedy_8bit_matches_dynamic_cache(kind, variant, restore_attn):
