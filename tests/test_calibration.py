@@ -206,3 +206,48 @@ def test_calibrate_argument_errors(llama):
         calibrate(llama, None, ids, rank=0, progress=False)
     with pytest.raises(ValueError, match="method"):
         calibrate(llama, None, ids, method="svd", progress=False)
+
+
+def test_cli_generate(tmp_path, llama, capsys):
+    """`headq generate` on a local model folder with a calibration file: the HeadQ cache's text
+    and size, and with --compare the DynamicCache's; a configuration the cache refuses exits 2
+    with one line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from headq_torch.cli import main
+
+    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    d = tmp_path / "tiny"
+    llama.save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w0").save_pretrained(d)
+    calib = tmp_path / "c.safetensors"
+    tiny_calibration(llama).save(calib)
+    prompt = " ".join(f"w{(7 * i) % 128}" for i in range(50))
+    rc = main(["generate", "--model", str(d), "--calibration", str(calib), "--prompt", prompt,
+               "--no-chat", "--max-new-tokens", "12", "--key-bits", "4", "--value-bits", "4",
+               "--value-policy", "a2", "--value-keep-frac", "0.25", "--compare", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "== DynamicCache: 62 tokens" in out
+    assert "== HeadQCache (keys 4-bit, values 4-bit, A², rank " in out and "62 tokens" in out
+    assert "bits per cached element" in out and "same tokens as DynamicCache:" in out
+    rc = main(["generate", "--model", str(d), "--calibration", str(calib), "--prompt", prompt,
+               "--no-chat", "--value-policy", "a2", "--quiet"])  # A² needs quantised values
+    err = capsys.readouterr().err
+    assert rc == 2 and "headq generate: error:" in err and "value" in err
+
+
+def test_cli_generate_smollm2(capsys):
+    """`headq generate` on the packaged SmolLM2 with the chat template, calibrated on the
+    packaged text: a short prompt stays in the dense window, so the 2-bit cache's greedy answer
+    is the DynamicCache's."""
+    from headq_torch.cli import main
+
+    rc = main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "8",
+               "--calib-tokens", "256", "--compare", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Paris" in out
+    assert "same tokens as DynamicCache: True" in out
