@@ -70,6 +70,22 @@ def tiny_calibration(model, n_tokens: int = 192, rank: int = 8, method: str = "p
                      chunk_len=96, progress=False)
 
 
+def save_tiny_folder(model, folder, unk: str = "w0"):
+    """Save ``model`` with a word-level tokenizer of its vocabulary (``w0`` .. ``w{V-1}``, one
+    word per token) into ``folder``: a local model folder for the command line."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(model.config.vocab_size)}
+    if unk not in vocab:
+        vocab[unk] = len(vocab)
+    t = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=t, unk_token=unk).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """``(model, tokenizer)`` of the packaged SmolLM2-135M-Instruct (fp32, CPU)."""

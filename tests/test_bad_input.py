@@ -686,16 +686,10 @@ def test_cli_bad_arguments_exit_non_zero_with_a_message(tmp_path, capsys):
 
 
 def test_cli_bad_rank_exits_2(tmp_path, capsys, llama):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
+    from conftest import save_tiny_folder
     from headq_torch.cli import main
 
-    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    d = tmp_path / "tiny"
-    llama.save_pretrained(d)
-    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w0").save_pretrained(d)
+    d = save_tiny_folder(llama, tmp_path / "tiny")
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{i % 128}" for i in range(200)))
     for extra, fragment in ((["--rank", "0"], "rank"), (["--tokens", "1"], "fewer than 2"),

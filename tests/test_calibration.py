@@ -8,7 +8,7 @@ import struct
 import pytest
 import torch
 
-from conftest import make_tiny, tiny_calibration
+from conftest import make_tiny, save_tiny_folder, tiny_calibration
 from headq_torch.calibration import (FORMAT_VERSION, Calibration, CalibrationError, LayerSamples,
                                      calibrate, capture_qk, learn_bases)
 
@@ -173,18 +173,9 @@ def test_bad_files(tmp_path, llama, llama_cal):
 def test_cli_calibrate(tmp_path, llama):
     """`headq calibrate` on a local model folder (tokenizer from the packaged SmolLM2 is not
     needed: a word-level tokenizer is saved next to the tiny model)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from headq_torch.cli import main
 
-    vocab = {f"w{i}": i for i in range(127)} | {"[UNK]": 127}
-    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]")
-    d = tmp_path / "tiny"
-    llama.save_pretrained(d)
-    tok.save_pretrained(d)
+    d = save_tiny_folder(llama, tmp_path / "tiny")
     text = tmp_path / "text.txt"
     g = torch.Generator().manual_seed(0)
     text.write_text(" ".join(f"w{i}" for i in torch.randint(0, 127, (300,), generator=g).tolist()))
@@ -212,16 +203,9 @@ def test_cli_generate(tmp_path, llama, capsys):
     """`headq generate` on a local model folder with a calibration file: the HeadQ cache's text
     and size, and with --compare the DynamicCache's; a configuration the cache refuses exits 2
     with one line."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     from headq_torch.cli import main
 
-    t = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w0"))
-    t.pre_tokenizer = pre_tokenizers.Whitespace()
-    d = tmp_path / "tiny"
-    llama.save_pretrained(d)
-    PreTrainedTokenizerFast(tokenizer_object=t, unk_token="w0").save_pretrained(d)
+    d = save_tiny_folder(llama, tmp_path / "tiny")
     calib = tmp_path / "c.safetensors"
     tiny_calibration(llama).save(calib)
     prompt = " ".join(f"w{(7 * i) % 128}" for i in range(50))
