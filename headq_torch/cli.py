@@ -75,6 +75,8 @@ def _generate(args) -> int:
     from .cache import HeadQCache
     from .calibration import Calibration, calibrate
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is visible")
     model, tok = load_model(args.model, args.gguf_file)
     model.to(args.device)
     if args.calibration:
@@ -125,8 +127,8 @@ def _generate(args) -> int:
     for name, out, nbytes, rep in rows:
         text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         print(f"== {name}: {out.shape[1]} tokens, cache {nbytes / 1e6:.3f} MB"
-              + (f" ({rep.bits_per_element:.2f} bits per cached element, the query basis "
-                 f"included)" if rep else ""))
+              + (f" ({rep.bits_per_element:.2f} bits per cached element"
+                 f"{', the query basis included' if cal is not None else ''})" if rep else ""))
         print(text)
     if args.compare:
         same = torch.equal(rows[0][1], rows[1][1])

@@ -221,6 +221,10 @@ def test_cli_generate(tmp_path, llama, capsys):
                "--no-chat", "--value-policy", "a2", "--quiet"])  # A² needs quantised values
     err = capsys.readouterr().err
     assert rc == 2 and "headq generate: error:" in err and "value" in err
+    if not torch.cuda.is_available():
+        rc = main(["generate", "--model", str(d), "--prompt", prompt, "--device", "cuda"])
+        err = capsys.readouterr().err
+        assert rc == 2 and "--device cuda: no CUDA device is visible" in err
 
 
 def test_cli_generate_smollm2(capsys):
