@@ -56,7 +56,6 @@ from .calibration import Calibration, CalibrationError
 from .config import (HeadQSettings, config_fingerprint, layer_kinds, model_geometry, model_name,
                      text_config)
 from .tp import resolve_shard
-from .reference import unpack_bits
 from .storage import storage_report
 
 __all__ = ["HeadQCache", "HeadQLayer"]
@@ -76,19 +75,6 @@ def _grow(buf: Optional[torch.Tensor], needed: int, shape_tail: tuple, batch_hea
     if buf is not None and cap:
         out[:, :, :cap] = buf
     return out
-
-
-def _unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Codes of packed rows ``[..., n*bits/8]`` uint8 -> ``[..., n]`` uint8 (the bit stream of
-    :func:`~headq_torch.reference.pack_bits`, least significant bit first). 2, 4 and 8 bits
-    shift whole bytes (code ``i`` is bits ``(i*bits) % 8 ..`` of byte ``i*bits // 8``);
-    3 bits, whose codes straddle bytes, go through the reference's bit-by-bit unpacking."""
-    if 8 % bits:
-        return unpack_bits(packed, bits, n).to(torch.uint8)
-    per = 8 // bits
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n]
 
 
 class HeadQLayer(CacheLayerMixin):
@@ -583,45 +569,6 @@ class HeadQLayer(CacheLayerMixin):
         v = torch.cat([self.quantised_values(self.dtype),
                        self.buf["v_window"][:, :, :self.n_window]], dim=2)
         return k, v
-
-    def heavy_logits(self, q: torch.Tensor, scale: float,
-                     heavy_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Corrected logits of the kept tokens, float32 ``[B, Hq, K]`` for ``q`` ``[B, Hq, D]``
-        (gathers their packed key rows and group scales; no dense key copy). ``heavy_idx``:
-        the slots to read (default ``self.heavy_idx``); empty slots (-1) give the logit of
-        token 0, which callers mask.
-
-        Runs at every A² decode step, so it keeps its temporaries small: codes unpacked as
-        bytes (:func:`_unpack_codes`), the query heads of a KV head share its kept rows (one
-        batched product, no copy per query head), and the side-code term is ``(q U) · ẑ``
-        over the rank instead of adding ``U ẑ`` to every key row."""
-        s, b, G = self.s, self.buf, self.s.group_size
-        B, Hq, D = q.shape
-        n_rep = Hq // self.H
-        if heavy_idx is None:
-            heavy_idx = self.heavy_idx
-        idx = heavy_idx.clamp_min(0).long()  # [B, H, K]
-        K = idx.shape[-1]
-        qg = q.float().view(B, self.H, n_rep, D)
-        if self.quantise_keys:
-            codes = torch.gather(b["k_codes"], 2,
-                                 idx.unsqueeze(-1).expand(-1, -1, -1, b["k_codes"].shape[-1]))
-            gi = (idx // G).unsqueeze(-1).expand(-1, -1, -1, D)
-            sc = torch.gather(b["k_scale"], 2, gi).float()
-            ze = torch.gather(b["k_zero"], 2, gi).float()
-            khat = torch.addcmul(ze, _unpack_codes(codes, s.key_bits, D).float(), sc)
-            logits = torch.einsum("bhrd,bhkd->bhrk", qg, khat)
-            if self.basis is not None:
-                zc = torch.gather(b["z_codes"], 2,
-                                  idx.unsqueeze(-1).expand(-1, -1, -1, b["z_codes"].shape[-1]))
-                zs = torch.gather(b["z_scale"], 2, idx)
-                zhat = ops.dequantize_side(zc.contiguous(), zs.contiguous(), s.side_bits)
-                qu = torch.einsum("bhrd,hdj->bhrj", qg, self.basis.float())
-                logits = logits + s.sign * torch.einsum("bhrj,bhkj->bhrk", qu, zhat)
-        else:
-            khat = torch.gather(b["k_dense"], 2, idx.unsqueeze(-1).expand(-1, -1, -1, D)).float()
-            logits = torch.einsum("bhrd,bhkd->bhrk", qg, khat)
-        return logits.reshape(B, Hq, K) * scale
 
     # -- after attention ---------------------------------------------------------------------
 

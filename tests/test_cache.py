@@ -180,47 +180,6 @@ def test_a2_keep_set_rule():
     assert vp.keep_budget(0.1, 320) == 32 and vp.keep_budget(0.3, 10) == 3
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_unpack_codes_matches_reference(bits):
-    from headq_torch.cache import _unpack_codes
-    from headq_torch.reference import unpack_bits
-
-    g = torch.Generator().manual_seed(bits)
-    packed = torch.randint(0, 256, (3, 2, 5, 128 * bits // 8), generator=g, dtype=torch.uint8)
-    got = _unpack_codes(packed, bits, 128)
-    assert got.dtype == torch.uint8
-    assert torch.equal(got.long(), unpack_bits(packed, bits, 128))
-
-
-@pytest.mark.parametrize("key_bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("side", [True, False])
-def test_heavy_logits_are_the_kept_tokens_corrected_logits(llama, key_bits, side):
-    """The A² step's kept-token logits (HeadQLayer.heavy_logits, read from the packed rows of
-    the kept slots) equal the reference corrected logits of those tokens."""
-    from headq_torch import reference as ref
-
-    model, cal = llama
-    cache = HeadQCache(model.config, cal if side else None, key_bits=key_bits, value_bits=2,
-                       group_size=32, value_group_size=32, value_policy="a2",
-                       value_keep_frac=0.2, sign=-1.0 if side else 1.0)
-    _step(model, _ids(model, 100, batch=2), cache)
-    layer = cache.headq_layers[0]
-    nq, G, b = layer.n_quant, layer.s.group_size, layer.buf
-    idx = layer.heavy_idx
-    assert nq > 0 and idx.shape[-1] > 0 and bool((idx >= 0).all())
-    Hq = model.config.num_attention_heads
-    q = torch.randn(2, Hq, layer.D, generator=torch.Generator().manual_seed(1))
-    got = layer.heavy_logits(q, 0.3)
-    zc = (b["z_codes"][:, :, :nq], b["z_scale"][:, :, :nq]) if side else (None, None)
-    full = ref.corrected_logits(q.unsqueeze(2), b["k_codes"][:, :, :nq],
-                                b["k_scale"][:, :, :nq // G], b["k_zero"][:, :, :nq // G], *zc,
-                                layer.basis if side else None, key_bits, G, 8, layer.s.sign,
-                                0.3)[:, :, 0]
-    want = torch.gather(full, -1, ref.expand_kv(idx.long(), Hq // layer.H))
-    assert got.shape == want.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("kw, match", [
     (dict(key_bits=5), "key_bits=5"),
     (dict(value_bits=1), "value_bits=1"),
