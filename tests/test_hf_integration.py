@@ -40,6 +40,15 @@ def _greedy(model, ids, cache, attention_mask=None, n=N_NEW):
                           do_sample=False, past_key_values=cache, pad_token_id=0)
 
 
+def _kv8(policy: str = "uniform", **extra) -> dict:
+    """HeadQCache arguments of the 8-bit tests: keys and values 8-bit in groups of 32, the A²
+    policy keeping a quarter of the quantised tokens when ``policy == "a2"``."""
+    kw = dict(key_bits=8, value_bits=8, group_size=32, value_group_size=32, **extra)
+    if policy == "a2":
+        kw.update(value_policy="a2", value_keep_frac=0.25)
+    return kw
+
+
 @pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("policy", ["uniform", "a2"])
 def test_generate_prefill_chunk_size(kind, policy, restore_attn, monkeypatch):
@@ -50,9 +59,7 @@ def test_generate_prefill_chunk_size(kind, policy, restore_attn, monkeypatch):
     model = make_tiny(kind)
     cal = tiny_calibration(model)
     ids, ref = _confident_prompt(model)
-    kw = dict(key_bits=8, value_bits=8, group_size=32, value_group_size=32)
-    if policy == "a2":
-        kw.update(value_policy="a2", value_keep_frac=0.25)
+    kw = _kv8(policy)
     calls = []  # (query tokens, quantised tokens) of every multi-token attention call
     prefill = attention._prefill
 
@@ -106,10 +113,7 @@ def test_assisted_decoding(kind, policy, residual, restore_attn, monkeypatch):
         return crop(layer, n)
 
     monkeypatch.setattr(HeadQLayer, "crop", spy)
-    kw = dict(key_bits=8, value_bits=8, group_size=32, value_group_size=32,
-              residual_length=residual)
-    if policy == "a2":
-        kw.update(value_policy="a2", value_keep_frac=0.25)
+    kw = _kv8(policy, residual_length=residual)
     restore_attn.append(attention.enable(model))
     cache = HeadQCache(model.config, cal, **kw)
     with warnings.catch_warnings(record=True) as caught:
@@ -133,9 +137,7 @@ def test_prompt_lookup_decoding(policy, restore_attn):
     ids, _ = _confident_prompt(model)
     ids = torch.cat([ids, ids[:, :30]], dim=1)
     ref = _greedy(model, ids, DynamicCache(config=model.config))
-    kw = dict(key_bits=8, value_bits=8, group_size=32, value_group_size=32, residual_length=32)
-    if policy == "a2":
-        kw.update(value_policy="a2", value_keep_frac=0.25)
+    kw = _kv8(policy, residual_length=32)
     restore_attn.append(attention.enable(model))
     cache = HeadQCache(model.config, cal, **kw)
     out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
