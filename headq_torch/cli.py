@@ -74,6 +74,7 @@ def _generate(args) -> int:
     from . import attention
     from .cache import HeadQCache
     from .calibration import Calibration, calibrate
+    from .config import model_geometry
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is visible")
@@ -101,8 +102,7 @@ def _generate(args) -> int:
     if args.value_group_size is not None:
         kw["value_group_size"] = args.value_group_size
     else:  # 64 channels where the head dim allows it (the fused kernel's default format)
-        tc = model.config.get_text_config()
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        head_dim = model_geometry(model.config)[3]
         kw["value_group_size"] = 64 if head_dim % 64 == 0 else head_dim
     if args.value_policy == "a2":
         kw.update(value_policy="a2", value_keep_frac=args.value_keep_frac)
