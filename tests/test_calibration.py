@@ -221,9 +221,15 @@ def test_cli_generate(tmp_path, llama, capsys):
                "--no-chat", "--value-policy", "a2", "--quiet"])  # A² needs quantised values
     err = capsys.readouterr().err
     assert rc == 2 and "headq generate: error:" in err and "value" in err
-    if not torch.cuda.is_available():
-        rc = main(["generate", "--model", str(d), "--prompt", prompt, "--device", "cuda"])
-        err = capsys.readouterr().err
+    rc = main(["generate", "--model", str(d), "--calibration", str(calib), "--prompt", prompt,
+               "--device", "cuda", "--no-chat", "--max-new-tokens", "12", "--key-bits", "8",
+               "--value-bits", "8", "--compare", "--quiet"])
+    out, err = capsys.readouterr()
+    if torch.cuda.is_available():  # the model, the cache and its kernels on the GPU
+        assert rc == 0, err
+        assert "== HeadQCache (keys 8-bit, values 8-bit" in out and "62 tokens" in out
+        assert "same tokens as DynamicCache: True" in out
+    else:
         assert rc == 2 and "--device cuda: no CUDA device is visible" in err
 
 

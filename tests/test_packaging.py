@@ -18,7 +18,10 @@ def test_sdist_has_every_source_and_header(tmp_path):
                           str(tmp_path), "sdist", "--dist-dir", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    (sdist,) = tmp_path.glob("headq-torch-*.tar.gz")
+    # named headq-torch-* or, by newer setuptools, headq_torch-*
+    sdists = list(tmp_path.glob("headq[-_]torch-*.tar.gz"))
+    assert len(sdists) == 1, (sorted(p.name for p in tmp_path.iterdir()), res.stdout[-2000:])
+    (sdist,) = sdists
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     needed = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*")
