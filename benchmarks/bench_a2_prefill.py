@@ -28,13 +28,15 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+from types import SimpleNamespace
 
 import torch
 
 from _common import cpu_model, median_ms, wall_median_ms, write_json
 from headq_torch import ops
 from headq_torch import value_policy as vp
-from headq_torch.attention import _PREFILL_LOGIT_BYTES, _attention_with_lse
+from headq_torch.attention import (_PREFILL_LOGIT_BYTES, _a2_prompt_weights,
+                                   _attention_with_lse, _left_padding_starts)
 
 
 def rows_path(q, k, v, scale):
@@ -140,6 +142,31 @@ def main(argv=None):
         wm, wc = weights_only(q, k, scale, mask=mask), weights_only(q, k, scale)
         row["w_max_rel_diff_masked"] = ((wm - wc).abs().max() / wc.abs().max()).item()
         del mask, wm, wc
+        # a left-padded batch (sequence b starts at b·T/(2B): lengths T down to ~T/2) in
+        # transformers' mask layout [B, 1, L, T]: the library's path (attention._a2_prompt_
+        # weights: one unmasked causal call per sequence over its tokens; the mask analysed once
+        # per forward, timed apart) against the op with the mask (the path until session 15)
+        starts = [b * T // (2 * B) for b in range(B)]
+        t = torch.arange(T, device=args.device)
+        pmask = torch.stack([(t >= p) & (t <= t.view(-1, 1)) for p in starts]).unsqueeze(1)
+        owner = SimpleNamespace()
+        layer = SimpleNamespace(_owner=owner)
+
+        def padded(analyse: bool):
+            if analyse:
+                owner.__dict__.pop("_padding_memo", None)
+            return _a2_prompt_weights(layer, q, k, pmask, scale)
+
+        row["left_padding_analysis_ms"] = round(time_ms(
+            lambda: _left_padding_starts(pmask, B, T, T, args.device), args.device, args.reps), 3)
+        row["a2_weights_left_padded_ms"] = round(time_ms(lambda: padded(False), args.device,
+                                                         args.reps), 3)
+        row["a2_weights_left_padded_as_mask_ms"] = round(time_ms(
+            lambda: weights_only(q, k, scale, mask=pmask), args.device, args.reps), 3)
+        wp, wm = padded(True), weights_only(q, k, scale, mask=pmask)
+        assert owner._padding_memo[2] == starts
+        row["w_max_rel_diff_left_padded"] = ((wp - wm).abs().max() / wm.abs().max()).item()
+        del pmask, wp, wm
         for name in ("cudnn", "flash"):
             f = (lambda n=name: _attention_with_lse(None, q, k, v, None, scale, kernels=(n,)))
             if f() is not None:
@@ -172,7 +199,11 @@ def main(argv=None):
                    first_prompt="query rows = context, causal"),
         unit=("ms per call (one layer: output + A² weights; a2_weights_ms: the weights alone, "
               "both passes; a2_weights_masked_ms: both passes with the causal mask given as a "
-              "boolean [1, L, T] mask, as a masked prompt runs them; a2_weights_given_lse_ms: the "
+              "boolean [1, L, T] mask, as a masked prompt ran them until session 15; "
+              "a2_weights_left_padded_ms: a left-padded batch's weights as the library computes "
+              "them (one unmasked call per sequence), a2_weights_left_padded_as_mask_ms: the same "
+              "with the padded mask given to the op; left_padding_analysis_ms: the mask read "
+              "once per forward to find that out; a2_weights_given_lse_ms: the "
               "per-key pass with the fused kernel's lse; cudnn_ms / flash_ms: those attention "
               "kernels alone, with their lse)"),
         rows=rows_out,
@@ -180,7 +211,8 @@ def main(argv=None):
     if args.out:
         write_json(args.out, result)
     for row in rows_out:
-        for key in ("w_max_rel_diff", "w_max_rel_diff_given_lse", "w_max_rel_diff_masked"):
+        for key in ("w_max_rel_diff", "w_max_rel_diff_given_lse", "w_max_rel_diff_masked",
+                    "w_max_rel_diff_left_padded"):
             if key in row:
                 assert row[key] < 1e-3, f"the paths' weights disagree ({key}): {row}"
 

@@ -8,9 +8,14 @@
   code, values, kept A² tokens, dense window), ``kv_start`` taken from the attention mask (left
   padding); A² weights of the window and kept tokens from ``exp(logit − lse)``;
 * several query tokens (prefill or a chunk): the new tokens attend densely to themselves
-  (causal) and to the dense window, and to the quantised tokens through
-  :func:`headq_torch.ops.corrected_logits` and dequantised values (KIVI-style: prefill reads
-  this call's tokens at full precision). The logits are materialised, which gives the A² weights.
+  (causal) and to the dense window (KIVI-style: prefill reads this call's tokens at full
+  precision), and to the quantised tokens as attention reads them: the corrected logits
+  (``q·k̂ + sign·(qU)·ẑ``) and the dequantised values. On CUDA a first prompt is SDPA (with
+  A², the fused attention's log-sum-exp and the a2_weights op), and a call over quantised tokens
+  dequantises them once into the keys ``k̂ + sign·U ẑ`` and values and runs SDPA
+  (:func:`_prefill_dequantised`); on the CPU the logits are materialised in blocks of rows
+  (:func:`_prefill_rows`, :func:`headq_torch.ops.corrected_logits`), which also gives the A²
+  weights.
 
 Everything else (non-HeadQ layers such as Gemma 3 sliding layers, ``DynamicCache``, no cache,
 calibration runs) goes to transformers' ``sdpa`` function unchanged. The mask function registered
@@ -132,11 +137,11 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
             # The A² weights of the same attention by the a2_weights op: streaming passes over
             # q k^T, no [B, Hq, L, T] logits or probabilities in memory; with the fused
             # kernel's row log-sum-exp only the per-key pass.
-            mask = None if attention_mask is None else _visible_mask(attention_mask, L, nw,
-                                                                     query.device)
-            w, _ = ops.a2_weights(query, kw, mask, scale, lse=lse)
-            layer.add_weights(None, w)
+            layer.add_weights(None, _a2_prompt_weights(layer, query, kw, attention_mask, scale,
+                                                       lse))
         return out
+    if _dense_prefill(layer, query):
+        return _prefill_dequantised(layer, module, query, attention_mask, scale)
     rows = max(1, _PREFILL_LOGIT_BYTES // max(1, 4 * B * Hq * T))
     # Read once per call, not once per block of rows: the values (dequantised) and the dense
     # keys, float32 and per KV head (the query heads of a KV head share them: no
@@ -155,6 +160,113 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
                                        L - min(s0 + rows, L), values, k_window, k_dense))
         return torch.cat(parts, dim=2)
     return _prefill_rows(layer, query, attention_mask, scale, 0, values, k_window, k_dense)
+
+
+def _dense_prefill(layer, query: torch.Tensor) -> bool:
+    """Whether a call over already quantised tokens (a chunked prefill, a second turn) goes
+    through :func:`_prefill_dequantised` (CUDA; with A² where the a2_weights kernels apply)
+    rather than the materialised row blocks of :func:`_prefill_rows` (the CPU path)."""
+    return query.device.type == "cuda" and (not layer.a2 or _fused_a2_weights(query))
+
+
+# Bytes of float32 one block of the quantised region takes while it is dequantised
+# (_prefill_dequantised).
+_DEQUANT_BLOCK_BYTES = 256 << 20
+
+
+def _prefill_dequantised(layer, module, query: torch.Tensor, attention_mask,
+                         scale: float) -> torch.Tensor:
+    """``L`` query tokens over ``n_quant`` quantised tokens and the dense window: the quantised
+    region is dequantised once, in the query's dtype, into the keys attention reads
+    (``k̂ + sign·U ẑ``, so ``q·`` of them is the corrected logit) and values (``v̂`` plus the
+    kept tokens' deltas), and SDPA attends over them and the window: the cost of the dense
+    cache's chunk plus one read of the packed cache, instead of float32 logits in row blocks.
+    With A² the weights come from the a2_weights op over the same keys. ``[B, Hq, L, D]``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    B, Hq, L, D = query.shape
+    nq, nw = layer.n_quant, layer.n_window
+    keys = query.new_empty((B, layer.H, nq + nw, D))
+    values = torch.empty_like(keys)
+    keys[:, :, nq:] = layer.buf["k_window"][:, :, :nw]
+    values[:, :, nq:] = layer.buf["v_window"][:, :, :nw]
+    # blocks of whole key groups, so that the float32 intermediates stay small at long contexts
+    G = layer.s.group_size
+    step = max(G, _DEQUANT_BLOCK_BYTES // max(1, 4 * B * layer.H * D) // G * G)
+    for t0 in range(0, nq, step):
+        t1 = min(nq, t0 + step)
+        keys[:, :, t0:t1] = layer.quantised_keys(keys.dtype, t0, t1)
+        values[:, :, t0:t1] = layer.quantised_values(keys.dtype, t0, t1)
+    # No mask means causal with the queries the last L of the T tokens; SDPA's is_causal aligns
+    # them with the first L instead, so the mask is spelled out.
+    mask = attention_mask if attention_mask is not None else \
+        _visible_mask(None, L, nq + nw, query.device)
+    out, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=scale)
+    if layer.a2:
+        w = _a2_prompt_weights(layer, query, keys, attention_mask, scale)
+        layer.add_weights(w[..., :nq], w[..., nq:])
+    return out.transpose(1, 2)
+
+
+# Rows of the expected mask built at once when a mask is compared with left-padded causal
+# attention (bounds the comparison's memory: [B, rows, T] booleans).
+_MASK_CHECK_ROWS = 1024
+
+
+def _left_padding_starts(attention_mask: torch.Tensor, B: int, L: int, T: int, device):
+    """If ``attention_mask`` is causal attention (queries the last ``L`` of ``T`` tokens) with
+    left padding only, each sequence's first visible token (a list of ``B`` ints, ``T`` where
+    none is visible); else None. Compares the whole mask with that pattern on the device, in
+    blocks of rows; two host syncs."""
+    vis = _visible_mask(attention_mask, L, T, device)[:, 0]  # [B or 1, L, T]
+    last = vis[:, -1]  # the last row sees every visible token
+    first = torch.where(last.any(-1), last.int().argmax(-1),
+                        torch.full((last.shape[0],), T, device=device))
+    t = torch.arange(T, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    for r0 in range(0, L, _MASK_CHECK_ROWS):
+        rows = torch.arange(r0, min(L, r0 + _MASK_CHECK_ROWS), device=device) + (T - L)
+        want = (t >= first.view(-1, 1, 1)) & (t <= rows.view(1, -1, 1))
+        bad |= (vis[:, r0:r0 + _MASK_CHECK_ROWS] != want).any()
+    if bool(bad):
+        return None
+    return first.expand(B).tolist()
+
+
+def _a2_prompt_weights(layer, query: torch.Tensor, keys: torch.Tensor, attention_mask,
+                       scale: float, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A² weights ``[B, H, T]`` float32 of ``L`` query rows (the last ``L`` of the ``T`` keys)
+    by the a2_weights op. A mask that is causal attention with left padding (a padded batch)
+    becomes one unmasked causal call per sequence over its visible tokens: the op's unmasked
+    kernels skip the per-logit mask reads (3.3× faster at 32k tokens, bench_a2_prefill.py); the
+    rows before a sequence's first token see nothing and add nothing. Any other mask goes to the
+    op as it is. The mask's shape is read on the host once per mask object (every layer of a
+    forward gets the same one), like :func:`_kv_start_shared`."""
+    B, Hq, L, _ = query.shape
+    T = keys.shape[2]
+    if attention_mask is None:
+        return ops.a2_weights(query, keys, None, scale, lse=lse)[0]
+    owner = layer._owner
+    memo = getattr(owner, "_padding_memo", None)
+    if memo is not None and memo[0] is attention_mask and memo[1] == (B, L, T):
+        starts = memo[2]
+    else:
+        starts = _left_padding_starts(attention_mask, B, L, T, query.device)
+        owner._padding_memo = (attention_mask, (B, L, T), starts)
+    if starts is None:
+        return ops.a2_weights(query, keys, _visible_mask(attention_mask, L, T, query.device),
+                              scale, lse=lse)[0]
+    if not any(starts):
+        return ops.a2_weights(query, keys, None, scale, lse=lse)[0]
+    w = query.new_zeros((B, keys.shape[1], T), dtype=torch.float32)
+    for b, p in enumerate(starts):
+        if p >= T:
+            continue
+        r0 = max(0, p - (T - L))  # rows before the first visible token are padding
+        w[b:b + 1, :, p:] = ops.a2_weights(
+            query[b:b + 1, :, r0:], keys[b:b + 1, :, p:], None, scale,
+            lse=None if lse is None else lse[b:b + 1, :, r0:])[0]
+    return w
 
 
 LSE_KERNELS = ("cudnn", "flash")

@@ -524,40 +524,56 @@ class HeadQLayer(CacheLayerMixin):
 
     # -- reading -----------------------------------------------------------------------------
 
-    def quantised_keys(self, out_dtype=torch.float32) -> torch.Tensor:
+    def quantised_keys(self, out_dtype=torch.float32, start: int = 0,
+                       end: Optional[int] = None) -> torch.Tensor:
         """Keys of the quantised region as attention reads them: ``k̂ + sign·U ẑ``
-        ``[B, H, n_quant, D]`` (``q·`` of it equals the corrected logit)."""
+        ``[B, H, end - start, D]`` (``q·`` of it equals the corrected logit), for the tokens
+        ``[start, end)`` (default all ``n_quant``; ``start`` a multiple of the key group size).
+        Computed in float32, then cast."""
         nq, s, b = self.n_quant, self.s, self.buf
-        if nq == 0:
+        end = nq if end is None else end
+        if not 0 <= start <= end <= nq:
+            raise ValueError(f"quantised_keys: need 0 <= start <= end <= n_quant ({nq}), got "
+                             f"start={start}, end={end}")
+        if start == end:
             return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
         if not self.quantise_keys:
-            return b["k_dense"][:, :, :nq].to(out_dtype)
+            return b["k_dense"][:, :, start:end].to(out_dtype)
         G = s.group_size
-        khat = ops.dequantize_keys(b["k_codes"][:, :, :nq].contiguous(),
-                                   b["k_scale"][:, :, :nq // G].contiguous(),
-                                   b["k_zero"][:, :, :nq // G].contiguous(), s.key_bits, G,
-                                   torch.float32)
+        if start % G:
+            raise ValueError(f"quantised_keys: start ({start}) must be a multiple of the key "
+                             f"group size ({G})")
+        khat = ops.dequantize_keys(b["k_codes"][:, :, start:end].contiguous(),
+                                   b["k_scale"][:, :, start // G:end // G].contiguous(),
+                                   b["k_zero"][:, :, start // G:end // G].contiguous(),
+                                   s.key_bits, G, torch.float32)
         if self.basis is not None:
-            zhat = ops.dequantize_side(b["z_codes"][:, :, :nq].contiguous(),
-                                       b["z_scale"][:, :, :nq].contiguous(), s.side_bits)
+            zhat = ops.dequantize_side(b["z_codes"][:, :, start:end].contiguous(),
+                                       b["z_scale"][:, :, start:end].contiguous(), s.side_bits)
             khat = khat + s.sign * torch.einsum("bhtr,hdr->bhtd", zhat, self.basis)
         return khat.to(out_dtype)
 
-    def quantised_values(self, out_dtype=torch.float32) -> torch.Tensor:
+    def quantised_values(self, out_dtype=torch.float32, start: int = 0,
+                         end: Optional[int] = None) -> torch.Tensor:
         """Values of the quantised region as attention reads them (``v̂``, plus the delta of
-        kept tokens) ``[B, H, n_quant, D]``."""
+        kept tokens) ``[B, H, end - start, D]``, for the tokens ``[start, end)`` (default all
+        ``n_quant``). Computed in float32, then cast."""
         nq, s, b = self.n_quant, self.s, self.buf
-        if nq == 0:
+        end = nq if end is None else end
+        if not 0 <= start <= end <= nq:
+            raise ValueError(f"quantised_values: need 0 <= start <= end <= n_quant ({nq}), got "
+                             f"start={start}, end={end}")
+        if start == end:
             return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
         if not self.quantise_values:
-            return b["v_dense"][:, :, :nq].to(out_dtype)
-        v = ops.dequantize_values(b["v_codes"][:, :, :nq].contiguous(),
-                                  b["v_scale"][:, :, :nq].contiguous(),
-                                  b["v_zero"][:, :, :nq].contiguous(), s.value_bits,
+            return b["v_dense"][:, :, start:end].to(out_dtype)
+        v = ops.dequantize_values(b["v_codes"][:, :, start:end].contiguous(),
+                                  b["v_scale"][:, :, start:end].contiguous(),
+                                  b["v_zero"][:, :, start:end].contiguous(), s.value_bits,
                                   s.value_group_size, torch.float32)
         if self.heavy_idx is not None and self.heavy_idx.shape[-1]:
-            valid = (self.heavy_idx >= 0) & (self.heavy_idx < nq)
-            idx = self.heavy_idx.clamp_min(0).long()
+            valid = (self.heavy_idx >= start) & (self.heavy_idx < end)
+            idx = (self.heavy_idx.long() - start).clamp(0, end - start - 1)
             delta = self.heavy_delta.float() * valid.unsqueeze(-1)
             v = v.scatter_add(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.D), delta)
         return v.to(out_dtype)

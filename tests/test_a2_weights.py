@@ -230,6 +230,85 @@ def test_a2_weights_given_lse(device, dtype, masked):
     torch.testing.assert_close(w64, w3, rtol=0, atol=0)
 
 
+def _padded_mask(starts, L, T, device):
+    """transformers' layout ``[B, 1, L, T]``: causal (queries the last L of T) with left padding
+    (sequence b's tokens before ``starts[b]`` hidden)."""
+    t = torch.arange(T)
+    rows = torch.arange(L).view(-1, 1) + (T - L)
+    m = torch.stack([(t >= p) & (t <= rows) for p in starts])
+    return m.unsqueeze(1).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("L, T, starts", [
+    (70, 70, [0, 13, 69, 70]),   # a padded first prompt; one sequence all padding
+    (70, 70, [0, 0, 0, 0]),      # a mask without padding: one causal call
+    (24, 90, [5, 0, 40, 77]),    # a chunk after 66 tokens: pads only in the earlier tokens
+    (24, 90, [70, 80, 89, 3]),   # a chunk whose first rows are padding rows of some sequences
+], ids=["prompt", "no_padding", "chunk", "chunk_padding_rows"])
+def test_a2_prompt_weights_left_padding(monkeypatch, device, dtype, L, T, starts):
+    """attention._a2_prompt_weights: a causal mask with left padding (a padded batch) becomes
+    one unmasked op call per sequence over its visible tokens; the weights equal the masked
+    computation's (the pure-PyTorch reference with the same mask, float64) within the op's
+    tolerance, and the mask is analysed once per mask object."""
+    from types import SimpleNamespace
+
+    from headq_torch import attention
+
+    B, Hq, H, D = len(starts), 4, 2, 64
+    q, k = _case(B, Hq, H, L, T, D, dtype, device, seed=3)
+    mask = _padded_mask(starts, L, T, device)
+    layer = SimpleNamespace(_owner=SimpleNamespace())
+    calls, analysed = [], []
+    real, real_starts = ops.a2_weights, attention._left_padding_starts
+    monkeypatch.setattr(ops, "a2_weights", lambda *a, **kw: calls.append(a[2]) or real(*a, **kw))
+    monkeypatch.setattr(attention, "_left_padding_starts",
+                        lambda *a: analysed.append(1) or real_starts(*a))
+    w = attention._a2_prompt_weights(layer, q, k, mask, 0.125)
+    n_first = len(calls)
+    w2 = attention._a2_prompt_weights(layer, q, k, mask, 0.125)  # memo: same mask object
+    assert torch.equal(w, w2) and len(analysed) == 1
+    assert all(m is None for m in calls), "left padding must not reach the op as a mask"
+    assert n_first == (1 if not any(starts) else sum(p < T for p in starts))
+    assert layer._owner._padding_memo[2] == starts
+    w64, _ = ref.a2_weights(q.cpu().double(), k.cpu().double(), mask.cpu()[:, 0], 0.125)
+    w32, _ = ref.a2_weights(q.cpu(), k.cpu(), mask.cpu()[:, 0], 0.125)
+    base = (w32.double() - w64).abs().max().item()
+    err = (w.cpu().double() - w64).abs().max().item()
+    assert err <= 2 * base + 1e-5 * max(1.0, w64.abs().max().item()), (err, base)
+    for b, p in enumerate(starts):
+        assert bool((w[b, :, :p] == 0).all())  # padding: never visible
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a2_prompt_weights_other_masks_go_to_the_op(device):
+    """A mask that is not causal-with-left-padding (a hidden token after visible ones, a
+    bidirectional block) goes to the op as it is: same weights as the op with that mask."""
+    from types import SimpleNamespace
+
+    from headq_torch import attention
+
+    B, Hq, H, L, T, D = 2, 4, 2, 20, 50, 64
+    q, k = _case(B, Hq, H, L, T, D, torch.float32, device, seed=4)
+    hole = _padded_mask([3, 0], L, T, device)
+    hole[1, :, :, 10] = False  # right/middle padding
+    full = torch.ones(B, 1, L, T, dtype=torch.bool, device=device)
+    for mask in (hole, full):
+        layer = SimpleNamespace(_owner=SimpleNamespace())
+        w = attention._a2_prompt_weights(layer, q, k, mask, 0.2)
+        assert layer._owner._padding_memo[2] is None
+        want, _ = ops.a2_weights(q, k, mask[:, 0], 0.2)
+        assert torch.equal(w, want)
+    # with a given lse the per-sequence calls pass each sequence's rows of it
+    mask = _padded_mask([0, 35], L, T, device)
+    _, lse = ops.a2_weights(q, k, mask[:, 0], 0.2)
+    layer = SimpleNamespace(_owner=SimpleNamespace())
+    w = attention._a2_prompt_weights(layer, q, k, mask, 0.2, lse=lse)
+    want, _ = ops.a2_weights(q, k, mask[:, 0], 0.2)
+    torch.testing.assert_close(w, want, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only")
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16],

@@ -165,6 +165,37 @@ def test_memory_bytes_matches_storage_report(llama, kw):
     assert cache.memory_breakdown()["k_codes"] == 2 * 2 * 288 * 32 * kw["key_bits"] // 8
 
 
+@pytest.mark.parametrize("kw", [
+    dict(key_bits=2, value_bits=2, value_policy="a2", value_keep_frac=0.1),
+    dict(key_bits=16, value_bits=16),
+], ids=["kv2_a2", "dense"])
+def test_quantised_keys_values_ranges(llama, kw):
+    """quantised_keys / quantised_values of a token range equal that slice of the whole region
+    (kept tokens' deltas included), in float32 and cast; bad ranges name the argument."""
+    model, cal = llama
+    cache = HeadQCache(model.config, None if kw["key_bits"] == 16 else cal, group_size=32,
+                       value_group_size=32, **kw)
+    _step(model, _ids(model, 150, batch=2), cache)
+    layer = cache.headq_layers[0]
+    assert layer.n_quant == 128
+    if "value_policy" in kw:
+        assert layer.heavy_idx.shape[-1] > 0
+    k, v = layer.quantised_keys(), layer.quantised_values()
+    assert k.shape == v.shape == (2, layer.H, 128, layer.D)
+    for t0, t1 in [(0, 32), (32, 96), (96, 128), (64, 64)]:
+        assert torch.equal(layer.quantised_keys(torch.float32, t0, t1), k[:, :, t0:t1])
+        assert torch.equal(layer.quantised_values(torch.float32, t0, t1), v[:, :, t0:t1])
+    assert torch.equal(layer.quantised_values(torch.bfloat16, 32, 96),
+                       v[:, :, 32:96].to(torch.bfloat16))
+    with pytest.raises(ValueError, match="start <= end <= n_quant"):
+        layer.quantised_keys(torch.float32, 0, 160)
+    with pytest.raises(ValueError, match="start <= end <= n_quant"):
+        layer.quantised_values(torch.float32, 64, 32)
+    if kw["key_bits"] < 16:
+        with pytest.raises(ValueError, match="multiple of the key group size"):
+            layer.quantised_keys(torch.float32, 16, 64)
+
+
 def test_a2_keep_set_rule():
     B, H, D = 1, 1, 4
     idx, w, delta = vp.update_keep_set(None, None, None, 0, torch.tensor([[[0.1, 0.9, 0.5, 0.2]]]),

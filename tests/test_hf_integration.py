@@ -207,6 +207,57 @@ def test_fallback_without_headq_attention_matches(kind, restore_attn):
     torch.testing.assert_close(packed_path, dense_path, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("policy", ["uniform", "a2", "dense_keys"])
+@pytest.mark.parametrize("padded", [False, True], ids=["same_length", "left_padded"])
+def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, policy, padded):
+    """A call over already quantised tokens (the second of two) through
+    attention._prefill_dequantised (the CUDA path: the quantised region dequantised once into
+    keys ``k̂ + sign·U ẑ`` and values, then SDPA; with A² the a2_weights op, per sequence for a
+    left-padded batch), forced here on the CPU, equals the materialised row blocks: the logits,
+    and with A² the accumulated weights and the keep set."""
+    model = make_tiny("llama")
+    cal = tiny_calibration(model)
+    restore_attn.append(attention.enable(model))
+    ids = _prompt(model, n=120, batch=2)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :9] = 0
+        mask[1, :9] = 0
+    kw = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
+    if policy == "a2":
+        kw.update(value_policy="a2", value_keep_frac=0.1)
+    if policy == "dense_keys":  # 16-bit keys and values: the second call reads dense keys
+        cal = None
+        kw.update(key_bits=16, value_bits=16)
+
+    def run():
+        with torch.no_grad():
+            c = HeadQCache(model.config, cal, **kw)
+            model(ids[:, :70], attention_mask=mask[:, :70], past_key_values=c, use_cache=True)
+            b = model(ids[:, 70:], attention_mask=mask, past_key_values=c, use_cache=True).logits
+        return b, c
+
+    b_rows, c_rows = run()
+    used = []
+    real = attention._prefill_dequantised
+    monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: layer.n_quant > 0)
+    monkeypatch.setattr(attention, "_DEQUANT_BLOCK_BYTES", 1)  # one key group per block
+    monkeypatch.setattr(attention, "_prefill_dequantised",
+                        lambda layer, *a: used.append(layer.n_quant) or real(layer, *a))
+    b_deq, c_deq = run()
+    assert len(used) == len(c_deq.layers) and all(nq > 0 for nq in used)
+    torch.testing.assert_close(b_deq, b_rows, atol=2e-5, rtol=1e-5)
+    if policy == "a2":
+        for lr, ld in zip(c_rows.layers, c_deq.layers):
+            assert lr.heavy_idx is not None and lr.heavy_idx.shape[-1] > 0
+            torch.testing.assert_close(ld.buf["w_window"], lr.buf["w_window"], atol=1e-6,
+                                       rtol=1e-5)
+            torch.testing.assert_close(ld.heavy_w, lr.heavy_w, atol=1e-6, rtol=1e-5)
+            assert torch.equal(ld.heavy_idx, lr.heavy_idx)
+        if padded:  # the padded sequence's hidden tokens carry no weight
+            assert c_deq._padding_memo[2] == [0, 9]
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_batch_left_padding_matches_separate_runs(kind, restore_attn):
     model = make_tiny(kind)
