@@ -310,7 +310,7 @@ def _fused_a2_weights(query: torch.Tensor) -> bool:
     dims its kernels are built for) rather than :func:`_prefill_rows`. On the CPU the row
     blocks stay: they take the output and the weights from one softmax, where the op would
     compute the attention a second time (benchmarks/bench_a2_prefill.py, --device cpu)."""
-    return query.device.type == "cuda" and query.shape[-1] in (64, 128)
+    return query.device.type == "cuda" and query.shape[-1] in FUSED_CUDA_HEAD_DIMS
 
 
 def _prefill_values(layer) -> torch.Tensor:
@@ -415,6 +415,27 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
     return out.unsqueeze(2)
 
 
+FUSED_CUDA_HEAD_DIMS = (64, 128)  # the head dims the CUDA decode kernels are built for
+
+
+def _fused_decode(layer, query: torch.Tensor) -> bool:
+    """Whether a decode step can use the decode op: on the CPU always, on CUDA for the head
+    dims its kernels are built for. Otherwise the step goes through :func:`_prefill` with its one
+    query (the quantised region dequantised every step: correct, but what QuantizedCache costs),
+    and the cache warns once."""
+    if query.device.type != "cuda" or query.shape[-1] in FUSED_CUDA_HEAD_DIMS:
+        return True
+    owner = layer._owner
+    if not getattr(owner, "_warned_unfused_decode", False):
+        owner._warned_unfused_decode = True
+        import warnings
+
+        warnings.warn(f"HeadQCache: head dim {query.shape[-1]} has no fused CUDA decode kernel "
+                      f"(built for {FUSED_CUDA_HEAD_DIMS}); each decode step dequantises the "
+                      f"cache instead (correct, but slow)", RuntimeWarning, stacklevel=3)
+    return False
+
+
 def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
                      heavy_logits: Optional[torch.Tensor], nq_t: torch.Tensor,
                      nw_t: torch.Tensor, kv_start: Optional[torch.Tensor], scale: float) -> None:
@@ -451,7 +472,8 @@ def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, valu
     scale = float(scaling) if scaling is not None else query.shape[-1] ** -0.5
     L = query.shape[2]
     if L == 1 and layer.quantise_keys and (layer.n_quant > 0
-                                           or layer._owner._static_step is not None):
+                                           or layer._owner._static_step is not None) \
+            and _fused_decode(layer, query):
         out = _decode(layer, query, attention_mask, scale)
     else:
         out = _prefill(layer, module, query, attention_mask, scale)

@@ -46,7 +46,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .attention import ATTN_IMPL
+from .attention import ATTN_IMPL, FUSED_CUDA_HEAD_DIMS
 from .cache import HeadQCache, HeadQLayer
 
 __all__ = ["GraphDecoder", "generate"]
@@ -132,6 +132,10 @@ class GraphDecoder:
             raise ValueError(f"GraphDecoder: the layers hold different lengths {sorted(counts)}; "
                              f"expected one prefilled length for all")
         first = layers[0]
+        if first.device.type == "cuda" and first.D not in FUSED_CUDA_HEAD_DIMS:
+            raise ValueError(f"GraphDecoder: head dim {first.D} has no fused CUDA decode kernel "
+                             f"(built for {FUSED_CUDA_HEAD_DIMS}); decode this model eagerly "
+                             f"(model.generate with the cache)")
         if max_length is not None:
             if isinstance(max_length, bool) or not isinstance(max_length, int) \
                     or max_length < first.n_quant + first.n_window + 1:

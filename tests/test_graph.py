@@ -555,6 +555,21 @@ def test_cuda_graph_replay_equals_eager(dtype, restore_attn):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graph_refuses_head_dims_without_a_kernel(restore_attn):
+    """The CUDA decode kernels are built for head dims 64 and 128: a CUDA cache of the tiny
+    models' 32 is refused by name (eager decoding falls back instead, test_hf_integration)."""
+    model = make_tiny("llama").cuda()
+    cal = tiny_calibration(model)
+    cal.bases = [b.cuda() for b in cal.bases]
+    restore_attn.append(attention.enable(model))
+    cache = HeadQCache(model.config, cal, **KW)
+    with torch.no_grad():
+        model(_ids(model, 1, 70).cuda(), past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="head dim 32 has no fused CUDA decode kernel"):
+        GraphDecoder(model, cache)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
 def test_cuda_graph_recaptures_when_buffers_grow(restore_attn):
     model, cal = _setup(restore_attn, "cuda", torch.float16)
     prompt = _ids(model, 2, 40).cuda()

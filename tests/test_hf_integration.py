@@ -258,6 +258,60 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
             assert c_deq._padding_memo[2] == [0, 9]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["uniform", "a2"])
+def test_decode_without_fused_kernel_falls_back(device, policy, restore_attn, monkeypatch):
+    """A decode step the fused op cannot take (on CUDA a head dim other than 64 or 128: the tiny
+    models' 32) goes through the prefill path with its one query, with one warning per cache:
+    greedy 8-bit output equals the dense cache's and the decode op is never called. On the CPU
+    (where the op takes any head dim) the fallback is forced."""
+    import warnings
+
+    model = make_tiny("llama")
+    assert model.config.head_dim == 32
+    ids, ref = _confident_prompt(model)
+    cal = tiny_calibration(model)
+    if device == "cpu":
+        monkeypatch.setattr(attention, "_fused_decode", lambda layer, q: False)
+    else:
+        model, ids, ref = model.cuda(), ids.cuda(), ref.cuda()
+        cal.bases = [b.cuda() for b in cal.bases]
+    decoded = []
+    monkeypatch.setattr(attention, "_decode", lambda *a: decoded.append(1))
+    restore_attn.append(attention.enable(model))
+    cache = HeadQCache(model.config, cal, **_kv8(policy))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = _greedy(model, ids, cache)
+    assert torch.equal(out, ref)
+    assert not decoded and cache.headq_layers[0].n_quant > 0
+    msgs = [str(w.message) for w in caught if "no fused CUDA decode kernel" in str(w.message)]
+    assert len(msgs) == (1 if device == "cuda" else 0), msgs
+
+
+def test_fused_decode_only_for_the_kernels_head_dims():
+    """attention._fused_decode: True on the CPU and for CUDA head dims 64 / 128; otherwise False
+    with a RuntimeWarning once per cache."""
+    from types import SimpleNamespace
+
+    import warnings
+
+    cuda = torch.device("cuda")
+    layer = SimpleNamespace(_owner=SimpleNamespace())
+    q = lambda dev, d: SimpleNamespace(device=dev, shape=(1, 4, 1, d))  # noqa: E731
+    assert attention._fused_decode(layer, q(torch.device("cpu"), 32))
+    assert attention._fused_decode(layer, q(cuda, 64))
+    assert attention._fused_decode(layer, q(cuda, 128))
+    with pytest.warns(RuntimeWarning, match="head dim 96 has no fused CUDA decode kernel"):
+        assert not attention._fused_decode(layer, q(cuda, 96))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not attention._fused_decode(layer, q(cuda, 96))  # once per cache
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_batch_left_padding_matches_separate_runs(kind, restore_attn):
     model = make_tiny(kind)
