@@ -18,9 +18,12 @@ DynamicCache and QuantizedCache change their tensors' shapes every step and cann
 captured: they are timed eagerly, as transformers runs them.
 
 ``headq_a2`` / ``headq_a2_graph`` are the same cache with the A² value policy (``value_policy="a2"``,
-3% of the quantised tokens keep their value deltas): its prefill materialises each block of
-logits to accumulate ``Σ a²`` per token (``prefill_s`` records what that costs), and every
-decode step adds the A² weights of the window and the kept tokens.
+3% of the quantised tokens keep their value deltas): its prefill also computes ``Σ a²`` per
+token (the a2_weights op; ``prefill_s`` records what that costs), and every decode step adds the
+A² weights of the window and the kept tokens.
+
+``--chunk N`` prefills in calls of N tokens: every call after the first attends to already
+quantised tokens (what a chunked prefill or a second turn of a conversation does).
 
 ``static_graph`` is the dense bf16 cache under the same conditions as ``headq_2bit_graph``, so
 that the graph's own gain (no per-kernel Python launch) is not credited to HeadQ: transformers'
