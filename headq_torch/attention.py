@@ -24,6 +24,7 @@ under ``"headq"`` is transformers' ``sdpa_mask`` (boolean masks, or None for a p
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -248,11 +249,13 @@ def _a2_prompt_weights(layer, query: torch.Tensor, keys: torch.Tensor, attention
         return ops.a2_weights(query, keys, None, scale, lse=lse)[0]
     owner = layer._owner
     memo = getattr(owner, "_padding_memo", None)
-    if memo is not None and memo[0] is attention_mask and memo[1] == (B, L, T):
+    # a weak reference: a prompt's mask is [B, 1, L, T] booleans (8.6 GB at batch 8 × 32k), which
+    # must not outlive the forward that made it
+    if memo is not None and memo[0]() is attention_mask and memo[1] == (B, L, T):
         starts = memo[2]
     else:
         starts = _left_padding_starts(attention_mask, B, L, T, query.device)
-        owner._padding_memo = (attention_mask, (B, L, T), starts)
+        owner._padding_memo = (weakref.ref(attention_mask), (B, L, T), starts)
     if starts is None:
         return ops.a2_weights(query, keys, _visible_mask(attention_mask, L, T, query.device),
                               scale, lse=lse)[0]

@@ -5,6 +5,7 @@ where a GPU exists, on CUDA (tensor cores for float16 / bfloat16, float32 FMAs f
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
@@ -279,6 +280,10 @@ def test_a2_prompt_weights_left_padding(monkeypatch, device, dtype, L, T, starts
     assert err <= 2 * base + 1e-5 * max(1.0, w64.abs().max().item()), (err, base)
     for b, p in enumerate(starts):
         assert bool((w[b, :, :p] == 0).all())  # padding: never visible
+    # the memo does not keep the mask (a prompt's mask is L x T per sequence) alive
+    gone = weakref.ref(mask)
+    del mask
+    assert gone() is None
 
 
 @pytest.mark.parametrize("device", DEVICES)
