@@ -211,10 +211,11 @@ def test_fallback_without_headq_attention_matches(kind, restore_attn):
 @pytest.mark.parametrize("padded", [False, True], ids=["same_length", "left_padded"])
 def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, policy, padded):
     """A call over already quantised tokens (the second of two) through
-    attention._prefill_dequantised (the CUDA path: the quantised region dequantised once into
-    keys ``k̂ + sign·U ẑ`` and values, then SDPA; with A² the a2_weights op, per sequence for a
-    left-padded batch), forced here on the CPU, equals the materialised row blocks: the logits,
-    and with A² the accumulated weights and the keep set."""
+    attention._prefill_dequantised (the quantised region dequantised once into keys
+    ``k̂ + sign·U ẑ`` and values, then SDPA; with A² the a2_weights op, per sequence for a
+    left-padded batch) equals the materialised row blocks (forced here; used only by an A² cache
+    on CUDA with a head dim the a2_weights kernels lack): the logits, and with A² the accumulated
+    weights and the keep set."""
     model = make_tiny("llama")
     cal = tiny_calibration(model)
     restore_attn.append(attention.enable(model))
@@ -237,6 +238,7 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
             b = model(ids[:, 70:], attention_mask=mask, past_key_values=c, use_cache=True).logits
         return b, c
 
+    monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: False)
     b_rows, c_rows = run()
     used = []
     real = attention._prefill_dequantised
@@ -603,6 +605,10 @@ def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch, policy):
             b = model(ids[:, 70:], past_key_values=c, use_cache=True).logits
         return a, b, c
 
+    # the row blocks also for the second call (they are the fallback of an A² cache on CUDA with
+    # a head dim the a2_weights kernels lack; test_prefill_dequantised_matches_row_blocks
+    # compares them with the path the second call takes otherwise)
+    monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: False)
     a_full, b_full, c_full = run()
     monkeypatch.setattr(attention, "_PREFILL_LOGIT_BYTES", 4 * 4 * 90 * 7)  # ~7-row chunks
     a_chunk, b_chunk, c_chunk = run()
