@@ -49,6 +49,28 @@ def _kv8(policy: str = "uniform", **extra) -> dict:
     return kw
 
 
+def _kv2(policy: str, cal):
+    """``(calibration, HeadQCache arguments)`` of the two-call prefill tests: 2-bit keys and
+    values in groups of 32; ``"a2"`` keeps a tenth of the quantised tokens; ``"dense_keys"`` is
+    16-bit keys and values without a calibration (the second call reads dense keys)."""
+    kw = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
+    if policy == "a2":
+        kw.update(value_policy="a2", value_keep_frac=0.1)
+    if policy == "dense_keys":
+        cal = None
+        kw.update(key_bits=16, value_bits=16)
+    return cal, kw
+
+
+def _assert_same_a2_state(got, want):
+    """Two A² caches accumulated the same weights (window and kept tokens) and keep sets."""
+    for lw, lg in zip(want.layers, got.layers):
+        assert lw.n_quant > 0 and lw.heavy_idx is not None and lw.heavy_idx.shape[-1] > 0
+        torch.testing.assert_close(lg.buf["w_window"], lw.buf["w_window"], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(lg.heavy_w, lw.heavy_w, atol=1e-6, rtol=1e-5)
+        assert torch.equal(lg.heavy_idx, lw.heavy_idx)
+
+
 @pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("policy", ["uniform", "a2"])
 def test_generate_prefill_chunk_size(kind, policy, restore_attn, monkeypatch):
@@ -224,12 +246,7 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     if padded:
         ids[1, :9] = 0
         mask[1, :9] = 0
-    kw = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
-    if policy == "a2":
-        kw.update(value_policy="a2", value_keep_frac=0.1)
-    if policy == "dense_keys":  # 16-bit keys and values: the second call reads dense keys
-        cal = None
-        kw.update(key_bits=16, value_bits=16)
+    cal, kw = _kv2(policy, cal)
 
     def run():
         with torch.no_grad():
@@ -250,12 +267,7 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     assert len(used) == len(c_deq.layers) and all(nq > 0 for nq in used)
     torch.testing.assert_close(b_deq, b_rows, atol=2e-5, rtol=1e-5)
     if policy == "a2":
-        for lr, ld in zip(c_rows.layers, c_deq.layers):
-            assert lr.heavy_idx is not None and lr.heavy_idx.shape[-1] > 0
-            torch.testing.assert_close(ld.buf["w_window"], lr.buf["w_window"], atol=1e-6,
-                                       rtol=1e-5)
-            torch.testing.assert_close(ld.heavy_w, lr.heavy_w, atol=1e-6, rtol=1e-5)
-            assert torch.equal(ld.heavy_idx, lr.heavy_idx)
+        _assert_same_a2_state(c_deq, c_rows)
         if padded:  # the padded sequence's hidden tokens carry no weight
             assert c_deq._padding_memo[2] == [0, 9]
 
@@ -591,12 +603,7 @@ def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch, policy):
     cal = tiny_calibration(model)
     restore_attn.append(attention.enable(model))
     ids = _prompt(model, n=120)
-    kw = dict(key_bits=2, value_bits=2, group_size=32, value_group_size=32)
-    if policy == "a2":
-        kw.update(value_policy="a2", value_keep_frac=0.1)
-    if policy == "dense_keys":  # 16-bit keys and values: the second call reads dense keys
-        cal = None
-        kw.update(key_bits=16, value_bits=16)
+    cal, kw = _kv2(policy, cal)
 
     def run():
         with torch.no_grad():
@@ -615,12 +622,7 @@ def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch, policy):
     torch.testing.assert_close(a_chunk, a_full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(b_chunk, b_full, atol=1e-5, rtol=1e-5)
     if policy == "a2":
-        for lf, lc in zip(c_full.layers, c_chunk.layers):
-            assert lf.n_quant > 0 and lf.heavy_idx is not None and lf.heavy_idx.shape[-1] > 0
-            torch.testing.assert_close(lc.buf["w_window"], lf.buf["w_window"], atol=1e-6,
-                                       rtol=1e-5)
-            torch.testing.assert_close(lc.heavy_w, lf.heavy_w, atol=1e-6, rtol=1e-5)
-            assert torch.equal(lc.heavy_idx, lf.heavy_idx)
+        _assert_same_a2_state(c_chunk, c_full)
     with torch.no_grad():
         dc = DynamicCache(config=model.config)
         dense = model(ids[:, :70], past_key_values=dc, use_cache=True).logits
