@@ -36,7 +36,8 @@ from _common import cpu_model, median_ms, wall_median_ms, write_json
 from headq_torch import ops
 from headq_torch import value_policy as vp
 from headq_torch.attention import (_PREFILL_LOGIT_BYTES, _a2_prompt_weights,
-                                   _attention_with_lse, _left_padding_starts)
+                                   _attention_with_lse, _left_padding_starts,
+                                   _padded_attention_with_lse)
 
 
 def rows_path(q, k, v, scale):
@@ -166,7 +167,34 @@ def main(argv=None):
         wp, wm = padded(True), weights_only(q, k, scale, mask=pmask)
         assert owner._padding_memo[2] == starts
         row["w_max_rel_diff_left_padded"] = ((wp - wm).abs().max() / wm.abs().max()).item()
-        del pmask, wp, wm
+        del wp, wm
+        # the whole padded first-prompt layer (output + weights): masked SDPA + the weights per
+        # sequence (both passes), against one fused call per sequence (cuDNN or flash: output and
+        # lse) + the key pass per sequence (attention._padded_attention_with_lse)
+        if args.device == "cuda" and dtype != torch.float32:
+            def padded_masked():
+                n_rep = Hq // H
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1),
+                    attn_mask=pmask, scale=scale)
+                return out, _a2_prompt_weights(layer, q, k, pmask, scale)
+
+            def padded_fused():
+                out, lse = _padded_attention_with_lse(layer, None, q, k, v, pmask, scale)
+                return out, _a2_prompt_weights(layer, q, k, pmask, scale, lse)
+
+            row["padded_layer_masked_sdpa_ms"] = round(time_ms(padded_masked, args.device,
+                                                               args.reps), 3)
+            row["padded_layer_fused_per_sequence_ms"] = round(time_ms(padded_fused, args.device,
+                                                                      args.reps), 3)
+            (o1, w1), (o2, w2) = padded_masked(), padded_fused()
+            real = (t.view(1, -1) >= torch.tensor(starts, device=args.device).view(-1, 1))
+            real = real.view(B, 1, T, 1)
+            row["padded_out_max_abs_diff_real_rows"] = \
+                ((o1.float() - o2.float()).abs() * real).max().item()
+            row["w_max_rel_diff_padded_fused"] = ((w1 - w2).abs().max() / w1.abs().max()).item()
+            del o1, o2, w1, w2
+        del pmask
         for name in ("cudnn", "flash"):
             f = (lambda n=name: _attention_with_lse(None, q, k, v, None, scale, kernels=(n,)))
             if f() is not None:
@@ -203,7 +231,11 @@ def main(argv=None):
               "a2_weights_left_padded_ms: a left-padded batch's weights as the library computes "
               "them (one unmasked call per sequence), a2_weights_left_padded_as_mask_ms: the same "
               "with the padded mask given to the op; left_padding_analysis_ms: the mask read "
-              "once per forward to find that out; a2_weights_given_lse_ms: the "
+              "once per forward to find that out; padded_layer_masked_sdpa_ms: a padded first "
+              "prompt's layer (output + weights) by masked SDPA + the weights per sequence, "
+              "padded_layer_fused_per_sequence_ms: by one fused call per sequence (output and "
+              "lse) + the key pass per sequence, as the library does since session 15; "
+              "a2_weights_given_lse_ms: the "
               "per-key pass with the fused kernel's lse; cudnn_ms / flash_ms: those attention "
               "kernels alone, with their lse)"),
         rows=rows_out,
@@ -212,7 +244,7 @@ def main(argv=None):
         write_json(args.out, result)
     for row in rows_out:
         for key in ("w_max_rel_diff", "w_max_rel_diff_given_lse", "w_max_rel_diff_masked",
-                    "w_max_rel_diff_left_padded"):
+                    "w_max_rel_diff_left_padded", "w_max_rel_diff_padded_fused"):
             if key in row:
                 assert row[key] < 1e-3, f"the paths' weights disagree ({key}): {row}"
 

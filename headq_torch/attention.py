@@ -129,6 +129,9 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
         vw = layer.buf["v_window"][:, :, :nw]
         fused = _attention_with_lse(module, query, kw, vw, attention_mask, scale) \
             if layer.a2 else None
+        if fused is None and layer.a2 and attention_mask is not None:
+            fused = _padded_attention_with_lse(layer, module, query, kw, vw, attention_mask,
+                                               scale)
         if fused is not None:
             out, lse = fused
         else:
@@ -241,6 +244,48 @@ def _left_padding_starts(attention_mask: torch.Tensor, B: int, L: int, T: int, d
     return first.expand(B).tolist()
 
 
+def _padding_starts(layer, attention_mask: torch.Tensor, B: int, L: int, T: int, device):
+    """:func:`_left_padding_starts` once per mask object: every layer of a forward gets the same
+    mask, so the cache keeps the last answer. The mask is held by a weak reference: a prompt's
+    mask is ``[B, 1, L, T]`` booleans (8.6 GB at batch 8 × 32k), which must not outlive the
+    forward that made it."""
+    owner = layer._owner
+    memo = getattr(owner, "_padding_memo", None)
+    if memo is not None and memo[0]() is attention_mask and memo[1] == (B, L, T):
+        return memo[2]
+    starts = _left_padding_starts(attention_mask, B, L, T, device)
+    owner._padding_memo = (weakref.ref(attention_mask), (B, L, T), starts)
+    return starts
+
+
+def _padded_attention_with_lse(layer, module, query, key, value, attention_mask, scale):
+    """:func:`_attention_with_lse` for a first prompt whose mask is causal attention with left
+    padding (a padded batch): one fused call per sequence over its own tokens, ``(out, lse)``
+    with the padding rows' output 0 and lse -inf (they see nothing), or None where the mask is
+    another one or the fused kernels do not apply (then masked SDPA + both passes of the op)."""
+    B, Hq, L, D = query.shape
+    T = key.shape[2]
+    if L != T:
+        return None
+    starts = _padding_starts(layer, attention_mask, B, L, T, query.device)
+    if starts is None:
+        return None
+    if not any(starts):
+        return _attention_with_lse(module, query, key, value, None, scale)
+    out = query.new_zeros((B, Hq, L, D))
+    lse = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=query.device)
+    for b, p in enumerate(starts):
+        if p >= T:
+            continue
+        res = _attention_with_lse(module, query[b:b + 1, :, p:], key[b:b + 1, :, p:],
+                                  value[b:b + 1, :, p:], None, scale)
+        if res is None:
+            return None
+        out[b:b + 1, :, p:] = res[0]
+        lse[b:b + 1, :, p:] = res[1]
+    return out, lse
+
+
 def _a2_prompt_weights(layer, query: torch.Tensor, keys: torch.Tensor, attention_mask,
                        scale: float, lse: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A² weights ``[B, H, T]`` float32 of ``L`` query rows (the last ``L`` of the ``T`` keys)
@@ -248,21 +293,13 @@ def _a2_prompt_weights(layer, query: torch.Tensor, keys: torch.Tensor, attention
     becomes one unmasked causal call per sequence over its visible tokens: the op's unmasked
     kernels skip the per-logit mask reads (3.3× faster at 32k tokens, bench_a2_prefill.py); the
     rows before a sequence's first token see nothing and add nothing. Any other mask goes to the
-    op as it is. The mask's shape is read on the host once per mask object (every layer of a
-    forward gets the same one), like :func:`_kv_start_shared`."""
+    op as it is. The mask's shape is read on the host once per mask object
+    (:func:`_padding_starts`)."""
     B, Hq, L, _ = query.shape
     T = keys.shape[2]
     if attention_mask is None:
         return ops.a2_weights(query, keys, None, scale, lse=lse)[0]
-    owner = layer._owner
-    memo = getattr(owner, "_padding_memo", None)
-    # a weak reference: a prompt's mask is [B, 1, L, T] booleans (8.6 GB at batch 8 × 32k), which
-    # must not outlive the forward that made it
-    if memo is not None and memo[0]() is attention_mask and memo[1] == (B, L, T):
-        starts = memo[2]
-    else:
-        starts = _left_padding_starts(attention_mask, B, L, T, query.device)
-        owner._padding_memo = (weakref.ref(attention_mask), (B, L, T), starts)
+    starts = _padding_starts(layer, attention_mask, B, L, T, query.device)
     if starts is None:
         return ops.a2_weights(query, keys, _visible_mask(attention_mask, L, T, query.device),
                               scale, lse=lse)[0]

@@ -272,6 +272,58 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
             assert c_deq._padding_memo[2] == [0, 9]
 
 
+def _lse_attention_cpu(module, q, k, v, mask, scale, kernels=None):
+    """A CPU stand-in for attention._attention_with_lse (the CUDA fused kernels): causal
+    attention of a whole prompt, ``(out, lse)``, or None with a mask, as the real one."""
+    if mask is not None:
+        return None
+    n_rep = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(n_rep, 1).float(), v.repeat_interleave(n_rep, 1).float()
+    L, T = q.shape[2], k.shape[2]
+    logits = q.float() @ kk.transpose(-1, -2) * scale
+    logits.masked_fill_(~torch.ones(L, T, dtype=torch.bool).tril(T - L), float("-inf"))
+    return (torch.softmax(logits, -1) @ vv).to(q.dtype), torch.logsumexp(logits, -1)
+
+
+def test_a2_padded_first_prompt_fused_per_sequence(restore_attn, monkeypatch):
+    """A left-padded A² first prompt on the fused path (CUDA; here with a CPU stand-in for the
+    fused kernels): one fused call per sequence over its own tokens gives the output and the
+    rows' lse, and the a2_weights op runs only its key pass per sequence. The logits at real
+    positions, the weights and the keep sets equal the row blocks' (the CPU path)."""
+    model = make_tiny("llama")
+    cal = tiny_calibration(model)
+    restore_attn.append(attention.enable(model))
+    ids = _prompt(model, n=90, batch=3)
+    mask = torch.ones_like(ids)
+    ids[1, :9], mask[1, :9] = 0, 0
+    ids[2, :40], mask[2, :40] = 0, 0
+
+    def run():
+        with torch.no_grad():
+            c = HeadQCache(model.config, cal, key_bits=2, value_bits=2, group_size=32,
+                           value_group_size=32, value_policy="a2", value_keep_frac=0.1)
+            return model(ids, attention_mask=mask, past_key_values=c, use_cache=True).logits, c
+
+    want, c_rows = run()
+    lengths, passes = [], []
+    real_a2 = ops.a2_weights
+    monkeypatch.setattr(attention, "_fused_a2_weights", lambda q: True)
+    monkeypatch.setattr(attention, "_attention_with_lse",
+                        lambda m, q, *a, **kw: lengths.append(q.shape[2]) or
+                        _lse_attention_cpu(m, q, *a, **kw))
+    monkeypatch.setattr(ops, "a2_weights",
+                        lambda q, k, m, s, lse=None: passes.append(lse is not None) or
+                        real_a2(q, k, m, s, lse=lse))
+    got, c_fused = run()
+    n_layers = model.config.num_hidden_layers
+    assert lengths == [90, 90, 81, 50] * n_layers  # the batch (declined: a mask), then each
+    assert passes == [True] * 3 * n_layers  # key pass only, one call per sequence
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
+    assert bool((got[~real] == got[~real]).all())  # padding rows: finite
+    _assert_same_a2_state(c_fused, c_rows)
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
