@@ -6,7 +6,7 @@ against the earlier ones, and the end-to-end decode tokens/s of the last complet
 graph decoder (gpu_e2e.json).
 
     python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png, gpu_quant.png,
-                                    # gpu_e2e.png, gpu_a2.png
+                                    # gpu_e2e.png, gpu_a2.png, gpu_prefill.png
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ def main() -> None:
     plot_quant()
     plot_e2e()
     plot_a2()
+    plot_prefill()
 
 
 def plot_quant() -> None:
@@ -205,6 +206,52 @@ def plot_a2() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "gpu_a2.png", dpi=110)
     print("wrote", RESULTS / "gpu_a2.png")
+
+
+def plot_prefill() -> None:
+    """Calls that are not a plain first prompt (session 15): a chunked prefill over quantised
+    tokens (gpu_e2e.json chunked_prefill_session15) and a left-padded A² first prompt
+    (gpu_a2_prefill.json padded_first_prompt_session15), the path before against the current."""
+    e = json.loads((RESULTS / "gpu_e2e.json").read_text())
+    p = json.loads((RESULTS / "gpu_a2_prefill.json").read_text())
+    if "chunked_prefill_session15" not in e or "padded_first_prompt_session15" not in p:
+        return
+    c = e["chunked_prefill_session15"]["ab_same_card"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    labels = ["HeadQ 2-bit\nrow blocks (before)", "HeadQ 2-bit\ndequantised", "HeadQ A²\ndequantised",
+              "DynamicCache"]
+    vals = [c["prefill_s_row_blocks_until_session15"]["headq_2bit"], c["prefill_s_now"]["headq_2bit"],
+            c["prefill_s_now"]["headq_a2"], c["prefill_s_now"]["dynamic"]]
+    a.bar(range(4), vals, color=["grey", "C0", "C1", "C2"])
+    for i, v in enumerate(vals):
+        a.text(i, v, f"{v:.1f} s", ha="center", va="bottom", fontsize=8)
+    a.set_xticks(range(4))
+    a.set_xticklabels(labels, fontsize=8)
+    a.set_yscale("log")
+    a.set_ylabel("prefill s")
+    a.set_title(f"16k prompt x batch 4 in chunks of 4,096 (8B shape), {c['card']}", fontsize=9)
+    a.grid(alpha=0.3, axis="y")
+    rows = p["padded_first_prompt_session15"]["rows"]
+    ctx = [r["context"] for r in rows]
+    before = [r["padded_layer_masked_sdpa_ms"] - r["a2_weights_left_padded_ms"]
+              + r["a2_weights_left_padded_as_mask_ms"] for r in rows]
+    b.plot(ctx, before, marker="o", color="grey",
+           label="masked SDPA + masked passes (before; derived)")
+    b.plot(ctx, [r["padded_layer_masked_sdpa_ms"] for r in rows], marker="o",
+           label="masked SDPA + both passes per sequence")
+    b.plot(ctx, [r["padded_layer_fused_per_sequence_ms"] for r in rows], marker="o",
+           label="fused call per sequence (lse) + key pass")
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("prompt tokens (sequences T down to ~T/2)")
+    b.set_ylabel("ms per layer (output + A² weights)")
+    b.set_title(f"left-padded A² first prompt, batch 8, {p['padded_first_prompt_session15']['machine']}",
+                fontsize=9)
+    b.grid(alpha=0.3)
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gpu_prefill.png", dpi=110)
+    print("wrote", RESULTS / "gpu_prefill.png")
 
 
 if __name__ == "__main__":
