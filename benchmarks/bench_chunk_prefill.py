@@ -1,7 +1,9 @@
 """A call over already quantised tokens (a second turn, a chunk of a chunked prefill): the
-materialised row blocks (the library's path until session 15; still the fallback of an A² cache
-on CUDA with a head dim the a2_weights kernels lack) against the dequantised path
-(``attention._prefill_dequantised``: the quantised region dequantised once, then SDPA).
+materialised row blocks (``attention._prefill_rows``: float32 logits over the dequantised keys,
+one softmax for the output and the A² weights; an A² cache's path on the CPU; until session 15
+every such call's, with the logits from the corrected_logits op) against the dequantised path
+(``attention._prefill_dequantised``: the quantised region dequantised once, then SDPA, with A²
+the a2_weights op).
 
 A prompt of ``--context`` tokens is prefilled (untimed), then one call of ``--chunk`` tokens is
 timed, for each cache policy and path, alternating the paths ``--reps`` times with a fresh cache

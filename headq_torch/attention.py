@@ -10,13 +10,13 @@
 * several query tokens (prefill or a chunk): the new tokens attend densely to themselves
   (causal) and to the dense window (KIVI-style: prefill reads this call's tokens at full
   precision), and to the quantised tokens as attention reads them: the corrected logits
-  (``q·k̂ + sign·(qU)·ẑ``) and the dequantised values. A first prompt is SDPA (on CUDA with
-  A², the fused attention's log-sum-exp and the a2_weights op; on the CPU with A², logits
-  materialised in blocks of rows, :func:`_prefill_rows`, which also give the A² weights). A call
-  over quantised tokens dequantises them once into the keys ``k̂ + sign·U ẑ`` and values and
-  runs SDPA (:func:`_prefill_dequantised`, A² weights by the a2_weights op); only an A² cache
-  on CUDA with a head dim the a2_weights kernels lack keeps the row blocks (with
-  :func:`headq_torch.ops.corrected_logits`).
+  (``q·k̂ + sign·(qU)·ẑ``, i.e. ``q`` dotted with the dequantised key ``k̂ + sign·U ẑ``) and the
+  dequantised values. A first prompt is SDPA (on CUDA with A², the fused attention's
+  log-sum-exp and the a2_weights op). A call over quantised tokens dequantises them once and
+  runs SDPA (:func:`_prefill_dequantised`; with A² on CUDA the a2_weights op). An A² cache on
+  the CPU (first prompt or not), or on CUDA with a head dim the a2_weights kernels lack,
+  materialises the logits in blocks of rows (:func:`_prefill_rows`), one softmax giving the
+  output and the A² weights.
 
 Everything else (non-HeadQ layers such as Gemma 3 sliding layers, ``DynamicCache``, no cache,
 calibration runs) goes to transformers' ``sdpa`` function unchanged. The mask function registered
@@ -148,12 +148,12 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
     if _dense_prefill(layer, query):
         return _prefill_dequantised(layer, module, query, attention_mask, scale)
     rows = max(1, _PREFILL_LOGIT_BYTES // max(1, 4 * B * Hq * T))
-    # Read once per call, not once per block of rows: the values (dequantised) and the dense
-    # keys, float32 and per KV head (the query heads of a KV head share them: no
-    # repeat_interleave copy, see _grouped).
+    # Read once per call, not once per block of rows: the keys and values as attention reads
+    # them (the quantised region dequantised, then the window), float32 and per KV head (the
+    # query heads of a KV head share them: no repeat_interleave copy, see _grouped).
     values = _prefill_values(layer)
-    k_window = layer.buf["k_window"][:, :, :nw].float()
-    k_dense = layer.buf["k_dense"][:, :, :nq].float() if nq and not layer.quantise_keys else None
+    keys = torch.cat([layer.quantised_keys(torch.float32),
+                      layer.buf["k_window"][:, :, :nw].float()], dim=2)
     if L > rows:
         parts = []
         for s0 in range(0, L, rows):
@@ -162,22 +162,24 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
                 m = attention_mask[..., s0:s0 + rows, :] if attention_mask.shape[-2] > 1 \
                     else attention_mask
             parts.append(_prefill_rows(layer, query[:, :, s0:s0 + rows], m, scale,
-                                       L - min(s0 + rows, L), values, k_window, k_dense))
+                                       L - min(s0 + rows, L), values, keys))
         return torch.cat(parts, dim=2)
-    return _prefill_rows(layer, query, attention_mask, scale, 0, values, k_window, k_dense)
+    return _prefill_rows(layer, query, attention_mask, scale, 0, values, keys)
 
 
 def _dense_prefill(layer, query: torch.Tensor) -> bool:
     """Whether a call over already quantised tokens (a chunked prefill, a second turn) goes
-    through :func:`_prefill_dequantised` rather than the materialised row blocks of
-    :func:`_prefill_rows`: everywhere except an A² cache on CUDA with a head dim the a2_weights
-    kernels are not built for (and a first prompt that reaches here, an A² one on the CPU, stays
-    in row blocks: one softmax gives its output and weights). On the CPU too: SmolLM2-135M, a
-    256-token call over 2,048 tokens, 2 threads: 0.68 s against 3.45 s in row blocks, with A²
-    2.74 s against 3.65 s (benchmarks/bench_chunk_prefill.py, cpu_chunk_prefill.json)."""
+    through :func:`_prefill_dequantised` (SDPA; with A² the a2_weights op) rather than the row
+    blocks of :func:`_prefill_rows` (logits materialised over the dequantised keys; one softmax
+    gives the output and the A² weights). Uniform caches: SDPA everywhere. A² caches: SDPA + the
+    op on CUDA where its kernels apply; on the CPU the row blocks, where the op would compute
+    the attention a second time (SmolLM2-135M, a 256-token call over 2,048 tokens, 2 threads:
+    SDPA 0.67 s uniform; A² 1.52 s in row blocks against 3.06 s with the op;
+    benchmarks/bench_chunk_prefill.py, cpu_chunk_prefill.json). A first prompt that reaches here
+    (A² on the CPU) stays in row blocks."""
     if layer.n_quant == 0:  # a first prompt _prefill did not take to SDPA: A² on the CPU
         return False
-    return query.device.type != "cuda" or not layer.a2 or _fused_a2_weights(query)
+    return not layer.a2 or _fused_a2_weights(query)
 
 
 # Bytes of float32 one block of the quantised region takes while it is dequantised
@@ -379,34 +381,18 @@ def _grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _prefill_rows(layer, query: torch.Tensor, attention_mask, scale: float, rows_after: int,
-                  values: torch.Tensor, k_window: torch.Tensor,
-                  k_dense: Optional[torch.Tensor]) -> torch.Tensor:
+                  values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``_prefill`` for a block of query rows; ``rows_after`` query tokens of this call follow
-    the block; ``values``, ``k_window``, ``k_dense`` from :func:`_prefill` (read once per call).
-    When transformers passed no mask (plain causal attention), the block attends to the first
-    ``T - rows_after`` tokens only, so the columns after them are never computed."""
-    s = layer.s
+    the block; ``values`` and ``keys`` float32 ``[B, H, n_quant + n_window, D]`` from
+    :func:`_prefill` (read once per call; the quantised keys are ``k̂ + sign·U ẑ``, so the
+    logits are the corrected logits). When transformers passed no mask (plain causal attention),
+    the block attends to the first ``T - rows_after`` tokens only, so the columns after them are
+    never computed."""
     B, Hq, L, D = query.shape
     nq, nw = layer.n_quant, layer.n_window
     T = nq + nw
     Tv = T - rows_after if attention_mask is None else T  # columns this block may see
-    qf = query.float()
-    parts = []
-    if nq:
-        if layer.quantise_keys:
-            G = s.group_size
-            b = layer.buf
-            has_side = layer.basis is not None
-            parts.append(ops.corrected_logits(
-                query.contiguous(), b["k_codes"][:, :, :nq].contiguous(),
-                b["k_scale"][:, :, :nq // G].contiguous(), b["k_zero"][:, :, :nq // G].contiguous(),
-                b["z_codes"][:, :, :nq].contiguous() if has_side else None,
-                b["z_scale"][:, :, :nq].contiguous() if has_side else None,
-                layer.basis if has_side else None, s.key_bits, G, s.side_bits, s.sign, scale))
-        else:
-            parts.append(_grouped(qf, k_dense.transpose(-1, -2)) * scale)
-    parts.append(_grouped(qf, k_window[:, :, :Tv - nq].transpose(-1, -2)) * scale)
-    logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    logits = _grouped(query.float(), keys[:, :, :Tv].transpose(-1, -2)) * scale
     vis = _visible_mask(attention_mask, L, Tv, query.device)
     logits.masked_fill_(~vis, float("-inf"))
     a = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # fully masked rows (padding) -> 0

@@ -235,9 +235,9 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     """A call over already quantised tokens (the second of two) through
     attention._prefill_dequantised (the quantised region dequantised once into keys
     ``k̂ + sign·U ẑ`` and values, then SDPA; with A² the a2_weights op, per sequence for a
-    left-padded batch) equals the materialised row blocks (forced here; used only by an A² cache
-    on CUDA with a head dim the a2_weights kernels lack): the logits, and with A² the accumulated
-    weights and the keep set."""
+    left-padded batch) equals the materialised row blocks (forced here; what an A² cache uses on
+    the CPU and on CUDA with a head dim the a2_weights kernels lack): the logits, and with A² the
+    accumulated weights and the keep set."""
     model = make_tiny("llama")
     cal = tiny_calibration(model)
     restore_attn.append(attention.enable(model))
@@ -664,7 +664,7 @@ def test_prefill_row_chunks_match_unchunked(restore_attn, monkeypatch, policy):
             b = model(ids[:, 70:], past_key_values=c, use_cache=True).logits
         return a, b, c
 
-    # the row blocks also for the second call (they are the fallback of an A² cache on CUDA with
+    # the row blocks also for the second call (an A² cache's path on the CPU and on CUDA with
     # a head dim the a2_weights kernels lack; test_prefill_dequantised_matches_row_blocks
     # compares them with the path the second call takes otherwise)
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: False)
