@@ -26,18 +26,18 @@ def _confident_prompt(model, n=70, min_gap=0.03):
     at every step (chosen without looking at HeadQ), so an 8-bit cache must reproduce it."""
     for seed in range(20):
         ids = _prompt(model, n, seed=seed)
-        out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
-                             past_key_values=DynamicCache(config=model.config), pad_token_id=0,
-                             output_scores=True, return_dict_in_generate=True)
+        out = _greedy(model, ids, DynamicCache(config=model.config), output_scores=True,
+                      return_dict_in_generate=True)
         top2 = torch.stack(out.scores)[:, 0].float().topk(2, -1).values
         if (top2[:, 0] - top2[:, 1]).min() >= min_gap:
             return ids, out.sequences
     raise AssertionError("no prompt with a clear greedy margin")
 
 
-def _greedy(model, ids, cache, attention_mask=None, n=N_NEW):
+def _greedy(model, ids, cache, attention_mask=None, n=N_NEW, **extra):
+    """``n`` greedy tokens (exactly) with ``cache``; ``extra``: more generate() arguments."""
     return model.generate(ids, attention_mask=attention_mask, max_new_tokens=n, min_new_tokens=n,
-                          do_sample=False, past_key_values=cache, pad_token_id=0)
+                          do_sample=False, past_key_values=cache, pad_token_id=0, **extra)
 
 
 def _kv8(policy: str = "uniform", **extra) -> dict:
@@ -92,8 +92,7 @@ def test_generate_prefill_chunk_size(kind, policy, restore_attn, monkeypatch):
     monkeypatch.setattr(attention, "_prefill", spy)
     restore_attn.append(attention.enable(model))
     cache = HeadQCache(model.config, cal, **kw)
-    out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
-                         past_key_values=cache, pad_token_id=0, prefill_chunk_size=24)
+    out = _greedy(model, ids, cache, prefill_chunk_size=24)
     assert torch.equal(out, ref)
     assert cache.get_seq_length() == ids.shape[1] + N_NEW - 1
     assert {n for n, _ in calls} == {24, 22}  # 24 + 24 + 22 prompt tokens
@@ -121,9 +120,7 @@ def test_assisted_decoding(kind, policy, residual, restore_attn, monkeypatch):
     cal = tiny_calibration(model)
     ids, ref = _confident_prompt(model)
     try:  # the same with the dense cache
-        dense = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
-                               past_key_values=DynamicCache(config=model.config), pad_token_id=0,
-                               assistant_model=draft)
+        dense = _greedy(model, ids, DynamicCache(config=model.config), assistant_model=draft)
     except RuntimeError as e:  # transformers 5.17, Gemma 3: the draft's sliding layers
         pytest.skip(f"assisted decoding fails with DynamicCache too in this transformers: {e}")
     assert torch.equal(dense, ref)
@@ -140,8 +137,7 @@ def test_assisted_decoding(kind, policy, residual, restore_attn, monkeypatch):
     cache = HeadQCache(model.config, cal, **kw)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
-                             past_key_values=cache, pad_token_id=0, assistant_model=draft)
+        out = _greedy(model, ids, cache, assistant_model=draft)
     assert torch.equal(out, ref)
     assert cache.get_seq_length() == ids.shape[1] + N_NEW - 1
     assert any(n < 0 for n in removed)  # drafts were rejected and rolled back
@@ -162,8 +158,7 @@ def test_prompt_lookup_decoding(policy, restore_attn):
     kw = _kv8(policy, residual_length=32)
     restore_attn.append(attention.enable(model))
     cache = HeadQCache(model.config, cal, **kw)
-    out = model.generate(ids, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
-                         past_key_values=cache, pad_token_id=0, prompt_lookup_num_tokens=5)
+    out = _greedy(model, ids, cache, prompt_lookup_num_tokens=5)
     assert torch.equal(out, ref)
     assert cache.get_seq_length() == ids.shape[1] + N_NEW - 1
 
