@@ -151,9 +151,7 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
     # Read once per call, not once per block of rows: the keys and values as attention reads
     # them (the quantised region dequantised, then the window), float32 and per KV head (the
     # query heads of a KV head share them: no repeat_interleave copy, see _grouped).
-    values = _prefill_values(layer)
-    keys = torch.cat([layer.quantised_keys(torch.float32),
-                      layer.buf["k_window"][:, :, :nw].float()], dim=2)
+    keys, values = layer.dense_kv(torch.float32)
     if L > rows:
         parts = []
         for s0 in range(0, L, rows):
@@ -182,34 +180,20 @@ def _dense_prefill(layer, query: torch.Tensor) -> bool:
     return not layer.a2 or _fused_a2_weights(query)
 
 
-# Bytes of float32 one block of the quantised region takes while it is dequantised
-# (_prefill_dequantised).
-_DEQUANT_BLOCK_BYTES = 256 << 20
-
-
 def _prefill_dequantised(layer, module, query: torch.Tensor, attention_mask,
                          scale: float) -> torch.Tensor:
     """``L`` query tokens over ``n_quant`` quantised tokens and the dense window: the quantised
-    region is dequantised once, in the query's dtype, into the keys attention reads
+    region is dequantised once (:meth:`HeadQLayer.dense_kv`, in blocks of key groups), in the
+    query's dtype, into the keys attention reads
     (``k̂ + sign·U ẑ``, so ``q·`` of them is the corrected logit) and values (``v̂`` plus the
     kept tokens' deltas), and SDPA attends over them and the window: the cost of the dense
     cache's chunk plus one read of the packed cache, instead of float32 logits in row blocks.
     With A² the weights come from the a2_weights op over the same keys. ``[B, Hq, L, D]``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    B, Hq, L, D = query.shape
+    L = query.shape[2]
     nq, nw = layer.n_quant, layer.n_window
-    keys = query.new_empty((B, layer.H, nq + nw, D))
-    values = torch.empty_like(keys)
-    keys[:, :, nq:] = layer.buf["k_window"][:, :, :nw]
-    values[:, :, nq:] = layer.buf["v_window"][:, :, :nw]
-    # blocks of whole key groups, so that the float32 intermediates stay small at long contexts
-    G = layer.s.group_size
-    step = max(G, _DEQUANT_BLOCK_BYTES // max(1, 4 * B * layer.H * D) // G * G)
-    for t0 in range(0, nq, step):
-        t1 = min(nq, t0 + step)
-        keys[:, :, t0:t1] = layer.quantised_keys(keys.dtype, t0, t1)
-        values[:, :, t0:t1] = layer.quantised_values(keys.dtype, t0, t1)
+    keys, values = layer.dense_kv(query.dtype)
     # No mask means causal with the queries the last L of the T tokens; SDPA's is_causal aligns
     # them with the first L instead, so the mask is spelled out.
     mask = attention_mask if attention_mask is not None else \
@@ -360,14 +344,6 @@ def _fused_a2_weights(query: torch.Tensor) -> bool:
     blocks stay: they take the output and the weights from one softmax, where the op would
     compute the attention a second time (benchmarks/bench_a2_prefill.py, --device cpu)."""
     return query.device.type == "cuda" and query.shape[-1] in FUSED_CUDA_HEAD_DIMS
-
-
-def _prefill_values(layer) -> torch.Tensor:
-    """The values a prefill reads, float32 ``[B, H, n_quant + n_window, D]``: the quantised
-    region as attention reads it (``vhat``, kept tokens' deltas added) then the window."""
-    nw = layer.n_window
-    return torch.cat([layer.quantised_values(torch.float32),
-                      layer.buf["v_window"][:, :, :nw].float()], dim=2)
 
 
 def _grouped(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

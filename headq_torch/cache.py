@@ -77,6 +77,11 @@ def _grow(buf: Optional[torch.Tensor], needed: int, shape_tail: tuple, batch_hea
     return out
 
 
+# Bytes of float32 one block of the quantised region takes while HeadQLayer.dense_kv
+# dequantises it.
+_DEQUANT_BLOCK_BYTES = 256 << 20
+
+
 class HeadQLayer(CacheLayerMixin):
     """One quantised layer of a :class:`HeadQCache` (see the module docstring)."""
 
@@ -578,12 +583,24 @@ class HeadQLayer(CacheLayerMixin):
             v = v.scatter_add(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.D), delta)
         return v.to(out_dtype)
 
-    def dense_kv(self):
-        """Full dense reconstruction ``(keys, values)`` ``[B, H, n, D]`` in the cache dtype."""
-        k = torch.cat([self.quantised_keys(self.dtype),
-                       self.buf["k_window"][:, :, :self.n_window]], dim=2)
-        v = torch.cat([self.quantised_values(self.dtype),
-                       self.buf["v_window"][:, :, :self.n_window]], dim=2)
+    def dense_kv(self, out_dtype: Optional[torch.dtype] = None):
+        """Full dense reconstruction ``(keys, values)`` ``[B, H, n_quant + n_window, D]`` as
+        attention reads them (:meth:`quantised_keys` / :meth:`quantised_values`, then the
+        window), in ``out_dtype`` (default the cache dtype). The quantised region is dequantised
+        in blocks of whole key groups, so that its float32 intermediates stay within
+        ``_DEQUANT_BLOCK_BYTES`` at long contexts."""
+        dt = self.dtype if out_dtype is None else out_dtype
+        nq, nw = self.n_quant, self.n_window
+        k = torch.empty(self.B, self.H, nq + nw, self.D, dtype=dt, device=self.device)
+        v = torch.empty_like(k)
+        k[:, :, nq:] = self.buf["k_window"][:, :, :nw]
+        v[:, :, nq:] = self.buf["v_window"][:, :, :nw]
+        G = self.s.group_size
+        step = max(G, _DEQUANT_BLOCK_BYTES // max(1, 4 * self.B * self.H * self.D) // G * G)
+        for t0 in range(0, nq, step):
+            t1 = min(nq, t0 + step)
+            k[:, :, t0:t1] = self.quantised_keys(dt, t0, t1)
+            v[:, :, t0:t1] = self.quantised_values(dt, t0, t1)
         return k, v
 
     # -- after attention ---------------------------------------------------------------------

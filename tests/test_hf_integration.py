@@ -9,6 +9,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from conftest import TINY_KINDS, make_tiny, tiny_calibration
 from headq_torch import attention, ops
+from headq_torch import cache as cache_module
 from headq_torch.cache import HeadQCache, HeadQLayer
 
 N_NEW = 20
@@ -255,7 +256,7 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     used = []
     real = attention._prefill_dequantised
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: layer.n_quant > 0)
-    monkeypatch.setattr(attention, "_DEQUANT_BLOCK_BYTES", 1)  # one key group per block
+    monkeypatch.setattr(cache_module, "_DEQUANT_BLOCK_BYTES", 1)  # one key group per block
     monkeypatch.setattr(attention, "_prefill_dequantised",
                         lambda layer, *a: used.append(layer.n_quant) or real(layer, *a))
     b_deq, c_deq = run()
