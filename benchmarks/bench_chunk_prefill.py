@@ -9,10 +9,18 @@ A prompt of ``--context`` tokens is prefilled (untimed), then one call of ``--ch
 timed, for each cache policy and path, alternating the paths ``--reps`` times with a fresh cache
 each time. The model is the packaged SmolLM2-135M (``--model smollm2``, float32, CPU or CUDA)
 or the random Llama-3-8B-shaped model of bench_e2e (``--model llama8b``, bf16, CUDA; ``--layers``
-of its 32). Random orthonormal bases (speed does not depend on them). The chunk's logits of the
-two paths are compared (max abs difference recorded).
+of its 32). Random orthonormal bases (speed does not depend on them). The chunk's logits of each
+path are compared with the first path's (max abs difference recorded).
+
+A third path, ``decode_rows`` (``attention._prefill_decode_rows``: the decode op with the call's
+query rows as its query heads, then the call's own tokens causally; what the library uses for
+calls of a few tokens, ``attention.DECODE_ROWS_MAX_TOKENS``), and the dense ``DynamicCache`` as a
+reference (``dynamic``), are timed with ``--paths``; several ``--chunk`` sizes (comma-separated)
+give the crossover (``--chunk 1`` times a decode step, the same fused op on every HeadQ path):
 
     python benchmarks/bench_chunk_prefill.py --device cpu --out benchmarks/results/cpu_chunk_prefill.json
+    python benchmarks/bench_chunk_prefill.py --device cpu --chunk 2,4,8,16 \
+        --paths dequantised,decode_rows,rows --out benchmarks/results/cpu_few_rows.json
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import warnings
 import torch
 
 from _common import cpu_model, median_ms, write_json
+from transformers import DynamicCache
+
 from headq_torch import attention
 from headq_torch.cache import HeadQCache
 from headq_torch.calibration import Calibration
@@ -59,15 +69,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+PATHS = ("rows", "dequantised", "decode_rows", "dynamic")
+
+
+def use_path(path: str) -> None:
+    """Route calls over quantised tokens through one path (attention's two predicates)."""
+    attention._dense_prefill = (lambda layer, q: layer.n_quant > 0) if path == "dequantised" \
+        else (lambda layer, q: False)
+    attention.DECODE_ROWS_MAX_TOKENS = {"cpu": 1 << 30, "cuda": 1 << 30} \
+        if path == "decode_rows" else {}
+
+
 @torch.no_grad()
-def run(model, cal, ids, context: int, policy: str, dequantised: bool, device: str):
+def run(model, cal, ids, context: int, policy: str, path: str, device: str):
     """Prefill ``ids[:, :context]``, then time the call with the rest: ``(seconds, logits)``."""
     kw = dict(key_bits=2, value_bits=2, group_size=64, value_group_size=64)
     if policy == "a2":
         kw.update(value_policy="a2", value_keep_frac=0.03)
-    attention._dense_prefill = (lambda layer, q: layer.n_quant > 0) if dequantised else \
-        (lambda layer, q: False)
-    cache = HeadQCache(model.config, cal, **kw)
+    use_path(path)
+    cache = DynamicCache(config=model.config) if path == "dynamic" else \
+        HeadQCache(model.config, cal, **kw)
     model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
     sync(device)
     t0 = time.perf_counter()
@@ -83,51 +104,64 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=8, help="llama8b: layers of its 32")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=2048)
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--chunk", default="256", help="tokens of the timed call; several: 2,4,8")
     ap.add_argument("--policies", default="uniform,a2")
+    ap.add_argument("--paths", default="rows,dequantised", help=f"of {','.join(PATHS)}")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda needs a CUDA device")
+    paths = args.paths.split(",")
+    if not set(paths) <= set(PATHS) or len(paths) < 2:
+        sys.exit(f"--paths: two or more of {PATHS}")
+    chunks = [int(c) for c in args.chunk.split(",")]
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
     model = load(args.model, args.device, args.layers)
     cal = random_bases(model, 8)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, model.config.vocab_size, (args.batch, args.context + args.chunk),
-                        generator=g).to(args.device)
-    real = attention._dense_prefill
+    saved = attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS
     rows = []
     try:
-        for policy in args.policies.split(","):
-            times = {"rows": [], "dequantised": []}
-            outs = {}
-            for rep in range(args.reps + 1):  # the first round warms up, untimed
-                for path in times:
-                    s, outs[path] = run(model, cal, ids, args.context, policy,
-                                        path == "dequantised", args.device)
-                    if rep:
-                        times[path].append(s * 1000)
-                    print(f"{policy} {path} rep {rep}: {s * 1000:.1f} ms", flush=True)
-            row = dict(policy=policy, rows_ms=round(median_ms(times["rows"]), 2),
-                       dequantised_ms=round(median_ms(times["dequantised"]), 2),
-                       rows_all_ms=[round(t, 2) for t in times["rows"]],
-                       dequantised_all_ms=[round(t, 2) for t in times["dequantised"]],
-                       logits_max_abs_diff=(outs["rows"] - outs["dequantised"]).abs().max().item())
-            row["speedup"] = round(row["rows_ms"] / row["dequantised_ms"], 2)
-            print(row, flush=True)
-            rows.append(row)
+        for chunk in chunks:
+            ids = torch.randint(1, model.config.vocab_size, (args.batch, args.context + chunk),
+                                generator=g).to(args.device)
+            for policy in args.policies.split(","):
+                times = {path: [] for path in paths}
+                outs = {}
+                for rep in range(args.reps + 1):  # the first round warms up, untimed
+                    for path in paths:
+                        s, outs[path] = run(model, cal, ids, args.context, policy, path,
+                                            args.device)
+                        if rep:
+                            times[path].append(s * 1000)
+                        print(f"chunk {chunk} {policy} {path} rep {rep}: {s * 1000:.1f} ms",
+                              flush=True)
+                row = dict(policy=policy, chunk=chunk)
+                for path in paths:
+                    row[f"{path}_ms"] = round(median_ms(times[path]), 2)
+                    row[f"{path}_all_ms"] = [round(t, 2) for t in times[path]]
+                base = paths[0]
+                row["logits_max_abs"] = outs[base].abs().max().item()
+                for path in paths[1:]:
+                    row[f"{path}_logits_max_abs_diff"] = \
+                        (outs[path] - outs[base]).abs().max().item()
+                    row[f"speedup_{path}_vs_{base}"] = round(row[f"{base}_ms"] /
+                                                             row[f"{path}_ms"], 2)
+                print(row, flush=True)
+                rows.append(row)
     finally:
-        attention._dense_prefill = real
+        attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS = saved
     machine = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"{cpu_model()}, {torch.get_num_threads()} threads"
     result = dict(
         command=" ".join(["python"] + sys.argv), machine=machine, torch=torch.__version__,
         python=platform.python_version(),
-        shape=dict(model=args.model, batch=args.batch, context=args.context, chunk=args.chunk,
+        shape=dict(model=args.model, batch=args.batch, context=args.context, chunks=chunks,
                    format="2-bit keys (groups of 64 tokens) + rank-8 side code, 2-bit values "
                           "(groups of 64 channels); a2: 3% kept"),
-        unit="ms for the one call of --chunk tokens over the prefilled context (median of --reps)",
+        unit="ms for the one call of `chunk` tokens over the prefilled context (median of --reps)",
+        paths=paths,
         rows=rows,
     )
     if args.out:

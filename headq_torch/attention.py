@@ -12,7 +12,10 @@
   precision), and to the quantised tokens as attention reads them: the corrected logits
   (``q·k̂ + sign·(qU)·ẑ``, i.e. ``q`` dotted with the dequantised key ``k̂ + sign·U ẑ``) and the
   dequantised values. A first prompt is SDPA (on CUDA with A², the fused attention's
-  log-sum-exp and the a2_weights op). A call over quantised tokens dequantises them once and
+  log-sum-exp and the a2_weights op). A call of a few tokens over quantised tokens (an
+  assisted-decoding verification) goes through the decode op, the tokens' query rows as its
+  query heads, merged with the tokens' own causal block (:func:`_prefill_decode_rows`). A
+  longer call over quantised tokens dequantises them once and
   runs SDPA (:func:`_prefill_dequantised`; with A² on CUDA the a2_weights op). An A² cache on
   the CPU (first prompt or not), or on CUDA with a head dim the a2_weights kernels lack,
   materialises the logits in blocks of rows (:func:`_prefill_rows`), one softmax giving the
@@ -145,6 +148,10 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
             layer.add_weights(None, _a2_prompt_weights(layer, query, kw, attention_mask, scale,
                                                        lse))
         return out
+    if _decode_rows(layer, query):
+        out = _prefill_decode_rows(layer, query, attention_mask, scale)
+        if out is not None:
+            return out
     if _dense_prefill(layer, query):
         return _prefill_dequantised(layer, module, query, attention_mask, scale)
     rows = max(1, _PREFILL_LOGIT_BYTES // max(1, 4 * B * Hq * T))
@@ -163,6 +170,76 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
                                        L - min(s0 + rows, L), values, keys))
         return torch.cat(parts, dim=2)
     return _prefill_rows(layer, query, attention_mask, scale, 0, values, keys)
+
+
+# Calls of a few query tokens over quantised tokens go through the decode op
+# (:func:`_prefill_decode_rows`): it reads the packed cache once per 4 (CUDA: 8) query rows of a
+# KV head, where dequantising reads it once but writes and reads a dense copy. Most query tokens
+# per device type, from benchmarks/bench_chunk_prefill.py (one call over the prefilled context):
+# CUDA, Llama-3-8B shape (4 layers, batch 8, 32k, bf16; H100): 8.6-11.8 ms against 67-71 ms
+# dequantised for 2-16 tokens (A² 9.2-15.8 against 79-83 ms), gpu_few_rows.json; CPU,
+# SmolLM2-135M over 2,048 tokens: ahead of the other paths at 2 and 4 tokens (1.4-2.5×), even at
+# 8 and behind at 16, cpu_few_rows.json. Rows per KV head (query heads of a KV head × tokens)
+# are also bounded: the CUDA a2_step_weights kernel keeps them in 48 KB of shared memory.
+_DECODE_ROWS_PER_KV_HEAD = 64
+DECODE_ROWS_MAX_TOKENS = {"cuda": 16, "cpu": 4}
+
+
+def _decode_rows(layer, query: torch.Tensor) -> bool:
+    """Whether a call of several query tokens over quantised tokens (an assisted-decoding
+    verification, a short chunk or turn) goes through the decode op
+    (:func:`_prefill_decode_rows`): keys quantised, a fused decode kernel for the head dim, at
+    most :data:`DECODE_ROWS_MAX_TOKENS` tokens and ``_DECODE_ROWS_PER_KV_HEAD`` rows per KV
+    head."""
+    B, Hq, L, _ = query.shape
+    return (layer.n_quant > 0 and layer.quantise_keys and layer._owner._static_step is None
+            and 1 < L <= DECODE_ROWS_MAX_TOKENS.get(query.device.type, 0)
+            and (Hq // layer.H) * L <= _DECODE_ROWS_PER_KV_HEAD
+            and (query.device.type != "cuda" or query.shape[-1] in FUSED_CUDA_HEAD_DIMS))
+
+
+def _prefill_decode_rows(layer, query: torch.Tensor, attention_mask,
+                         scale: float) -> Optional[torch.Tensor]:
+    """``L`` query tokens over the packed cache through the decode op, ``[B, Hq, L, D]``, or
+    None when the mask is not causal attention with left padding (the caller dequantises).
+
+    The ``L`` tokens are the last ``L`` of the window (``update`` appended them), so every
+    quantised token and every earlier window token precedes all of them: the op attends to
+    those with the ``Hq·L`` query rows as its query heads (row ``h·L + i`` of query head ``h``,
+    so the rows of a KV head stay together and share one read of the packed cache), and
+    returns each row's output and log-sum-exp. The call's own tokens (causal among themselves)
+    are attended to here, in float32, and the two parts merged by their log-sum-exps. With A²,
+    ``ops.a2_step_weights`` adds the earlier window tokens' and the kept tokens' weights from
+    the merged log-sum-exp, and the call's own tokens' weights are added here."""
+    B, Hq, L, D = query.shape
+    nq, nw = layer.n_quant, layer.n_window
+    T = nq + nw
+    device = query.device
+    kv_start = None
+    if attention_mask is not None:
+        starts = _padding_starts(layer, attention_mask, B, L, T, device)
+        if starts is None:
+            return None
+        if any(starts):
+            kv_start = torch.tensor(starts, dtype=torch.int32, device=device)
+    q = query.reshape(B, Hq * L, D)
+    nq_t, nw_t = _lengths_shared(layer, B, nq, nw - L, device)
+    out_c, lse_c, hl = _decode_op(layer, q, nq_t, nw_t, kv_start, scale)
+    kn = layer.buf["k_window"][:, :, nw - L:nw]
+    vn = layer.buf["v_window"][:, :, nw - L:nw]
+    s = _grouped(query.float(), kn.float().transpose(-1, -2)) * scale  # [B, Hq, L, L]
+    s.masked_fill_(~_visible_mask(attention_mask, L, T, device)[..., T - L:], float("-inf"))
+    lse_c = lse_c.view(B, Hq, L)
+    lse = torch.logaddexp(lse_c, torch.logsumexp(s, dim=-1))
+    # rows that see no token (lse -inf): both parts weigh 0 and the output is 0
+    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(s - ref.unsqueeze(-1))
+    out = out_c.view(B, Hq, L, D).float() * torch.exp(lse_c - ref).unsqueeze(-1) + \
+        _grouped(p, vn.float())
+    if layer.a2:
+        _a2_step_weights(layer, q, lse.view(B, Hq * L), hl, nq_t, nw_t, kv_start, scale)
+        layer.buf["w_window"][:, :, nw - L:nw] += vp.squared_weights(p, layer.H)
+    return out.to(query.dtype)
 
 
 def _dense_prefill(layer, query: torch.Tensor) -> bool:
@@ -384,17 +461,28 @@ def _prefill_rows(layer, query: torch.Tensor, attention_mask, scale: float, rows
 
 def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.Tensor:
     """One query token per sequence through the fused decode op."""
-    s, b = layer.s, layer.buf
     B, Hq, _, D = query.shape
     nq, nw = layer.n_quant, layer.n_window
-    T = nq + nw
     q = query[:, :, 0].contiguous()
     step = layer._owner._static_step
     if step is not None:  # a graph-decode step: lengths and kv_start in the step's tensors
         kv_start, nq_t, nw_t = step.kv_start, step.n_quant, step.n_window
     else:
-        kv_start = _kv_start_shared(layer, attention_mask, B, T, query.device)
+        kv_start = _kv_start_shared(layer, attention_mask, B, nq + nw, query.device)
         nq_t, nw_t = _lengths_shared(layer, B, nq, nw, query.device)
+    out, lse, hl = _decode_op(layer, q, nq_t, nw_t, kv_start, scale)
+    if layer.a2:
+        _a2_step_weights(layer, q, lse, hl, nq_t, nw_t, kv_start, scale)
+    return out.unsqueeze(2)
+
+
+def _decode_op(layer, q: torch.Tensor, nq_t: torch.Tensor, nw_t: torch.Tensor,
+               kv_start: Optional[torch.Tensor], scale: float):
+    """``ops.decode_attention`` of ``q`` ``[B, Hq', D]`` over the layer's packed cache and the
+    first ``nw_t`` window tokens: ``(out, lse, heavy_logits)``, the last the kept tokens' logits
+    an A² cache needs (None otherwise)."""
+    s, b = layer.s, layer.buf
+    B, Hq = q.shape[:2]
     has_side = layer.basis is not None
     heavy_idx, heavy_delta = layer.heavy_idx, layer.heavy_delta
     if layer.keep_store is not None:
@@ -419,9 +507,7 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
         b["k_window"], b["v_window"], nq_t, nw_t, kv_start,
         s.key_bits, s.group_size, s.side_bits, s.value_bits, s.value_group_size, s.sign, scale,
         heavy_logits=hl)
-    if layer.a2:
-        _a2_step_weights(layer, q, lse, hl, nq_t, nw_t, kv_start, scale)
-    return out.unsqueeze(2)
+    return out, lse, hl
 
 
 FUSED_CUDA_HEAD_DIMS = (64, 128)  # the head dims the CUDA decode kernels are built for

@@ -268,6 +268,106 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
             assert c_deq._padding_memo[2] == [0, 9]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("policy", ["uniform", "a2", "keys_only"])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("n_rows", [2, 5])
+def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, restore_attn,
+                                                monkeypatch):
+    """A few query tokens over already quantised tokens (an assisted-decoding verification, a
+    short chunk) through attention._prefill_decode_rows (the decode op with the tokens' rows as
+    its query heads, then the tokens' own causal block, merged by log-sum-exp) equal the
+    materialised row blocks (forced here): the logits, and with A² the accumulated weights and
+    the keep set. Head dim 64, so CUDA runs its fused kernel; float32 model."""
+    model = make_tiny("llama", head_dim=64).to(device)
+    cal = tiny_calibration(model)
+    cal.bases = [b.to(device) for b in cal.bases]
+    restore_attn.append(attention.enable(model))
+    ids = _prompt(model, n=100 + n_rows, batch=2).to(device)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :9] = 0
+        mask[1, :9] = 0
+    cal, kw = _kv2("a2" if policy == "a2" else "uniform", cal)
+    if policy == "keys_only":
+        kw.update(value_bits=16)
+
+    def run():
+        with torch.no_grad():
+            c = HeadQCache(model.config, cal, **kw)
+            model(ids[:, :100], attention_mask=mask[:, :100], past_key_values=c, use_cache=True)
+            b = model(ids[:, 100:], attention_mask=mask, past_key_values=c, use_cache=True).logits
+        return b, c
+
+    monkeypatch.setattr(attention, "_decode_rows", lambda layer, q: False)
+    monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: False)
+    b_rows, c_rows = run()
+    monkeypatch.undo()
+    restore_attn.append(attention.enable(model))
+    monkeypatch.setattr(attention, "DECODE_ROWS_MAX_TOKENS", {"cpu": 8, "cuda": 8})
+    used = []
+    real = attention._prefill_decode_rows
+    monkeypatch.setattr(attention, "_prefill_decode_rows",
+                        lambda layer, *a: used.append(layer.n_quant) or real(layer, *a))
+    b_dec, c_dec = run()
+    assert len(used) == len(c_dec.layers) and all(nq > 0 for nq in used)
+    torch.testing.assert_close(b_dec, b_rows, atol=5e-5, rtol=1e-5)
+    if policy == "a2":
+        _assert_same_a2_state(c_dec, c_rows)
+
+
+def test_prefill_decode_rows_takes_only_left_padded_causal_masks(restore_attn):
+    """Another mask (here: a hole in the middle) is not for the decode op, whose ``kv_start``
+    hides only the tokens before a sequence's first one: attention._prefill_decode_rows returns
+    None and the call dequantises instead, with the same result as the row blocks."""
+    model = make_tiny("llama", head_dim=64)
+    cal, kw = _kv2("uniform", tiny_calibration(model))
+    restore_attn.append(attention.enable(model))
+    ids = _prompt(model, n=104, batch=1)
+    with torch.no_grad():
+        c = HeadQCache(model.config, cal, **kw)
+        model(ids[:, :100], past_key_values=c, use_cache=True)
+    layer = c.headq_layers[0]
+    q = torch.randn(1, model.config.num_attention_heads, 4, 64)
+    k = torch.randn(1, layer.H, 4, 64)
+    layer.update(k, k.clone())
+    T = layer.n_quant + layer.n_window
+    mask = torch.ones(1, 1, 4, T, dtype=torch.bool).tril(T - 4)
+    assert attention._decode_rows(layer, q)
+    assert attention._prefill_decode_rows(layer, q, mask, 0.125) is not None
+    mask = mask.clone()  # a new mask object (the answer is kept per object)
+    mask[..., 40] = False  # a hole
+    assert attention._prefill_decode_rows(layer, q, mask, 0.125) is None
+
+
+def test_decode_rows_only_for_few_rows():
+    """attention._decode_rows: calls of 2 .. DECODE_ROWS_MAX_TOKENS query tokens (per device
+    type) over quantised keys, at most 64 rows per KV head, on CUDA only for the decode
+    kernels' head dims, and never inside a graph-decode step."""
+    from types import SimpleNamespace
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    owner = SimpleNamespace(_static_step=None)
+    layer = SimpleNamespace(_owner=owner, n_quant=64, quantise_keys=True, H=2)
+    q = lambda dev, L, d=64, hq=8: SimpleNamespace(device=dev, shape=(1, hq, L, d))  # noqa: E731
+    n_cpu, n_cuda = (attention.DECODE_ROWS_MAX_TOKENS[k] for k in ("cpu", "cuda"))
+    assert attention._decode_rows(layer, q(cpu, 2)) and attention._decode_rows(layer, q(cpu, n_cpu))
+    assert not attention._decode_rows(layer, q(cpu, 1))
+    assert not attention._decode_rows(layer, q(cpu, n_cpu + 1))
+    assert attention._decode_rows(layer, q(cuda, n_cuda, 128))
+    assert not attention._decode_rows(layer, q(cuda, 2, 96))
+    assert not attention._decode_rows(layer, q(cpu, 8, hq=32))  # 16 heads x 8 rows per KV head
+    layer.n_quant = 0
+    assert not attention._decode_rows(layer, q(cpu, 2))
+    layer.n_quant, layer.quantise_keys = 64, False
+    assert not attention._decode_rows(layer, q(cpu, 2))
+    layer.quantise_keys, owner._static_step = True, object()
+    assert not attention._decode_rows(layer, q(cpu, 2))
+
+
 def _lse_attention_cpu(module, q, k, v, mask, scale, kernels=None):
     """A CPU stand-in for attention._attention_with_lse (the CUDA fused kernels): causal
     attention of a whole prompt, ``(out, lse)``, or None with a mask, as the real one."""
@@ -318,9 +418,6 @@ def test_a2_padded_first_prompt_fused_per_sequence(restore_attn, monkeypatch):
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
     assert bool((got[~real] == got[~real]).all())  # padding rows: finite
     _assert_same_a2_state(c_fused, c_rows)
-
-
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
