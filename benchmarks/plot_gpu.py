@@ -6,7 +6,8 @@ against the earlier ones, and the end-to-end decode tokens/s of the last complet
 graph decoder (gpu_e2e.json).
 
     python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png, gpu_quant.png,
-                                    # gpu_e2e.png, gpu_a2.png, gpu_prefill.png
+                                    # gpu_e2e.png, gpu_a2.png, gpu_prefill.png,
+                                    # gpu_few_rows.png
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ def main() -> None:
     plot_e2e()
     plot_a2()
     plot_prefill()
+    plot_few_rows()
 
 
 def plot_quant() -> None:
@@ -252,6 +254,40 @@ def plot_prefill() -> None:
     fig.tight_layout()
     fig.savefig(RESULTS / "gpu_prefill.png", dpi=110)
     print("wrote", RESULTS / "gpu_prefill.png")
+
+
+def plot_few_rows() -> None:
+    """Calls of a few tokens over quantised tokens (session 16, gpu_few_rows.json): the whole
+    model call per path against the tokens of the call (1 = a decode step)."""
+    path = RESULTS / "gpu_few_rows.json"
+    if not path.exists():
+        return
+    d = json.loads(path.read_text())
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    names = {"dequantised": "HeadQ: dequantise, then SDPA (before)",
+             "decode_rows": "HeadQ: decode op, rows as heads", "dynamic": "DynamicCache"}
+    for policy, style in (("uniform", "-"), ("a2", "--")):
+        rows = [r for r in d["rows"] if r["policy"] == policy]
+        for i, (key, label) in enumerate(names.items()):
+            if key == "dynamic" and policy == "a2":
+                continue  # the dense cache has no policy: the uniform rows show it
+            ax.plot([r["chunk"] for r in rows], [r[f"{key}_ms"] for r in rows], style,
+                    marker="o", color=f"C{i}",
+                    label=label + (" (A²)" if policy == "a2" else ""))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    chunks = sorted({r["chunk"] for r in d["rows"]})
+    ax.set_xticks(chunks)
+    ax.set_xticklabels([str(c) for c in chunks])
+    ax.set_xlabel("query tokens of the call (1 = a decode step)")
+    ax.set_ylabel("ms per model call (median)")
+    ax.set_title(f"a call over 32k tokens, batch 8, 4 layers of the 8B shape, {d['machine']}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "gpu_few_rows.png", dpi=110)
+    print("wrote", RESULTS / "gpu_few_rows.png")
 
 
 if __name__ == "__main__":

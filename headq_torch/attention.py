@@ -176,8 +176,8 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
 # (:func:`_prefill_decode_rows`): it reads the packed cache once per 4 (CUDA: 8) query rows of a
 # KV head, where dequantising reads it once but writes and reads a dense copy. Most query tokens
 # per device type, from benchmarks/bench_chunk_prefill.py (one call over the prefilled context):
-# CUDA, Llama-3-8B shape (4 layers, batch 8, 32k, bf16; H100): 8.6-11.8 ms against 67-71 ms
-# dequantised for 2-16 tokens (A² 9.2-15.8 against 79-83 ms), gpu_few_rows.json; CPU,
+# CUDA, Llama-3-8B shape (4 layers, batch 8, 32k, bf16; H100): 12.5-16.8 ms against 70-87 ms
+# dequantised for 2-16 tokens (whole model call; a decode step 6-9 ms), gpu_few_rows.json; CPU,
 # SmolLM2-135M over 2,048 tokens: ahead of the other paths at 2 and 4 tokens (1.4-2.5×), even at
 # 8 and behind at 16, cpu_few_rows.json. Rows per KV head (query heads of a KV head × tokens)
 # are also bounded: the CUDA a2_step_weights kernel keeps them in 48 KB of shared memory.
