@@ -72,6 +72,27 @@ def _assert_same_a2_state(got, want):
         assert torch.equal(lg.heavy_idx, lw.heavy_idx)
 
 
+def _two_call_prompt(model, n: int, padded: bool):
+    """``(ids, mask)`` of a batch of two ``n``-token prompts, the second with 9 left-padding
+    tokens when ``padded``."""
+    ids = _prompt(model, n=n, batch=2).to(model.device)
+    mask = torch.ones_like(ids)
+    if padded:
+        ids[1, :9] = 0
+        mask[1, :9] = 0
+    return ids, mask
+
+
+def _two_calls(model, ids, mask, first: int, cal, kw):
+    """A fresh HeadQCache fed ``ids[:, :first]``, then the rest in a second call (which reads
+    the tokens the first quantised): ``(second call's logits, cache)``."""
+    with torch.no_grad():
+        c = HeadQCache(model.config, cal, **kw)
+        model(ids[:, :first], attention_mask=mask[:, :first], past_key_values=c, use_cache=True)
+        b = model(ids[:, first:], attention_mask=mask, past_key_values=c, use_cache=True).logits
+    return b, c
+
+
 @pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("policy", ["uniform", "a2"])
 def test_generate_prefill_chunk_size(kind, policy, restore_attn, monkeypatch):
@@ -237,20 +258,9 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     model = make_tiny("llama")
     cal = tiny_calibration(model)
     restore_attn.append(attention.enable(model))
-    ids = _prompt(model, n=120, batch=2)
-    mask = torch.ones_like(ids)
-    if padded:
-        ids[1, :9] = 0
-        mask[1, :9] = 0
+    ids, mask = _two_call_prompt(model, 120, padded)
     cal, kw = _kv2(policy, cal)
-
-    def run():
-        with torch.no_grad():
-            c = HeadQCache(model.config, cal, **kw)
-            model(ids[:, :70], attention_mask=mask[:, :70], past_key_values=c, use_cache=True)
-            b = model(ids[:, 70:], attention_mask=mask, past_key_values=c, use_cache=True).logits
-        return b, c
-
+    run = lambda: _two_calls(model, ids, mask, 70, cal, kw)  # noqa: E731
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: False)
     b_rows, c_rows = run()
     used = []
@@ -286,22 +296,11 @@ def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, 
     cal = tiny_calibration(model)
     cal.bases = [b.to(device) for b in cal.bases]
     restore_attn.append(attention.enable(model))
-    ids = _prompt(model, n=100 + n_rows, batch=2).to(device)
-    mask = torch.ones_like(ids)
-    if padded:
-        ids[1, :9] = 0
-        mask[1, :9] = 0
+    ids, mask = _two_call_prompt(model, 100 + n_rows, padded)
     cal, kw = _kv2("a2" if policy == "a2" else "uniform", cal)
     if policy == "keys_only":
         kw.update(value_bits=16)
-
-    def run():
-        with torch.no_grad():
-            c = HeadQCache(model.config, cal, **kw)
-            model(ids[:, :100], attention_mask=mask[:, :100], past_key_values=c, use_cache=True)
-            b = model(ids[:, 100:], attention_mask=mask, past_key_values=c, use_cache=True).logits
-        return b, c
-
+    run = lambda: _two_calls(model, ids, mask, 100, cal, kw)  # noqa: E731
     monkeypatch.setattr(attention, "_decode_rows", lambda layer, q: False)
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: False)
     b_rows, c_rows = run()
