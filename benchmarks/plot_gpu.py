@@ -24,6 +24,13 @@ import matplotlib.ticker  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def save(fig, name: str) -> None:
+    """Lay out ``fig`` and write it to ``benchmarks/results/<name>``."""
+    fig.tight_layout()
+    fig.savefig(RESULTS / name, dpi=110)
+    print("wrote", RESULTS / name)
+
+
 def main() -> None:
     d = json.loads((RESULTS / "gpu_decode.json").read_text())
     rows = d["rows"]
@@ -71,9 +78,7 @@ def main() -> None:
     b.set_title(d.get("device", "GPU"))
     b.grid(alpha=0.3)
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "gpu_decode.png", dpi=110)
-    print("wrote", RESULTS / "gpu_decode.png")
+    save(fig, "gpu_decode.png")
     plot_quant()
     plot_e2e()
     plot_a2()
@@ -115,9 +120,7 @@ def plot_quant() -> None:
     ax.set_title(f"quantise + pack, {big} tokens x batch 8 x 8 heads, D=128, {q.get('device', '')}")
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "gpu_quant.png", dpi=110)
-    print("wrote", RESULTS / "gpu_quant.png")
+    save(fig, "gpu_quant.png")
 
 
 def plot_e2e() -> None:
@@ -148,9 +151,7 @@ def plot_e2e() -> None:
                  fontsize=10)
     ax.set_xlim(0, 1.35 * rows[0]["tokens_per_s"])
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "gpu_e2e.png", dpi=110)
-    print("wrote", RESULTS / "gpu_e2e.png")
+    save(fig, "gpu_e2e.png")
 
 
 def plot_a2() -> None:
@@ -205,9 +206,7 @@ def plot_a2() -> None:
     b.set_title(f"end to end, batch 8, 32k, graph decoder, {s['card']}", fontsize=9)
     b.grid(alpha=0.3, axis="y")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "gpu_a2.png", dpi=110)
-    print("wrote", RESULTS / "gpu_a2.png")
+    save(fig, "gpu_a2.png")
 
 
 def plot_prefill() -> None:
@@ -251,9 +250,7 @@ def plot_prefill() -> None:
                 fontsize=9)
     b.grid(alpha=0.3)
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "gpu_prefill.png", dpi=110)
-    print("wrote", RESULTS / "gpu_prefill.png")
+    save(fig, "gpu_prefill.png")
 
 
 def plot_few_rows() -> None:
@@ -285,9 +282,7 @@ def plot_few_rows() -> None:
                  fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "gpu_few_rows.png", dpi=110)
-    print("wrote", RESULTS / "gpu_few_rows.png")
+    save(fig, "gpu_few_rows.png")
 
 
 if __name__ == "__main__":

@@ -83,6 +83,16 @@ def _two_call_prompt(model, n: int, padded: bool):
     return ids, mask
 
 
+def _record_calls(monkeypatch, name: str) -> list:
+    """Wrap ``attention.<name>`` (a function of a layer first) so that each call appends its
+    layer's ``n_quant`` to the returned list."""
+    used = []
+    real = getattr(attention, name)
+    monkeypatch.setattr(attention, name,
+                        lambda layer, *a: used.append(layer.n_quant) or real(layer, *a))
+    return used
+
+
 def _two_calls(model, ids, mask, first: int, cal, kw):
     """A fresh HeadQCache fed ``ids[:, :first]``, then the rest in a second call (which reads
     the tokens the first quantised): ``(second call's logits, cache)``."""
@@ -263,12 +273,9 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     run = lambda: _two_calls(model, ids, mask, 70, cal, kw)  # noqa: E731
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: False)
     b_rows, c_rows = run()
-    used = []
-    real = attention._prefill_dequantised
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: layer.n_quant > 0)
     monkeypatch.setattr(cache_module, "_DEQUANT_BLOCK_BYTES", 1)  # one key group per block
-    monkeypatch.setattr(attention, "_prefill_dequantised",
-                        lambda layer, *a: used.append(layer.n_quant) or real(layer, *a))
+    used = _record_calls(monkeypatch, "_prefill_dequantised")
     b_deq, c_deq = run()
     assert len(used) == len(c_deq.layers) and all(nq > 0 for nq in used)
     torch.testing.assert_close(b_deq, b_rows, atol=2e-5, rtol=1e-5)
@@ -307,10 +314,7 @@ def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, 
     monkeypatch.undo()
     restore_attn.append(attention.enable(model))
     monkeypatch.setattr(attention, "DECODE_ROWS_MAX_TOKENS", {"cpu": 8, "cuda": 8})
-    used = []
-    real = attention._prefill_decode_rows
-    monkeypatch.setattr(attention, "_prefill_decode_rows",
-                        lambda layer, *a: used.append(layer.n_quant) or real(layer, *a))
+    used = _record_calls(monkeypatch, "_prefill_decode_rows")
     b_dec, c_dec = run()
     assert len(used) == len(c_dec.layers) and all(nq > 0 for nq in used)
     torch.testing.assert_close(b_dec, b_rows, atol=5e-5, rtol=1e-5)
