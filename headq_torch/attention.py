@@ -179,22 +179,21 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
 # CUDA, Llama-3-8B shape (4 layers, batch 8, 32k, bf16; H100): 12.5-16.8 ms against 70-87 ms
 # dequantised for 2-16 tokens (whole model call; a decode step 6-9 ms), gpu_few_rows.json; CPU,
 # SmolLM2-135M over 2,048 tokens: ahead of the other paths at 2 and 4 tokens (1.4-2.5×), even at
-# 8 and behind at 16, cpu_few_rows.json. Rows per KV head (query heads of a KV head × tokens)
-# are also bounded: the CUDA a2_step_weights kernel keeps them in 48 KB of shared memory.
-_DECODE_ROWS_PER_KV_HEAD = 64
+# 8 and behind at 16, cpu_few_rows.json.
 DECODE_ROWS_MAX_TOKENS = {"cuda": 16, "cpu": 4}
+# Query rows of a KV head (its query heads × tokens) per decode-op call: a longer call goes in
+# several op calls. The CUDA a2_step_weights kernel keeps a call's rows in 48 KB of shared memory.
+_DECODE_ROWS_PER_KV_HEAD = 64
 
 
 def _decode_rows(layer, query: torch.Tensor) -> bool:
     """Whether a call of several query tokens over quantised tokens (an assisted-decoding
     verification, a short chunk or turn) goes through the decode op
     (:func:`_prefill_decode_rows`): keys quantised, a fused decode kernel for the head dim, at
-    most :data:`DECODE_ROWS_MAX_TOKENS` tokens and ``_DECODE_ROWS_PER_KV_HEAD`` rows per KV
-    head."""
-    B, Hq, L, _ = query.shape
+    most :data:`DECODE_ROWS_MAX_TOKENS` tokens."""
+    L = query.shape[2]
     return (layer.n_quant > 0 and layer.quantise_keys and layer._owner._static_step is None
             and 1 < L <= DECODE_ROWS_MAX_TOKENS.get(query.device.type, 0)
-            and (Hq // layer.H) * L <= _DECODE_ROWS_PER_KV_HEAD
             and (query.device.type != "cuda" or query.shape[-1] in FUSED_CUDA_HEAD_DIMS))
 
 
@@ -205,10 +204,11 @@ def _prefill_decode_rows(layer, query: torch.Tensor, attention_mask,
 
     The ``L`` tokens are the last ``L`` of the window (``update`` appended them), so every
     quantised token and every earlier window token precedes all of them: the op attends to
-    those with the ``Hq·L`` query rows as its query heads (row ``h·L + i`` of query head ``h``,
-    so the rows of a KV head stay together and share one read of the packed cache), and
-    returns each row's output and log-sum-exp. The call's own tokens (causal among themselves)
-    are attended to here, in float32, and the two parts merged by their log-sum-exps. With A²,
+    those with the query rows as its query heads (row ``h·L' + i`` of query head ``h``, so the
+    rows of a KV head stay together and share one read of the packed cache; ``L'`` tokens per
+    op call, at most ``_DECODE_ROWS_PER_KV_HEAD`` rows of a KV head), and returns each row's
+    output and log-sum-exp. The call's own tokens (causal among themselves) are attended to
+    here, in float32, and the two parts merged by their log-sum-exps. With A²,
     ``ops.a2_step_weights`` adds the earlier window tokens' and the kept tokens' weights from
     the merged log-sum-exp, and the call's own tokens' weights are added here."""
     B, Hq, L, D = query.shape
@@ -222,24 +222,29 @@ def _prefill_decode_rows(layer, query: torch.Tensor, attention_mask,
             return None
         if any(starts):
             kv_start = torch.tensor(starts, dtype=torch.int32, device=device)
-    q = query.reshape(B, Hq * L, D)
     nq_t, nw_t = _lengths_shared(layer, B, nq, nw - L, device)
-    out_c, lse_c, hl = _decode_op(layer, q, nq_t, nw_t, kv_start, scale)
-    kn = layer.buf["k_window"][:, :, nw - L:nw]
-    vn = layer.buf["v_window"][:, :, nw - L:nw]
-    s = _grouped(query.float(), kn.float().transpose(-1, -2)) * scale  # [B, Hq, L, L]
-    s.masked_fill_(~_visible_mask(attention_mask, L, T, device)[..., T - L:], float("-inf"))
-    lse_c = lse_c.view(B, Hq, L)
-    lse = torch.logaddexp(lse_c, torch.logsumexp(s, dim=-1))
-    # rows that see no token (lse -inf): both parts weigh 0 and the output is 0
-    ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(s - ref.unsqueeze(-1))
-    out = out_c.view(B, Hq, L, D).float() * torch.exp(lse_c - ref).unsqueeze(-1) + \
-        _grouped(p, vn.float())
-    if layer.a2:
-        _a2_step_weights(layer, q, lse.view(B, Hq * L), hl, nq_t, nw_t, kv_start, scale)
-        layer.buf["w_window"][:, :, nw - L:nw] += vp.squared_weights(p, layer.H)
-    return out.to(query.dtype)
+    kn = layer.buf["k_window"][:, :, nw - L:nw].float()
+    vn = layer.buf["v_window"][:, :, nw - L:nw].float()
+    s_all = _grouped(query.float(), kn.transpose(-1, -2)) * scale  # [B, Hq, L, L]
+    s_all.masked_fill_(~_visible_mask(attention_mask, L, T, device)[..., T - L:], float("-inf"))
+    step = max(1, _DECODE_ROWS_PER_KV_HEAD // (Hq // layer.H))
+    outs = []
+    for i0 in range(0, L, step):
+        Lc = min(step, L - i0)
+        q = query[:, :, i0:i0 + Lc].reshape(B, Hq * Lc, D)
+        out_c, lse_c, hl = _decode_op(layer, q, nq_t, nw_t, kv_start, scale)
+        s = s_all[:, :, i0:i0 + Lc]
+        lse_c = lse_c.view(B, Hq, Lc)
+        lse = torch.logaddexp(lse_c, torch.logsumexp(s, dim=-1))
+        # rows that see no token (lse -inf): both parts weigh 0 and the output is 0
+        ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        p = torch.exp(s - ref.unsqueeze(-1))
+        outs.append(out_c.view(B, Hq, Lc, D).float() * torch.exp(lse_c - ref).unsqueeze(-1)
+                    + _grouped(p, vn))
+        if layer.a2:
+            _a2_step_weights(layer, q, lse.view(B, Hq * Lc), hl, nq_t, nw_t, kv_start, scale)
+            layer.buf["w_window"][:, :, nw - L:nw] += vp.squared_weights(p, layer.H)
+    return torch.cat(outs, dim=2).to(query.dtype)
 
 
 def _dense_prefill(layer, query: torch.Tensor) -> bool:

@@ -291,14 +291,15 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", ["uniform", "a2", "keys_only"])
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("n_rows", [2, 5])
-def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, restore_attn,
-                                                monkeypatch):
+@pytest.mark.parametrize("n_rows,rows_per_op", [(2, 64), (5, 64), (5, 4)])
+def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, rows_per_op,
+                                                restore_attn, monkeypatch):
     """A few query tokens over already quantised tokens (an assisted-decoding verification, a
     short chunk) through attention._prefill_decode_rows (the decode op with the tokens' rows as
     its query heads, then the tokens' own causal block, merged by log-sum-exp) equal the
     materialised row blocks (forced here): the logits, and with A² the accumulated weights and
-    the keep set. Head dim 64, so CUDA runs its fused kernel; float32 model."""
+    the keep set. Head dim 64, so CUDA runs its fused kernel; float32 model. ``rows_per_op`` 4
+    (2 query heads per KV head): the 5 tokens go in op calls of 2, 2 and 1."""
     model = make_tiny("llama", head_dim=64).to(device)
     cal = tiny_calibration(model)
     cal.bases = [b.to(device) for b in cal.bases]
@@ -314,9 +315,12 @@ def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, 
     monkeypatch.undo()
     restore_attn.append(attention.enable(model))
     monkeypatch.setattr(attention, "DECODE_ROWS_MAX_TOKENS", {"cpu": 8, "cuda": 8})
+    monkeypatch.setattr(attention, "_DECODE_ROWS_PER_KV_HEAD", rows_per_op)
     used = _record_calls(monkeypatch, "_prefill_decode_rows")
+    ops_rows = _record_calls(monkeypatch, "_decode_op")
     b_dec, c_dec = run()
     assert len(used) == len(c_dec.layers) and all(nq > 0 for nq in used)
+    assert len(ops_rows) == len(used) * -(-n_rows // (rows_per_op // 2))
     torch.testing.assert_close(b_dec, b_rows, atol=5e-5, rtol=1e-5)
     if policy == "a2":
         _assert_same_a2_state(c_dec, c_rows)
@@ -348,8 +352,8 @@ def test_prefill_decode_rows_takes_only_left_padded_causal_masks(restore_attn):
 
 def test_decode_rows_only_for_few_rows():
     """attention._decode_rows: calls of 2 .. DECODE_ROWS_MAX_TOKENS query tokens (per device
-    type) over quantised keys, at most 64 rows per KV head, on CUDA only for the decode
-    kernels' head dims, and never inside a graph-decode step."""
+    type) over quantised keys, on CUDA only for the decode kernels' head dims, and never inside
+    a graph-decode step."""
     from types import SimpleNamespace
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -362,7 +366,6 @@ def test_decode_rows_only_for_few_rows():
     assert not attention._decode_rows(layer, q(cpu, n_cpu + 1))
     assert attention._decode_rows(layer, q(cuda, n_cuda, 128))
     assert not attention._decode_rows(layer, q(cuda, 2, 96))
-    assert not attention._decode_rows(layer, q(cpu, 8, hq=32))  # 16 heads x 8 rows per KV head
     layer.n_quant = 0
     assert not attention._decode_rows(layer, q(cpu, 2))
     layer.n_quant, layer.quantise_keys = 64, False
