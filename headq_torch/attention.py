@@ -221,7 +221,7 @@ def _prefill_decode_rows(layer, query: torch.Tensor, attention_mask,
         if starts is None:
             return None
         if any(starts):
-            kv_start = torch.tensor(starts, dtype=torch.int32, device=device)
+            kv_start = _starts_tensor(layer, starts, device)
     nq_t, nw_t = _lengths_shared(layer, B, nq, nw - L, device)
     kn = layer.buf["k_window"][:, :, nw - L:nw].float()
     vn = layer.buf["v_window"][:, :, nw - L:nw].float()
@@ -245,6 +245,17 @@ def _prefill_decode_rows(layer, query: torch.Tensor, attention_mask,
             _a2_step_weights(layer, q, lse.view(B, Hq * Lc), hl, nq_t, nw_t, kv_start, scale)
             layer.buf["w_window"][:, :, nw - L:nw] += vp.squared_weights(p, layer.H)
     return torch.cat(outs, dim=2).to(query.dtype)
+
+
+def _starts_tensor(layer, starts: list, device) -> torch.Tensor:
+    """``starts`` (the list :func:`_padding_starts` keeps per mask object) as an int32 tensor on
+    ``device``: one host-to-device copy per list, i.e. per forward, not one per layer."""
+    owner = layer._owner
+    memo = getattr(owner, "_starts_tensor_memo", None)
+    if memo is None or memo[0] is not starts:
+        memo = (starts, torch.tensor(starts, dtype=torch.int32, device=device))
+        owner._starts_tensor_memo = memo
+    return memo[1]
 
 
 def _dense_prefill(layer, query: torch.Tensor) -> bool:

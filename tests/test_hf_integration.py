@@ -324,6 +324,8 @@ def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, 
     torch.testing.assert_close(b_dec, b_rows, atol=5e-5, rtol=1e-5)
     if policy == "a2":
         _assert_same_a2_state(c_dec, c_rows)
+    if padded:  # the per-forward kv_start tensor the layers take from the memo
+        assert c_dec._starts_tensor_memo[1].tolist() == [0, 9]
 
 
 def test_prefill_decode_rows_takes_only_left_padded_causal_masks(restore_attn):
