@@ -329,9 +329,9 @@ def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, 
 
 
 def test_prefill_decode_rows_takes_only_left_padded_causal_masks(restore_attn):
-    """Another mask (here: a hole in the middle) is not for the decode op, whose ``kv_start``
-    hides only the tokens before a sequence's first one: attention._prefill_decode_rows returns
-    None and the call dequantises instead, with the same result as the row blocks."""
+    """attention._prefill_decode_rows under a causal mask equals the row blocks; another mask
+    (here: a hole in the middle) is not for the decode op, whose ``kv_start`` hides only the
+    tokens before a sequence's first one: it returns None (and _prefill dequantises)."""
     model = make_tiny("llama", head_dim=64)
     cal, kw = _kv2("uniform", tiny_calibration(model))
     restore_attn.append(attention.enable(model))
@@ -346,7 +346,10 @@ def test_prefill_decode_rows_takes_only_left_padded_causal_masks(restore_attn):
     T = layer.n_quant + layer.n_window
     mask = torch.ones(1, 1, 4, T, dtype=torch.bool).tril(T - 4)
     assert attention._decode_rows(layer, q)
-    assert attention._prefill_decode_rows(layer, q, mask, 0.125) is not None
+    got = attention._prefill_decode_rows(layer, q, mask, 0.125)
+    keys, values = layer.dense_kv(torch.float32)
+    want = attention._prefill_rows(layer, q, mask, 0.125, 0, values, keys)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     mask = mask.clone()  # a new mask object (the answer is kept per object)
     mask[..., 40] = False  # a hole
     assert attention._prefill_decode_rows(layer, q, mask, 0.125) is None
