@@ -24,6 +24,17 @@ import matplotlib.ticker  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def loglog(ax, xlabel: str, ylabel: str, title: str, title_size=None, legend_size=8) -> None:
+    """Log2 x / log y axes with labels, title, grid and legend (the figures' timing panels)."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def save(fig, name: str) -> None:
     """Lay out ``fig`` and write it to ``benchmarks/results/<name>``."""
     fig.tight_layout()
@@ -60,14 +71,9 @@ def main() -> None:
         b.plot(gctx, [r["headq_bytes"] / (r["headq_mma:fixed"]["median_ms"] * 1e-3) / 1e9
                       for r in g["rows"]], ls="--", marker=".", color="k",
                label="HeadQ fused fixed, device time")
-    a.set_xscale("log", base=2)
-    a.set_yscale("log")
-    a.set_xlabel("context (tokens)")
-    a.set_ylabel("ms per decode step (median)")
-    a.set_title(f"decode attention, batch {rows[0]['batch']}, {rows[0]['q_heads']}/"
-                f"{rows[0]['kv_heads']} heads, D={rows[0]['head_dim']}")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=8)
+    loglog(a, "context (tokens)", "ms per decode step (median)",
+           f"decode attention, batch {rows[0]['batch']}, {rows[0]['q_heads']}/"
+           f"{rows[0]['kv_heads']} heads, D={rows[0]['head_dim']}")
     b.plot(ctx, [r["headq_gbs"] for r in rows], marker="o", label="HeadQ fused (best variant)")
     b.plot(ctx, [r["dense_gbs"] for r in rows], marker="o", label="dense fp16 SDPA")
     b.axhline(d["copy_gbs"], ls="--", color="k", label=f"copy bandwidth {d['copy_gbs']:.0f} GB/s")
@@ -178,13 +184,8 @@ def plot_a2() -> None:
     prev = p["session13"]["rows"]
     a.plot([r["context"] for r in prev], [r["a2_weights_given_lse_ms"] for r in prev],
            marker=".", ls=":", color="grey", label="the key pass in session 13")
-    a.set_xscale("log", base=2)
-    a.set_yscale("log")
-    a.set_xlabel("prompt tokens")
-    a.set_ylabel("ms per layer (output + A² weights)")
-    a.set_title(f"A² first prompt, batch {p['shape']['batch']}, {p['machine']}", fontsize=9)
-    a.grid(alpha=0.3)
-    a.legend(fontsize=8)
+    loglog(a, "prompt tokens", "ms per layer (output + A² weights)",
+           f"A² first prompt, batch {p['shape']['batch']}, {p['machine']}", title_size=9)
     s11 = s12["session11_same_shape_h100"]
     labels = ["A² s11", "A² s12", "A² s13", "A² s14", "uniform"]
     step = [s11["headq_a2_graph_ms_per_step"], s12["headq_a2_graph_ms_per_step"],
@@ -242,14 +243,9 @@ def plot_prefill() -> None:
            label="masked SDPA + both passes per sequence")
     b.plot(ctx, [r["padded_layer_fused_per_sequence_ms"] for r in rows], marker="o",
            label="fused call per sequence (lse) + key pass")
-    b.set_xscale("log", base=2)
-    b.set_yscale("log")
-    b.set_xlabel("prompt tokens (sequences T down to ~T/2)")
-    b.set_ylabel("ms per layer (output + A² weights)")
-    b.set_title(f"left-padded A² first prompt, batch 8, {p['padded_first_prompt_session15']['machine']}",
-                fontsize=9)
-    b.grid(alpha=0.3)
-    b.legend(fontsize=8)
+    loglog(b, "prompt tokens (sequences T down to ~T/2)", "ms per layer (output + A² weights)",
+           f"left-padded A² first prompt, batch 8, {p['padded_first_prompt_session15']['machine']}",
+           title_size=9)
     save(fig, "gpu_prefill.png")
 
 
@@ -271,17 +267,12 @@ def plot_few_rows() -> None:
             ax.plot([r["chunk"] for r in rows], [r[f"{key}_ms"] for r in rows], style,
                     marker="o", color=f"C{i}",
                     label=label + (" (A²)" if policy == "a2" else ""))
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    loglog(ax, "query tokens of the call (1 = a decode step)", "ms per model call (median)",
+           f"a call over 32k tokens, batch 8, 4 layers of the 8B shape, {d['machine']}",
+           title_size=9, legend_size=7)
     chunks = sorted({r["chunk"] for r in d["rows"]})
     ax.set_xticks(chunks)
     ax.set_xticklabels([str(c) for c in chunks])
-    ax.set_xlabel("query tokens of the call (1 = a decode step)")
-    ax.set_ylabel("ms per model call (median)")
-    ax.set_title(f"a call over 32k tokens, batch 8, 4 layers of the 8B shape, {d['machine']}",
-                 fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     save(fig, "gpu_few_rows.png")
 
 
