@@ -529,17 +529,24 @@ class HeadQLayer(CacheLayerMixin):
 
     # -- reading -----------------------------------------------------------------------------
 
+    def _token_range(self, name: str, start: int, end: Optional[int]) -> int:
+        """``end`` (default ``n_quant``) of a token range ``[start, end)`` of the quantised
+        region, checked: a ValueError naming ``name`` unless ``0 <= start <= end <= n_quant``."""
+        nq = self.n_quant
+        end = nq if end is None else end
+        if not 0 <= start <= end <= nq:
+            raise ValueError(f"{name}: need 0 <= start <= end <= n_quant ({nq}), got "
+                             f"start={start}, end={end}")
+        return end
+
     def quantised_keys(self, out_dtype=torch.float32, start: int = 0,
                        end: Optional[int] = None) -> torch.Tensor:
         """Keys of the quantised region as attention reads them: ``k̂ + sign·U ẑ``
         ``[B, H, end - start, D]`` (``q·`` of it equals the corrected logit), for the tokens
         ``[start, end)`` (default all ``n_quant``; ``start`` a multiple of the key group size).
         Computed in float32, then cast."""
-        nq, s, b = self.n_quant, self.s, self.buf
-        end = nq if end is None else end
-        if not 0 <= start <= end <= nq:
-            raise ValueError(f"quantised_keys: need 0 <= start <= end <= n_quant ({nq}), got "
-                             f"start={start}, end={end}")
+        s, b = self.s, self.buf
+        end = self._token_range("quantised_keys", start, end)
         if start == end:
             return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
         if not self.quantise_keys:
@@ -563,11 +570,8 @@ class HeadQLayer(CacheLayerMixin):
         """Values of the quantised region as attention reads them (``v̂``, plus the delta of
         kept tokens) ``[B, H, end - start, D]``, for the tokens ``[start, end)`` (default all
         ``n_quant``). Computed in float32, then cast."""
-        nq, s, b = self.n_quant, self.s, self.buf
-        end = nq if end is None else end
-        if not 0 <= start <= end <= nq:
-            raise ValueError(f"quantised_values: need 0 <= start <= end <= n_quant ({nq}), got "
-                             f"start={start}, end={end}")
+        s, b = self.s, self.buf
+        end = self._token_range("quantised_values", start, end)
         if start == end:
             return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
         if not self.quantise_values:
