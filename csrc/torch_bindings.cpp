@@ -47,12 +47,13 @@ TORCH_LIBRARY(headq, m) {
       "Tensor? v_zero, Tensor? v_dense, Tensor? heavy_delta, Tensor? heavy_idx, "
       "Tensor k_window, Tensor v_window, Tensor n_quant, Tensor n_window, Tensor? kv_start, "
       "int key_bits, int group_size, int side_bits, int value_bits, int value_group_size, "
-      "float sign, float scale, Tensor(a!)? heavy_logits=None) -> (Tensor, Tensor)");
+      "float sign, float scale, Tensor(a!)? heavy_logits=None, int query_tokens=1) -> "
+      "(Tensor, Tensor)");
   m.def(
       "a2_weights(Tensor q, Tensor k, Tensor? mask, float scale, Tensor? lse=None) -> "
       "(Tensor, Tensor)");
   m.def(
       "a2_step_weights(Tensor q, Tensor k_window, Tensor lse, Tensor n_quant, Tensor n_window, "
       "Tensor? kv_start, float scale, Tensor(a!) w_window, Tensor? heavy_logits=None, "
-      "Tensor(b!)? heavy_w=None) -> ()");
+      "Tensor(b!)? heavy_w=None, int query_tokens=1) -> ()");
 }

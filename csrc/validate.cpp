@@ -388,6 +388,12 @@ void validate_corrected_logits(const at::Tensor& q, const at::Tensor& k_codes,
                    side_bits, sign, scale);
 }
 
+void check_query_tokens(const char* op, int64_t query_tokens, int64_t query_heads) {
+  TORCH_CHECK(query_tokens >= 1, op, ": query_tokens must be >= 1, got ", query_tokens);
+  TORCH_CHECK(query_heads % query_tokens == 0, op, ": query_heads (", query_heads,
+              ") must be a multiple of query_tokens (", query_tokens, ")");
+}
+
 void validate_decode_attention(
     const at::Tensor& q, const at::Tensor& k_codes, const at::Tensor& k_scale,
     const at::Tensor& k_zero, const std::optional<at::Tensor>& z_codes,
@@ -399,12 +405,13 @@ void validate_decode_attention(
     const at::Tensor& n_window, const std::optional<at::Tensor>& kv_start, int64_t key_bits,
     int64_t group_size, int64_t side_bits, int64_t value_bits, int64_t value_group_size,
     double sign, double scale,
-    const std::optional<at::Tensor>& heavy_logits) {
+    const std::optional<at::Tensor>& heavy_logits, int64_t query_tokens) {
   const char* op = "decode_attention";
   const QueryKeyShape qk =
       check_query_keys(op, q, 3, "[batch, query_heads, head_dim]", k_codes, k_scale, k_zero,
                        z_codes, z_scale, basis, key_bits, group_size, side_bits, sign, scale);
   const int64_t B = qk.B, D = qk.D, H = qk.H, Tq = qk.T;
+  check_query_tokens(op, query_tokens, q.size(1));
 
   TORCH_CHECK(v_codes.has_value() != v_dense.has_value(), op,
               ": exactly one of v_codes and v_dense must be given, got ",
@@ -507,7 +514,7 @@ void validate_a2_step_weights(const at::Tensor& q, const at::Tensor& k_window,
                               const std::optional<at::Tensor>& kv_start, double scale,
                               const at::Tensor& w_window,
                               const std::optional<at::Tensor>& heavy_logits,
-                              const std::optional<at::Tensor>& heavy_w) {
+                              const std::optional<at::Tensor>& heavy_w, int64_t query_tokens) {
   const char* op = "a2_step_weights";
   check_dims(op, "q", q, 3, "[batch, query_heads, head_dim]");
   check_float(op, "q", q);
@@ -519,6 +526,7 @@ void validate_a2_step_weights(const at::Tensor& q, const at::Tensor& k_window,
   const int64_t H = k_window.size(1), W = k_window.size(2);
   TORCH_CHECK(H > 0 && Hq % H == 0, op, ": query_heads (", Hq,
               ") must be a positive multiple of k_window heads (", H, ")");
+  check_query_tokens(op, query_tokens, Hq);
   check_shape(op, "k_window", k_window, {B, H, W, D});
   check_dtype(op, "lse", lse, at::kFloat);
   check_shape(op, "lse", lse, {B, Hq});

@@ -61,6 +61,11 @@ void validate_corrected_logits(const at::Tensor& q,        // [B, Hq, L, D]
                                int64_t key_bits, int64_t group_size, int64_t side_bits,
                                double sign, double scale);
 
+// query_tokens L of decode_attention / a2_step_weights: query head j is token j % L of the
+// window's last L tokens and sees the window tokens t < n_window[b] - (L - 1 - j % L); L = 1 is
+// a decode step (every window token visible). Needs L >= 1 and query_heads % L == 0.
+void check_query_tokens(const char* op, int64_t query_tokens, int64_t query_heads);
+
 void validate_decode_attention(
     const at::Tensor& q,                            // [B, Hq, D]
     const at::Tensor& k_codes,                      // [B, H, Tq, D*key_bits/8] uint8
@@ -82,7 +87,8 @@ void validate_decode_attention(
     const std::optional<at::Tensor>& kv_start,      // [B] int32
     int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
     int64_t value_group_size, double sign, double scale,
-    const std::optional<at::Tensor>& heavy_logits);  // [B, Hq, K] float32, written
+    const std::optional<at::Tensor>& heavy_logits,  // [B, Hq, K] float32, written
+    int64_t query_tokens);  // L >= 1, Hq % L == 0 (see check_query_tokens)
 
 // a2_weights: dense attention of L query rows over T keys; the visible keys of query row i are
 // mask[b, i, :] when a mask is given, else t <= T - L + i (causal, the queries are the last L).
@@ -105,6 +111,7 @@ void validate_a2_step_weights(const at::Tensor& q,         // [B, Hq, D]
                               double scale,
                               const at::Tensor& w_window,  // [B, H, W] float32, written
                               const std::optional<at::Tensor>& heavy_logits,  // [B, Hq, K] f32
-                              const std::optional<at::Tensor>& heavy_w);  // [B, H, K] f32, written
+                              const std::optional<at::Tensor>& heavy_w,  // [B, H, K] f32, written
+                              int64_t query_tokens);  // as in decode_attention
 
 }  // namespace headq

@@ -104,17 +104,24 @@ def _kv_start_shared(layer, attention_mask, B: int, T: int, device):
 def _lengths_shared(layer, B: int, nq: int, nw: int, device):
     """The decode op's per-sequence lengths (int32 ``[B]`` tensors of ``nq`` and ``nw``), made
     once per decode step instead of once per layer: every layer of a step has the same lengths,
-    so the cache keeps the last pair (read-only inputs of the op) and the other layers reuse it
-    (two fill kernels fewer per layer)."""
+    so the cache keeps the pairs (read-only inputs of the op) and the other layers reuse them
+    (two fill kernels fewer per layer). A few-token call split into several op calls needs one
+    pair per op call, so up to ``_LENGTHS_MEMO_SIZE`` pairs are kept, then the memo starts
+    afresh."""
     owner = layer._owner
     key = (B, nq, nw, device)
     memo = getattr(owner, "_lengths_memo", None)
-    if memo is not None and memo[0] == key:
-        return memo[1], memo[2]
-    nq_t = torch.full((B,), nq, dtype=torch.int32, device=device)
-    nw_t = torch.full((B,), nw, dtype=torch.int32, device=device)
-    owner._lengths_memo = (key, nq_t, nw_t)
-    return nq_t, nw_t
+    if memo is None or len(memo) >= _LENGTHS_MEMO_SIZE and key not in memo:
+        memo = owner._lengths_memo = {}
+    if key not in memo:
+        memo[key] = (torch.full((B,), nq, dtype=torch.int32, device=device),
+                     torch.full((B,), nw, dtype=torch.int32, device=device))
+    return memo[key]
+
+
+# Length pairs _lengths_shared keeps (a few-token call of 64 tokens with 8 query heads per KV
+# head makes 8 op calls).
+_LENGTHS_MEMO_SIZE = 16
 
 
 def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -> torch.Tensor:
@@ -180,7 +187,7 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
 # dequantised for 2-16 tokens (whole model call; a decode step 6-9 ms), gpu_few_rows.json; CPU,
 # SmolLM2-135M over 2,048 tokens: ahead of the other paths at 2 and 4 tokens (1.4-2.5×), even at
 # 8 and behind at 16, cpu_few_rows.json.
-DECODE_ROWS_MAX_TOKENS = {"cuda": 16, "cpu": 4}
+DECODE_ROWS_MAX_TOKENS = {"cuda": 64, "cpu": 4}
 # Query rows of a KV head (its query heads × tokens) per decode-op call: a longer call goes in
 # several op calls. The CUDA a2_step_weights kernel keeps a call's rows in 48 KB of shared memory.
 _DECODE_ROWS_PER_KV_HEAD = 64
@@ -203,48 +210,36 @@ def _prefill_decode_rows(layer, query: torch.Tensor, attention_mask,
     None when the mask is not causal attention with left padding (the caller dequantises).
 
     The ``L`` tokens are the last ``L`` of the window (``update`` appended them), so every
-    quantised token and every earlier window token precedes all of them: the op attends to
-    those with the query rows as its query heads (row ``h·L' + i`` of query head ``h``, so the
-    rows of a KV head stay together and share one read of the packed cache; ``L'`` tokens per
-    op call, at most ``_DECODE_ROWS_PER_KV_HEAD`` rows of a KV head), and returns each row's
-    output and log-sum-exp. The call's own tokens (causal among themselves) are attended to
-    here, in float32, and the two parts merged by their log-sum-exps. With A²,
-    ``ops.a2_step_weights`` adds the earlier window tokens' and the kept tokens' weights from
-    the merged log-sum-exp, and the call's own tokens' weights are added here."""
+    quantised token and every earlier window token precedes all of them. The op takes the
+    query rows as its query heads (row ``h·L' + i`` of query head ``h``, so the rows of a KV
+    head stay together and share one read of the packed cache) with ``query_tokens=L'``: row
+    ``i`` sees the quantised tokens, the kept tokens and the window up to its own token
+    (causal among the call's tokens, inside the op). ``L'`` tokens per op call, at most
+    ``_DECODE_ROWS_PER_KV_HEAD`` rows of a KV head; a call of more tokens goes in several op
+    calls, each over the window up to its last token. With A², ``ops.a2_step_weights`` adds
+    the window and kept tokens' weights with the same ``query_tokens``."""
     B, Hq, L, D = query.shape
     nq, nw = layer.n_quant, layer.n_window
-    T = nq + nw
     device = query.device
     kv_start = None
     if attention_mask is not None:
-        starts = _padding_starts(layer, attention_mask, B, L, T, device)
+        starts = _padding_starts(layer, attention_mask, B, L, nq + nw, device)
         if starts is None:
             return None
         if any(starts):
             kv_start = _starts_tensor(layer, starts, device)
-    nq_t, nw_t = _lengths_shared(layer, B, nq, nw - L, device)
-    kn = layer.buf["k_window"][:, :, nw - L:nw].float()
-    vn = layer.buf["v_window"][:, :, nw - L:nw].float()
-    s_all = _grouped(query.float(), kn.transpose(-1, -2)) * scale  # [B, Hq, L, L]
-    s_all.masked_fill_(~_visible_mask(attention_mask, L, T, device)[..., T - L:], float("-inf"))
     step = max(1, _DECODE_ROWS_PER_KV_HEAD // (Hq // layer.H))
     outs = []
     for i0 in range(0, L, step):
         Lc = min(step, L - i0)
+        # the window up to this op call's last token
+        nq_t, nw_t = _lengths_shared(layer, B, nq, nw - L + i0 + Lc, device)
         q = query[:, :, i0:i0 + Lc].reshape(B, Hq * Lc, D)
-        out_c, lse_c, hl = _decode_op(layer, q, nq_t, nw_t, kv_start, scale)
-        s = s_all[:, :, i0:i0 + Lc]
-        lse_c = lse_c.view(B, Hq, Lc)
-        lse = torch.logaddexp(lse_c, torch.logsumexp(s, dim=-1))
-        # rows that see no token (lse -inf): both parts weigh 0 and the output is 0
-        ref = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-        p = torch.exp(s - ref.unsqueeze(-1))
-        outs.append(out_c.view(B, Hq, Lc, D).float() * torch.exp(lse_c - ref).unsqueeze(-1)
-                    + _grouped(p, vn))
+        out, lse, hl = _decode_op(layer, q, nq_t, nw_t, kv_start, scale, query_tokens=Lc)
         if layer.a2:
-            _a2_step_weights(layer, q, lse.view(B, Hq * Lc), hl, nq_t, nw_t, kv_start, scale)
-            layer.buf["w_window"][:, :, nw - L:nw] += vp.squared_weights(p, layer.H)
-    return torch.cat(outs, dim=2).to(query.dtype)
+            _a2_step_weights(layer, q, lse, hl, nq_t, nw_t, kv_start, scale, query_tokens=Lc)
+        outs.append(out.view(B, Hq, Lc, D))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
 def _starts_tensor(layer, starts: list, device) -> torch.Tensor:
@@ -493,10 +488,11 @@ def _decode(layer, query: torch.Tensor, attention_mask, scale: float) -> torch.T
 
 
 def _decode_op(layer, q: torch.Tensor, nq_t: torch.Tensor, nw_t: torch.Tensor,
-               kv_start: Optional[torch.Tensor], scale: float):
+               kv_start: Optional[torch.Tensor], scale: float, query_tokens: int = 1):
     """``ops.decode_attention`` of ``q`` ``[B, Hq', D]`` over the layer's packed cache and the
-    first ``nw_t`` window tokens: ``(out, lse, heavy_logits)``, the last the kept tokens' logits
-    an A² cache needs (None otherwise)."""
+    first ``nw_t`` window tokens (with ``query_tokens`` > 1 the rows of a few-token call, causal
+    over its own tokens): ``(out, lse, heavy_logits)``, the last the kept tokens' logits an A²
+    cache needs (None otherwise)."""
     s, b = layer.s, layer.buf
     B, Hq = q.shape[:2]
     has_side = layer.basis is not None
@@ -522,7 +518,7 @@ def _decode_op(layer, q: torch.Tensor, nq_t: torch.Tensor, nw_t: torch.Tensor,
         heavy_idx.contiguous() if heavy else None,
         b["k_window"], b["v_window"], nq_t, nw_t, kv_start,
         s.key_bits, s.group_size, s.side_bits, s.value_bits, s.value_group_size, s.sign, scale,
-        heavy_logits=hl)
+        heavy_logits=hl, query_tokens=query_tokens)
     return out, lse, hl
 
 
@@ -549,7 +545,8 @@ def _fused_decode(layer, query: torch.Tensor) -> bool:
 
 def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
                      heavy_logits: Optional[torch.Tensor], nq_t: torch.Tensor,
-                     nw_t: torch.Tensor, kv_start: Optional[torch.Tensor], scale: float) -> None:
+                     nw_t: torch.Tensor, kv_start: Optional[torch.Tensor], scale: float,
+                     query_tokens: int = 1) -> None:
     """A² weights of a decode step (graph or eager), added in place by one op
     (``ops.a2_step_weights``; one kernel on CUDA instead of ~30 small PyTorch ones): the window
     tokens' over the window buffer's whole capacity, positions past the step's ``n_window`` (or
@@ -561,7 +558,7 @@ def _a2_step_weights(layer, q: torch.Tensor, lse: torch.Tensor,
     if heavy_logits is not None:
         sw = layer.keep_store[1] if layer.keep_store is not None else layer.heavy_w
     ops.a2_step_weights(q, layer.buf["k_window"], lse, nq_t, nw_t, kv_start, scale,
-                        layer.buf["w_window"], heavy_logits, sw)
+                        layer.buf["w_window"], heavy_logits, sw, query_tokens=query_tokens)
 
 
 def headq_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -166,7 +166,8 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
                      key_bits: int, group_size: int, side_bits: int, value_bits: int,
                      value_group_size: int, sign: float = 1.0,
                      scale: float = 1.0,
-                     heavy_logits: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+                     heavy_logits: Optional[Tensor] = None,
+                     query_tokens: int = 1) -> tuple[Tensor, Tensor]:
     """One decode step of attention over the packed cache, without a dense copy of K or V.
 
     Args:
@@ -185,6 +186,12 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
             head, ``-inf`` for an empty slot or a token that is not visible. The A² step's
             kept-token weights are ``exp(heavy_logits - lse)``: the op computes these logits
             anyway, so they cost no second pass over the kept rows.
+        query_tokens: ``L >= 1`` (``Hq % L == 0``). With ``L > 1`` the query heads are the
+            rows of a call of ``L`` tokens whose keys and values are the window's last ``L``
+            tokens (``update`` appended them): query head ``j`` is token ``j % L`` of them and
+            sees the window tokens ``t < n_window[b] - (L - 1 - j % L)``, every quantised token
+            and every kept token (causal attention of a few-token call in one op call; the
+            caller lays out query head ``h`` token ``i`` as row ``h·L + i``). 1: a decode step.
 
     Returns:
         ``out`` ``[B, Hq, D]`` in ``q``'s dtype and ``lse`` float32 ``[B, Hq]``, the
@@ -199,7 +206,7 @@ def decode_attention(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor
                                  v_codes, v_scale, v_zero, v_dense, heavy_delta, heavy_idx,
                                  k_window, v_window, n_quant, n_window, kv_start, key_bits,
                                  group_size, side_bits, value_bits, value_group_size,
-                                 float(sign), float(scale), heavy_logits)
+                                 float(sign), float(scale), heavy_logits, int(query_tokens))
 
 
 def a2_weights(q: Tensor, k: Tensor, mask: Optional[Tensor] = None,
@@ -236,7 +243,7 @@ def a2_weights(q: Tensor, k: Tensor, mask: Optional[Tensor] = None,
 def a2_step_weights(q: Tensor, k_window: Tensor, lse: Tensor, n_quant: Tensor,
                     n_window: Tensor, kv_start: Optional[Tensor], scale: float,
                     w_window: Tensor, heavy_logits: Optional[Tensor] = None,
-                    heavy_w: Optional[Tensor] = None) -> None:
+                    heavy_w: Optional[Tensor] = None, query_tokens: int = 1) -> None:
     """Add one decode step's A² weights in place (one kernel on CUDA; an A² cache's graph step).
 
     For the window tokens ``t < n_window[b]`` (and ``n_quant[b] + t >= kv_start[b]``):
@@ -255,12 +262,14 @@ def a2_step_weights(q: Tensor, k_window: Tensor, lse: Tensor, n_quant: Tensor,
         w_window: float32 ``[B, H, W]``, contiguous, added to in place.
         heavy_logits: float32 ``[B, Hq, K]`` (``decode_attention``'s output) or None;
         heavy_w: float32 ``[B, H, K]``, contiguous, added to in place (with ``heavy_logits``).
+        query_tokens: as in :func:`decode_attention`: query head ``j`` adds to the window
+            tokens ``t < n_window[b] - (L - 1 - j % L)`` only.
     """
     _same_device("a2_step_weights", q=q, k_window=k_window, lse=lse, n_quant=n_quant,
                  n_window=n_window, kv_start=kv_start, w_window=w_window,
                  heavy_logits=heavy_logits, heavy_w=heavy_w)
     _ops.a2_step_weights(q, k_window, lse, n_quant, n_window, kv_start, float(scale), w_window,
-                         heavy_logits, heavy_w)
+                         heavy_logits, heavy_w, int(query_tokens))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,8 +368,12 @@ def _corrected_logits_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
 def _decode_attention_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_codes,
                            v_scale, v_zero, v_dense, heavy_delta, heavy_idx, k_window, v_window,
                            n_quant, n_window, kv_start, key_bits, group_size, side_bits,
-                           value_bits, value_group_size, sign, scale, heavy_logits=None):
+                           value_bits, value_group_size, sign, scale, heavy_logits=None,
+                           query_tokens=1):
     _check(q.dim() == 3, f"decode_attention: q must be [B, Hq, D], got {q.dim()} dims")
+    _check(query_tokens >= 1 and q.shape[1] % query_tokens == 0,
+           f"decode_attention: query_tokens must be >= 1 and divide query_heads ({q.shape[1]}), "
+           f"got {query_tokens}")
     _check((v_codes is None) != (v_dense is None),
            "decode_attention: exactly one of v_codes and v_dense must be given")
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
@@ -368,8 +381,11 @@ def _decode_attention_fake(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
 
 @torch.library.register_fake("headq::a2_step_weights")
 def _a2_step_weights_fake(q, k_window, lse, n_quant, n_window, kv_start, scale, w_window,
-                          heavy_logits=None, heavy_w=None):
+                          heavy_logits=None, heavy_w=None, query_tokens=1):
     _check(q.dim() == 3, f"a2_step_weights: q must be [B, Hq, D], got {q.dim()} dims")
+    _check(query_tokens >= 1 and q.shape[1] % query_tokens == 0,
+           f"a2_step_weights: query_tokens must be >= 1 and divide query_heads ({q.shape[1]}), "
+           f"got {query_tokens}")
     _check(w_window.dim() == 3, "a2_step_weights: w_window must be [B, H, W]")
     return None
 

@@ -224,12 +224,14 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
                      v_zero, v_dense, heavy_delta, heavy_idx, k_window, v_window, n_quant,
                      n_window, kv_start, key_bits: int, group_size: int, side_bits: int,
                      value_bits: int, value_group_size: int, sign: float, scale: float,
-                     heavy_logits=None):
+                     heavy_logits=None, query_tokens: int = 1):
     """One decode step over the packed cache (see docs/LAYOUT.md). Returns ``out``
     ``[B, Hq, D]`` in ``q``'s dtype and ``lse`` float32 ``[B, Hq]`` (log-sum-exp of the
     visible logits, ``-inf`` where none is visible). Computed densely in float32. A given
     ``heavy_logits`` ``[B, Hq, K]`` is filled with the kept slots' logits (``-inf`` for an
-    empty slot or an invisible token)."""
+    empty slot or an invisible token). With ``query_tokens`` ``L > 1`` query head ``j`` is
+    token ``j % L`` of the last ``L`` window tokens and sees the window tokens
+    ``t < n_window[b] - (L - 1 - j % L)`` (causal among them)."""
     B, Hq, D = q.shape
     H = k_codes.shape[1]
     n_rep = Hq // H
@@ -259,6 +261,8 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
             heavy_logits[b] = torch.where(vis, got, torch.full_like(got, float("-inf"))).to(
                 heavy_logits.dtype)
         lw = torch.einsum("hd,htd->ht", qf[b], kw[b, :, :nw]) * scale
+        if query_tokens > 1:
+            lw = lw.masked_fill(~_causal_window(Hq, nw, query_tokens, q.device), float("-inf"))
         logits = torch.cat([logits_q[b, :, :nq], lw], dim=-1)
         vals = torch.cat([vq[b, :, :nq], vw[b, :, :nw]], dim=1)
         if start > 0:
@@ -267,6 +271,8 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
             continue
         lse[b] = torch.logsumexp(logits, dim=-1)
         a = torch.softmax(logits, dim=-1)
+        # a head that sees nothing (query_tokens > 1 with kv_start): zeros, not NaN
+        a = a.masked_fill(torch.isneginf(lse[b]).unsqueeze(-1), 0.0)
         o = torch.einsum("ht,htd->hd", a, vals)
         if heavy_idx is not None:
             hd = expand_kv(heavy_delta[b : b + 1].to(wd), n_rep)[0]
@@ -278,6 +284,13 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
                         o[h] = o[h] + a[h, idx] * hd[h, i]
         out[b] = o
     return out.to(q.dtype), lse.to(torch.float32 if wd == torch.float32 else wd)
+
+
+def _causal_window(Hq: int, nw: int, L: int, device) -> torch.Tensor:
+    """``[Hq, nw]`` booleans: query head ``j`` (token ``j % L`` of the window's last ``L``)
+    sees window token ``t`` when ``t < nw - (L - 1 - j % L)``."""
+    tok = torch.arange(Hq, device=device) % L
+    return torch.arange(nw, device=device).view(1, -1) < (nw - (L - 1 - tok)).view(-1, 1)
 
 
 def a2_weights(q, k, mask, scale: float, lse=None):
@@ -306,21 +319,25 @@ def a2_weights(q, k, mask, scale: float, lse=None):
 
 
 def a2_step_weights(q, k_window, lse, n_quant, n_window, kv_start, scale: float, w_window,
-                    heavy_logits=None, heavy_w=None):
+                    heavy_logits=None, heavy_w=None, query_tokens: int = 1):
     """Reference of ``ops.a2_step_weights``, out of place: returns the updated ``(w_window,
     heavy_w)`` (``heavy_w`` None when not given). Logits in float32 (float64 for a float64
-    ``q``); an ``a`` that is not finite adds 0."""
+    ``q``); an ``a`` that is not finite adds 0. ``query_tokens``: as in
+    :func:`decode_attention` (query head ``j`` sees window tokens
+    ``t < n_window[b] - (L - 1 - j % L)``)."""
     B, Hq, D = q.shape
     H, W = k_window.shape[1], k_window.shape[2]
     n_rep = Hq // H
     wd = _work_dtype(q)
     s = torch.einsum("bhd,bhtd->bht", q.to(wd), expand_kv(k_window.to(wd), n_rep)) * scale
     t = torch.arange(W, device=q.device).view(1, -1)
-    vis = t < n_window.view(-1, 1).long()
+    # [B, Hq, W]: the window tokens each query head sees
+    back = (query_tokens - 1 - torch.arange(Hq, device=q.device) % query_tokens).view(1, -1, 1)
+    vis = t.view(1, 1, -1) < n_window.view(-1, 1, 1).long() - back
     if kv_start is not None:
-        vis = vis & (n_quant.view(-1, 1).long() + t >= kv_start.view(-1, 1).long())
+        vis = vis & (n_quant.view(-1, 1, 1).long() + t >= kv_start.view(-1, 1, 1).long())
     a = torch.exp(s - lse.to(wd).unsqueeze(-1))
-    a = torch.where(vis.unsqueeze(1) & torch.isfinite(a), a, 0.0)
+    a = torch.where(vis & torch.isfinite(a), a, 0.0)
     w = w_window + (a * a).reshape(B, H, n_rep, W).sum(2).to(w_window.dtype)
     if heavy_logits is None:
         return w, None

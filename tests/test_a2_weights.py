@@ -452,20 +452,23 @@ def _step_case(B, Hq, H, W, D, K, dtype, device, seed=0, kv_start=True):
     (1, 4, 4, 33, 128, 5),    # n_rep 1
 ])
 @pytest.mark.parametrize("kv_start", [False, True])
-def test_a2_step_weights(device, dtype, shape, kv_start):
+@pytest.mark.parametrize("few", [False, True], ids=["step", "query_tokens"])
+def test_a2_step_weights(device, dtype, shape, kv_start, few):
     """The op adds the step's A² weights in place: the window tokens it may see and every slot,
     against the float64 reference (error at most twice the float32 reference's plus a floor);
-    positions past n_window or before kv_start unchanged."""
+    positions past n_window or before kv_start unchanged. few: the query heads are the rows of
+    a call of L tokens (query_tokens=L: head j sees the window up to its token j % L)."""
     B, Hq, H, W, D, K = shape
+    L = {8: 2, 9: 3, 4: 4}[Hq] if few else 1
     q, kw, lse, nq, nw, ks, w0, hl, hw0 = _step_case(B, Hq, H, W, D, K, dtype, device,
                                                      kv_start=kv_start)
     w, hw = w0.clone(), (hw0.clone() if K else None)
-    ops.a2_step_weights(q, kw, lse, nq, nw, ks, 0.125, w, hl, hw)
+    ops.a2_step_weights(q, kw, lse, nq, nw, ks, 0.125, w, hl, hw, query_tokens=L)
     cpu = [t.cpu() if t is not None else None for t in (q, kw, lse, nq, nw, ks, w0, hl, hw0)]
-    w32, hw32 = ref.a2_step_weights(*cpu[:6], 0.125, *cpu[6:])
+    w32, hw32 = ref.a2_step_weights(*cpu[:6], 0.125, *cpu[6:], query_tokens=L)
     c64 = [cpu[0].double(), cpu[1].double(), cpu[2].double()] + cpu[3:6]
     w64, hw64 = ref.a2_step_weights(*c64, 0.125, cpu[6].double(), cpu[7],
-                                    None if hw0 is None else cpu[8].double())
+                                    None if hw0 is None else cpu[8].double(), query_tokens=L)
     err = (w.cpu().double() - w64).abs().max().item()
     base = (w32.double() - w64).abs().max().item()
     assert err <= 2 * base + 1e-5, f"w_window error {err:.3e} vs reference {base:.3e}"

@@ -89,7 +89,7 @@ def _record_calls(monkeypatch, name: str) -> list:
     used = []
     real = getattr(attention, name)
     monkeypatch.setattr(attention, name,
-                        lambda layer, *a: used.append(layer.n_quant) or real(layer, *a))
+                        lambda layer, *a, **k: used.append(layer.n_quant) or real(layer, *a, **k))
     return used
 
 
@@ -296,10 +296,11 @@ def test_prefill_decode_rows_matches_row_blocks(device, policy, padded, n_rows, 
                                                 restore_attn, monkeypatch):
     """A few query tokens over already quantised tokens (an assisted-decoding verification, a
     short chunk) through attention._prefill_decode_rows (the decode op with the tokens' rows as
-    its query heads, then the tokens' own causal block, merged by log-sum-exp) equal the
+    its query heads and ``query_tokens``: causal over the call's own window tokens) equal the
     materialised row blocks (forced here): the logits, and with A² the accumulated weights and
     the keep set. Head dim 64, so CUDA runs its fused kernel; float32 model. ``rows_per_op`` 4
-    (2 query heads per KV head): the 5 tokens go in op calls of 2, 2 and 1."""
+    (2 query heads per KV head): the 5 tokens go in op calls of 2, 2 and 1, each over the
+    window up to its last token."""
     model = make_tiny("llama", head_dim=64).to(device)
     cal = tiny_calibration(model)
     cal.bases = [b.to(device) for b in cal.bases]

@@ -435,6 +435,77 @@ def test_decode_attention_heavy_logits_bad_input(device):
         ops.decode_attention(*no_heavy, heavy_logits=torch.empty(B, Hq, 12, device=device))
 
 
+_TOL_OUT = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
+@pytest.mark.parametrize("L,n_rep", [(2, 4), (4, 4), (3, 6), (8, 8)], ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "case",
+    [dict(), dict(heavy=40, kv_start=True), dict(D=128, W=40), dict(late_start=True),
+     dict(dense_values=True)],
+    ids=["plain", "heavy_kv_start", "d128", "late_start", "dense_v"],
+)
+def test_decode_attention_query_tokens(device, dtype, L, n_rep, case):
+    """query_tokens=L (a few-token call in one op call): query head j is token j % L of the
+    window's last L tokens and sees the window up to its own token. Against the float64
+    reference with the same query_tokens, and against L decode steps (query_tokens=1), step i
+    taking the heads of token i over the window up to that token. late_start: sequence 0's
+    first visible token is its window's last one, so its rows for the earlier tokens see
+    nothing (zeros, lse -inf)."""
+    case = dict(case)
+    late = case.pop("late_start", False)
+    W = case.pop("W", 20)
+    args = list(_decode_case(device, dtype, n_rep=n_rep, W=W, **case))
+    if late:
+        nq, nw = args[15].cpu(), args[16].cpu()
+        args[17] = torch.tensor([int(nq[0] + nw[0]) - 1, 3, 0], dtype=torch.int32,
+                                device=device)
+    out, lse = ops.decode_attention(*args, query_tokens=L)
+    want64, lse64 = ref.decode_attention(*_upcast(args, torch.float64), query_tokens=L)
+    if dtype == torch.float32:
+        want32, _ = ref.decode_attention(*_upcast(args, torch.float32), query_tokens=L)
+        assert_close_to_fp64(out, want32, want64, floor=1e-5)
+    else:
+        tol = _TOL_OUT[dtype]
+        torch.testing.assert_close(out.cpu().float(), want64.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu().double(), lse64, rtol=1e-5, atol=1e-4)
+    if late:  # heads of the earlier tokens (j % L < L - 1) see nothing
+        blind = torch.arange(out.shape[1], device=device) % L != L - 1
+        assert torch.all(out[0, blind] == 0) and torch.all(torch.isneginf(lse[0, blind]))
+        assert torch.isfinite(lse[0, ~blind]).all()
+    tol = _TOL_OUT[dtype]
+    for i in range(L):
+        step = list(args)
+        step[0] = args[0][:, i::L].contiguous()
+        step[16] = (args[16] - (L - 1 - i)).clamp_min(0)
+        o_i, l_i = ops.decode_attention(*step)
+        torch.testing.assert_close(out[:, i::L].cpu().float(), o_i.cpu().float(), rtol=tol,
+                                   atol=tol)
+        torch.testing.assert_close(lse[:, i::L].cpu(), l_i.cpu(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_query_tokens_bad_input(device):
+    args = _decode_case(device, torch.float32)  # 8 query heads
+    with pytest.raises(RuntimeError, match=r"decode_attention: query_tokens must be >= 1, got 0"):
+        ops.decode_attention(*args, query_tokens=0)
+    with pytest.raises(RuntimeError, match=r"decode_attention: query_heads \(8\) must be a "
+                                           r"multiple of query_tokens \(3\)"):
+        ops.decode_attention(*args, query_tokens=3)
+    q, kw = args[0], args[13]
+    B, Hq = q.shape[:2]
+    lse = torch.zeros(B, Hq, device=device)
+    w = torch.zeros(B, kw.shape[1], kw.shape[2], device=device)
+    for L, match in ((0, r"a2_step_weights: query_tokens must be >= 1, got 0"),
+                     (3, r"a2_step_weights: query_heads \(8\) must be a multiple of "
+                         r"query_tokens \(3\)")):
+        with pytest.raises(RuntimeError, match=match):
+            ops.a2_step_weights(q, kw, lse, args[15], args[16], None, 1.0, w, query_tokens=L)
+    assert torch.all(w == 0)
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 @pytest.mark.parametrize("Tq", [1024, 8192, 32768])
 def test_decode_attention_float32_error_does_not_grow_with_context(device, Tq):

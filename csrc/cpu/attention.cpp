@@ -110,12 +110,14 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
     const std::optional<at::Tensor>& kv_start_in,      // [B] int32
     int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
     int64_t value_group_size, double sign, double scale,
-    const std::optional<at::Tensor>& heavy_logits) {  // [B, Hq, K] float32, written
+    const std::optional<at::Tensor>& heavy_logits,  // [B, Hq, K] float32, written
+    int64_t query_tokens) {
   validate_decode_attention(q_in, k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in,
                             basis_in, v_codes_in, v_scale_in, v_zero_in, v_dense_in,
                             heavy_delta_in, heavy_idx_in, k_window_in, v_window_in, n_quant_in,
                             n_window_in, kv_start_in, key_bits, group_size, side_bits,
-                            value_bits, value_group_size, sign, scale, heavy_logits);
+                            value_bits, value_group_size, sign, scale, heavy_logits,
+                            query_tokens);
   const at::Tensor q = q_in.contiguous();
   const at::Tensor k_codes = k_codes_in.contiguous();
   const at::Tensor k_scale = k_scale_in.contiguous();
@@ -153,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
   sh.value_bits = static_cast<int>(value_bits);
   sh.sign = static_cast<float>(sign);
   sh.scale = static_cast<float>(scale);
+  sh.query_tokens = query_tokens;
 
   at::Tensor out = at::empty({B, Hq, D}, q.options());
   at::Tensor lse = at::empty({B, Hq}, q.options().dtype(at::kFloat));
@@ -203,6 +206,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cpu(
       a.n_quant = nq_p[b];
       a.n_window = nw_p[b];
       a.kv_start = ks0_p != nullptr ? ks0_p[b] : 0;
+      a.row0 = h * n_rep;
       a.out = out_p + hq0 * D;
       a.lse = lse_p + hq0;
       return a;
@@ -302,15 +306,16 @@ std::tuple<at::Tensor, at::Tensor> a2_weights_cpu(const at::Tensor& q,  // [B, H
 // a2_step_weights on the CPU: per (batch, KV head), the window tokens' logits as float64 dot
 // products of the inputs (times scale, rounded to float32 as the float32 einsum it replaces),
 // a = exp(s - lse) (0 unless finite), a^2 summed over the KV head's query heads in order and
-// added to w_window; the kept slots likewise from heavy_logits.
+// added to w_window (with query_tokens L > 1, query head j only over t < n_window[b] - (L - 1 -
+// j % L)); the kept slots likewise from heavy_logits.
 void a2_step_weights_cpu(const at::Tensor& q, const at::Tensor& k_window_in,
                          const at::Tensor& lse_in, const at::Tensor& n_quant,
                          const at::Tensor& n_window, const std::optional<at::Tensor>& kv_start,
                          double scale, const at::Tensor& w_window,
                          const std::optional<at::Tensor>& heavy_logits,
-                         const std::optional<at::Tensor>& heavy_w) {
+                         const std::optional<at::Tensor>& heavy_w, int64_t query_tokens) {
   validate_a2_step_weights(q, k_window_in, lse_in, n_quant, n_window, kv_start, scale, w_window,
-                           heavy_logits, heavy_w);
+                           heavy_logits, heavy_w, query_tokens);
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t H = k_window_in.size(1), W = k_window_in.size(2), n_rep = Hq / H;
   const at::Tensor qd = q.to(at::kDouble).contiguous();                // [B, Hq, D]
@@ -340,6 +345,8 @@ void a2_step_weights_cpu(const at::Tensor& q, const at::Tensor& k_window_in,
         const double* kr = kp + (bh * W + t) * D;
         float acc = 0.0f;
         for (int64_t r = 0; r < n_rep; ++r) {
+          // the call's own tokens (query_tokens > 1): row j sees t < tend - (L - 1 - j % L)
+          if (t >= tend - (query_tokens - 1 - ((bh % H) * n_rep + r) % query_tokens)) continue;
           const double* qr = qp + (hq0 + r) * D;
           double s = 0.0;
           for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];

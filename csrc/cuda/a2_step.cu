@@ -3,7 +3,8 @@
 //   window tokens t < n_window[b] (and n_quant[b] + t >= kv_start[b]): a warp per token, the
 //   logits s = (q . k) * scale of the KV head's query heads (lanes split the head dim, float32
 //   FMAs of the inputs), a = exp(s - lse) (0 unless finite), w_window[b, h, t] += sum of a^2
-//   over the query heads in order;
+//   over the query heads in order (with query_tokens L > 1, query head j only for
+//   t < n_window[b] - (L - 1 - j % L): a few-token call's own tokens, causal);
 //   kept-token slots: a thread per slot, a from the slot's logit that decode_attention wrote
 //   (heavy_logits, -inf for an empty slot), heavy_w[b, h, k] += sum of a^2.
 // Replaces ~30 small PyTorch kernels per layer and step of a graph-decoded A² cache. Each
@@ -47,6 +48,8 @@ __global__ void __launch_bounds__(kStepThreads) a2_step_kernel(A2StepParams p) {
     const int64_t k0 = (bh * p.W + t) * p.D;
     float acc = 0.0f;
     for (int r = 0; r < p.n_rep; ++r) {
+      // the call's own tokens (qtok > 1): row j sees t < n_window - (qtok - 1 - j % qtok)
+      if (t >= t_end - (p.qtok - 1 - ((bh % p.H) * p.n_rep + r) % p.qtok)) continue;
       float s = 0.0f;
       for (int d = lane; d < p.D; d += 32)
         s = fmaf(qs[r * p.D + d], load_as_float(p.k, p.dtype, k0 + d), s);

@@ -930,6 +930,11 @@ decode_split_kernel(const DecodeParams p) {
         with_elem(p.dtype, [&](auto tag) { dense_key_dot<D, NG, decltype(tag)>(krow, q_s, x); });
 #pragma unroll
         for (int hh = 0; hh < NG; ++hh) x[hh] *= p.scale_log2;
+        if (p.qtok > 1) {  // a few-token call's own tokens (query_tokens): causal among them
+#pragma unroll
+          for (int hh = 0; hh < NG; ++hh)
+            if (w >= nw - (p.qtok - 1 - (qh0 + hh) % p.qtok)) x[hh] = -INFINITY;
+        }
       } else {
 #pragma unroll
         for (int hh = 0; hh < NG; ++hh) x[hh] = -INFINITY;

@@ -138,6 +138,9 @@ struct DecodeParams {
   DType dtype;
   float sign, scale_log2;  // scale * log2(e)
   int split0;  // first split index of this launch (the window splits of the tensor-core path)
+  // query_tokens L: query head j (within the batch row) is token j % L of the window's last L
+  // tokens and sees the window tokens w < n_window[b] - (L - 1 - j % L); 1 = a decode step
+  int qtok;
 };
 
 // Programmatic dependent launch of the kernels that follow the first split kernel of a decode
@@ -244,6 +247,7 @@ struct A2StepParams {
   int H = 0, n_rep = 0, D = 0, W = 0;
   int64_t K = 0;
   float scale = 1.0f;
+  int qtok = 1;  // query_tokens, as in DecodeParams
 };
 // shared memory of one block (the query rows and their lse): at most 48 KB
 int64_t a2_step_smem_bytes(int64_t n_rep, int64_t D);

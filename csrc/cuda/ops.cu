@@ -291,12 +291,13 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
     const std::optional<at::Tensor>& kv_start_in,    // [B] int32
     int64_t key_bits, int64_t group_size, int64_t side_bits, int64_t value_bits,
     int64_t value_group_size, double sign, double scale,
-    const std::optional<at::Tensor>& heavy_logits) {  // [B, Hq, K] float32, written
+    const std::optional<at::Tensor>& heavy_logits,  // [B, Hq, K] float32, written
+    int64_t query_tokens) {
   validate_decode_attention(q_in, k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in,
                             basis_in, v_codes_in, v_scale_in, v_zero_in, v_dense_in,
                             heavy_delta_in, heavy_idx_in, k_window_in, v_window_in, n_quant_in,
                             n_window_in, kv_start_in, key_bits, group_size, side_bits, value_bits,
-                            value_group_size, sign, scale, heavy_logits);
+                            value_group_size, sign, scale, heavy_logits, query_tokens);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   const int64_t H = k_codes_in.size(1), Tq = k_codes_in.size(2), W = k_window_in.size(2);
@@ -375,6 +376,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   p.dtype = dtype_of(q.scalar_type(), "decode_attention");
   p.sign = static_cast<float>(sign);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.qtok = static_cast<int>(query_tokens);  // <= Hq (validated)
 
   // Tensor-core kernel where it applies (decode_mma.cu), the SIMT kernel otherwise.
   // HEADQ_DECODE_IMPL=simt forces the SIMT kernel (A/B runs); mma (or unset) is the default.
@@ -499,9 +501,9 @@ void a2_step_weights_cuda(const at::Tensor& q_in, const at::Tensor& k_window_in,
                           const std::optional<at::Tensor>& kv_start_in, double scale,
                           const at::Tensor& w_window,
                           const std::optional<at::Tensor>& heavy_logits_in,
-                          const std::optional<at::Tensor>& heavy_w) {
+                          const std::optional<at::Tensor>& heavy_w, int64_t query_tokens) {
   validate_a2_step_weights(q_in, k_window_in, lse_in, n_quant_in, n_window_in, kv_start_in,
-                           scale, w_window, heavy_logits_in, heavy_w);
+                           scale, w_window, heavy_logits_in, heavy_w, query_tokens);
   const int64_t B = q_in.size(0), Hq = q_in.size(1), D = q_in.size(2);
   const int64_t H = k_window_in.size(1), W = k_window_in.size(2);
   TORCH_CHECK(cuda::a2_step_smem_bytes(Hq / H, D) <= 48 * 1024,
@@ -532,6 +534,7 @@ void a2_step_weights_cuda(const at::Tensor& q_in, const at::Tensor& k_window_in,
   p.D = static_cast<int>(D);
   p.W = static_cast<int>(W);
   p.scale = static_cast<float>(scale);
+  p.qtok = static_cast<int>(query_tokens);
   C10_CUDA_CHECK(cuda::launch_a2_step(p, B, at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -326,6 +326,7 @@ struct DecodeSlice {
   int64_t n_quant = 0;
   int64_t n_window = 0;
   int64_t kv_start = 0;
+  int64_t row0 = 0;      // query-head index (within the batch row) of this slice's first head
   T* out = nullptr;      // [n_rep, D]
   float* lse = nullptr;  // [n_rep] log-sum-exp of the visible logits (-inf: none)
 };
@@ -341,6 +342,9 @@ struct DecodeShape {
   int value_bits = 4;
   float sign = 1.0f;
   float scale = 1.0f;
+  // L: query head j (= row0 + i) is token j % L of the window's last L tokens and sees the
+  // window tokens w < n_window - (L - 1 - j % L) (causal among them); 1 = every window token
+  int64_t query_tokens = 1;
 };
 
 // Logical length of a slice's sequence: quantised tokens [0, nq), then window tokens
@@ -551,6 +555,12 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
     dot_rows(qf, n_rep, xb, n, D, logits, NB);
     for (int64_t i = 0; i < n_rep; ++i)
       for (int64_t t = 0; t < n; ++t) logits[i * NB + t] *= sh.scale;
+    if (sh.query_tokens > 1) {  // the call's own tokens: causal
+      for (int64_t i = 0; i < n_rep; ++i) {
+        const int64_t lim = nw - (sh.query_tokens - 1 - (a.row0 + i) % sh.query_tokens);
+        for (int64_t t = std::max<int64_t>(lim - w0, 0); t < n; ++t) logits[i * NB + t] = -INFINITY;
+      }
+    }
     softmax_block(n);
     for (int64_t i = 0; i < n * D; ++i) xb[i] = static_cast<float>(a.v_window[w0 * D + i]);
     for (int64_t i = 0; i < n_rep; ++i)
