@@ -250,13 +250,18 @@ def plot_prefill() -> None:
 
 
 def plot_few_rows() -> None:
-    """Calls of a few tokens over quantised tokens (session 16, gpu_few_rows.json): the whole
-    model call per path against the tokens of the call (1 = a decode step)."""
+    """Calls of a few tokens over quantised tokens (gpu_few_rows.json): the whole model call per
+    path against the tokens of the call (1 = a decode step). Left: session 16 (2-16 tokens,
+    against DynamicCache); right: session 17 (up to 128 tokens; the call's own tokens merged in
+    PyTorch, as in session 16, against query_tokens in the op, A/B in one process)."""
     path = RESULTS / "gpu_few_rows.json"
     if not path.exists():
         return
     d = json.loads(path.read_text())
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    s17 = d.get("session17")
+    fig, axes = plt.subplots(1, 2 if s17 else 1, figsize=(12.8 if s17 else 6.4, 4.2),
+                             squeeze=False)
+    ax = axes[0][0]
     names = {"dequantised": "HeadQ: dequantise, then SDPA (before)",
              "decode_rows": "HeadQ: decode op, rows as heads", "dynamic": "DynamicCache"}
     for policy, style in (("uniform", "-"), ("a2", "--")):
@@ -268,9 +273,33 @@ def plot_few_rows() -> None:
                     marker="o", color=f"C{i}",
                     label=label + (" (A²)" if policy == "a2" else ""))
     loglog(ax, "query tokens of the call (1 = a decode step)", "ms per model call (median)",
-           f"a call over 32k tokens, batch 8, 4 layers of the 8B shape, {d['machine']}",
-           title_size=9, legend_size=7)
+           f"session 16: a call over 32k tokens, batch 8, 4 layers of the 8B shape, {d['machine']}",
+           title_size=8, legend_size=7)
     chunks = sorted({r["chunk"] for r in d["rows"]})
+    ax.set_xticks(chunks)
+    ax.set_xticklabels([str(c) for c in chunks])
+    if not s17:
+        save(fig, "gpu_few_rows.png")
+        return
+    ax = axes[0][1]
+    ab, big = s17["ab_query_tokens"]["rows"], s17["chunks_96_128"]["rows"]
+    names = {"dequantised_ms": ("HeadQ: dequantise, then SDPA", "dequantised_ms"),
+             "old_ms": ("decode op + own tokens merged in PyTorch (session 16)", None),
+             "new_ms": ("decode op with query_tokens (session 17)", "decode_rows_ms")}
+    for policy, style in (("uniform", "-"), ("a2", "--")):
+        rows = [r for r in ab if r["policy"] == policy]
+        more = [r for r in big if r["policy"] == policy]
+        for i, (key, (label, big_key)) in enumerate(names.items()):
+            xs = [r["chunk"] for r in rows] + ([r["chunk"] for r in more] if big_key else [])
+            ys = [r[key] for r in rows] + ([r[big_key] for r in more] if big_key else [])
+            ax.plot(xs, ys, style, marker="o", color=f"C{i}",
+                    label=label + (" (A²)" if policy == "a2" else ""))
+    loglog(ax, "query tokens of the call", "ms per model call (median)",
+           f"session 17: same shape, {s17['ab_query_tokens']['machine']} "
+           "(2-64: one process, alternating; 96, 128: next call)", title_size=8, legend_size=7)
+    ax.set_ylim(4, 400)  # room above the lines for the legend
+    ax.legend(fontsize=7, loc="upper left")
+    chunks = sorted({r["chunk"] for r in ab + big})
     ax.set_xticks(chunks)
     ax.set_xticklabels([str(c) for c in chunks])
     save(fig, "gpu_few_rows.png")

@@ -182,11 +182,12 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
 # Calls of a few query tokens over quantised tokens go through the decode op
 # (:func:`_prefill_decode_rows`): it reads the packed cache once per 4 (CUDA: 8) query rows of a
 # KV head, where dequantising reads it once but writes and reads a dense copy. Most query tokens
-# per device type, from benchmarks/bench_chunk_prefill.py (one call over the prefilled context):
-# CUDA, Llama-3-8B shape (4 layers, batch 8, 32k, bf16; H100): 12.5-16.8 ms against 70-87 ms
-# dequantised for 2-16 tokens (whole model call; a decode step 6-9 ms), gpu_few_rows.json; CPU,
-# SmolLM2-135M over 2,048 tokens: ahead of the other paths at 2 and 4 tokens (1.4-2.5×), even at
-# 8 and behind at 16, cpu_few_rows.json.
+# per device type, from benchmarks/bench_chunk_prefill.py and bench_few_rows_ab.py (one call
+# over the prefilled context; gpu_few_rows.json, cpu_few_rows.json): CUDA, Llama-3-8B shape (4
+# layers, batch 8, 32k, bf16; H100): 5.6 / 11.8 / 15.6 / 35.4 ms at 2 / 16 / 21 / 64 tokens
+# against 69-75 ms dequantised (A²: 5.8-48.5 against 79-88 ms), 1.4× / 1.3× at 96 tokens and
+# 1.3× / 1.0× at 128 (uniform / A²); CPU, SmolLM2-135M over 2,048 tokens: ahead of the other
+# paths at 2 and 4 tokens, about even at 8 and behind at 16.
 DECODE_ROWS_MAX_TOKENS = {"cuda": 64, "cpu": 4}
 # Query rows of a KV head (its query heads × tokens) per decode-op call: a longer call goes in
 # several op calls. The CUDA a2_step_weights kernel keeps a call's rows in 48 KB of shared memory.
