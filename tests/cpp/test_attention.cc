@@ -24,6 +24,9 @@ struct DecodeCase {
   int64_t K;  // heavy slots
   int64_t n_quant, n_window, kv_start;
   float sign;
+  // query_tokens L: row i (query head row0 + i) is token (row0 + i) % L of the window's last L
+  // and sees the window tokens w < n_window - (L - 1 - (row0 + i) % L)
+  int64_t query_tokens = 1, row0 = 0;
 };
 
 void PrintTo(const DecodeCase& c, std::ostream* os) { *os << c.name; }
@@ -138,6 +141,7 @@ headq::cpu::DecodeSlice<float> slice_of(const DecodeCase& c, const Cache& m) {
   a.n_quant = c.n_quant;
   a.n_window = c.n_window;
   a.kv_start = c.kv_start;
+  a.row0 = c.row0;
   return a;
 }
 
@@ -154,6 +158,7 @@ headq::cpu::DecodeShape shape_of(const DecodeCase& c, float scale) {
   sh.value_bits = c.value_bits;
   sh.sign = c.sign;
   sh.scale = scale;
+  sh.query_tokens = c.query_tokens;
   return sh;
 }
 
@@ -187,7 +192,8 @@ TEST_P(DecodeAttention, MatchesNaiveDense) {
       val.emplace_back(vh.begin(), vh.end());
       token.push_back(t);
     }
-    for (int64_t w = std::max<int64_t>(c.kv_start - nq, 0); w < nw; ++w) {
+    const int64_t w_end = nw - (c.query_tokens - 1 - (c.row0 + i) % c.query_tokens);
+    for (int64_t w = std::max<int64_t>(c.kv_start - nq, 0); w < w_end; ++w) {
       double s = 0;
       for (int64_t d = 0; d < D; ++d) s += double(m.q[i * D + d]) * m.kw[w * D + d];
       logit.push_back(s * scale);
@@ -233,7 +239,14 @@ INSTANTIATE_TEST_SUITE_P(
         DecodeCase{"window_only", 2, 32, 32, 0, 10, 4, 4, 32, 0, 8, false, 0, 0, 10, 0, 1.0f},
         DecodeCase{"nothing_visible", 2, 32, 32, 64, 8, 4, 4, 32, 8, 8, false, 2, 40, 5, 60,
                    1.0f},
-        DecodeCase{"empty_cache", 1, 32, 32, 32, 4, 4, 4, 32, 0, 8, false, 0, 0, 0, 0, 1.0f}),
+        DecodeCase{"empty_cache", 1, 32, 32, 32, 4, 4, 4, 32, 0, 8, false, 0, 0, 0, 0, 1.0f},
+        // a few-token call: 8 rows = 2 query heads x 4 tokens, the window's last 4 its own
+        DecodeCase{"query_tokens", 8, 64, 32, 128, 40, 2, 2, 32, 8, 8, false, 5, 100, 37, 0,
+                   1.0f, 4, 0},
+        // rows of a later KV head (row0 = 6, 3 tokens) and kv_start at the last token but one:
+        // the rows of the call's first token see nothing
+        DecodeCase{"query_tokens_row0_late_start", 6, 32, 32, 64, 20, 4, 4, 32, 0, 8, false, 0,
+                   64, 20, 82, 1.0f, 3, 6}),
     [](const ::testing::TestParamInfo<DecodeCase>& info) { return std::string(info.param.name); });
 
 // Split-K: partials over chunks of the logical token range (on block boundaries, as the ATen
