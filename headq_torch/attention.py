@@ -111,7 +111,7 @@ def _lengths_shared(layer, B: int, nq: int, nw: int, device):
     owner = layer._owner
     key = (B, nq, nw, device)
     memo = getattr(owner, "_lengths_memo", None)
-    if memo is None or len(memo) >= _LENGTHS_MEMO_SIZE and key not in memo:
+    if memo is None or (len(memo) >= _LENGTHS_MEMO_SIZE and key not in memo):
         memo = owner._lengths_memo = {}
     if key not in memo:
         memo[key] = (torch.full((B,), nq, dtype=torch.int32, device=device),
