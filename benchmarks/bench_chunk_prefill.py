@@ -13,10 +13,11 @@ of its 32). Random orthonormal bases (speed does not depend on them). The chunk'
 path are compared with the first path's (max abs difference recorded).
 
 A third path, ``decode_rows`` (``attention._prefill_decode_rows``: the decode op with the call's
-query rows as its query heads, then the call's own tokens causally; what the library uses for
-calls of a few tokens, ``attention.DECODE_ROWS_MAX_TOKENS``), and the dense ``DynamicCache`` as a
-reference (``dynamic``), are timed with ``--paths``; several ``--chunk`` sizes (comma-separated)
-give the crossover (``--chunk 1`` times a decode step, the same fused op on every HeadQ path):
+query rows as its query heads and ``query_tokens``, causal over the call's own tokens; what the
+library uses for calls of a few tokens, ``attention.DECODE_ROWS_MAX_TOKENS``), and the dense
+``DynamicCache`` as a reference (``dynamic``), are timed with ``--paths``; several ``--chunk``
+sizes (comma-separated) give the crossover (``--chunk 1`` times a decode step, the same fused op
+on every HeadQ path):
 
     python benchmarks/bench_chunk_prefill.py --device cpu --out benchmarks/results/cpu_chunk_prefill.json
     python benchmarks/bench_chunk_prefill.py --device cpu --chunk 2,4,8,16 \

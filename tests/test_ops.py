@@ -331,6 +331,26 @@ def _decode_fp64(args):
     return ref.decode_attention(*_upcast(args, torch.float64))
 
 
+# Output tolerance per query dtype against the float64 reference (16-bit: the output's own
+# rounding dominates) and between two kernel results.
+_TOL_OUT = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _assert_decode_matches_reference(out, lse, args, dtype, query_tokens: int = 1):
+    """``decode_attention(*args, query_tokens=...)``'s ``out`` / ``lse`` against the reference:
+    float32 output within twice the float32 reference's error vs float64 (plus a floor), 16-bit
+    output within its rounding of the float64 result; lse within 1e-5 / 1e-4 of float64."""
+    want64, lse64 = ref.decode_attention(*_upcast(args, torch.float64),
+                                         query_tokens=query_tokens)
+    if dtype == torch.float32:
+        want32, _ = ref.decode_attention(*_upcast(args, torch.float32), query_tokens=query_tokens)
+        assert_close_to_fp64(out, want32, want64, floor=1e-5)
+    else:
+        tol = _TOL_OUT[dtype]
+        torch.testing.assert_close(out.cpu().float(), want64.float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu().double(), lse64, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
 @pytest.mark.parametrize("head_dim", [64, 128])
@@ -372,18 +392,9 @@ def _decode_fp64(args):
 def test_decode_attention(device, dtype, head_dim, case):
     args = _decode_case(device, dtype, D=head_dim, **case)
     out, lse = ops.decode_attention(*args)
-    want32, _ = ref.decode_attention(*_upcast(args, torch.float32))
-    want64, lse64 = _decode_fp64(args)
     assert out.dtype == dtype and out.shape == args[0].shape
     assert lse.dtype == torch.float32 and lse.shape == args[0].shape[:2]
-    if dtype == torch.float32:
-        assert_close_to_fp64(out, want32, want64, floor=1e-5)
-    else:
-        # Output rounding to the low-precision dtype dominates: compare with the reference's
-        # rounding of the float64 result.
-        tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
-        torch.testing.assert_close(out.cpu().float(), want64.float(), rtol=tol, atol=tol)
-    torch.testing.assert_close(lse.cpu().double(), lse64, rtol=1e-5, atol=1e-4)
+    _assert_decode_matches_reference(out, lse, args, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
@@ -435,9 +446,6 @@ def test_decode_attention_heavy_logits_bad_input(device):
         ops.decode_attention(*no_heavy, heavy_logits=torch.empty(B, Hq, 12, device=device))
 
 
-_TOL_OUT = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dt_id)
 @pytest.mark.parametrize("L,n_rep", [(2, 4), (4, 4), (3, 6), (8, 8)], ids=lambda x: str(x))
@@ -463,14 +471,7 @@ def test_decode_attention_query_tokens(device, dtype, L, n_rep, case):
         args[17] = torch.tensor([int(nq[0] + nw[0]) - 1, 3, 0], dtype=torch.int32,
                                 device=device)
     out, lse = ops.decode_attention(*args, query_tokens=L)
-    want64, lse64 = ref.decode_attention(*_upcast(args, torch.float64), query_tokens=L)
-    if dtype == torch.float32:
-        want32, _ = ref.decode_attention(*_upcast(args, torch.float32), query_tokens=L)
-        assert_close_to_fp64(out, want32, want64, floor=1e-5)
-    else:
-        tol = _TOL_OUT[dtype]
-        torch.testing.assert_close(out.cpu().float(), want64.float(), rtol=tol, atol=tol)
-    torch.testing.assert_close(lse.cpu().double(), lse64, rtol=1e-5, atol=1e-4)
+    _assert_decode_matches_reference(out, lse, args, dtype, query_tokens=L)
     if late:  # heads of the earlier tokens (j % L < L - 1) see nothing
         blind = torch.arange(out.shape[1], device=device) % L != L - 1
         assert torch.all(out[0, blind] == 0) and torch.all(torch.isneginf(lse[0, blind]))
@@ -549,14 +550,7 @@ def test_decode_heavy_stage_sizes_agree_exactly(monkeypatch, dtype, head_dim, ca
     for stage in ("64", None):
         assert torch.equal(outs[stage][0], outs["32"][0]), stage
         assert torch.equal(outs[stage][1], outs["32"][1]), stage
-    out, lse = outs["32"]
-    want64, lse64 = _decode_fp64(args)
-    if dtype == torch.float32:
-        want32, _ = ref.decode_attention(*_upcast(args, torch.float32))
-        assert_close_to_fp64(out, want32, want64, floor=1e-5)
-    else:
-        torch.testing.assert_close(out.cpu().float(), want64.float(), rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(lse.cpu().double(), lse64, rtol=1e-5, atol=1e-4)
+    _assert_decode_matches_reference(*outs["32"], args, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
