@@ -262,7 +262,8 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
                 heavy_logits.dtype)
         lw = torch.einsum("hd,htd->ht", qf[b], kw[b, :, :nw]) * scale
         if query_tokens > 1:
-            lw = lw.masked_fill(~_causal_window(Hq, nw, query_tokens, q.device), float("-inf"))
+            ends = _window_ends(n_window[b:b + 1], Hq, query_tokens).view(-1, 1).to(q.device)
+            lw = lw.masked_fill(torch.arange(nw, device=q.device) >= ends, float("-inf"))
         logits = torch.cat([logits_q[b, :, :nq], lw], dim=-1)
         vals = torch.cat([vq[b, :, :nq], vw[b, :, :nw]], dim=1)
         if start > 0:
@@ -286,11 +287,11 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
     return out.to(q.dtype), lse.to(torch.float32 if wd == torch.float32 else wd)
 
 
-def _causal_window(Hq: int, nw: int, L: int, device) -> torch.Tensor:
-    """``[Hq, nw]`` booleans: query head ``j`` (token ``j % L`` of the window's last ``L``)
-    sees window token ``t`` when ``t < nw - (L - 1 - j % L)``."""
-    tok = torch.arange(Hq, device=device) % L
-    return torch.arange(nw, device=device).view(1, -1) < (nw - (L - 1 - tok)).view(-1, 1)
+def _window_ends(n_window, Hq: int, L: int) -> torch.Tensor:
+    """``[B, Hq]``: query head ``j`` (token ``j % L`` of the window's last ``L``, ``L`` the
+    ops' ``query_tokens``) sees the window tokens ``t < n_window[b] - (L - 1 - j % L)``."""
+    j = torch.arange(Hq, device=n_window.device)
+    return n_window.view(-1, 1).long() - (L - 1 - j % L)
 
 
 def a2_weights(q, k, mask, scale: float, lse=None):
@@ -332,8 +333,7 @@ def a2_step_weights(q, k_window, lse, n_quant, n_window, kv_start, scale: float,
     s = torch.einsum("bhd,bhtd->bht", q.to(wd), expand_kv(k_window.to(wd), n_rep)) * scale
     t = torch.arange(W, device=q.device).view(1, -1)
     # [B, Hq, W]: the window tokens each query head sees
-    back = (query_tokens - 1 - torch.arange(Hq, device=q.device) % query_tokens).view(1, -1, 1)
-    vis = t.view(1, 1, -1) < n_window.view(-1, 1, 1).long() - back
+    vis = t.view(1, 1, -1) < _window_ends(n_window, Hq, query_tokens).to(q.device).unsqueeze(-1)
     if kv_start is not None:
         vis = vis & (n_quant.view(-1, 1, 1).long() + t >= kv_start.view(-1, 1, 1).long())
     a = torch.exp(s - lse.to(wd).unsqueeze(-1))
