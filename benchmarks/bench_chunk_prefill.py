@@ -17,7 +17,11 @@ query rows as its query heads and ``query_tokens``, causal over the call's own t
 library uses for calls of a few tokens, ``attention.DECODE_ROWS_MAX_TOKENS``), and the dense
 ``DynamicCache`` as a reference (``dynamic``), are timed with ``--paths``; several ``--chunk``
 sizes (comma-separated) give the crossover (``--chunk 1`` times a decode step, the same fused op
-on every HeadQ path):
+on every HeadQ path). ``dequantised_masked`` is the dequantised path with transformers' masked
+SDPA (the keys and values repeated per query head) where CUDA now runs PyTorch's flash kernel
+with its causal mask aligned with the last key (``attention._attention_with_lse``): the path as
+it was until session 18, and as it still is on the CPU and in float32. ``--padded N`` left-pads
+the first sequence by ``N`` tokens (an attention mask for both calls):
 
     python benchmarks/bench_chunk_prefill.py --device cpu --out benchmarks/results/cpu_chunk_prefill.json
     python benchmarks/bench_chunk_prefill.py --device cpu --chunk 2,4,8,16 \
@@ -70,30 +74,46 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-PATHS = ("rows", "dequantised", "decode_rows", "dynamic")
+PATHS = ("rows", "dequantised", "dequantised_masked", "decode_rows", "dynamic")
+_ATTENTION_WITH_LSE = attention._attention_with_lse
+
+
+def _lse_prompts_only(module, query, key, *args, **kwargs):
+    """attention._attention_with_lse as it was until session 18: first prompts only."""
+    if query.shape[2] < key.shape[2]:
+        return None
+    return _ATTENTION_WITH_LSE(module, query, key, *args, **kwargs)
 
 
 def use_path(path: str) -> None:
-    """Route calls over quantised tokens through one path (attention's two predicates)."""
-    attention._dense_prefill = (lambda layer, q: layer.n_quant > 0) if path == "dequantised" \
-        else (lambda layer, q: False)
+    """Route calls over quantised tokens through one path (attention's two predicates).
+    ``dequantised_masked``: the dequantised path with transformers' masked SDPA (repeat_kv)
+    instead of the flash kernel, as every such call ran until session 18 (what the CPU and
+    float32 still use)."""
+    attention._dense_prefill = (lambda layer, q: layer.n_quant > 0) \
+        if path.startswith("dequantised") else (lambda layer, q: False)
+    attention._attention_with_lse = _lse_prompts_only if path == "dequantised_masked" \
+        else _ATTENTION_WITH_LSE
     attention.DECODE_ROWS_MAX_TOKENS = {"cpu": 1 << 30, "cuda": 1 << 30} \
         if path == "decode_rows" else {}
 
 
 @torch.no_grad()
-def run(model, cal, ids, context: int, policy: str, path: str, device: str):
-    """Prefill ``ids[:, :context]``, then time the call with the rest: ``(seconds, logits)``."""
+def run(model, cal, ids, context: int, policy: str, path: str, device: str, mask=None):
+    """Prefill ``ids[:, :context]``, then time the call with the rest: ``(seconds, logits)``;
+    ``mask`` (``[B, context + chunk]``): the attention mask of both calls (left padding)."""
     kw = dict(key_bits=2, value_bits=2, group_size=64, value_group_size=64)
     if policy == "a2":
         kw.update(value_policy="a2", value_keep_frac=0.03)
     use_path(path)
     cache = DynamicCache(config=model.config) if path == "dynamic" else \
         HeadQCache(model.config, cal, **kw)
-    model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = {} if mask is None else dict(attention_mask=mask[:, :context])
+    model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1, **first)
     sync(device)
     t0 = time.perf_counter()
-    out = model(ids[:, context:], past_key_values=cache, use_cache=True).logits
+    second = {} if mask is None else dict(attention_mask=mask)
+    out = model(ids[:, context:], past_key_values=cache, use_cache=True, **second).logits
     sync(device)
     return time.perf_counter() - t0, out.float()
 
@@ -109,6 +129,8 @@ def main(argv=None):
     ap.add_argument("--policies", default="uniform,a2")
     ap.add_argument("--paths", default="rows,dequantised", help=f"of {','.join(PATHS)}")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--padded", type=int, default=0,
+                    help="left-padding tokens of the first sequence (an attention mask)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -121,19 +143,26 @@ def main(argv=None):
     model = load(args.model, args.device, args.layers)
     cal = random_bases(model, 8)
     g = torch.Generator().manual_seed(0)
-    saved = attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS
+    if not 0 <= args.padded < args.context:
+        sys.exit("--padded: 0 or more tokens, fewer than --context")
+    saved = attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
+        attention._attention_with_lse
     rows = []
     try:
         for chunk in chunks:
             ids = torch.randint(1, model.config.vocab_size, (args.batch, args.context + chunk),
                                 generator=g).to(args.device)
+            mask = None
+            if args.padded:
+                mask = torch.ones_like(ids)
+                mask[0, :args.padded] = 0
             for policy in args.policies.split(","):
                 times = {path: [] for path in paths}
                 outs = {}
                 for rep in range(args.reps + 1):  # the first round warms up, untimed
                     for path in paths:
                         s, outs[path] = run(model, cal, ids, args.context, policy, path,
-                                            args.device)
+                                            args.device, mask)
                         if rep:
                             times[path].append(s * 1000)
                         print(f"chunk {chunk} {policy} {path} rep {rep}: {s * 1000:.1f} ms",
@@ -152,13 +181,16 @@ def main(argv=None):
                 print(row, flush=True)
                 rows.append(row)
     finally:
-        attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS = saved
+        attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
+            attention._attention_with_lse = saved
     machine = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"{cpu_model()}, {torch.get_num_threads()} threads"
     result = dict(
         command=" ".join(["python"] + sys.argv), machine=machine, torch=torch.__version__,
+        cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"),
         python=platform.python_version(),
         shape=dict(model=args.model, batch=args.batch, context=args.context, chunks=chunks,
+                   left_padding_of_first_sequence=args.padded,
                    format="2-bit keys (groups of 64 tokens) + rank-8 side code, 2-bit values "
                           "(groups of 64 channels); a2: 3% kept"),
         unit="ms for the one call of `chunk` tokens over the prefilled context (median of --reps)",

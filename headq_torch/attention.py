@@ -275,22 +275,42 @@ def _prefill_dequantised(layer, module, query: torch.Tensor, attention_mask,
     region is dequantised once (:meth:`HeadQLayer.dense_kv`, in blocks of key groups), in the
     query's dtype, into the keys attention reads
     (``k̂ + sign·U ẑ``, so ``q·`` of them is the corrected logit) and values (``v̂`` plus the
-    kept tokens' deltas), and SDPA attends over them and the window: the cost of the dense
+    kept tokens' deltas), and attention runs over them and the window: the cost of the dense
     cache's chunk plus one read of the packed cache, instead of float32 logits in row blocks.
-    With A² the weights come from the a2_weights op over the same keys. ``[B, Hq, L, D]``."""
+    On CUDA (float16/bfloat16) PyTorch's flash kernel, causal from the last key, with no mask
+    and the query heads of a KV head reading the same keys (per sequence for a left-padded
+    batch, :func:`_padded_attention_with_lse`); elsewhere, or under another mask, masked SDPA
+    (:func:`_masked_sdpa`). With A² the weights come from the a2_weights op over the same keys
+    (with the flash kernel's row log-sum-exp, only its key pass). ``[B, Hq, L, D]``."""
+    nq = layer.n_quant
+    keys, values = layer.dense_kv(query.dtype)
+    fused = _attention_with_lse(module, query, keys, values, None, scale) \
+        if attention_mask is None else \
+        _padded_attention_with_lse(layer, module, query, keys, values, attention_mask, scale)
+    if fused is not None:
+        out, lse = fused
+    else:
+        out, lse = _masked_sdpa(module, query, keys, values, attention_mask, scale), None
+    if layer.a2:
+        w = _a2_prompt_weights(layer, query, keys, attention_mask, scale, lse)
+        layer.add_weights(w[..., :nq], w[..., nq:])
+    return out
+
+
+def _masked_sdpa(module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 attention_mask, scale: float) -> torch.Tensor:
+    """SDPA of ``L`` query tokens, the last ``L`` of the ``T`` keys, under ``attention_mask``
+    (None: causal), ``[B, Hq, L, D]``: where no fused kernel applies (the CPU, float32, another
+    mask). Transformers' ``sdpa`` function, which, given a mask, repeats the keys and values
+    for every query head (``repeat_kv``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    L = query.shape[2]
-    nq, nw = layer.n_quant, layer.n_window
-    keys, values = layer.dense_kv(query.dtype)
+    L, T = query.shape[2], keys.shape[2]
     # No mask means causal with the queries the last L of the T tokens; SDPA's is_causal aligns
     # them with the first L instead, so the mask is spelled out.
     mask = attention_mask if attention_mask is not None else \
-        _visible_mask(None, L, nq + nw, query.device)
+        _visible_mask(None, L, T, query.device)
     out, _ = sdpa_attention_forward(module, query, keys, values, mask, scaling=scale)
-    if layer.a2:
-        w = _a2_prompt_weights(layer, query, keys, attention_mask, scale)
-        layer.add_weights(w[..., :nq], w[..., nq:])
     return out.transpose(1, 2)
 
 
@@ -334,14 +354,13 @@ def _padding_starts(layer, attention_mask: torch.Tensor, B: int, L: int, T: int,
 
 
 def _padded_attention_with_lse(layer, module, query, key, value, attention_mask, scale):
-    """:func:`_attention_with_lse` for a first prompt whose mask is causal attention with left
-    padding (a padded batch): one fused call per sequence over its own tokens, ``(out, lse)``
-    with the padding rows' output 0 and lse -inf (they see nothing), or None where the mask is
-    another one or the fused kernels do not apply (then masked SDPA + both passes of the op)."""
+    """:func:`_attention_with_lse` for queries (the last ``L`` of the ``T`` keys) whose mask is
+    causal attention with left padding (a padded batch): one fused call per sequence over its
+    visible keys, ``(out, lse)`` with the rows before a sequence's first token (padding) output
+    0 and lse -inf (they see nothing), or None where the mask is another one or the fused
+    kernels do not apply (the caller then runs masked SDPA)."""
     B, Hq, L, D = query.shape
     T = key.shape[2]
-    if L != T:
-        return None
     starts = _padding_starts(layer, attention_mask, B, L, T, query.device)
     if starts is None:
         return None
@@ -352,12 +371,13 @@ def _padded_attention_with_lse(layer, module, query, key, value, attention_mask,
     for b, p in enumerate(starts):
         if p >= T:
             continue
-        res = _attention_with_lse(module, query[b:b + 1, :, p:], key[b:b + 1, :, p:],
+        r0 = max(0, p - (T - L))  # rows before the first visible token are padding
+        res = _attention_with_lse(module, query[b:b + 1, :, r0:], key[b:b + 1, :, p:],
                                   value[b:b + 1, :, p:], None, scale)
         if res is None:
             return None
-        out[b:b + 1, :, p:] = res[0]
-        lse[b:b + 1, :, p:] = res[1]
+        out[b:b + 1, :, r0:] = res[0]
+        lse[b:b + 1, :, r0:] = res[1]
     return out, lse
 
 
@@ -396,25 +416,28 @@ LSE_KERNELS = ("cudnn", "flash")
 
 def _attention_with_lse(module, query, key, value, attention_mask, scale,
                         kernels=LSE_KERNELS):
-    """A first prompt's causal attention by a fused kernel of PyTorch that also returns each
-    row's log-sum-exp, so the a2_weights op can skip its own row pass: ``(out [B, Hq, L, D],
-    lse [B, Hq, L] float32)``, or None where none applies (a mask, a non-causal module, not
-    float16/bfloat16 on CUDA sm80+, a head dim over 256, queries that are not all the tokens)
-    and the caller keeps SDPA + the op's row pass. ``kernels`` in order of preference:
+    """Causal attention of ``L`` query tokens, the last ``L`` of the ``T`` keys (a first prompt:
+    ``L == T``; a call over earlier tokens: ``L < T``), by a fused kernel of PyTorch that also
+    returns each row's log-sum-exp, so the a2_weights op can skip its own row pass: ``(out [B,
+    Hq, L, D], lse [B, Hq, L] float32)``, or None where none applies (a mask, a non-causal
+    module, not float16/bfloat16 on CUDA sm80+, a head dim over 256, more queries than keys)
+    and the caller keeps SDPA (+ the op's row pass). ``kernels`` in order of preference:
     ``"cudnn"`` (what SDPA itself picks on an H100: 112 ms against flash's 208 ms for batch 8 ×
-    32k, 32/8 heads, D 128) then ``"flash"``; each only where its SDPA backend is enabled
-    (``torch.backends.cuda.enable_cudnn_sdp`` / ``enable_flash_sdp``). Both read the ``Hq / H``
-    query heads of a KV head from the same keys (no repeated copy)."""
+    32k, 32/8 heads, D 128; only for ``L == T``) then ``"flash"`` (whose causal mask is aligned
+    with the last key, the lower-right causal mask, also for ``L < T``); each only where its
+    SDPA backend is enabled (``torch.backends.cuda.enable_cudnn_sdp`` / ``enable_flash_sdp``).
+    Both read the ``Hq / H`` query heads of a KV head from the same keys (no repeated copy)."""
+    L, T = query.shape[2], key.shape[2]
     if attention_mask is not None or not getattr(module, "is_causal", True) or \
             query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16) or \
-            query.shape[-1] > 256 or query.shape[-1] % 8 or query.shape[2] != key.shape[2] or \
+            query.shape[-1] > 256 or query.shape[-1] % 8 or L > T or L == 0 or \
             torch.cuda.get_device_capability(query.device) < (8, 0):
         return None
     for name in kernels:
         # a kernel this build or card lacks raises (RuntimeError; TypeError where a torch
         # version changed the private op's schema): try the next, else SDPA + the row pass
         try:
-            if name == "cudnn" and torch.backends.cuda.cudnn_sdp_enabled():
+            if name == "cudnn" and L == T and torch.backends.cuda.cudnn_sdp_enabled():
                 res = torch.ops.aten._scaled_dot_product_cudnn_attention(
                     query, key, value, None, True, 0.0, True, False, scale=scale)
                 return res[0], res[1].reshape(res[1].shape[:3])  # lse [B, Hq, L, 1]

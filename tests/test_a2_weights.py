@@ -319,23 +319,30 @@ def test_a2_prompt_weights_other_masks_go_to_the_op(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16],
                          ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("D", [64, 128])
-def test_a2_weights_fused_attention_lse(kernel, dtype, D):
+@pytest.mark.parametrize("T", [300, 1000], ids=["prompt", "over_earlier"])
+def test_a2_weights_fused_attention_lse(kernel, dtype, D, T):
     """The row lse of PyTorch's cuDNN and flash attention kernels (an A² cache's first prompt
-    passes it, GQA keys not repeated; attention._attention_with_lse) against the op's own: the
-    same lse and weights to float rounding, and the kernel's output equals SDPA's."""
+    passes it, and a call over earlier tokens, whose 300 queries are the last of the ``T`` keys,
+    the flash kernel's only; GQA keys not repeated; attention._attention_with_lse) against the
+    op's own: the same lse and weights to float rounding, and the kernel's output equals
+    SDPA's under the causal mask aligned with the last key. cuDNN declines ``L < T``."""
     from headq_torch.attention import _attention_with_lse
 
     B, Hq, H, L = 2, 9, 3, 300
-    q, k = _case(B, Hq, H, L, L, D, dtype, "cuda", seed=4)
+    q, k = _case(B, Hq, H, L, T, D, dtype, "cuda", seed=4)
     v = torch.randn_like(k)
     scale = 1 / math.sqrt(D)
     res = _attention_with_lse(None, q, k, v, None, scale, kernels=(kernel,))
+    if kernel == "cudnn" and L < T:
+        assert res is None
+        return
     if res is None:
         pytest.skip(f"PyTorch's {kernel} attention does not run here")
     out, lse = res
     assert lse.shape == (B, Hq, L) and lse.dtype == torch.float32
-    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
-                                                            enable_gqa=True)
+    causal = torch.ones(L, T, dtype=torch.bool, device="cuda").tril(T - L)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal,
+                                                            scale=scale, enable_gqa=True)
     # SDPA may pick another kernel (cuDNN): the same attention to the dtype's rounding
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out, want, atol=eps, rtol=eps)
@@ -348,7 +355,7 @@ def test_a2_weights_fused_attention_lse(kernel, dtype, D):
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_attention_lse_not_taken_where_it_does_not_apply(device):
     """attention._attention_with_lse declines (None: SDPA + the op's own row pass) on the CPU, in
-    float32, with a mask, for queries that are not all the tokens, and for a non-causal module."""
+    float32, with a mask, for more queries than keys, and for a non-causal module."""
     from types import SimpleNamespace
 
     from headq_torch.attention import _attention_with_lse
@@ -358,7 +365,7 @@ def test_fused_attention_lse_not_taken_where_it_does_not_apply(device):
     mask = torch.ones(1, 1, 16, 16, dtype=torch.bool, device=device)
     assert _attention_with_lse(None, q.float(), k.float(), v.float(), None, 0.125) is None
     assert _attention_with_lse(None, q, k, v, mask, 0.125) is None
-    assert _attention_with_lse(None, q[:, :, 8:], k, v, None, 0.125) is None
+    assert _attention_with_lse(None, q, k[:, :, 8:], v[:, :, 8:], None, 0.125) is None
     assert _attention_with_lse(SimpleNamespace(is_causal=False), q, k, v, None, 0.125) is None
     if device == "cpu":
         assert _attention_with_lse(None, q, k, v, None, 0.125) is None

@@ -258,13 +258,16 @@ def test_fallback_without_headq_attention_matches(kind, restore_attn):
 
 @pytest.mark.parametrize("policy", ["uniform", "a2", "dense_keys"])
 @pytest.mark.parametrize("padded", [False, True], ids=["same_length", "left_padded"])
-def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, policy, padded):
+@pytest.mark.parametrize("fused", [False, True], ids=["masked_sdpa", "fused_stand_in"])
+def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, policy, padded, fused):
     """A call over already quantised tokens (the second of two) through
     attention._prefill_dequantised (the quantised region dequantised once into keys
-    ``k̂ + sign·U ẑ`` and values, then SDPA; with A² the a2_weights op, per sequence for a
-    left-padded batch) equals the materialised row blocks (forced here; what an A² cache uses on
-    the CPU and on CUDA with a head dim the a2_weights kernels lack): the logits, and with A² the
-    accumulated weights and the keep set."""
+    ``k̂ + sign·U ẑ`` and values, then masked SDPA, or with ``fused`` the flash kernel's causal
+    attention from the last key with its lse, here a CPU stand-in, one call per sequence for a
+    left-padded batch; with A² the a2_weights op, per sequence for a left-padded batch) equals
+    the materialised row blocks (forced here; what an A² cache uses on the CPU and on CUDA with a
+    head dim the a2_weights kernels lack): the logits, and with A² the accumulated weights and
+    the keep set."""
     model = make_tiny("llama")
     cal = tiny_calibration(model)
     restore_attn.append(attention.enable(model))
@@ -276,8 +279,23 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: layer.n_quant > 0)
     monkeypatch.setattr(cache_module, "_DEQUANT_BLOCK_BYTES", 1)  # one key group per block
     used = _record_calls(monkeypatch, "_prefill_dequantised")
+    lengths, lse_passed = [], []
+    if fused:
+        monkeypatch.setattr(attention, "_attention_with_lse",
+                            lambda m, q, k, *a, **kw: lengths.append((q.shape[2], k.shape[2])) or
+                            _lse_attention_cpu(m, q, k, *a, **kw))
+        real_a2 = ops.a2_weights
+        monkeypatch.setattr(ops, "a2_weights",
+                            lambda q, k, m, s, lse=None: lse_passed.append(lse is not None) or
+                            real_a2(q, k, m, s, lse=lse))
     b_deq, c_deq = run()
     assert len(used) == len(c_deq.layers) and all(nq > 0 for nq in used)
+    n_layers = len(c_deq.layers)
+    if fused:  # the 50 tokens over all 120 (a padded batch: one call per sequence, the second
+        # over its 111 visible tokens); with A² the op's key pass only
+        per_layer = [(50, 120), (50, 111)] if padded else [(50, 120)]
+        assert lengths == per_layer * n_layers
+        assert lse_passed == ([True] * len(per_layer) * n_layers if policy == "a2" else [])
     torch.testing.assert_close(b_deq, b_rows, atol=2e-5, rtol=1e-5)
     if policy == "a2":
         _assert_same_a2_state(c_deq, c_rows)
