@@ -16,7 +16,8 @@
   assisted-decoding verification) goes through the decode op, the tokens' query rows as its
   query heads, causal over the tokens' own window slots (``query_tokens``,
   :func:`_prefill_decode_rows`). A longer call over quantised tokens dequantises them once and
-  runs SDPA (:func:`_prefill_dequantised`; with A² on CUDA the a2_weights op). An A² cache on
+  runs PyTorch's flash kernel (CUDA, causal from the last key) or masked SDPA
+  (:func:`_prefill_dequantised`; with A² on CUDA the a2_weights op). An A² cache on
   the CPU (first prompt or not), or on CUDA with a head dim the a2_weights kernels lack,
   materialises the logits in blocks of rows (:func:`_prefill_rows`), one softmax giving the
   output and the A² weights.
