@@ -354,6 +354,16 @@ def _padding_starts(layer, attention_mask: torch.Tensor, B: int, L: int, T: int,
     return starts
 
 
+def _visible_sequences(starts: list, L: int, T: int):
+    """The sequences of a left-padded batch that see a token, as ``(b, p, r0)``: ``p`` its first
+    visible key (``starts[b]``, < ``T``) and ``r0`` its first query row that sees one (the ``L``
+    queries are the last of the ``T`` keys; the rows before ``r0`` are padding and see nothing).
+    Row ``r0 + i`` is then the last of keys ``p .. T - L + r0 + i``: causal over ``[p, T)``."""
+    for b, p in enumerate(starts):
+        if p < T:
+            yield b, p, max(0, p - (T - L))
+
+
 def _padded_attention_with_lse(layer, module, query, key, value, attention_mask, scale):
     """:func:`_attention_with_lse` for queries (the last ``L`` of the ``T`` keys) whose mask is
     causal attention with left padding (a padded batch): one fused call per sequence over its
@@ -369,10 +379,7 @@ def _padded_attention_with_lse(layer, module, query, key, value, attention_mask,
         return _attention_with_lse(module, query, key, value, None, scale)
     out = query.new_zeros((B, Hq, L, D))
     lse = torch.full((B, Hq, L), float("-inf"), dtype=torch.float32, device=query.device)
-    for b, p in enumerate(starts):
-        if p >= T:
-            continue
-        r0 = max(0, p - (T - L))  # rows before the first visible token are padding
+    for b, p, r0 in _visible_sequences(starts, L, T):
         res = _attention_with_lse(module, query[b:b + 1, :, r0:], key[b:b + 1, :, p:],
                                   value[b:b + 1, :, p:], None, scale)
         if res is None:
@@ -402,10 +409,7 @@ def _a2_prompt_weights(layer, query: torch.Tensor, keys: torch.Tensor, attention
     if not any(starts):
         return ops.a2_weights(query, keys, None, scale, lse=lse)[0]
     w = query.new_zeros((B, keys.shape[1], T), dtype=torch.float32)
-    for b, p in enumerate(starts):
-        if p >= T:
-            continue
-        r0 = max(0, p - (T - L))  # rows before the first visible token are padding
+    for b, p, r0 in _visible_sequences(starts, L, T):
         w[b:b + 1, :, p:] = ops.a2_weights(
             query[b:b + 1, :, r0:], keys[b:b + 1, :, p:], None, scale,
             lse=None if lse is None else lse[b:b + 1, :, r0:])[0]
