@@ -31,6 +31,7 @@ the first sequence by ``N`` tokens (an attention mask for both calls):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import sys
 import time
@@ -98,6 +99,18 @@ def use_path(path: str) -> None:
         if path == "decode_rows" else {}
 
 
+@contextlib.contextmanager
+def paths_restored():
+    """Restore what :func:`use_path` replaces in ``attention`` when the block ends."""
+    saved = attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
+        attention._attention_with_lse
+    try:
+        yield
+    finally:
+        attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
+            attention._attention_with_lse = saved
+
+
 @torch.no_grad()
 def run(model, cal, ids, context: int, policy: str, path: str, device: str, mask=None):
     """Prefill ``ids[:, :context]``, then time the call with the rest: ``(seconds, logits)``;
@@ -145,10 +158,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     if not 0 <= args.padded < args.context:
         sys.exit("--padded: 0 or more tokens, fewer than --context")
-    saved = attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
-        attention._attention_with_lse
     rows = []
-    try:
+    with paths_restored():
         for chunk in chunks:
             ids = torch.randint(1, model.config.vocab_size, (args.batch, args.context + chunk),
                                 generator=g).to(args.device)
@@ -180,9 +191,6 @@ def main(argv=None):
                                                              row[f"{path}_ms"], 2)
                 print(row, flush=True)
                 rows.append(row)
-    finally:
-        attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
-            attention._attention_with_lse = saved
     machine = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"{cpu_model()}, {torch.get_num_threads()} threads"
     result = dict(

@@ -59,9 +59,7 @@ def main(argv=None):
                   unit="ms of device time (self) per kernel over the profiled call; call_ms: "
                        "the same call timed alone before the profile (host clock, synchronised)",
                   paths={})
-    saved = bc.attention._dense_prefill, bc.attention.DECODE_ROWS_MAX_TOKENS, \
-        bc.attention._attention_with_lse
-    try:
+    with bc.paths_restored():
         for path in args.paths.split(","):
             bc.use_path(path)
             times = []
@@ -92,9 +90,6 @@ def main(argv=None):
             print(f"===== {path}: call {times[-1]:.1f} ms, device {total:.1f} ms", flush=True)
             print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=args.top,
                                             max_name_column_width=70), flush=True)
-    finally:
-        bc.attention._dense_prefill, bc.attention.DECODE_ROWS_MAX_TOKENS, \
-            bc.attention._attention_with_lse = saved
     if args.out:
         write_json(args.out, result)
 
