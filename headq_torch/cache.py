@@ -562,7 +562,12 @@ class HeadQLayer(CacheLayerMixin):
         if self.basis is not None:
             zhat = ops.dequantize_side(b["z_codes"][:, :, start:end].contiguous(),
                                        b["z_scale"][:, :, start:end].contiguous(), s.side_bits)
-            khat = khat + s.sign * torch.einsum("bhtr,hdr->bhtd", zhat, self.basis)
+            # khat += sign · ẑ Uᵀ per (sequence, KV head), in place: one batched matmul that
+            # adds into khat, no [B, H, n, D] product tensor
+            B, H, n, D = khat.shape
+            u_t = self.basis.transpose(1, 2).unsqueeze(0).expand(B, H, -1, D)
+            khat.view(B * H, n, D).baddbmm_(zhat.view(B * H, n, -1),
+                                            u_t.reshape(B * H, -1, D), alpha=s.sign)
         return khat.to(out_dtype)
 
     def quantised_values(self, out_dtype=torch.float32, start: int = 0,
@@ -576,11 +581,14 @@ class HeadQLayer(CacheLayerMixin):
             return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
         if not self.quantise_values:
             return b["v_dense"][:, :, start:end].to(out_dtype)
+        kept = self.heavy_idx is not None and self.heavy_idx.shape[-1]
+        # without kept tokens straight to out_dtype (the kernel rounds its float32 result once,
+        # as the cast would)
         v = ops.dequantize_values(b["v_codes"][:, :, start:end].contiguous(),
                                   b["v_scale"][:, :, start:end].contiguous(),
                                   b["v_zero"][:, :, start:end].contiguous(), s.value_bits,
-                                  s.value_group_size, torch.float32)
-        if self.heavy_idx is not None and self.heavy_idx.shape[-1]:
+                                  s.value_group_size, torch.float32 if kept else out_dtype)
+        if kept:
             valid = (self.heavy_idx >= start) & (self.heavy_idx < end)
             idx = (self.heavy_idx.long() - start).clamp(0, end - start - 1)
             delta = self.heavy_delta.float() * valid.unsqueeze(-1)
@@ -603,7 +611,8 @@ class HeadQLayer(CacheLayerMixin):
         step = max(G, _DEQUANT_BLOCK_BYTES // max(1, 4 * self.B * self.H * self.D) // G * G)
         for t0 in range(0, nq, step):
             t1 = min(nq, t0 + step)
-            k[:, :, t0:t1] = self.quantised_keys(dt, t0, t1)
+            # float32 keys cast by the copy into k (one pass, not a cast and then a copy)
+            k[:, :, t0:t1] = self.quantised_keys(torch.float32, t0, t1)
             v[:, :, t0:t1] = self.quantised_values(dt, t0, t1)
         return k, v
 

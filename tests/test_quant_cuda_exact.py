@@ -181,3 +181,45 @@ def test_quantize_kv_cuda_exact(impl, dtype, kind, monkeypatch):
         _same(got[:3], want[:3], what + " keys")
         _same(got[3:5], want[3:5], what + " side code")
         _same(got[5:], want[5:], what + " values")
+
+
+def _shifted(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` whose storage starts one element past a 16-byte boundary (contiguous):
+    the vectorised dequantise kernels decline it and the launcher takes the per-element one."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = buf[1:].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("kind", ["plain", "nan", "huge"])
+def test_dequantize_cuda_kernels_agree(bits, out_dtype, kind, monkeypatch):
+    """dequantize_keys / dequantize_values: the 8-channels-per-thread kernels (the default)
+    equal the per-element kernels (HEADQ_QUANT_IMPL=old) bit for bit, and both equal the CPU
+    kernel, in every output dtype; scales at an address the vectorised key kernel declines
+    (not 16-byte aligned) take the per-element kernel and give the same bits."""
+    k = _adversarial((2, 3, 128, 72), torch.float16, 11 + bits, kind).cuda()
+    v = _adversarial((2, 3, 40, 96), torch.float16, 17 + bits, kind).cuda()
+    kq = ops.quantize_keys(k, bits, 32)
+    vq = ops.quantize_values(v, bits, 32)
+
+    def both():
+        return (ops.dequantize_keys(*kq, bits, 32, out_dtype),
+                ops.dequantize_values(*vq, bits, 32, out_dtype),
+                ops.dequantize_keys(kq[0], _shifted(kq[1]), _shifted(kq[2]), bits, 32,
+                                    out_dtype))
+
+    fast = both()
+    monkeypatch.setenv("HEADQ_QUANT_IMPL", "old")
+    old = both()
+    cpu_k = ops.dequantize_keys(*(t.cpu() for t in kq), bits, 32, out_dtype)
+    cpu_v = ops.dequantize_values(*(t.cpu() for t in vq), bits, 32, out_dtype)
+    ints = torch.int32 if out_dtype == torch.float32 else torch.int16
+    for got, want, cpu in zip(fast, old, (cpu_k, cpu_v, cpu_k)):
+        assert got.dtype == out_dtype and got.shape == want.shape
+        assert torch.equal(got.view(ints), want.view(ints))  # bit patterns, NaNs included
+        # the CPU's NaNs may carry another payload: equal values, NaN where NaN
+        torch.testing.assert_close(got.cpu(), cpu, rtol=0, atol=0, equal_nan=True)

@@ -1034,4 +1034,88 @@ quantize_kv_fast(const E* __restrict__ k, int64_t ksb, int64_t ksh, int64_t kst,
                            tid, NT);
 }
 
+// ---------------------------------------------------------------------------------------------
+// dequantize_keys / dequantize_values, 8 channels per thread (the dequantised prefill path
+// rebuilds the whole quantised region with them). The 8 codes of a chunk are `bits` whole bytes
+// (8 * bits bits, starting on a byte boundary), read once and unpacked from one 64-bit word
+// (LSB first, as get_code); the 8 scales / zeros of a key chunk are one 16-byte load each; a
+// value chunk lies in one value group (Gv % 8 == 0), one scale and zero. Same arithmetic as the
+// one-thread-per-element kernels (asym_dequant), so the same bits. 32-bit indices (the launcher
+// checks the sizes); grid-stride over chunks.
+__device__ __forceinline__ uint64_t load_code_bytes(const uint8_t* p, int bits) {
+  uint64_t w = 0;
+  for (int i = 0; i < bits; ++i) w |= static_cast<uint64_t>(p[i]) << (8 * i);
+  return w;
+}
+
+template <typename E>
+__device__ __forceinline__ void store8(E* out, const float (&x)[8]) {
+  if constexpr (sizeof(E) == 4) {
+    reinterpret_cast<float4*>(out)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    reinterpret_cast<float4*>(out)[1] = make_float4(x[4], x[5], x[6], x[7]);
+  } else {
+    union {
+      uint4 u;
+      E e[8];
+    } pk;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) pk.e[i] = from_float<E>(x[i]);
+    *reinterpret_cast<uint4*>(out) = pk.u;
+  }
+}
+
+template <typename E>
+__global__ void __launch_bounds__(256)
+dequantize_keys_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
+                     const __half* __restrict__ scale,   // [BH, T/G, D] (16-byte aligned)
+                     const __half* __restrict__ zero,    // [BH, T/G, D] (16-byte aligned)
+                     uint32_t nchunks, uint32_t T, uint32_t D, int bits, uint32_t G,
+                     E* __restrict__ out) {  // [BH, T, D] (16-byte aligned)
+  const uint32_t cpr = D / 8;  // chunks per token row
+  const uint32_t mask = (1u << bits) - 1u;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < nchunks;
+       i += gridDim.x * blockDim.x) {
+    const uint32_t row = i / cpr, j = i - row * cpr;
+    const uint32_t bh = row / T, t = row - bh * T;
+    const uint64_t w = load_code_bytes(codes + static_cast<size_t>(i) * bits, bits);
+    const size_t si = (static_cast<size_t>(bh) * (T / G) + t / G) * D + 8 * j;
+    union {
+      uint4 u;
+      __half h[8];
+    } sc, zr;
+    sc.u = *reinterpret_cast<const uint4*>(scale + si);
+    zr.u = *reinterpret_cast<const uint4*>(zero + si);
+    float x[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t code = static_cast<uint32_t>(w >> (k * bits)) & mask;
+      x[k] = asym_dequant(code, __half2float(sc.h[k]), __half2float(zr.h[k]));
+    }
+    store8(out + static_cast<size_t>(i) * 8, x);
+  }
+}
+
+template <typename E>
+__global__ void __launch_bounds__(256)
+dequantize_values_fast(const uint8_t* __restrict__ codes,  // [rows, D*bits/8]
+                       const __half* __restrict__ scale,   // [rows, D/Gv]
+                       const __half* __restrict__ zero,    // [rows, D/Gv]
+                       uint32_t nchunks, uint32_t D, int bits, uint32_t Gv,
+                       E* __restrict__ out) {  // [rows, D] (16-byte aligned)
+  const uint32_t cpr = D / 8, ngv = D / Gv;
+  const uint32_t mask = (1u << bits) - 1u;
+  for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < nchunks;
+       i += gridDim.x * blockDim.x) {
+    const uint32_t row = i / cpr, j = i - row * cpr;
+    const uint64_t w = load_code_bytes(codes + static_cast<size_t>(i) * bits, bits);
+    const size_t si = static_cast<size_t>(row) * ngv + (8 * j) / Gv;
+    const float s = __half2float(scale[si]), z = __half2float(zero[si]);
+    float x[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      x[k] = asym_dequant(static_cast<uint32_t>(w >> (k * bits)) & mask, s, z);
+    store8(out + static_cast<size_t>(i) * 8, x);
+  }
+}
+
 }  // namespace fastq

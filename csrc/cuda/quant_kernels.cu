@@ -450,6 +450,19 @@ cudaError_t launch_dequantize_keys(const uint8_t* codes, const void* scale, cons
                                    DType out_dtype, cudaStream_t stream) {
   const int64_t n = BH * T * D;
   if (n == 0) return cudaSuccess;
+  if (!use_old_impl() && D % 8 == 0 && n / 8 <= 0x7fffffff && T <= 0x7fffffff &&
+      aligned_to(scale, 16) && aligned_to(zero, 16) && aligned_to(out, 16)) {
+    const int64_t nchunks = n / 8;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
+    return with_dtype(out_dtype, [&](auto tag) {
+      using E = decltype(tag);
+      fastq::dequantize_keys_fast<E><<<blocks, 256, 0, stream>>>(
+          codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero),
+          static_cast<uint32_t>(nchunks), static_cast<uint32_t>(T), static_cast<uint32_t>(D),
+          bits, static_cast<uint32_t>(G), static_cast<E*>(out));
+      return cudaGetLastError();
+    });
+  }
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     dequantize_keys_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
@@ -500,6 +513,19 @@ cudaError_t launch_dequantize_values(const uint8_t* codes, const void* scale, co
                                      DType out_dtype, cudaStream_t stream) {
   const int64_t n = rows * D;
   if (n == 0) return cudaSuccess;
+  if (!use_old_impl() && D % 8 == 0 && Gv % 8 == 0 && n / 8 <= 0x7fffffff &&
+      aligned_to(out, 16)) {
+    const int64_t nchunks = n / 8;
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
+    return with_dtype(out_dtype, [&](auto tag) {
+      using E = decltype(tag);
+      fastq::dequantize_values_fast<E><<<blocks, 256, 0, stream>>>(
+          codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero),
+          static_cast<uint32_t>(nchunks), static_cast<uint32_t>(D), bits,
+          static_cast<uint32_t>(Gv), static_cast<E*>(out));
+      return cudaGetLastError();
+    });
+  }
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     dequantize_values_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
