@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import sys
 import time
@@ -75,7 +76,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-PATHS = ("rows", "dequantised", "dequantised_masked", "decode_rows", "dynamic")
+PATHS = ("rows", "dequantised", "dequantised_masked", "dequantised_old_kernels", "decode_rows",
+         "dynamic")
 _ATTENTION_WITH_LSE = attention._attention_with_lse
 
 
@@ -90,13 +92,18 @@ def use_path(path: str) -> None:
     """Route calls over quantised tokens through one path (attention's two predicates).
     ``dequantised_masked``: the dequantised path with transformers' masked SDPA (repeat_kv)
     instead of the flash kernel, as every such call ran until session 18 (what the CPU and
-    float32 still use)."""
+    float32 still use). ``dequantised_old_kernels``: the dequantised path with the per-element
+    dequantise kernels (``HEADQ_QUANT_IMPL=old``, read at every launch), as until session 19."""
     attention._dense_prefill = (lambda layer, q: layer.n_quant > 0) \
         if path.startswith("dequantised") else (lambda layer, q: False)
     attention._attention_with_lse = _lse_prompts_only if path == "dequantised_masked" \
         else _ATTENTION_WITH_LSE
     attention.DECODE_ROWS_MAX_TOKENS = {"cpu": 1 << 30, "cuda": 1 << 30} \
         if path == "decode_rows" else {}
+    if path == "dequantised_old_kernels":
+        os.environ["HEADQ_QUANT_IMPL"] = "old"
+    else:
+        os.environ.pop("HEADQ_QUANT_IMPL", None)
 
 
 @contextlib.contextmanager
@@ -104,11 +111,16 @@ def paths_restored():
     """Restore what :func:`use_path` replaces in ``attention`` when the block ends."""
     saved = attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
         attention._attention_with_lse
+    impl = os.environ.get("HEADQ_QUANT_IMPL")
     try:
         yield
     finally:
         attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
             attention._attention_with_lse = saved
+        if impl is None:
+            os.environ.pop("HEADQ_QUANT_IMPL", None)
+        else:
+            os.environ["HEADQ_QUANT_IMPL"] = impl
 
 
 @torch.no_grad()

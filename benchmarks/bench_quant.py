@@ -12,6 +12,9 @@ measured in the same run. ``bytes``: what the op moves (inputs read + outputs wr
 once; for append_all the side code's second read of k and of the key codes counts).
 ``min_bytes``: what any implementation of the append has to move (k and v read once, every
 output written once), the honest measure of "near bandwidth" for append_all and quantize_kv.
+The way back, ``dequantize_keys`` / ``dequantize_values`` to fp16 (what the dequantised path of
+longer calls runs), is timed with the default kernels and with ``HEADQ_QUANT_IMPL=old`` (the
+per-element kernels, ``*_old``); their ``bytes``: packed input read + fp16 output written.
 """
 
 from __future__ import annotations
@@ -104,11 +107,26 @@ def main():
                 t[f"quantize_kv_{impl}"] = timed(fused, sets)
             finally:
                 del os.environ["HEADQ_KV_IMPL"]
+        vc = hq.quantize_values(sets[0][1], 2, 64)
+        for impl in ("", "old"):
+            if impl:
+                os.environ["HEADQ_QUANT_IMPL"] = impl
+            try:
+                suffix = "_" + impl if impl else ""
+                t["dequantize_keys" + suffix] = timed(
+                    lambda k, v: hq.dequantize_keys(*kc, 2, G, torch.float16), sets)
+                t["dequantize_values" + suffix] = timed(
+                    lambda k, v: hq.dequantize_values(*vc, 2, 64, torch.float16), sets)
+            finally:
+                os.environ.pop("HEADQ_QUANT_IMPL", None)
         min_bytes = 2 * kin + kout + zout + vout
         three = 2 * (kin + kout) + kin + zout + kin + vout
         by = {"quantize_keys": kin + kout, "side_code": kin + kout + zout,
               "quantize_values": kin + vout, "append_all": three,
               "quantize_kv_fused": min_bytes, "quantize_kv_separate": three}
+        for suffix in ("", "_old"):
+            by["dequantize_keys" + suffix] = kout + kin
+            by["dequantize_values" + suffix] = vout + kin
         # the op's own choice (csrc/cuda/quant_kernels.cu fused_kv): fused while its blocks fit
         # in one wave (3 per SM)
         default = "fused" if B * H * (T // G) <= 3 * sms else "separate"
