@@ -345,8 +345,8 @@ void a2_step_weights_cpu(const at::Tensor& q, const at::Tensor& k_window_in,
         const double* kr = kp + (bh * W + t) * D;
         float acc = 0.0f;
         for (int64_t r = 0; r < n_rep; ++r) {
-          // the call's own tokens (query_tokens > 1): row j sees t < tend - (L - 1 - j % L)
-          if (t >= tend - (query_tokens - 1 - ((bh % H) * n_rep + r) % query_tokens)) continue;
+          // the call's own tokens (query_tokens > 1): causal among them
+          if (t >= window_end_of_row<int64_t>(tend, query_tokens, (bh % H) * n_rep + r)) continue;
           const double* qr = qp + (hq0 + r) * D;
           double s = 0.0;
           for (int64_t d = 0; d < D; ++d) s += qr[d] * kr[d];

@@ -48,8 +48,8 @@ __global__ void __launch_bounds__(kStepThreads) a2_step_kernel(A2StepParams p) {
     const int64_t k0 = (bh * p.W + t) * p.D;
     float acc = 0.0f;
     for (int r = 0; r < p.n_rep; ++r) {
-      // the call's own tokens (qtok > 1): row j sees t < n_window - (qtok - 1 - j % qtok)
-      if (t >= t_end - (p.qtok - 1 - ((bh % p.H) * p.n_rep + r) % p.qtok)) continue;
+      // the call's own tokens (qtok > 1): causal among them
+      if (t >= window_end_of_row<int64_t>(t_end, p.qtok, (bh % p.H) * p.n_rep + r)) continue;
       float s = 0.0f;
       for (int d = lane; d < p.D; d += 32)
         s = fmaf(qs[r * p.D + d], load_as_float(p.k, p.dtype, k0 + d), s);

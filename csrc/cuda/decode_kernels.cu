@@ -933,7 +933,7 @@ decode_split_kernel(const DecodeParams p) {
         if (p.qtok > 1) {  // a few-token call's own tokens (query_tokens): causal among them
 #pragma unroll
           for (int hh = 0; hh < NG; ++hh)
-            if (w >= nw - (p.qtok - 1 - (qh0 + hh) % p.qtok)) x[hh] = -INFINITY;
+            if (w >= window_end_of_row(nw, p.qtok, qh0 + hh)) x[hh] = -INFINITY;
         }
       } else {
 #pragma unroll

@@ -557,7 +557,7 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
       for (int64_t t = 0; t < n; ++t) logits[i * NB + t] *= sh.scale;
     if (sh.query_tokens > 1) {  // the call's own tokens: causal
       for (int64_t i = 0; i < n_rep; ++i) {
-        const int64_t lim = nw - (sh.query_tokens - 1 - (a.row0 + i) % sh.query_tokens);
+        const int64_t lim = window_end_of_row<int64_t>(nw, sh.query_tokens, a.row0 + i);
         for (int64_t t = std::max<int64_t>(lim - w0, 0); t < n; ++t) logits[i * NB + t] = -INFINITY;
       }
     }

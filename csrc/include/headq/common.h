@@ -40,6 +40,15 @@ HEADQ_HD HEADQ_INLINE float bits_as_float(uint32_t u) {
 #endif
 }
 
+// The window end a query row sees. With query_tokens L > 1 (a call of L tokens through the
+// decode ops, docs/LAYOUT.md) query head j of a batch row is token j % L of the window's last L
+// tokens, causal among them: it sees window tokens t < window_end_of_row(n_window, L, j). With
+// L == 1 every row sees the whole window. (Python: reference._window_ends.)
+template <class I>
+HEADQ_HD HEADQ_INLINE I window_end_of_row(I n_window, I query_tokens, I query_head) {
+  return n_window - (query_tokens - 1 - query_head % query_tokens);
+}
+
 // a * b, rounded once (never fused with a following add).
 HEADQ_HD HEADQ_INLINE float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
