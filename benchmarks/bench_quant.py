@@ -15,6 +15,12 @@ output written once), the honest measure of "near bandwidth" for append_all and 
 The way back, ``dequantize_keys`` / ``dequantize_values`` to fp16 (what the dequantised path of
 longer calls runs), is timed with the default kernels and with ``HEADQ_QUANT_IMPL=old`` (the
 per-element kernels, ``*_old``); their ``bytes``: packed input read + fp16 output written.
+``reconstruct_keys``: the keys with the side-code correction, to fp16, in one op
+(``reconstruct_keys_l1``: its kernel without the basis staged in shared memory, forced by
+``HEADQ_RECON_IMPL=l1``);
+``reconstruct_keys_composed``: the same from dequantize_keys (float32), dequantize_side, an
+in-place batched matmul and a cast, as the cache built them until session 19 (same bytes
+counted: the op's inputs and output).
 """
 
 from __future__ import annotations
@@ -119,6 +125,25 @@ def main():
                     lambda k, v: hq.dequantize_values(*vc, 2, 64, torch.float16), sets)
             finally:
                 os.environ.pop("HEADQ_QUANT_IMPL", None)
+        zc = hq.side_code(sets[0][0], *kc, basis, 2, G, 8, False)
+
+        def recon(k, v):
+            return hq.reconstruct_keys(*kc, *zc, basis, 2, G, 8, 1.0, torch.float16)
+
+        def composed(k, v):
+            khat = hq.dequantize_keys(*kc, 2, G, torch.float32)
+            zhat = hq.dequantize_side(*zc, 8)
+            u_t = basis.transpose(1, 2).unsqueeze(0).expand(B, H, -1, D)
+            khat.view(B * H, T, D).baddbmm_(zhat.view(B * H, T, -1), u_t.reshape(B * H, -1, D))
+            return khat.to(torch.float16)
+
+        t["reconstruct_keys"] = timed(recon, sets)
+        os.environ["HEADQ_RECON_IMPL"] = "l1"  # the kernel without the staged basis
+        try:
+            t["reconstruct_keys_l1"] = timed(recon, sets)
+        finally:
+            del os.environ["HEADQ_RECON_IMPL"]
+        t["reconstruct_keys_composed"] = timed(composed, sets)
         min_bytes = 2 * kin + kout + zout + vout
         three = 2 * (kin + kout) + kin + zout + kin + vout
         by = {"quantize_keys": kin + kout, "side_code": kin + kout + zout,
@@ -127,6 +152,8 @@ def main():
         for suffix in ("", "_old"):
             by["dequantize_keys" + suffix] = kout + kin
             by["dequantize_values" + suffix] = vout + kin
+        for name in ("reconstruct_keys", "reconstruct_keys_l1", "reconstruct_keys_composed"):
+            by[name] = kout + zout + kin
         # the op's own choice (csrc/cuda/quant_kernels.cu fused_kv): fused while its blocks fit
         # in one wave (3 per SM)
         default = "fused" if B * H * (T // G) <= 3 * sms else "separate"

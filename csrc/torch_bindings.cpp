@@ -38,6 +38,10 @@ TORCH_LIBRARY(headq, m) {
       "Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("dequantize_side(Tensor z_codes, Tensor z_scale, int side_bits) -> Tensor");
   m.def(
+      "reconstruct_keys(Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor z_codes, "
+      "Tensor z_scale, Tensor basis, int key_bits, int group_size, int side_bits, float sign, "
+      "ScalarType out_dtype) -> Tensor");
+  m.def(
       "corrected_logits(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, "
       "Tensor? z_codes, Tensor? z_scale, Tensor? basis, int key_bits, int group_size, "
       "int side_bits, float sign, float scale) -> Tensor");

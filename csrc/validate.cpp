@@ -376,6 +376,30 @@ QueryKeyShape check_query_keys(const char* op, const at::Tensor& q, int64_t q_di
 
 }  // namespace
 
+void validate_reconstruct_keys(const at::Tensor& k_codes, const at::Tensor& k_scale,
+                               const at::Tensor& k_zero, const at::Tensor& z_codes,
+                               const at::Tensor& z_scale, const at::Tensor& basis,
+                               int64_t key_bits, int64_t group_size, int64_t side_bits,
+                               double sign, at::ScalarType out_dtype) {
+  const char* op = "reconstruct_keys";
+  check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
+  check_dtype(op, "k_codes", k_codes, at::kByte);
+  check_not_empty(op, "k_codes", k_codes);
+  check_bits(op, "key_bits", key_bits);
+  check_group(op, "group_size", group_size);
+  check_finite(op, "sign", sign);
+  TORCH_CHECK(is_float_dtype(out_dtype), op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
+  const int64_t B = k_codes.size(0), H = k_codes.size(1), T = k_codes.size(2);
+  const int64_t D = head_dim_of_codes(op, "k_codes", k_codes.size(3), key_bits);
+  check_head_dim(op, D);
+  check_token_groups(op, T, group_size);
+  check_key_codes(op, k_codes, k_scale, k_zero, B, H, T, D, key_bits, group_size);
+  check_device(op, "k_scale", k_scale, "k_codes", k_codes);
+  check_device(op, "k_zero", k_zero, "k_codes", k_codes);
+  check_side(op, z_codes, z_scale, basis, B, H, T, D, side_bits, k_codes);
+}
+
 void validate_corrected_logits(const at::Tensor& q, const at::Tensor& k_codes,
                                const at::Tensor& k_scale, const at::Tensor& k_zero,
                                const std::optional<at::Tensor>& z_codes,

@@ -51,6 +51,16 @@ void validate_dequantize_side(const at::Tensor& z_codes,  // [B, H, T, r*side_bi
                               const at::Tensor& z_scale,  // [B, H, T] float16
                               int64_t side_bits);
 
+// reconstruct_keys: the key codes as in dequantize_keys plus a (required) side code.
+void validate_reconstruct_keys(const at::Tensor& k_codes,  // [B, H, T, D*key_bits/8] uint8
+                               const at::Tensor& k_scale,  // [B, H, T/G, D] float16
+                               const at::Tensor& k_zero,   // [B, H, T/G, D] float16
+                               const at::Tensor& z_codes,  // [B, H, T, r*side_bits/8] uint8
+                               const at::Tensor& z_scale,  // [B, H, T] float16
+                               const at::Tensor& basis,    // [H, D, r] float32
+                               int64_t key_bits, int64_t group_size, int64_t side_bits,
+                               double sign, at::ScalarType out_dtype);
+
 void validate_corrected_logits(const at::Tensor& q,        // [B, Hq, L, D]
                                const at::Tensor& k_codes,  // [B, H, T, D*key_bits/8] uint8
                                const at::Tensor& k_scale,  // [B, H, T/G, D] float16

@@ -15,6 +15,7 @@ from .ops import (
     quantize_keys,
     quantize_kv,
     quantize_values,
+    reconstruct_keys,
     side_code,
 )
 from .storage import StorageReport, storage_report
@@ -50,6 +51,7 @@ __all__ = [
     "side_code",
     "quantize_kv",
     "dequantize_side",
+    "reconstruct_keys",
     "corrected_logits",
     "decode_attention",
     "a2_weights",

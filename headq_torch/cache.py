@@ -544,7 +544,7 @@ class HeadQLayer(CacheLayerMixin):
         """Keys of the quantised region as attention reads them: ``k̂ + sign·U ẑ``
         ``[B, H, end - start, D]`` (``q·`` of it equals the corrected logit), for the tokens
         ``[start, end)`` (default all ``n_quant``; ``start`` a multiple of the key group size).
-        Computed in float32, then cast."""
+        Computed in float32 (``ops.reconstruct_keys``), rounded once to ``out_dtype``."""
         s, b = self.s, self.buf
         end = self._token_range("quantised_keys", start, end)
         if start == end:
@@ -555,20 +555,15 @@ class HeadQLayer(CacheLayerMixin):
         if start % G:
             raise ValueError(f"quantised_keys: start ({start}) must be a multiple of the key "
                              f"group size ({G})")
-        khat = ops.dequantize_keys(b["k_codes"][:, :, start:end].contiguous(),
-                                   b["k_scale"][:, :, start // G:end // G].contiguous(),
-                                   b["k_zero"][:, :, start // G:end // G].contiguous(),
-                                   s.key_bits, G, torch.float32)
-        if self.basis is not None:
-            zhat = ops.dequantize_side(b["z_codes"][:, :, start:end].contiguous(),
-                                       b["z_scale"][:, :, start:end].contiguous(), s.side_bits)
-            # khat += sign · ẑ Uᵀ per (sequence, KV head), in place: one batched matmul that
-            # adds into khat, no [B, H, n, D] product tensor
-            B, H, n, D = khat.shape
-            u_t = self.basis.transpose(1, 2).unsqueeze(0).expand(B, H, -1, D)
-            khat.view(B * H, n, D).baddbmm_(zhat.view(B * H, n, -1),
-                                            u_t.reshape(B * H, -1, D), alpha=s.sign)
-        return khat.to(out_dtype)
+        codes = (b["k_codes"][:, :, start:end].contiguous(),
+                 b["k_scale"][:, :, start // G:end // G].contiguous(),
+                 b["k_zero"][:, :, start // G:end // G].contiguous())
+        if self.basis is None:
+            return ops.dequantize_keys(*codes, s.key_bits, G, out_dtype)
+        # one pass: k̂ + sign·ẑUᵀ in float32 per element, rounded once to out_dtype
+        return ops.reconstruct_keys(*codes, b["z_codes"][:, :, start:end].contiguous(),
+                                    b["z_scale"][:, :, start:end].contiguous(), self.basis,
+                                    s.key_bits, G, s.side_bits, s.sign, out_dtype)
 
     def quantised_values(self, out_dtype=torch.float32, start: int = 0,
                          end: Optional[int] = None) -> torch.Tensor:
@@ -611,8 +606,7 @@ class HeadQLayer(CacheLayerMixin):
         step = max(G, _DEQUANT_BLOCK_BYTES // max(1, 4 * self.B * self.H * self.D) // G * G)
         for t0 in range(0, nq, step):
             t1 = min(nq, t0 + step)
-            # float32 keys cast by the copy into k (one pass, not a cast and then a copy)
-            k[:, :, t0:t1] = self.quantised_keys(torch.float32, t0, t1)
+            k[:, :, t0:t1] = self.quantised_keys(dt, t0, t1)
             v[:, :, t0:t1] = self.quantised_values(dt, t0, t1)
         return k, v
 

@@ -24,6 +24,7 @@ __all__ = [
     "side_code",
     "quantize_kv",
     "dequantize_side",
+    "reconstruct_keys",
     "corrected_logits",
     "decode_attention",
     "a2_weights",
@@ -132,6 +133,31 @@ def dequantize_side(z_codes: Tensor, z_scale: Tensor, side_bits: int = 8) -> Ten
     """float32 ``[B, H, T, r]`` side code values."""
     _same_device("dequantize_side", z_codes=z_codes, z_scale=z_scale)
     return _ops.dequantize_side(z_codes, z_scale, side_bits)
+
+
+def reconstruct_keys(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, z_codes: Tensor,
+                     z_scale: Tensor, basis: Tensor, key_bits: int, group_size: int,
+                     side_bits: int = 8, sign: float = 1.0,
+                     out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Keys as attention reads them, ``khat + sign * zhat Uᵀ`` ``[B, H, T, D]`` in
+    ``out_dtype``: ``q ·`` a row equals :func:`corrected_logits`'s logit (before ``scale``).
+
+    One pass over the packed keys and side code, computed in float32 (per element the side
+    correction summed over the rank in ascending order, every product and sum rounded once;
+    the CPU and CUDA kernels give the same bits) and rounded once to ``out_dtype``. What a
+    dense attention kernel needs from the packed cache, without a float32 ``[B, H, T, D]``
+    intermediate.
+
+    Args:
+        k_codes, k_scale, k_zero: packed keys ``[B, H, T, ...]`` from :func:`quantize_keys`.
+        z_codes, z_scale, basis: the side code ``[B, H, T, r*side_bits/8]``, ``[B, H, T]``
+            from :func:`side_code` and its basis ``[H, D, r]`` float32.
+        sign: ``+1`` (HeadQ) or ``-1`` (the wrong-sign control).
+    """
+    _same_device("reconstruct_keys", k_codes=k_codes, k_scale=k_scale, k_zero=k_zero,
+                 z_codes=z_codes, z_scale=z_scale, basis=basis)
+    return _ops.reconstruct_keys(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                                 group_size, side_bits, float(sign), out_dtype)
 
 
 def corrected_logits(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
@@ -353,6 +379,15 @@ def _dequantize_side_fake(z_codes, z_scale, side_bits):
     _check_bits("side_bits", side_bits, (4, 8))
     B, H, T, nb = z_codes.shape
     return z_codes.new_empty((B, H, T, nb * 8 // side_bits), dtype=torch.float32)
+
+
+@torch.library.register_fake("headq::reconstruct_keys")
+def _reconstruct_keys_fake(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                           group_size, side_bits, sign, out_dtype):
+    _check_bits("key_bits", key_bits)
+    _check_bits("side_bits", side_bits, (4, 8))
+    B, H, T, nb = k_codes.shape
+    return k_codes.new_empty((B, H, T, nb * 8 // key_bits), dtype=out_dtype)
 
 
 @torch.library.register_fake("headq::corrected_logits")

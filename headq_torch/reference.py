@@ -22,6 +22,7 @@ __all__ = [
     "dequantize_values",
     "side_code",
     "dequantize_side",
+    "reconstruct_keys",
     "corrected_logits",
     "decode_attention",
     "a2_weights",
@@ -185,6 +186,21 @@ def dequantize_side(z_codes, z_scale, side_bits: int) -> torch.Tensor:
     r = z_codes.shape[-1] * 8 // side_bits
     c = unpack_bits(z_codes, side_bits, r) - 2 ** (side_bits - 1)
     return c.to(torch.float32) * z_scale.to(torch.float32).unsqueeze(-1)
+
+
+def reconstruct_keys(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits: int,
+                     group_size: int, side_bits: int, sign: float, out_dtype=torch.float32):
+    """``khat + sign * zhat Uᵀ`` ``[B, H, T, D]``: the keys whose dot product with ``q`` is
+    :func:`corrected_logits`'s logit. Per element the correction is summed over the rank in
+    ascending order with every product and sum rounded to float32 (the kernels' order), then
+    added to ``khat`` and rounded once to ``out_dtype``."""
+    khat = dequantize_keys(k_codes, k_scale, k_zero, key_bits, group_size)
+    zhat = dequantize_side(z_codes, z_scale, side_bits)  # [B, H, T, r]
+    u = basis.to(torch.float32)  # [H, D, r]
+    corr = torch.zeros_like(khat)
+    for j in range(u.shape[-1]):
+        corr = corr + zhat[..., j:j + 1] * u[:, :, j].unsqueeze(0).unsqueeze(2)
+    return (khat + float(sign) * corr).to(out_dtype)
 
 
 def _work_dtype(q: torch.Tensor) -> torch.dtype:

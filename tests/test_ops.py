@@ -214,6 +214,37 @@ def test_side_code_bound_and_projection(device):
     assert ((zhat - y).abs() <= step / 2 + 1e-3 * step + 1e-7).all()
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=_dt_id)
+@pytest.mark.parametrize("fmt", [(2, 8, 64, 8, 1.0), (4, 4, 32, 4, -1.0), (3, 8, 128, 16, 1.0),
+                                 (8, 8, 64, 12, 1.0)], ids=lambda f: "-".join(map(str, f)))
+def test_reconstruct_keys(device, out_dtype, fmt):
+    """reconstruct_keys equals the reference bit for bit (its float32 order is the contract):
+    khat + sign * zhat Uᵀ rounded once to out_dtype, and q · it is corrected_logits' logit."""
+    key_bits, side_bits, D, r, sign = fmt
+    H, G = 3, 32
+    k = make((2, H, 3 * G, D), device, seed=key_bits + r, noncontig=True)
+    basis = orthonormal_basis(H, D, r, device, seed=r)
+    kc = ops.quantize_keys(k, key_bits, G)
+    zc = ops.side_code(k, *kc, basis, key_bits, G, side_bits, False)
+    got = ops.reconstruct_keys(*kc, *zc, basis, key_bits, G, side_bits, sign, out_dtype)
+    cpu = [t.cpu() for t in (*kc, *zc, basis)]
+    want = ref.reconstruct_keys(*cpu, key_bits, G, side_bits, sign, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (2, H, 3 * G, D) and got.device == k.device
+    assert torch.equal(got.cpu(), want)
+    # without the side code's effect (sign 0) it is dequantize_keys
+    base = ops.reconstruct_keys(*kc, *zc, basis, key_bits, G, side_bits, 0.0, out_dtype)
+    assert torch.equal(base, ops.dequantize_keys(*kc, key_bits, G, out_dtype))
+    assert not torch.equal(got, base)
+    # q · reconstructed keys = the corrected logits (float64 from the float32 keys)
+    q = make((2, H * 2, 2, D), device, seed=3)
+    logits = ops.corrected_logits(q, *kc, *zc, basis, key_bits, G, side_bits, sign, 1.0)
+    full = ops.reconstruct_keys(*kc, *zc, basis, key_bits, G, side_bits, sign).double()
+    q64 = q.double()
+    via_keys = q64 @ ref.expand_kv(full, 2).transpose(-1, -2)
+    torch.testing.assert_close(logits.double(), via_keys, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- logits
 
 
@@ -600,6 +631,7 @@ def _opcheck_cases(device):
         "dequantize_values": (*vc, 2, 32, torch.float16),
         "side_code": (k, *kc, basis, 2, 32, 8, True),
         "dequantize_side": (*zc, 8),
+        "reconstruct_keys": (*kc, *zc, basis, 2, 32, 8, -1.0, torch.bfloat16),
         "corrected_logits": (q, *kc, *zc, basis, 2, 32, 8, 1.0, 0.125),
         "decode_attention": dec,
         "decode_attention:heavy_logits": (*dec, torch.empty(3, 8, 3, device=device)),

@@ -223,3 +223,44 @@ def test_dequantize_cuda_kernels_agree(bits, out_dtype, kind, monkeypatch):
         assert torch.equal(got.view(ints), want.view(ints))  # bit patterns, NaNs included
         # the CPU's NaNs may carry another payload: equal values, NaN where NaN
         torch.testing.assert_close(got.cpu(), cpu, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("side_bits", [4, 8])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("kind", ["plain", "nan", "huge"])
+@pytest.mark.parametrize("impl", ["smem", "l1"])
+def test_reconstruct_keys_cuda_exact(bits, side_bits, out_dtype, kind, impl, monkeypatch):
+    """reconstruct_keys: the CUDA kernels (the basis staged in shared memory, the default, and
+    the L1 one, HEADQ_RECON_IMPL=l1) give the CPU kernel's values (NaN where NaN) for the same
+    codes, on adversarial keys (head dim 72: 9 chunks per token, idle threads in the staged
+    kernel's blocks; 300 tokens: a partial tile), every output dtype, both side-code widths."""
+    if impl == "l1":
+        monkeypatch.setenv("HEADQ_RECON_IMPL", "l1")
+    k = _adversarial((2, 3, 320, 72), torch.float16, 5 + bits, kind).cuda()
+    g = torch.Generator().manual_seed(bits)
+    basis = torch.linalg.qr(torch.randn(3, 72, 8, generator=g, dtype=torch.float64))[0].float()
+    kq = ops.quantize_keys(k, bits, 32)
+    zq = ops.side_code(k, *kq, basis.cuda(), bits, 32, side_bits, False)
+    got = ops.reconstruct_keys(*kq, *zq, basis.cuda(), bits, 32, side_bits, -1.0, out_dtype)
+    cpu = ops.reconstruct_keys(*(t.cpu() for t in (*kq, *zq)), basis, bits, 32, side_bits,
+                               -1.0, out_dtype)
+    assert got.dtype == out_dtype and got.shape == cpu.shape
+    torch.testing.assert_close(got.cpu(), cpu, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("rank", [8, 104])
+def test_reconstruct_keys_cuda_large_rank(rank):
+    """A basis too large for the staged kernel's 48 KB (head dim 128, rank 104: 53 KB) takes the
+    L1 kernel; both equal the CPU kernel bit for bit."""
+    k = _adversarial((1, 2, 192, 128), torch.bfloat16, rank, "plain").cuda()
+    g = torch.Generator().manual_seed(rank)
+    basis = torch.linalg.qr(torch.randn(2, 128, rank, generator=g, dtype=torch.float64))[0]
+    basis = basis.float()
+    kq = ops.quantize_keys(k, 2, 64)
+    zq = ops.side_code(k, *kq, basis.cuda(), 2, 64, 8, True)
+    got = ops.reconstruct_keys(*kq, *zq, basis.cuda(), 2, 64, 8, 1.0, torch.bfloat16)
+    cpu = ops.reconstruct_keys(*(t.cpu() for t in (*kq, *zq)), basis, 2, 64, 8, 1.0,
+                               torch.bfloat16)
+    assert torch.equal(got.cpu().view(torch.int16), cpu.view(torch.int16))

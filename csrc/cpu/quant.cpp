@@ -189,6 +189,47 @@ at::Tensor dequantize_side_cpu(const at::Tensor& z_codes_in,  // [B, H, T, r*sid
   return out;
 }
 
+at::Tensor reconstruct_keys_cpu(const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] uint8
+                                const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
+                                const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
+                                const at::Tensor& z_codes_in,  // [B, H, T, r*side_bits/8] uint8
+                                const at::Tensor& z_scale_in,  // [B, H, T] f16
+                                const at::Tensor& basis_in,    // [H, D, r] f32
+                                int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                double sign, at::ScalarType out_dtype) {
+  validate_reconstruct_keys(k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in, basis_in,
+                            key_bits, group_size, side_bits, sign, out_dtype);
+  const at::Tensor codes = k_codes_in.contiguous();
+  const at::Tensor scale = k_scale_in.contiguous();
+  const at::Tensor zero = k_zero_in.contiguous();
+  const at::Tensor z_codes = z_codes_in.contiguous();
+  const at::Tensor z_scale = z_scale_in.contiguous();
+  const at::Tensor basis = basis_in.contiguous();
+  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
+  const int64_t row_bytes = codes.size(3), D = row_bytes * 8 / key_bits, G = group_size;
+  const int64_t z_row_bytes = z_codes.size(3), r = basis.size(2);
+  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
+  const uint8_t* codes_p = codes.const_data_ptr<uint8_t>();
+  const uint16_t* scale_p = half_bits(scale);
+  const uint16_t* zero_p = half_bits(zero);
+  const uint8_t* zc_p = z_codes.const_data_ptr<uint8_t>();
+  const uint16_t* zs_p = half_bits(z_scale);
+  const float* u_p = basis.const_data_ptr<float>();
+  HEADQ_DISPATCH_FLOAT(out_dtype, "reconstruct_keys", [&] {
+    scalar_t* out_p = out.data_ptr<scalar_t>();  // [B, H, T, D]
+    at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh) {
+        cpu::reconstruct_keys_slice<scalar_t>(
+            codes_p + bh * T * row_bytes, scale_p + bh * (T / G) * D, zero_p + bh * (T / G) * D,
+            zc_p + bh * T * z_row_bytes, zs_p + bh * T, u_p + (bh % H) * D * r, T, D, G,
+            static_cast<int>(key_bits), r, static_cast<int>(side_bits),
+            static_cast<float>(sign), out_p + bh * T * D);
+      }
+    });
+  });
+  return out;
+}
+
 // The three quantisers in one call; on the CPU exactly their composition (the CUDA op fuses
 // them into one kernel that reads k once, with the same results bit for bit).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -215,5 +256,6 @@ TORCH_LIBRARY_IMPL(headq, CPU, m) {
   m.impl("dequantize_values", &headq::dequantize_values_cpu);
   m.impl("side_code", &headq::side_code_cpu);
   m.impl("dequantize_side", &headq::dequantize_side_cpu);
+  m.impl("reconstruct_keys", &headq::reconstruct_keys_cpu);
 }
 

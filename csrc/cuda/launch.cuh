@@ -35,6 +35,17 @@ cudaError_t launch_dequantize_keys(const uint8_t* codes,  // [B, H, T, D*bits/8]
                                    void* out,  // [B, H, T, D] out dtype, contiguous
                                    DType out_dtype, cudaStream_t stream);
 
+cudaError_t launch_reconstruct_keys(const uint8_t* codes,    // [B, H, T, D*bits/8]
+                                    const void* scale,       // [B, H, T/G, D] f16
+                                    const void* zero,        // [B, H, T/G, D] f16
+                                    const uint8_t* z_codes,  // [B, H, T, r*side_bits/8]
+                                    const void* z_scale,     // [B, H, T] f16
+                                    const float* basis,      // [H, D, r]
+                                    int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
+                                    int64_t r, int side_bits, float sign,
+                                    void* out,  // [B, H, T, D] out dtype, contiguous, 16-B aligned
+                                    DType out_dtype, cudaStream_t stream);
+
 cudaError_t launch_quantize_values(const void* v,  // [B, H, T, D] dtype, strides in elements
                                    DType dtype, int64_t sb, int64_t sh, int64_t st, int64_t sd,
                                    int64_t B, int64_t H, int64_t T, int64_t D, int bits, int Gv,

@@ -232,6 +232,37 @@ at::Tensor dequantize_side_cuda(const at::Tensor& z_codes_in,  // [B, H, T, r*si
   return out;
 }
 
+at::Tensor reconstruct_keys_cuda(const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] u8
+                                 const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
+                                 const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
+                                 const at::Tensor& z_codes_in,  // [B, H, T, r*side_bits/8] u8
+                                 const at::Tensor& z_scale_in,  // [B, H, T] f16
+                                 const at::Tensor& basis_in,    // [H, D, r] f32
+                                 int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                 double sign, at::ScalarType out_dtype) {
+  validate_reconstruct_keys(k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in, basis_in,
+                            key_bits, group_size, side_bits, sign, out_dtype);
+  const c10::cuda::CUDAGuard guard(k_codes_in.device());
+  const at::Tensor codes = k_codes_in.contiguous();
+  const at::Tensor scale = k_scale_in.contiguous();
+  const at::Tensor zero = k_zero_in.contiguous();
+  const at::Tensor z_codes = z_codes_in.contiguous();
+  const at::Tensor z_scale = z_scale_in.contiguous();
+  const at::Tensor basis = basis_in.contiguous();
+  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
+  const int64_t D = codes.size(3) * 8 / key_bits, r = basis.size(2);
+  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
+  const cudaError_t err = cuda::launch_reconstruct_keys(
+      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(),
+      z_codes.const_data_ptr<uint8_t>(), z_scale.const_data_ptr(), basis.const_data_ptr<float>(),
+      B, H, T, D, static_cast<int>(key_bits), static_cast<int>(group_size), r,
+      static_cast<int>(side_bits), static_cast<float>(sign), out.data_ptr(),
+      dtype_of(out_dtype, "reconstruct_keys"), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 at::Tensor corrected_logits_cuda(const at::Tensor& q_in,        // [B, Hq, L, D]
                                  const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] uint8
                                  const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
@@ -550,6 +581,7 @@ TORCH_LIBRARY_IMPL(headq, CUDA, m) {
   m.impl("side_code", &headq::side_code_cuda);
   m.impl("quantize_kv", &headq::quantize_kv_cuda);
   m.impl("dequantize_side", &headq::dequantize_side_cuda);
+  m.impl("reconstruct_keys", &headq::reconstruct_keys_cuda);
   m.impl("corrected_logits", &headq::corrected_logits_cuda);
   m.impl("decode_attention", &headq::decode_attention_cuda);
   m.impl("a2_weights", &headq::a2_weights_cuda);

@@ -1118,4 +1118,117 @@ dequantize_values_fast(const uint8_t* __restrict__ codes,  // [rows, D*bits/8]
   }
 }
 
+// reconstruct_keys: dequantize_keys_fast's 8 channels per thread plus the side-code correction,
+// written once in the output dtype. Per channel the arithmetic of headq/quant.h reconstruct_key
+// (the sum over j ascending, products and sums rounded once), with the loops interchanged: each
+// ẑ_j (sym_dequant of the token's side code j) is formed once and added to the 8 channels'
+// sums. One block per (b, h) and tile of tokens: the head's basis is staged in shared memory,
+// one (8r + 1)-float row per 8-channel chunk (u_s[c * (8r + 1) + k * r + j] = U[h, 8c + k, j];
+// the odd row length puts the chunks of a warp in different banks), and thread (lane, c) keeps
+// chunk c and walks the tile's tokens lane, lane + lanes, ..., reloading the scales and zeros
+// only when the key group changes. The launcher takes reconstruct_keys_l1 where the basis does
+// not fit (48 KB) or a token row has more than 256 chunks.
+template <typename E>
+__global__ void __launch_bounds__(256)
+reconstruct_keys_smem(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
+                      const __half* __restrict__ scale,     // [BH, T/G, D]
+                      const __half* __restrict__ zero,      // [BH, T/G, D]
+                      const uint8_t* __restrict__ z_codes,  // [BH, T, r*side_bits/8]
+                      const __half* __restrict__ z_scale,   // [BH, T]
+                      const float* __restrict__ basis,      // [H, D, r]
+                      int64_t n_tiles, int64_t tile_tokens, int64_t H, int64_t T, int D,
+                      int bits, int64_t G, int r, int side_bits, float sign,
+                      E* __restrict__ out) {  // [BH, T, D] (16-byte aligned)
+  extern __shared__ float u_s[];  // [D/8][8r + 1]
+  const int64_t bh = blockIdx.x / n_tiles, tile = blockIdx.x - bh * n_tiles;
+  const int cpr = D / 8, row_len = 8 * r + 1;
+  const float* ub = basis + (bh % H) * D * r;
+  for (int i = threadIdx.x; i < D * r; i += blockDim.x) {
+    const int d = i / r, j = i - d * r;
+    u_s[(d / 8) * row_len + (d % 8) * r + j] = ub[i];
+  }
+  __syncthreads();
+  const int lanes = blockDim.x / cpr, c = threadIdx.x % cpr, lane = threadIdx.x / cpr;
+  if (lane >= lanes) return;
+  const float* u = u_s + c * row_len;
+  const int64_t z_row_bytes = static_cast<int64_t>(r) * side_bits / 8;
+  const uint32_t mask = (1u << bits) - 1u;
+  const int64_t t_end = min(T, (tile + 1) * tile_tokens);
+  int64_t cur_g = -1;
+  float sc[8], zr[8];
+  for (int64_t t = tile * tile_tokens + lane; t < t_end; t += lanes) {
+    const int64_t row = bh * T + t, i = row * cpr + c;
+    const int64_t g = t / G;
+    if (g != cur_g) {
+      const int64_t si = (bh * (T / G) + g) * D + 8 * c;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        sc[k] = __half2float(scale[si + k]);
+        zr[k] = __half2float(zero[si + k]);
+      }
+      cur_g = g;
+    }
+    const uint64_t w = load_code_bytes(codes + i * bits, bits);
+    float x[8], corr[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      x[k] = asym_dequant(static_cast<uint32_t>(w >> (k * bits)) & mask, sc[k], zr[k]);
+      corr[k] = 0.0f;
+    }
+    const uint8_t* zrow = z_codes + row * z_row_bytes;
+    const float zs = __half2float(z_scale[row]);
+    for (int j = 0; j < r; ++j) {
+      const float zj = sym_dequant(get_code(zrow, j, side_bits), zs, side_bits);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) corr[k] = add_rn(corr[k], mul_rn(zj, u[k * r + j]));
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = add_rn(x[k], mul_rn(sign, corr[k]));
+    store8(out + i * 8, x);
+  }
+}
+
+// reconstruct_keys where the basis does not fit in shared memory: one thread per 8-channel
+// chunk, grid-stride, the basis read through L1 (the same arithmetic and bits).
+template <typename E>
+__global__ void __launch_bounds__(256)
+reconstruct_keys_l1(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
+                    const __half* __restrict__ scale,     // [BH, T/G, D]
+                    const __half* __restrict__ zero,      // [BH, T/G, D]
+                    const uint8_t* __restrict__ z_codes,  // [BH, T, r*side_bits/8]
+                    const __half* __restrict__ z_scale,   // [BH, T]
+                    const float* __restrict__ basis,      // [H, D, r]
+                    int64_t nchunks, int64_t H, int64_t T, int64_t D, int bits, int64_t G,
+                    int64_t r, int side_bits, float sign,
+                    E* __restrict__ out) {  // [BH, T, D] (16-byte aligned)
+  const int64_t cpr = D / 8;  // chunks per token row
+  const int64_t z_row_bytes = r * side_bits / 8;
+  const uint32_t mask = (1u << bits) - 1u;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nchunks;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / cpr, j = i - row * cpr;
+    const int64_t bh = row / T, t = row - bh * T;
+    const uint64_t w = load_code_bytes(codes + i * bits, bits);
+    const int64_t si = (bh * (T / G) + t / G) * D + 8 * j;
+    float x[8], corr[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const uint32_t code = static_cast<uint32_t>(w >> (k * bits)) & mask;
+      x[k] = asym_dequant(code, __half2float(scale[si + k]), __half2float(zero[si + k]));
+      corr[k] = 0.0f;
+    }
+    const uint8_t* zrow = z_codes + row * z_row_bytes;
+    const float zs = __half2float(z_scale[row]);
+    const float* u = basis + ((bh % H) * D + 8 * j) * r;  // U[h, 8j + k, jj] = u[k * r + jj]
+    for (int64_t jj = 0; jj < r; ++jj) {
+      const float zj = sym_dequant(get_code(zrow, jj, side_bits), zs, side_bits);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) corr[k] = add_rn(corr[k], mul_rn(zj, __ldg(u + k * r + jj)));
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = add_rn(x[k], mul_rn(sign, corr[k]));
+    store8(out + i * 8, x);
+  }
+}
+
 }  // namespace fastq

@@ -674,6 +674,41 @@ cudaError_t launch_quantize_kv(const void* k, const void* v, DType dtype, const 
                                 v_codes, v_scale, v_zero, stream);
 }
 
+cudaError_t launch_reconstruct_keys(const uint8_t* codes, const void* scale, const void* zero,
+                                    const uint8_t* z_codes, const void* z_scale,
+                                    const float* basis, int64_t B, int64_t H, int64_t T,
+                                    int64_t D, int bits, int G, int64_t r, int side_bits,
+                                    float sign, void* out, DType out_dtype, cudaStream_t stream) {
+  const int64_t nchunks = B * H * T * D / 8;  // D % 8 == 0 (validated)
+  if (nchunks == 0) return cudaSuccess;
+  const int64_t cpr = D / 8;
+  const size_t smem = static_cast<size_t>(cpr * (8 * r + 1)) * sizeof(float);
+  // HEADQ_RECON_IMPL=l1 (read at every launch): the L1 kernel also where the staged one applies
+  const char* e = std::getenv("HEADQ_RECON_IMPL");
+  const bool force_l1 = e != nullptr && std::strcmp(e, "l1") == 0;
+  constexpr int64_t kTileTokens = 128;
+  const int64_t n_tiles = ceil_div(T, kTileTokens);
+  return with_dtype(out_dtype, [&](auto tag) {
+    using E = decltype(tag);
+    if (!force_l1 && cpr <= 256 && smem <= 48 * 1024 && B * H * n_tiles <= 0x7fffffff) {
+      fastq::reconstruct_keys_smem<E><<<static_cast<unsigned>(B * H * n_tiles), 256, smem,
+                                        stream>>>(
+          codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), z_codes,
+          static_cast<const __half*>(z_scale), basis, n_tiles, kTileTokens, H, T,
+          static_cast<int>(D), bits, G, static_cast<int>(r), side_bits, sign,
+          static_cast<E*>(out));
+    } else {
+      const unsigned blocks =
+          static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
+      fastq::reconstruct_keys_l1<E><<<blocks, 256, 0, stream>>>(
+          codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), z_codes,
+          static_cast<const __half*>(z_scale), basis, nchunks, H, T, D, bits, G, r, side_bits,
+          sign, static_cast<E*>(out));
+    }
+    return cudaGetLastError();
+  });
+}
+
 cudaError_t launch_dequantize_side(const uint8_t* z_codes, const void* z_scale, int64_t rows,
                                    int64_t r, int side_bits, float* out, cudaStream_t stream) {
   const int64_t n = rows * r;

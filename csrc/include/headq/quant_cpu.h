@@ -222,5 +222,26 @@ inline void dequant_side_rows(const uint8_t* z_codes,   // [n_tok, r*side_bits/8
   }
 }
 
+// reconstruct_keys of one (b, h) slice: dequantised keys plus the side-code correction,
+// reconstruct_key per element, as T.
+template <typename T>
+void reconstruct_keys_slice(const uint8_t* codes,     // [n_tok, D*bits/8]
+                            const uint16_t* scale,    // [n_tok/G, D]
+                            const uint16_t* zero,     // [n_tok/G, D]
+                            const uint8_t* z_codes,   // [n_tok, r*side_bits/8]
+                            const uint16_t* z_scale,  // [n_tok]
+                            const float* basis,       // U of this head [D, r]
+                            int64_t n_tok, int64_t D, int64_t G, int bits, int64_t r,
+                            int side_bits, float sign,
+                            T* out) {  // [n_tok, D]
+  std::vector<float> row(D), zhat(r);
+  for (int64_t t = 0; t < n_tok; ++t) {
+    dequant_key_rows(codes, scale, zero, D, G, bits, t, t + 1, row.data());
+    dequant_side_rows(z_codes, z_scale, r, side_bits, t, t + 1, zhat.data());
+    for (int64_t c = 0; c < D; ++c)
+      out[t * D + c] = static_cast<T>(reconstruct_key(row[c], zhat.data(), basis + c * r, r, sign));
+  }
+}
+
 }  // namespace cpu
 }  // namespace headq
