@@ -188,8 +188,11 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
 # layers, batch 8, 32k, bf16; H100): 5.6 / 11.8 / 15.6 / 35.4 ms at 2 / 16 / 21 / 64 tokens
 # against 69-75 ms dequantised (A²: 5.8-48.5 against 79-88 ms), 1.4× / 1.3× at 96 tokens and
 # 1.3× / 1.0× at 128 (uniform / A²); CPU, SmolLM2-135M over 2,048 tokens: ahead of the other
-# paths at 2 and 4 tokens, about even at 8 and behind at 16.
-DECODE_ROWS_MAX_TOKENS = {"cuda": 64, "cpu": 4}
+# paths at 2 and 4 tokens, about even at 8 and behind at 16. Session 19 made the dequantised path
+# faster (reconstruct_keys, faster dequantise kernels): at 64 tokens it is now ahead (28-29 vs
+# 35-36 ms, A² 40-42 vs 48-49), at 48 level or behind (gpu_dequantised_path.json, session19), so
+# the CUDA limit went from 64 to 48.
+DECODE_ROWS_MAX_TOKENS = {"cuda": 48, "cpu": 4}
 # Query rows of a KV head (its query heads × tokens) per decode-op call: a longer call goes in
 # several op calls. The CUDA a2_step_weights kernel keeps a call's rows in 48 KB of shared memory.
 _DECODE_ROWS_PER_KV_HEAD = 64
