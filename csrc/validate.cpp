@@ -1,5 +1,6 @@
 #include "validate.h"
 
+#include <array>
 #include <cmath>
 #include <vector>
 
@@ -195,6 +196,27 @@ void check_step_lengths(const char* op, const at::Tensor& q, int64_t B, const at
   }
 }
 
+// The checks dequantize_keys and reconstruct_keys share: packed key codes [B, H, T,
+// D*bits/8] named `codes_name` with their bit width `bits_name`, the key group and the output
+// dtype. Returns {B, H, T, D}.
+std::array<int64_t, 4> check_packed_keys(const char* op, const char* codes_name,
+                                         const at::Tensor& codes, const char* bits_name,
+                                         int64_t bits, int64_t group_size,
+                                         at::ScalarType out_dtype) {
+  check_dims(op, codes_name, codes, 4, "[batch, heads, tokens, head_dim*bits/8]");
+  check_dtype(op, codes_name, codes, at::kByte);
+  check_not_empty(op, codes_name, codes);
+  check_bits(op, bits_name, bits);
+  check_group(op, "group_size", group_size);
+  TORCH_CHECK(is_float_dtype(out_dtype), op,
+              ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
+  const int64_t T = codes.size(2);
+  const int64_t D = head_dim_of_codes(op, codes_name, codes.size(3), bits);
+  check_head_dim(op, D);
+  check_token_groups(op, T, group_size);
+  return {codes.size(0), codes.size(1), T, D};
+}
+
 }  // namespace
 
 void validate_quantize_keys(const at::Tensor& k, int64_t bits, int64_t group_size) {
@@ -212,17 +234,8 @@ void validate_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale,
                               const at::Tensor& zero, int64_t bits, int64_t group_size,
                               at::ScalarType out_dtype) {
   const char* op = "dequantize_keys";
-  check_dims(op, "codes", codes, 4, "[batch, heads, tokens, head_dim*bits/8]");
-  check_dtype(op, "codes", codes, at::kByte);
-  check_not_empty(op, "codes", codes);
-  check_bits(op, "bits", bits);
-  check_group(op, "group_size", group_size);
-  TORCH_CHECK(is_float_dtype(out_dtype), op,
-              ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
-  const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
-  const int64_t D = head_dim_of_codes(op, "codes", codes.size(3), bits);
-  check_head_dim(op, D);
-  check_token_groups(op, T, group_size);
+  const auto [B, H, T, D] = check_packed_keys(op, "codes", codes, "bits", bits, group_size,
+                                              out_dtype);
   check_dims(op, "scale", scale, 4, "[batch, heads, tokens/group_size, head_dim]");
   check_dtype(op, "scale", scale, at::kHalf);
   check_shape(op, "scale", scale, {B, H, T / group_size, D});
@@ -382,18 +395,9 @@ void validate_reconstruct_keys(const at::Tensor& k_codes, const at::Tensor& k_sc
                                int64_t key_bits, int64_t group_size, int64_t side_bits,
                                double sign, at::ScalarType out_dtype) {
   const char* op = "reconstruct_keys";
-  check_dims(op, "k_codes", k_codes, 4, "[batch, heads, tokens, head_dim*key_bits/8]");
-  check_dtype(op, "k_codes", k_codes, at::kByte);
-  check_not_empty(op, "k_codes", k_codes);
-  check_bits(op, "key_bits", key_bits);
-  check_group(op, "group_size", group_size);
+  const auto [B, H, T, D] = check_packed_keys(op, "k_codes", k_codes, "key_bits", key_bits,
+                                              group_size, out_dtype);
   check_finite(op, "sign", sign);
-  TORCH_CHECK(is_float_dtype(out_dtype), op,
-              ": out_dtype must be float32, float16 or bfloat16, got ", dtype_name(out_dtype));
-  const int64_t B = k_codes.size(0), H = k_codes.size(1), T = k_codes.size(2);
-  const int64_t D = head_dim_of_codes(op, "k_codes", k_codes.size(3), key_bits);
-  check_head_dim(op, D);
-  check_token_groups(op, T, group_size);
   check_key_codes(op, k_codes, k_scale, k_zero, B, H, T, D, key_bits, group_size);
   check_device(op, "k_scale", k_scale, "k_codes", k_codes);
   check_device(op, "k_zero", k_zero, "k_codes", k_codes);

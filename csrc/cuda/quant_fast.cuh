@@ -1119,8 +1119,8 @@ dequantize_values_fast(const uint8_t* __restrict__ codes,  // [rows, D*bits/8]
 }
 
 // reconstruct_keys: dequantize_keys_fast's 8 channels per thread plus the side-code correction,
-// written once in the output dtype. Per channel the arithmetic of headq/quant.h reconstruct_key
-// (the sum over j ascending, products and sums rounded once), with the loops interchanged: each
+// written once in the output dtype. Per channel the arithmetic of docs/LAYOUT.md (as
+// cpu::reconstruct_keys_slice: the sum over j ascending, products and sums rounded once): each
 // ẑ_j (sym_dequant of the token's side code j) is formed once and added to the 8 channels'
 // sums. One block per (b, h) and tile of tokens: the head's basis is staged in shared memory,
 // one (8r + 1)-float row per 8-channel chunk (u_s[c * (8r + 1) + k * r + j] = U[h, 8c + k, j];

@@ -78,16 +78,6 @@ HEADQ_HD HEADQ_INLINE float sym_dequant(uint32_t code, float s, int bits) {
   return mul_rn(static_cast<float>(static_cast<int>(code) - sym_offset(bits)), s);
 }
 
-// reconstruct_keys, one channel d of one token: k̂_d + sign · Σ_j ẑ_j U[d, j], the sum in
-// ascending j from 0, every product and sum rounded once (CPU and CUDA give the same bits).
-// zhat: the token's dequantised side code (sym_dequant) [r]; u_row: U[h, d, :] [r].
-HEADQ_HD HEADQ_INLINE float reconstruct_key(float khat, const float* zhat, const float* u_row,
-                                            int64_t r, float sign) {
-  float corr = 0.0f;
-  for (int64_t j = 0; j < r; ++j) corr = add_rn(corr, mul_rn(zhat[j], u_row[j]));
-  return add_rn(khat, mul_rn(sign, corr));
-}
-
 // ---------------------------------------------------------------------------------------------
 // Fast, provably exact helpers of the CUDA fast kernels (csrc/cuda/quant_fast.cuh). None of the
 // functions above changes; each helper below either returns exactly what the reference function

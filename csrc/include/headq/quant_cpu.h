@@ -6,6 +6,7 @@
 // The ATen wrappers (csrc/cpu) call these from at::parallel_for over B*H slices.
 #pragma once
 
+#include <algorithm>
 #include <vector>
 
 #include "headq/common.h"
@@ -222,8 +223,10 @@ inline void dequant_side_rows(const uint8_t* z_codes,   // [n_tok, r*side_bits/8
   }
 }
 
-// reconstruct_keys of one (b, h) slice: dequantised keys plus the side-code correction,
-// reconstruct_key per element, as T.
+// reconstruct_keys of one (b, h) slice: per element k̂ + sign · Σ_j ẑ_j U[d, j], the sum over j
+// ascending from 0, every product and sum rounded once (docs/LAYOUT.md; the CUDA kernels do the
+// same operations). The rank loop is outside the channel loop, over a transposed copy of U, so
+// the channel loop has no dependency chain and vectorises (the same operations per element).
 template <typename T>
 void reconstruct_keys_slice(const uint8_t* codes,     // [n_tok, D*bits/8]
                             const uint16_t* scale,    // [n_tok/G, D]
@@ -234,12 +237,20 @@ void reconstruct_keys_slice(const uint8_t* codes,     // [n_tok, D*bits/8]
                             int64_t n_tok, int64_t D, int64_t G, int bits, int64_t r,
                             int side_bits, float sign,
                             T* out) {  // [n_tok, D]
-  std::vector<float> row(D), zhat(r);
+  std::vector<float> row(D), zhat(r), corr(D), ut(r * D);
+  for (int64_t c = 0; c < D; ++c)
+    for (int64_t j = 0; j < r; ++j) ut[j * D + c] = basis[c * r + j];
   for (int64_t t = 0; t < n_tok; ++t) {
     dequant_key_rows(codes, scale, zero, D, G, bits, t, t + 1, row.data());
     dequant_side_rows(z_codes, z_scale, r, side_bits, t, t + 1, zhat.data());
+    std::fill(corr.begin(), corr.end(), 0.0f);
+    for (int64_t j = 0; j < r; ++j) {
+      const float zj = zhat[j];
+      const float* u = ut.data() + j * D;
+      for (int64_t c = 0; c < D; ++c) corr[c] = add_rn(corr[c], mul_rn(zj, u[c]));
+    }
     for (int64_t c = 0; c < D; ++c)
-      out[t * D + c] = static_cast<T>(reconstruct_key(row[c], zhat.data(), basis + c * r, r, sign));
+      out[t * D + c] = static_cast<T>(add_rn(row[c], mul_rn(sign, corr[c])));
   }
 }
 
