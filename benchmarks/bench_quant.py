@@ -19,8 +19,9 @@ per-element kernels, ``*_old``); their ``bytes``: packed input read + fp16 outpu
 (``reconstruct_keys_l1``: its kernel without the basis staged in shared memory, forced by
 ``HEADQ_RECON_IMPL=l1``);
 ``reconstruct_keys_composed``: the same from dequantize_keys (float32), dequantize_side, an
-in-place batched matmul and a cast, as the cache built them until session 19 (same bytes
-counted: the op's inputs and output).
+in-place batched matmul and a cast, as the cache built them just before the op (session 19;
+session 18 formed the product with an einsum and added it); same bytes counted: the op's inputs
+and output.
 """
 
 from __future__ import annotations
