@@ -138,11 +138,11 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
 
         kw = layer.buf["k_window"][:, :, :nw]
         vw = layer.buf["v_window"][:, :, :nw]
-        fused = _attention_with_lse(module, query, kw, vw, attention_mask, scale) \
-            if layer.a2 else None
-        if fused is None and layer.a2 and attention_mask is not None:
-            fused = _padded_attention_with_lse(layer, module, query, kw, vw, attention_mask,
-                                               scale)
+        fused = None
+        if layer.a2:  # the fused kernels' output and row lse (the op then runs its key pass)
+            fused = _attention_with_lse(module, query, kw, vw, None, scale) \
+                if attention_mask is None else \
+                _padded_attention_with_lse(layer, module, query, kw, vw, attention_mask, scale)
         if fused is not None:
             out, lse = fused
         else:
