@@ -434,6 +434,10 @@ def test_noncontiguous_inputs_equal_contiguous():
     got = ops.corrected_logits(_nc(Q), _nc(KC[0]), KC[1], _nc(KC[2]), _nc(ZC[0]), ZC[1], _nc(U),
                                2, 32, 8, 1.0, 0.125)
     assert torch.equal(got, want)
+    want = ops.reconstruct_keys(*KC, *ZC, U, 2, 32, 8, 1.0, torch.bfloat16)
+    got = ops.reconstruct_keys(_nc(KC[0]), KC[1], _nc(KC[2]), _nc(ZC[0]), ZC[1], _nc(U), 2, 32,
+                               8, 1.0, torch.bfloat16)
+    assert torch.equal(got, want)
     base = _decode()
     for name in ("q", "k_codes", "basis", "k_window", "v_window", "v_codes", "heavy_delta"):
         d = (0, 1) if name == "q" else (1, 2)
