@@ -138,11 +138,9 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
 
         kw = layer.buf["k_window"][:, :, :nw]
         vw = layer.buf["v_window"][:, :, :nw]
-        fused = None
-        if layer.a2:  # the fused kernels' output and row lse (the op then runs its key pass)
-            fused = _attention_with_lse(module, query, kw, vw, None, scale) \
-                if attention_mask is None else \
-                _padded_attention_with_lse(layer, module, query, kw, vw, attention_mask, scale)
+        # with A² the fused kernels' output and row lse (the op then runs its key pass)
+        fused = _padded_attention_with_lse(layer, module, query, kw, vw, attention_mask,
+                                           scale) if layer.a2 else None
         if fused is not None:
             out, lse = fused
         else:
@@ -288,9 +286,7 @@ def _prefill_dequantised(layer, module, query: torch.Tensor, attention_mask,
     (with the flash kernel's row log-sum-exp, only its key pass). ``[B, Hq, L, D]``."""
     nq = layer.n_quant
     keys, values = layer.dense_kv(query.dtype)
-    fused = _attention_with_lse(module, query, keys, values, None, scale) \
-        if attention_mask is None else \
-        _padded_attention_with_lse(layer, module, query, keys, values, attention_mask, scale)
+    fused = _padded_attention_with_lse(layer, module, query, keys, values, attention_mask, scale)
     if fused is not None:
         out, lse = fused
     else:
@@ -372,7 +368,10 @@ def _padded_attention_with_lse(layer, module, query, key, value, attention_mask,
     causal attention with left padding (a padded batch): one fused call per sequence over its
     visible keys, ``(out, lse)`` with the rows before a sequence's first token (padding) output
     0 and lse -inf (they see nothing), or None where the mask is another one or the fused
-    kernels do not apply (the caller then runs masked SDPA)."""
+    kernels do not apply (the caller then runs masked SDPA). No mask (``None``): one call for
+    the whole batch."""
+    if attention_mask is None:
+        return _attention_with_lse(module, query, key, value, None, scale)
     B, Hq, L, D = query.shape
     T = key.shape[2]
     starts = _padding_starts(layer, attention_mask, B, L, T, query.device)
