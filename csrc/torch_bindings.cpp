@@ -41,6 +41,18 @@ TORCH_LIBRARY(headq, m) {
       "reconstruct_keys(Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor z_codes, "
       "Tensor z_scale, Tensor basis, int key_bits, int group_size, int side_bits, float sign, "
       "ScalarType out_dtype) -> Tensor");
+  // out= forms of the three dequantising ops: the result written into `out` [B, H, T, D] (any
+  // float dtype and strides, e.g. a token slice of a longer tensor)
+  m.def(
+      "dequantize_keys_into(Tensor codes, Tensor scale, Tensor zero, int bits, int group_size, "
+      "Tensor(a!) out) -> ()");
+  m.def(
+      "dequantize_values_into(Tensor codes, Tensor scale, Tensor zero, int bits, "
+      "int group_size, Tensor(a!) out) -> ()");
+  m.def(
+      "reconstruct_keys_into(Tensor k_codes, Tensor k_scale, Tensor k_zero, Tensor z_codes, "
+      "Tensor z_scale, Tensor basis, int key_bits, int group_size, int side_bits, float sign, "
+      "Tensor(a!) out) -> ()");
   m.def(
       "corrected_logits(Tensor q, Tensor k_codes, Tensor k_scale, Tensor k_zero, "
       "Tensor? z_codes, Tensor? z_scale, Tensor? basis, int key_bits, int group_size, "

@@ -2,8 +2,11 @@
 
 #include <array>
 #include <cmath>
+#include <cstdint>
+#include <utility>
 #include <vector>
 
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 namespace headq {
@@ -217,6 +220,43 @@ std::array<int64_t, 4> check_packed_keys(const char* op, const char* codes_name,
   return {codes.size(0), codes.size(1), T, D};
 }
 
+// The `out` of a *_into op, before the rest: a 4-d float tensor (its dtype is the output's).
+void check_out_tensor(const char* op, const at::Tensor& out) {
+  check_dims(op, "out", out, 4, "[batch, heads, tokens, head_dim]");
+  check_float(op, "out", out);
+}
+
+// [first, last + 1) byte address of a tensor's elements (any strides, negative ones included).
+std::pair<uintptr_t, uintptr_t> byte_range(const at::Tensor& t) {
+  const auto base = reinterpret_cast<uintptr_t>(t.data_ptr());
+  int64_t lo = 0, hi = 0;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    const int64_t span = (t.size(d) - 1) * t.stride(d);
+    (span < 0 ? lo : hi) += span;
+  }
+  const auto es = static_cast<int64_t>(t.element_size());
+  return {base + lo * es, base + (hi + 1) * es};
+}
+
+// ... and after: the result's shape, the inputs' device, no element written twice (an expanded
+// tensor) and no memory shared with an input (the kernels read the inputs while writing out;
+// checked on the address ranges, so an `out` interleaved with an input is refused too).
+void check_out_against(const char* op, const at::Tensor& out, const std::array<int64_t, 4>& bhtd,
+                       std::initializer_list<std::pair<const char*, const at::Tensor*>> inputs) {
+  check_shape(op, "out", out, {bhtd[0], bhtd[1], bhtd[2], bhtd[3]});
+  const auto& first = *inputs.begin();
+  check_device(op, "out", out, first.first, *first.second);
+  TORCH_CHECK(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+              ": out must not have elements that share memory (an expanded or overlapping view), "
+              "got strides ", out.strides());
+  const auto [lo, hi] = byte_range(out);
+  for (const auto& [name, t] : inputs) {
+    const auto [tlo, thi] = byte_range(*t);
+    TORCH_CHECK(t->numel() == 0 || out.numel() == 0 || thi <= lo || hi <= tlo, op,
+                ": out must not share memory with ", name, " (their address ranges overlap)");
+  }
+}
+
 }  // namespace
 
 void validate_quantize_keys(const at::Tensor& k, int64_t bits, int64_t group_size) {
@@ -230,10 +270,11 @@ void validate_quantize_keys(const at::Tensor& k, int64_t bits, int64_t group_siz
   check_token_groups(op, k.size(2), group_size);
 }
 
-void validate_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale,
-                              const at::Tensor& zero, int64_t bits, int64_t group_size,
-                              at::ScalarType out_dtype) {
-  const char* op = "dequantize_keys";
+namespace {
+std::array<int64_t, 4> check_dequantize_keys(const char* op, const at::Tensor& codes,
+                                             const at::Tensor& scale, const at::Tensor& zero,
+                                             int64_t bits, int64_t group_size,
+                                             at::ScalarType out_dtype) {
   const auto [B, H, T, D] = check_packed_keys(op, "codes", codes, "bits", bits, group_size,
                                               out_dtype);
   check_dims(op, "scale", scale, 4, "[batch, heads, tokens/group_size, head_dim]");
@@ -243,6 +284,24 @@ void validate_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale,
   check_shape(op, "zero", zero, {B, H, T / group_size, D});
   check_device(op, "scale", scale, "codes", codes);
   check_device(op, "zero", zero, "codes", codes);
+  return {B, H, T, D};
+}
+}  // namespace
+
+void validate_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale,
+                              const at::Tensor& zero, int64_t bits, int64_t group_size,
+                              at::ScalarType out_dtype) {
+  check_dequantize_keys("dequantize_keys", codes, scale, zero, bits, group_size, out_dtype);
+}
+
+void validate_dequantize_keys_into(const at::Tensor& codes, const at::Tensor& scale,
+                                   const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                   const at::Tensor& out) {
+  const char* op = "dequantize_keys_into";
+  check_out_tensor(op, out);
+  const auto shape =
+      check_dequantize_keys(op, codes, scale, zero, bits, group_size, out.scalar_type());
+  check_out_against(op, out, shape, {{"codes", &codes}, {"scale", &scale}, {"zero", &zero}});
 }
 
 void validate_quantize_values(const at::Tensor& v, int64_t bits, int64_t group_size) {
@@ -257,10 +316,11 @@ void validate_quantize_values(const at::Tensor& v, int64_t bits, int64_t group_s
               ") must be a multiple of group_size (", group_size, ")");
 }
 
-void validate_dequantize_values(const at::Tensor& codes, const at::Tensor& scale,
-                                const at::Tensor& zero, int64_t bits, int64_t group_size,
-                                at::ScalarType out_dtype) {
-  const char* op = "dequantize_values";
+namespace {
+std::array<int64_t, 4> check_dequantize_values(const char* op, const at::Tensor& codes,
+                                               const at::Tensor& scale, const at::Tensor& zero,
+                                               int64_t bits, int64_t group_size,
+                                               at::ScalarType out_dtype) {
   check_dims(op, "codes", codes, 4, "[batch, heads, tokens, head_dim*bits/8]");
   check_dtype(op, "codes", codes, at::kByte);
   check_not_empty(op, "codes", codes);
@@ -280,6 +340,24 @@ void validate_dequantize_values(const at::Tensor& codes, const at::Tensor& scale
   check_shape(op, "zero", zero, {B, H, T, D / group_size});
   check_device(op, "scale", scale, "codes", codes);
   check_device(op, "zero", zero, "codes", codes);
+  return {B, H, T, D};
+}
+}  // namespace
+
+void validate_dequantize_values(const at::Tensor& codes, const at::Tensor& scale,
+                                const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                at::ScalarType out_dtype) {
+  check_dequantize_values("dequantize_values", codes, scale, zero, bits, group_size, out_dtype);
+}
+
+void validate_dequantize_values_into(const at::Tensor& codes, const at::Tensor& scale,
+                                     const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                     const at::Tensor& out) {
+  const char* op = "dequantize_values_into";
+  check_out_tensor(op, out);
+  const auto shape =
+      check_dequantize_values(op, codes, scale, zero, bits, group_size, out.scalar_type());
+  check_out_against(op, out, shape, {{"codes", &codes}, {"scale", &scale}, {"zero", &zero}});
 }
 
 void validate_side_code(const at::Tensor& k, const at::Tensor& k_codes, const at::Tensor& k_scale,
@@ -389,12 +467,14 @@ QueryKeyShape check_query_keys(const char* op, const at::Tensor& q, int64_t q_di
 
 }  // namespace
 
-void validate_reconstruct_keys(const at::Tensor& k_codes, const at::Tensor& k_scale,
-                               const at::Tensor& k_zero, const at::Tensor& z_codes,
-                               const at::Tensor& z_scale, const at::Tensor& basis,
-                               int64_t key_bits, int64_t group_size, int64_t side_bits,
-                               double sign, at::ScalarType out_dtype) {
-  const char* op = "reconstruct_keys";
+namespace {
+std::array<int64_t, 4> check_reconstruct_keys(const char* op, const at::Tensor& k_codes,
+                                              const at::Tensor& k_scale,
+                                              const at::Tensor& k_zero, const at::Tensor& z_codes,
+                                              const at::Tensor& z_scale, const at::Tensor& basis,
+                                              int64_t key_bits, int64_t group_size,
+                                              int64_t side_bits, double sign,
+                                              at::ScalarType out_dtype) {
   const auto [B, H, T, D] = check_packed_keys(op, "k_codes", k_codes, "key_bits", key_bits,
                                               group_size, out_dtype);
   check_finite(op, "sign", sign);
@@ -402,6 +482,32 @@ void validate_reconstruct_keys(const at::Tensor& k_codes, const at::Tensor& k_sc
   check_device(op, "k_scale", k_scale, "k_codes", k_codes);
   check_device(op, "k_zero", k_zero, "k_codes", k_codes);
   check_side(op, z_codes, z_scale, basis, B, H, T, D, side_bits, k_codes);
+  return {B, H, T, D};
+}
+}  // namespace
+
+void validate_reconstruct_keys(const at::Tensor& k_codes, const at::Tensor& k_scale,
+                               const at::Tensor& k_zero, const at::Tensor& z_codes,
+                               const at::Tensor& z_scale, const at::Tensor& basis,
+                               int64_t key_bits, int64_t group_size, int64_t side_bits,
+                               double sign, at::ScalarType out_dtype) {
+  check_reconstruct_keys("reconstruct_keys", k_codes, k_scale, k_zero, z_codes, z_scale, basis,
+                         key_bits, group_size, side_bits, sign, out_dtype);
+}
+
+void validate_reconstruct_keys_into(const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                    const at::Tensor& k_zero, const at::Tensor& z_codes,
+                                    const at::Tensor& z_scale, const at::Tensor& basis,
+                                    int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                    double sign, const at::Tensor& out) {
+  const char* op = "reconstruct_keys_into";
+  check_out_tensor(op, out);
+  const auto shape = check_reconstruct_keys(op, k_codes, k_scale, k_zero, z_codes, z_scale, basis,
+                                            key_bits, group_size, side_bits, sign,
+                                            out.scalar_type());
+  check_out_against(op, out, shape,
+                    {{"k_codes", &k_codes}, {"k_scale", &k_scale}, {"k_zero", &k_zero},
+                     {"z_codes", &z_codes}, {"z_scale", &z_scale}, {"basis", &basis}});
 }
 
 void validate_corrected_logits(const at::Tensor& q, const at::Tensor& k_codes,

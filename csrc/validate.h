@@ -24,6 +24,12 @@ void validate_dequantize_keys(const at::Tensor& codes,  // [B, H, T, D*bits/8] u
                               const at::Tensor& zero,   // [B, H, T/G, D] float16
                               int64_t bits, int64_t group_size, at::ScalarType out_dtype);
 
+// The *_into forms of the three dequantising ops: the same inputs, and `out` [B, H, T, D] of
+// any float dtype and strides, on their device, that shares no memory with them or itself.
+void validate_dequantize_keys_into(const at::Tensor& codes, const at::Tensor& scale,
+                                   const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                   const at::Tensor& out);
+
 void validate_quantize_values(const at::Tensor& v,  // [B, H, T, D]
                               int64_t bits, int64_t group_size);
 
@@ -31,6 +37,10 @@ void validate_dequantize_values(const at::Tensor& codes,  // [B, H, T, D*bits/8]
                                 const at::Tensor& scale,  // [B, H, T, D/Gv] float16
                                 const at::Tensor& zero,   // [B, H, T, D/Gv] float16
                                 int64_t bits, int64_t group_size, at::ScalarType out_dtype);
+
+void validate_dequantize_values_into(const at::Tensor& codes, const at::Tensor& scale,
+                                     const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                     const at::Tensor& out);
 
 void validate_side_code(const at::Tensor& k,        // [B, H, T, D]
                         const at::Tensor& k_codes,  // [B, H, T, D*key_bits/8] uint8
@@ -60,6 +70,12 @@ void validate_reconstruct_keys(const at::Tensor& k_codes,  // [B, H, T, D*key_bi
                                const at::Tensor& basis,    // [H, D, r] float32
                                int64_t key_bits, int64_t group_size, int64_t side_bits,
                                double sign, at::ScalarType out_dtype);
+
+void validate_reconstruct_keys_into(const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                    const at::Tensor& k_zero, const at::Tensor& z_codes,
+                                    const at::Tensor& z_scale, const at::Tensor& basis,
+                                    int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                    double sign, const at::Tensor& out);
 
 void validate_corrected_logits(const at::Tensor& q,        // [B, Hq, L, D]
                                const at::Tensor& k_codes,  // [B, H, T, D*key_bits/8] uint8

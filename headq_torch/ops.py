@@ -62,11 +62,32 @@ def quantize_keys(k: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor
     return _ops.quantize_keys(k, bits, group_size)
 
 
+def _out_dtype(op: str, out: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The result's dtype: ``out``'s when given (``out_dtype``, if also given, must agree),
+    else ``out_dtype`` (default float32)."""
+    if out is None:
+        return torch.float32 if out_dtype is None else out_dtype
+    if out_dtype is not None and out_dtype != out.dtype:
+        raise ValueError(f"{op}: out_dtype ({out_dtype}) and out.dtype ({out.dtype}) differ; "
+                         "give one of them")
+    return out.dtype
+
+
 def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
-                    out_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Unpack and dequantise keys: ``code * scale + zero`` as ``out_dtype`` ``[B, H, T, D]``."""
-    _same_device("dequantize_keys", codes=codes, scale=scale, zero=zero)
-    return _ops.dequantize_keys(codes, scale, zero, bits, group_size, out_dtype)
+                    out_dtype: Optional[torch.dtype] = None, *,
+                    out: Optional[Tensor] = None) -> Tensor:
+    """Unpack and dequantise keys: ``code * scale + zero`` as ``out_dtype`` ``[B, H, T, D]``
+    (default float32).
+
+    ``out``: write the result into this ``[B, H, T, D]`` float tensor (any strides, e.g. a
+    token slice ``k[:, :, t0:t1]`` of a longer tensor; its dtype is the result's) and return
+    it: the same values as the functional form, without a temporary and a copy."""
+    _same_device("dequantize_keys", codes=codes, scale=scale, zero=zero, out=out)
+    dt = _out_dtype("dequantize_keys", out, out_dtype)
+    if out is not None:
+        _ops.dequantize_keys_into(codes, scale, zero, bits, group_size, out)
+        return out
+    return _ops.dequantize_keys(codes, scale, zero, bits, group_size, dt)
 
 
 def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -85,10 +106,16 @@ def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tens
 
 
 def dequantize_values(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
-                      out_dtype: torch.dtype = torch.float32) -> Tensor:
-    """Unpack and dequantise values as ``out_dtype`` ``[B, H, T, D]``."""
-    _same_device("dequantize_values", codes=codes, scale=scale, zero=zero)
-    return _ops.dequantize_values(codes, scale, zero, bits, group_size, out_dtype)
+                      out_dtype: Optional[torch.dtype] = None, *,
+                      out: Optional[Tensor] = None) -> Tensor:
+    """Unpack and dequantise values as ``out_dtype`` ``[B, H, T, D]`` (default float32).
+    ``out``: as in :func:`dequantize_keys`."""
+    _same_device("dequantize_values", codes=codes, scale=scale, zero=zero, out=out)
+    dt = _out_dtype("dequantize_values", out, out_dtype)
+    if out is not None:
+        _ops.dequantize_values_into(codes, scale, zero, bits, group_size, out)
+        return out
+    return _ops.dequantize_values(codes, scale, zero, bits, group_size, dt)
 
 
 def side_code(k: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, basis: Tensor,
@@ -138,7 +165,8 @@ def dequantize_side(z_codes: Tensor, z_scale: Tensor, side_bits: int = 8) -> Ten
 def reconstruct_keys(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, z_codes: Tensor,
                      z_scale: Tensor, basis: Tensor, key_bits: int, group_size: int,
                      side_bits: int = 8, sign: float = 1.0,
-                     out_dtype: torch.dtype = torch.float32) -> Tensor:
+                     out_dtype: Optional[torch.dtype] = None, *,
+                     out: Optional[Tensor] = None) -> Tensor:
     """Keys as attention reads them, ``khat + sign * zhat Uᵀ`` ``[B, H, T, D]`` in
     ``out_dtype``: ``q ·`` a row equals :func:`corrected_logits`'s logit (before ``scale``).
 
@@ -153,11 +181,20 @@ def reconstruct_keys(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, z_codes: 
         z_codes, z_scale, basis: the side code ``[B, H, T, r*side_bits/8]``, ``[B, H, T]``
             from :func:`side_code` and its basis ``[H, D, r]`` float32.
         sign: ``+1`` (HeadQ) or ``-1`` (the wrong-sign control).
+        out_dtype: float32 (default), float16 or bfloat16.
+        out: write the result into this ``[B, H, T, D]`` float tensor (any strides, e.g. a
+            token slice of the tensor attention reads; its dtype is the result's) and return
+            it: the same bits as the functional form, without a temporary and a copy.
     """
     _same_device("reconstruct_keys", k_codes=k_codes, k_scale=k_scale, k_zero=k_zero,
-                 z_codes=z_codes, z_scale=z_scale, basis=basis)
+                 z_codes=z_codes, z_scale=z_scale, basis=basis, out=out)
+    dt = _out_dtype("reconstruct_keys", out, out_dtype)
+    if out is not None:
+        _ops.reconstruct_keys_into(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                                   group_size, side_bits, float(sign), out)
+        return out
     return _ops.reconstruct_keys(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
-                                 group_size, side_bits, float(sign), out_dtype)
+                                 group_size, side_bits, float(sign), dt)
 
 
 def corrected_logits(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
@@ -388,6 +425,33 @@ def _reconstruct_keys_fake(k_codes, k_scale, k_zero, z_codes, z_scale, basis, ke
     _check_bits("side_bits", side_bits, (4, 8))
     B, H, T, nb = k_codes.shape
     return k_codes.new_empty((B, H, T, nb * 8 // key_bits), dtype=out_dtype)
+
+
+def _into_fake(op: str, codes, bits: int, out) -> None:
+    _check(out.dim() == 4, f"{op}: out must be [B, H, T, D], got {out.dim()} dims")
+    B, H, T, nb = codes.shape
+    want = (B, H, T, nb * 8 // bits)
+    _check(tuple(out.shape) == want, f"{op}: out must have shape {want}, got {tuple(out.shape)}")
+
+
+@torch.library.register_fake("headq::dequantize_keys_into")
+def _dequantize_keys_into_fake(codes, scale, zero, bits, group_size, out):
+    _check_bits("bits", bits)
+    _into_fake("dequantize_keys_into", codes, bits, out)
+
+
+@torch.library.register_fake("headq::dequantize_values_into")
+def _dequantize_values_into_fake(codes, scale, zero, bits, group_size, out):
+    _check_bits("bits", bits)
+    _into_fake("dequantize_values_into", codes, bits, out)
+
+
+@torch.library.register_fake("headq::reconstruct_keys_into")
+def _reconstruct_keys_into_fake(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                                group_size, side_bits, sign, out):
+    _check_bits("key_bits", key_bits)
+    _check_bits("side_bits", side_bits, (4, 8))
+    _into_fake("reconstruct_keys_into", k_codes, key_bits, out)
 
 
 @torch.library.register_fake("headq::corrected_logits")

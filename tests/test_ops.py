@@ -245,6 +245,109 @@ def test_reconstruct_keys(device, out_dtype, fmt):
     torch.testing.assert_close(logits.double(), via_keys, rtol=1e-4, atol=1e-4)
 
 
+def _out_layouts(B, H, T, D, dtype, device):
+    """``out`` tensors ``[B, H, T, D]`` of the layouts a caller may pass, each with the storage
+    around it (to check that nothing outside ``out`` is written), filled with NaN."""
+    nan = dict(dtype=dtype, device=device)
+    big = torch.full((B, H, T + 40, D), float("nan"), **nan)
+    yield "token_slice", big, big[:, :, 16:16 + T]  # rows contiguous, slabs (T + 40) * D apart
+    flat = torch.full((B * H * T * D + 1,), float("nan"), **nan)
+    yield "misaligned", flat, flat[1:].view(B, H, T, D)  # rows 2-4 bytes off 16-byte alignment
+    tr = torch.full((B, H, D, T), float("nan"), **nan)
+    yield "transposed", tr, tr.transpose(2, 3)  # channel stride T
+    heads = torch.full((B, T, H, D), float("nan"), **nan)
+    yield "bthd", heads, heads.transpose(1, 2)  # transformers' [B, T, H, D] storage
+    fresh = torch.full((B, H, T, D), float("nan"), **nan)
+    yield "contiguous", fresh, fresh
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=_dt_id)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_out_forms_write_exactly_out(device, out_dtype, bits):
+    """dequantize_keys / dequantize_values / reconstruct_keys with ``out=``: the functional
+    result bit for bit, in every layout of ``out`` (token slice of a longer tensor, misaligned,
+    transposed, [B, T, H, D] storage, contiguous), and nothing outside ``out`` written."""
+    B, H, T, D, G, r = 2, 3, 64, 64, 32, 8
+    k = make((B, H, T, D), device, seed=bits)
+    basis = orthonormal_basis(H, D, r, device, seed=1)
+    kc = ops.quantize_keys(k, bits, G)
+    zc = ops.side_code(k, *kc, basis, bits, G, 8, False)
+    vc = ops.quantize_values(make((B, H, T, D), device, seed=7), bits, 32)
+    calls = {
+        "dequantize_keys": lambda **o: ops.dequantize_keys(*kc, bits, G, **o),
+        "dequantize_values": lambda **o: ops.dequantize_values(*vc, bits, 32, **o),
+        "reconstruct_keys": lambda **o: ops.reconstruct_keys(*kc, *zc, basis, bits, G, 8, -1.0,
+                                                             **o),
+    }
+    for name, call in calls.items():
+        want = call(out_dtype=out_dtype)
+        for layout, storage, out in _out_layouts(B, H, T, D, out_dtype, device):
+            before = storage.clone()
+            got = call(out=out)
+            assert got is out, (name, layout)
+            assert torch.equal(out, want), (name, layout)
+            outside = torch.ones_like(storage, dtype=torch.bool)
+            outside_view = outside.view(-1)[1:].view(B, H, T, D) if layout == "misaligned" else (
+                outside[:, :, 16:16 + T] if layout == "token_slice" else
+                outside.transpose(2, 3) if layout == "transposed" else
+                outside.transpose(1, 2) if layout == "bthd" else outside)
+            outside_view.fill_(False)
+            assert storage[outside].isnan().all(), (name, layout)  # untouched
+            assert torch.equal(storage[outside].isnan(), before[outside].isnan())
+            # out_dtype may repeat out's dtype, not contradict it
+            assert call(out=out, out_dtype=out_dtype) is out
+            other = torch.float16 if out_dtype != torch.float16 else torch.float32
+            with pytest.raises(ValueError, match="out_dtype .* and out.dtype .* differ"):
+                call(out=out, out_dtype=other)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+def test_out_forms_bad_out(device):
+    """A bad ``out`` raises an error that names the op and ``out``, and writes nothing."""
+    B, H, T, D, G = 1, 2, 64, 64, 32
+    k = make((B, H, T, D), device, seed=3)
+    basis = orthonormal_basis(H, D, 8, device)
+    kc = ops.quantize_keys(k, 2, G)
+    zc = ops.side_code(k, *kc, basis, 2, G, 8, False)
+    vc = ops.quantize_values(k, 2, 32)
+    calls = {
+        "dequantize_keys_into": lambda o: torch.ops.headq.dequantize_keys_into(*kc, 2, G, o),
+        "dequantize_values_into": lambda o: torch.ops.headq.dequantize_values_into(*vc, 2, 32,
+                                                                                   o),
+        "reconstruct_keys_into": lambda o: torch.ops.headq.reconstruct_keys_into(
+            *kc, *zc, basis, 2, G, 8, 1.0, o),
+    }
+    dev = dict(device=device)
+    cases = [
+        (torch.zeros(B, H, T - 1, D, **dev), r"out must have shape \[1, 2, 64, 64\]"),
+        (torch.zeros(B, H, T, D // 2, **dev), r"out must have shape"),
+        (torch.zeros(H, T, D, **dev), r"out must have 4 dims"),
+        (torch.zeros(B, H, T, D, dtype=torch.int32, **dev), r"out must have dtype float32"),
+        (torch.zeros(B, H, T, D, dtype=torch.float64, **dev), r"out must have dtype float32"),
+        (torch.zeros(B, 1, T, D, **dev).expand(B, H, T, D), r"out must not have elements"),
+    ]
+    if device != "cpu":
+        cases.append((torch.zeros(B, H, T, D), r"out must be on the same device"))
+    for op, call in calls.items():
+        for out, match in cases:
+            before = out.clone()
+            with pytest.raises(RuntimeError, match=f"{op}: {match}"):
+                call(out)
+            assert torch.equal(out, before)
+    # out sharing memory with an input: the side code's scale viewed as float16 keys
+    zs = torch.zeros(B, H, T * D, dtype=torch.float16, **dev)
+    out = zs.view(B, H, T, D)
+    with pytest.raises(RuntimeError, match="reconstruct_keys_into: out must not share memory "
+                                           "with z_scale"):
+        torch.ops.headq.reconstruct_keys_into(*kc, zc[0], zs[:, :, :T], basis, 2, G, 8, 1.0, out)
+    codes = torch.zeros(B, H, T, D, **dev)
+    with pytest.raises(RuntimeError, match="dequantize_values_into: out must not share memory "
+                                           "with codes"):
+        torch.ops.headq.dequantize_values_into(codes.view(torch.uint8)[..., :16], *vc[1:], 2, 32,
+                                               codes)
+
+
 # ----------------------------------------------------------------------------- logits
 
 
@@ -632,6 +735,12 @@ def _opcheck_cases(device):
         "side_code": (k, *kc, basis, 2, 32, 8, True),
         "dequantize_side": (*zc, 8),
         "reconstruct_keys": (*kc, *zc, basis, 2, 32, 8, -1.0, torch.bfloat16),
+        "dequantize_keys_into": (*kc, 2, 32, torch.empty(1, 2, 64, 64, device=device)),
+        "dequantize_values_into": (*vc, 2, 32, torch.empty(1, 2, 70, 64, device=device,
+                                                           dtype=torch.float16)[:, :, 3:67]),
+        "reconstruct_keys_into": (*kc, *zc, basis, 2, 32, 8, -1.0,
+                                  torch.empty(1, 64, 2, 64, device=device,
+                                              dtype=torch.bfloat16).transpose(1, 2)),
         "corrected_logits": (q, *kc, *zc, basis, 2, 32, 8, 1.0, 0.125),
         "decode_attention": dec,
         "decode_attention:heavy_logits": (*dec, torch.empty(3, 8, 3, device=device)),

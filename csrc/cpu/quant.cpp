@@ -45,32 +45,68 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys_cpu(
   return {codes, scale, zero};
 }
 
-at::Tensor dequantize_keys_cpu(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
-                               const at::Tensor& scale_in,  // [B, H, T/G, D] f16
-                               const at::Tensor& zero_in,   // [B, H, T/G, D] f16
-                               int64_t bits, int64_t group_size, at::ScalarType out_dtype) {
-  validate_dequantize_keys(codes_in, scale_in, zero_in, bits, group_size, out_dtype);
+// The three dequantising ops write into `out` [B, H, T, D] (validated) through a *_fill: each
+// (b, h) slab's token rows at out + b * stride(0) + h * stride(1), D contiguous elements each.
+// Their functional forms fill a fresh tensor; their *_into forms the caller's `out`, through a
+// contiguous temporary where its rows are not contiguous.
+template <typename F>
+void fill_out(const at::Tensor& out, F&& fill) {
+  if (out.stride(3) == 1 && out.stride(2) == out.size(3)) {
+    fill(out);
+    return;
+  }
+  const at::Tensor tmp = at::empty(out.sizes(), out.options());
+  fill(tmp);
+  out.copy_(tmp);
+}
+
+template <typename scalar_t>
+scalar_t* slab_of(const at::Tensor& out, int64_t bh, int64_t H) {
+  return out.data_ptr<scalar_t>() + (bh / H) * out.stride(0) + (bh % H) * out.stride(1);
+}
+
+void dequantize_keys_fill(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
+                          const at::Tensor& scale_in,  // [B, H, T/G, D] f16
+                          const at::Tensor& zero_in,   // [B, H, T/G, D] f16
+                          int64_t bits, int64_t group_size, const at::Tensor& out) {
   const at::Tensor codes = codes_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t row_bytes = codes.size(3), D = row_bytes * 8 / bits, G = group_size;
-  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
   const uint8_t* codes_p = codes.const_data_ptr<uint8_t>();
   const uint16_t* scale_p = half_bits(scale);
   const uint16_t* zero_p = half_bits(zero);
-  HEADQ_DISPATCH_FLOAT(out_dtype, "dequantize_keys", [&] {
-    scalar_t* out_p = out.data_ptr<scalar_t>();  // [B, H, T, D]
+  HEADQ_DISPATCH_FLOAT(out.scalar_type(), "dequantize_keys", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         cpu::dequantize_keys_slice<scalar_t>(codes_p + bh * T * row_bytes,
                                              scale_p + bh * (T / G) * D,
                                              zero_p + bh * (T / G) * D, T, D, G,
-                                             static_cast<int>(bits), out_p + bh * T * D);
+                                             static_cast<int>(bits), slab_of<scalar_t>(out, bh, H));
       }
     });
   });
+}
+
+at::Tensor dequantize_keys_cpu(const at::Tensor& codes, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size,
+                               at::ScalarType out_dtype) {
+  validate_dequantize_keys(codes, scale, zero, bits, group_size, out_dtype);
+  const int64_t D = codes.size(3) * 8 / bits;
+  at::Tensor out = at::empty({codes.size(0), codes.size(1), codes.size(2), D},
+                             codes.options().dtype(out_dtype));
+  dequantize_keys_fill(codes, scale, zero, bits, group_size, out);
   return out;
+}
+
+void dequantize_keys_into_cpu(const at::Tensor& codes, const at::Tensor& scale,
+                              const at::Tensor& zero, int64_t bits, int64_t group_size,
+                              const at::Tensor& out) {
+  validate_dequantize_keys_into(codes, scale, zero, bits, group_size, out);
+  fill_out(out, [&](const at::Tensor& o) {
+    dequantize_keys_fill(codes, scale, zero, bits, group_size, o);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values_cpu(
@@ -100,32 +136,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values_cpu(
   return {codes, scale, zero};
 }
 
-at::Tensor dequantize_values_cpu(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
-                                 const at::Tensor& scale_in,  // [B, H, T, D/Gv] f16
-                                 const at::Tensor& zero_in,   // [B, H, T, D/Gv] f16
-                                 int64_t bits, int64_t group_size, at::ScalarType out_dtype) {
-  validate_dequantize_values(codes_in, scale_in, zero_in, bits, group_size, out_dtype);
+void dequantize_values_fill(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
+                            const at::Tensor& scale_in,  // [B, H, T, D/Gv] f16
+                            const at::Tensor& zero_in,   // [B, H, T, D/Gv] f16
+                            int64_t bits, int64_t group_size, const at::Tensor& out) {
   const at::Tensor codes = codes_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t row_bytes = codes.size(3), D = row_bytes * 8 / bits, Gv = group_size;
-  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
   const uint8_t* codes_p = codes.const_data_ptr<uint8_t>();
   const uint16_t* scale_p = half_bits(scale);
   const uint16_t* zero_p = half_bits(zero);
-  HEADQ_DISPATCH_FLOAT(out_dtype, "dequantize_values", [&] {
-    scalar_t* out_p = out.data_ptr<scalar_t>();  // [B, H, T, D]
+  HEADQ_DISPATCH_FLOAT(out.scalar_type(), "dequantize_values", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         cpu::dequantize_values_slice<scalar_t>(codes_p + bh * T * row_bytes,
                                                scale_p + bh * T * (D / Gv),
                                                zero_p + bh * T * (D / Gv), T, D, Gv,
-                                               static_cast<int>(bits), out_p + bh * T * D);
+                                               static_cast<int>(bits),
+                                               slab_of<scalar_t>(out, bh, H));
       }
     });
   });
+}
+
+at::Tensor dequantize_values_cpu(const at::Tensor& codes, const at::Tensor& scale,
+                                 const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                 at::ScalarType out_dtype) {
+  validate_dequantize_values(codes, scale, zero, bits, group_size, out_dtype);
+  const int64_t D = codes.size(3) * 8 / bits;
+  at::Tensor out = at::empty({codes.size(0), codes.size(1), codes.size(2), D},
+                             codes.options().dtype(out_dtype));
+  dequantize_values_fill(codes, scale, zero, bits, group_size, out);
   return out;
+}
+
+void dequantize_values_into_cpu(const at::Tensor& codes, const at::Tensor& scale,
+                                const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                const at::Tensor& out) {
+  validate_dequantize_values_into(codes, scale, zero, bits, group_size, out);
+  fill_out(out, [&](const at::Tensor& o) {
+    dequantize_values_fill(codes, scale, zero, bits, group_size, o);
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> side_code_cpu(
@@ -189,16 +242,14 @@ at::Tensor dequantize_side_cpu(const at::Tensor& z_codes_in,  // [B, H, T, r*sid
   return out;
 }
 
-at::Tensor reconstruct_keys_cpu(const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] uint8
-                                const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
-                                const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
-                                const at::Tensor& z_codes_in,  // [B, H, T, r*side_bits/8] uint8
-                                const at::Tensor& z_scale_in,  // [B, H, T] f16
-                                const at::Tensor& basis_in,    // [H, D, r] f32
-                                int64_t key_bits, int64_t group_size, int64_t side_bits,
-                                double sign, at::ScalarType out_dtype) {
-  validate_reconstruct_keys(k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in, basis_in,
-                            key_bits, group_size, side_bits, sign, out_dtype);
+void reconstruct_keys_fill(const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] uint8
+                           const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
+                           const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
+                           const at::Tensor& z_codes_in,  // [B, H, T, r*side_bits/8] uint8
+                           const at::Tensor& z_scale_in,  // [B, H, T] f16
+                           const at::Tensor& basis_in,    // [H, D, r] f32
+                           int64_t key_bits, int64_t group_size, int64_t side_bits, double sign,
+                           const at::Tensor& out) {
   const at::Tensor codes = k_codes_in.contiguous();
   const at::Tensor scale = k_scale_in.contiguous();
   const at::Tensor zero = k_zero_in.contiguous();
@@ -208,26 +259,51 @@ at::Tensor reconstruct_keys_cpu(const at::Tensor& k_codes_in,  // [B, H, T, D*ke
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t row_bytes = codes.size(3), D = row_bytes * 8 / key_bits, G = group_size;
   const int64_t z_row_bytes = z_codes.size(3), r = basis.size(2);
-  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
   const uint8_t* codes_p = codes.const_data_ptr<uint8_t>();
   const uint16_t* scale_p = half_bits(scale);
   const uint16_t* zero_p = half_bits(zero);
   const uint8_t* zc_p = z_codes.const_data_ptr<uint8_t>();
   const uint16_t* zs_p = half_bits(z_scale);
   const float* u_p = basis.const_data_ptr<float>();
-  HEADQ_DISPATCH_FLOAT(out_dtype, "reconstruct_keys", [&] {
-    scalar_t* out_p = out.data_ptr<scalar_t>();  // [B, H, T, D]
+  HEADQ_DISPATCH_FLOAT(out.scalar_type(), "reconstruct_keys", [&] {
     at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
       for (int64_t bh = begin; bh < end; ++bh) {
         cpu::reconstruct_keys_slice<scalar_t>(
             codes_p + bh * T * row_bytes, scale_p + bh * (T / G) * D, zero_p + bh * (T / G) * D,
             zc_p + bh * T * z_row_bytes, zs_p + bh * T, u_p + (bh % H) * D * r, T, D, G,
             static_cast<int>(key_bits), r, static_cast<int>(side_bits),
-            static_cast<float>(sign), out_p + bh * T * D);
+            static_cast<float>(sign), slab_of<scalar_t>(out, bh, H));
       }
     });
   });
+}
+
+at::Tensor reconstruct_keys_cpu(const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                const at::Tensor& k_zero, const at::Tensor& z_codes,
+                                const at::Tensor& z_scale, const at::Tensor& basis,
+                                int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                double sign, at::ScalarType out_dtype) {
+  validate_reconstruct_keys(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                            group_size, side_bits, sign, out_dtype);
+  const int64_t D = k_codes.size(3) * 8 / key_bits;
+  at::Tensor out = at::empty({k_codes.size(0), k_codes.size(1), k_codes.size(2), D},
+                             k_codes.options().dtype(out_dtype));
+  reconstruct_keys_fill(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits, group_size,
+                        side_bits, sign, out);
   return out;
+}
+
+void reconstruct_keys_into_cpu(const at::Tensor& k_codes, const at::Tensor& k_scale,
+                               const at::Tensor& k_zero, const at::Tensor& z_codes,
+                               const at::Tensor& z_scale, const at::Tensor& basis,
+                               int64_t key_bits, int64_t group_size, int64_t side_bits,
+                               double sign, const at::Tensor& out) {
+  validate_reconstruct_keys_into(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                                 group_size, side_bits, sign, out);
+  fill_out(out, [&](const at::Tensor& o) {
+    reconstruct_keys_fill(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                          group_size, side_bits, sign, o);
+  });
 }
 
 // The three quantisers in one call; on the CPU exactly their composition (the CUDA op fuses
@@ -257,5 +333,8 @@ TORCH_LIBRARY_IMPL(headq, CPU, m) {
   m.impl("side_code", &headq::side_code_cpu);
   m.impl("dequantize_side", &headq::dequantize_side_cpu);
   m.impl("reconstruct_keys", &headq::reconstruct_keys_cpu);
+  m.impl("dequantize_keys_into", &headq::dequantize_keys_into_cpu);
+  m.impl("dequantize_values_into", &headq::dequantize_values_into_cpu);
+  m.impl("reconstruct_keys_into", &headq::reconstruct_keys_into_cpu);
 }
 

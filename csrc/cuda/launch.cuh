@@ -20,6 +20,13 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Quantisation ops (docs/LAYOUT.md). Packed outputs and float16 scale/zero tensors are
 // contiguous; dense inputs take element strides (sb, sh, st, sd) of [B, H, T, D].
 
+// The [B, H, T, D] tensor a dequantising op writes, element strides: the op's own contiguous
+// result, or a caller's `out` of any layout (e.g. a token slice of a longer tensor).
+struct OutTensor {
+  void* ptr;
+  int64_t sb, sh, st, sd;
+};
+
 cudaError_t launch_quantize_keys(const void* k,  // [B, H, T, D] dtype, strides in elements
                                  DType dtype, int64_t sb, int64_t sh, int64_t st, int64_t sd,
                                  int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
@@ -31,8 +38,8 @@ cudaError_t launch_quantize_keys(const void* k,  // [B, H, T, D] dtype, strides 
 cudaError_t launch_dequantize_keys(const uint8_t* codes,  // [B, H, T, D*bits/8]
                                    const void* scale,     // [B, H, T/G, D] f16
                                    const void* zero,      // [B, H, T/G, D] f16
-                                   int64_t BH, int64_t T, int64_t D, int bits, int G,
-                                   void* out,  // [B, H, T, D] out dtype, contiguous
+                                   int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
+                                   const OutTensor& out,  // [B, H, T, D] out dtype
                                    DType out_dtype, cudaStream_t stream);
 
 cudaError_t launch_reconstruct_keys(const uint8_t* codes,    // [B, H, T, D*bits/8]
@@ -43,7 +50,7 @@ cudaError_t launch_reconstruct_keys(const uint8_t* codes,    // [B, H, T, D*bits
                                     const float* basis,      // [H, D, r]
                                     int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
                                     int64_t r, int side_bits, float sign,
-                                    void* out,  // [B, H, T, D] out dtype, contiguous, 16-B aligned
+                                    const OutTensor& out,  // [B, H, T, D] out dtype
                                     DType out_dtype, cudaStream_t stream);
 
 cudaError_t launch_quantize_values(const void* v,  // [B, H, T, D] dtype, strides in elements
@@ -57,8 +64,9 @@ cudaError_t launch_quantize_values(const void* v,  // [B, H, T, D] dtype, stride
 cudaError_t launch_dequantize_values(const uint8_t* codes,  // [B, H, T, D*bits/8]
                                      const void* scale,     // [B, H, T, D/Gv] f16
                                      const void* zero,      // [B, H, T, D/Gv] f16
-                                     int64_t rows, int64_t D, int bits, int Gv,
-                                     void* out,  // [B, H, T, D] out dtype, contiguous
+                                     int64_t B, int64_t H, int64_t T, int64_t D, int bits,
+                                     int Gv,
+                                     const OutTensor& out,  // [B, H, T, D] out dtype
                                      DType out_dtype, cudaStream_t stream);
 
 cudaError_t launch_side_code(const void* k,  // [B, H, T, D] dtype, strides in elements

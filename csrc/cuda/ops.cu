@@ -86,25 +86,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_keys_cuda(
   return {codes, scale, zero};
 }
 
-at::Tensor dequantize_keys_cuda(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
-                                const at::Tensor& scale_in,  // [B, H, T/G, D] f16
-                                const at::Tensor& zero_in,   // [B, H, T/G, D] f16
-                                int64_t bits, int64_t group_size, at::ScalarType out_dtype) {
-  validate_dequantize_keys(codes_in, scale_in, zero_in, bits, group_size, out_dtype);
+// The three dequantising ops write into `out` [B, H, T, D] (validated) of any strides (the
+// kernels take them): their functional forms into a fresh tensor, their *_into forms into the
+// caller's.
+cuda::OutTensor out_tensor(const at::Tensor& out) {
+  return {out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
+}
+
+void dequantize_keys_fill(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
+                          const at::Tensor& scale_in,  // [B, H, T/G, D] f16
+                          const at::Tensor& zero_in,   // [B, H, T/G, D] f16
+                          int64_t bits, int64_t group_size, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t D = codes.size(3) * 8 / bits;
-  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
   const cudaError_t err = cuda::launch_dequantize_keys(
-      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(), B * H, T, D,
-      static_cast<int>(bits), static_cast<int>(group_size), out.data_ptr(),
-      dtype_of(out_dtype, "dequantize_keys"), at::cuda::getCurrentCUDAStream());
+      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(), B, H, T, D,
+      static_cast<int>(bits), static_cast<int>(group_size), out_tensor(out),
+      dtype_of(out.scalar_type(), "dequantize_keys"), at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dequantize_keys_cuda(const at::Tensor& codes, const at::Tensor& scale,
+                                const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                at::ScalarType out_dtype) {
+  validate_dequantize_keys(codes, scale, zero, bits, group_size, out_dtype);
+  at::Tensor out =
+      at::empty({codes.size(0), codes.size(1), codes.size(2), codes.size(3) * 8 / bits},
+                codes.options().dtype(out_dtype));
+  dequantize_keys_fill(codes, scale, zero, bits, group_size, out);
   return out;
+}
+
+void dequantize_keys_into_cuda(const at::Tensor& codes, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t group_size,
+                               const at::Tensor& out) {
+  validate_dequantize_keys_into(codes, scale, zero, bits, group_size, out);
+  dequantize_keys_fill(codes, scale, zero, bits, group_size, out);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values_cuda(
@@ -126,25 +148,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_values_cuda(
   return {codes, scale, zero};
 }
 
-at::Tensor dequantize_values_cuda(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
-                                  const at::Tensor& scale_in,  // [B, H, T, D/Gv] f16
-                                  const at::Tensor& zero_in,   // [B, H, T, D/Gv] f16
-                                  int64_t bits, int64_t group_size, at::ScalarType out_dtype) {
-  validate_dequantize_values(codes_in, scale_in, zero_in, bits, group_size, out_dtype);
+void dequantize_values_fill(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
+                            const at::Tensor& scale_in,  // [B, H, T, D/Gv] f16
+                            const at::Tensor& zero_in,   // [B, H, T, D/Gv] f16
+                            int64_t bits, int64_t group_size, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(codes_in.device());
   const at::Tensor codes = codes_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor zero = zero_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t D = codes.size(3) * 8 / bits;
-  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
   const cudaError_t err = cuda::launch_dequantize_values(
-      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(), B * H * T,
-      D, static_cast<int>(bits), static_cast<int>(group_size), out.data_ptr(),
-      dtype_of(out_dtype, "dequantize_values"), at::cuda::getCurrentCUDAStream());
+      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(), B, H, T, D,
+      static_cast<int>(bits), static_cast<int>(group_size), out_tensor(out),
+      dtype_of(out.scalar_type(), "dequantize_values"), at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dequantize_values_cuda(const at::Tensor& codes, const at::Tensor& scale,
+                                  const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                  at::ScalarType out_dtype) {
+  validate_dequantize_values(codes, scale, zero, bits, group_size, out_dtype);
+  at::Tensor out =
+      at::empty({codes.size(0), codes.size(1), codes.size(2), codes.size(3) * 8 / bits},
+                codes.options().dtype(out_dtype));
+  dequantize_values_fill(codes, scale, zero, bits, group_size, out);
   return out;
+}
+
+void dequantize_values_into_cuda(const at::Tensor& codes, const at::Tensor& scale,
+                                 const at::Tensor& zero, int64_t bits, int64_t group_size,
+                                 const at::Tensor& out) {
+  validate_dequantize_values_into(codes, scale, zero, bits, group_size, out);
+  dequantize_values_fill(codes, scale, zero, bits, group_size, out);
 }
 
 std::tuple<at::Tensor, at::Tensor> side_code_cuda(
@@ -232,16 +269,14 @@ at::Tensor dequantize_side_cuda(const at::Tensor& z_codes_in,  // [B, H, T, r*si
   return out;
 }
 
-at::Tensor reconstruct_keys_cuda(const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] u8
-                                 const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
-                                 const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
-                                 const at::Tensor& z_codes_in,  // [B, H, T, r*side_bits/8] u8
-                                 const at::Tensor& z_scale_in,  // [B, H, T] f16
-                                 const at::Tensor& basis_in,    // [H, D, r] f32
-                                 int64_t key_bits, int64_t group_size, int64_t side_bits,
-                                 double sign, at::ScalarType out_dtype) {
-  validate_reconstruct_keys(k_codes_in, k_scale_in, k_zero_in, z_codes_in, z_scale_in, basis_in,
-                            key_bits, group_size, side_bits, sign, out_dtype);
+void reconstruct_keys_fill(const at::Tensor& k_codes_in,  // [B, H, T, D*key_bits/8] u8
+                           const at::Tensor& k_scale_in,  // [B, H, T/G, D] f16
+                           const at::Tensor& k_zero_in,   // [B, H, T/G, D] f16
+                           const at::Tensor& z_codes_in,  // [B, H, T, r*side_bits/8] u8
+                           const at::Tensor& z_scale_in,  // [B, H, T] f16
+                           const at::Tensor& basis_in,    // [H, D, r] f32
+                           int64_t key_bits, int64_t group_size, int64_t side_bits, double sign,
+                           const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(k_codes_in.device());
   const at::Tensor codes = k_codes_in.contiguous();
   const at::Tensor scale = k_scale_in.contiguous();
@@ -251,16 +286,40 @@ at::Tensor reconstruct_keys_cuda(const at::Tensor& k_codes_in,  // [B, H, T, D*k
   const at::Tensor basis = basis_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t D = codes.size(3) * 8 / key_bits, r = basis.size(2);
-  at::Tensor out = at::empty({B, H, T, D}, codes.options().dtype(out_dtype));
   const cudaError_t err = cuda::launch_reconstruct_keys(
       codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(),
       z_codes.const_data_ptr<uint8_t>(), z_scale.const_data_ptr(), basis.const_data_ptr<float>(),
       B, H, T, D, static_cast<int>(key_bits), static_cast<int>(group_size), r,
-      static_cast<int>(side_bits), static_cast<float>(sign), out.data_ptr(),
-      dtype_of(out_dtype, "reconstruct_keys"), at::cuda::getCurrentCUDAStream());
+      static_cast<int>(side_bits), static_cast<float>(sign), out_tensor(out),
+      dtype_of(out.scalar_type(), "reconstruct_keys"), at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor reconstruct_keys_cuda(const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                 const at::Tensor& k_zero, const at::Tensor& z_codes,
+                                 const at::Tensor& z_scale, const at::Tensor& basis,
+                                 int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                 double sign, at::ScalarType out_dtype) {
+  validate_reconstruct_keys(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                            group_size, side_bits, sign, out_dtype);
+  at::Tensor out = at::empty(
+      {k_codes.size(0), k_codes.size(1), k_codes.size(2), k_codes.size(3) * 8 / key_bits},
+      k_codes.options().dtype(out_dtype));
+  reconstruct_keys_fill(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits, group_size,
+                        side_bits, sign, out);
   return out;
+}
+
+void reconstruct_keys_into_cuda(const at::Tensor& k_codes, const at::Tensor& k_scale,
+                                const at::Tensor& k_zero, const at::Tensor& z_codes,
+                                const at::Tensor& z_scale, const at::Tensor& basis,
+                                int64_t key_bits, int64_t group_size, int64_t side_bits,
+                                double sign, const at::Tensor& out) {
+  validate_reconstruct_keys_into(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
+                                 group_size, side_bits, sign, out);
+  reconstruct_keys_fill(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits, group_size,
+                        side_bits, sign, out);
 }
 
 at::Tensor corrected_logits_cuda(const at::Tensor& q_in,        // [B, Hq, L, D]
@@ -582,6 +641,9 @@ TORCH_LIBRARY_IMPL(headq, CUDA, m) {
   m.impl("quantize_kv", &headq::quantize_kv_cuda);
   m.impl("dequantize_side", &headq::dequantize_side_cuda);
   m.impl("reconstruct_keys", &headq::reconstruct_keys_cuda);
+  m.impl("dequantize_keys_into", &headq::dequantize_keys_into_cuda);
+  m.impl("dequantize_values_into", &headq::dequantize_values_into_cuda);
+  m.impl("reconstruct_keys_into", &headq::reconstruct_keys_into_cuda);
   m.impl("corrected_logits", &headq::corrected_logits_cuda);
   m.impl("decode_attention", &headq::decode_attention_cuda);
   m.impl("a2_weights", &headq::a2_weights_cuda);

@@ -1064,13 +1064,41 @@ __device__ __forceinline__ void store8(E* out, const float (&x)[8]) {
   }
 }
 
+// Where a dequantising kernel writes the 8 channels 8j..8j+7 of token t of slab bh (= b * H + h)
+// of its [B, H, T, D] result: the op's own contiguous tensor (`contig`: at 8 times the chunk
+// index, one 16-byte store), or a caller's `out` with element strides sb, sh, st, sd (e.g. a
+// token slice of a longer tensor): 16-byte stores where its rows are contiguous and aligned
+// (`vec`), one element at a time otherwise. 64-bit offsets: a slice of a long tensor can lie
+// beyond 2^31 elements.
+struct OutRows {
+  int64_t sb, sh, st, sd;  // element strides
+  uint32_t H;
+  bool contig, vec;
+  template <typename E>
+  __device__ __forceinline__ void store(E* out, int64_t i, uint32_t bh, uint32_t t, uint32_t j,
+                                        const float (&x)[8]) const {
+    if (contig) {
+      store8(out + i * 8, x);
+      return;
+    }
+    E* p = out + static_cast<int64_t>(bh / H) * sb + static_cast<int64_t>(bh % H) * sh +
+           static_cast<int64_t>(t) * st + static_cast<int64_t>(8 * j) * sd;
+    if (vec) {
+      store8(p, x);
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) p[k * sd] = from_float<E>(x[k]);
+  }
+};
+
 template <typename E>
 __global__ void __launch_bounds__(256)
 dequantize_keys_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
                      const __half* __restrict__ scale,   // [BH, T/G, D] (16-byte aligned)
                      const __half* __restrict__ zero,    // [BH, T/G, D] (16-byte aligned)
                      uint32_t nchunks, uint32_t T, uint32_t D, int bits, uint32_t G,
-                     E* __restrict__ out) {  // [BH, T, D] (16-byte aligned)
+                     OutRows o, E* __restrict__ out) {  // [B, H, T, D] as o says
   const uint32_t cpr = D / 8;  // chunks per token row
   const uint32_t mask = (1u << bits) - 1u;
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < nchunks;
@@ -1091,17 +1119,17 @@ dequantize_keys_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
       const uint32_t code = static_cast<uint32_t>(w >> (k * bits)) & mask;
       x[k] = asym_dequant(code, __half2float(sc.h[k]), __half2float(zr.h[k]));
     }
-    store8(out + static_cast<size_t>(i) * 8, x);
+    o.store(out, i, bh, t, j, x);
   }
 }
 
 template <typename E>
 __global__ void __launch_bounds__(256)
-dequantize_values_fast(const uint8_t* __restrict__ codes,  // [rows, D*bits/8]
-                       const __half* __restrict__ scale,   // [rows, D/Gv]
-                       const __half* __restrict__ zero,    // [rows, D/Gv]
-                       uint32_t nchunks, uint32_t D, int bits, uint32_t Gv,
-                       E* __restrict__ out) {  // [rows, D] (16-byte aligned)
+dequantize_values_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
+                       const __half* __restrict__ scale,   // [BH, T, D/Gv]
+                       const __half* __restrict__ zero,    // [BH, T, D/Gv]
+                       uint32_t nchunks, uint32_t T, uint32_t D, int bits, uint32_t Gv,
+                       OutRows o, E* __restrict__ out) {  // [B, H, T, D] as o says
   const uint32_t cpr = D / 8, ngv = D / Gv;
   const uint32_t mask = (1u << bits) - 1u;
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < nchunks;
@@ -1114,20 +1142,54 @@ dequantize_values_fast(const uint8_t* __restrict__ codes,  // [rows, D*bits/8]
 #pragma unroll
     for (int k = 0; k < 8; ++k)
       x[k] = asym_dequant(static_cast<uint32_t>(w >> (k * bits)) & mask, s, z);
-    store8(out + static_cast<size_t>(i) * 8, x);
+    const uint32_t bh = o.contig ? 0u : row / T;
+    o.store(out, i, bh, row - bh * T, j, x);
   }
 }
 
-// reconstruct_keys: dequantize_keys_fast's 8 channels per thread plus the side-code correction,
-// written once in the output dtype. Per channel the arithmetic of docs/LAYOUT.md (as
-// cpu::reconstruct_keys_slice: the sum over j ascending, products and sums rounded once): each
-// ẑ_j (sym_dequant of the token's side code j) is formed once and added to the 8 channels'
-// sums. One block per (b, h) and tile of tokens: the head's basis is staged in shared memory,
-// one (8r + 1)-float row per 8-channel chunk (u_s[c * (8r + 1) + k * r + j] = U[h, 8c + k, j];
-// the odd row length puts the chunks of a warp in different banks), and thread (lane, c) keeps
-// chunk c and walks the tile's tokens lane, lane + lanes, ..., reloading the scales and zeros
-// only when the key group changes. The launcher takes reconstruct_keys_l1 where the basis does
-// not fit (48 KB) or a token row has more than 256 chunks.
+// Side code j of a token's row (side_bits 8 or 4: whole bytes or nibbles, LSB first; what
+// get_code gives for these two widths without its general bit arithmetic).
+__device__ __forceinline__ uint32_t side_code_at(const uint8_t* zrow, int j, int side_bits) {
+  return side_bits == 8 ? zrow[j] : (zrow[j >> 1] >> ((j & 1) * 4)) & 15u;
+}
+
+// One 8-channel chunk of reconstruct_keys, shared by its two kernels: the dequantised key
+// (asym_dequant of the 8 codes in w) plus sign * Σ_j ẑ_j U[8c + k, j], per channel in the
+// order of docs/LAYOUT.md (as cpu::reconstruct_keys_slice: j ascending, every product and sum
+// rounded once), in x. basis_row(j, u) fills u[k] = U[8c + k, j].
+template <typename BasisRow>
+__device__ __forceinline__ void reconstruct_chunk(uint64_t w, int bits, const float (&sc)[8],
+                                                  const float (&zr)[8],
+                                                  const uint8_t* __restrict__ zrow, float zs,
+                                                  int r, int side_bits, float sign,
+                                                  BasisRow basis_row, float (&x)[8]) {
+  const uint32_t mask = (1u << bits) - 1u;
+  float corr[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    x[k] = asym_dequant(static_cast<uint32_t>(w >> (k * bits)) & mask, sc[k], zr[k]);
+    corr[k] = 0.0f;
+  }
+  for (int j = 0; j < r; ++j) {
+    const float zj = sym_dequant(side_code_at(zrow, j, side_bits), zs, side_bits);
+    float u[8];
+    basis_row(j, u);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) corr[k] = add_rn(corr[k], mul_rn(zj, u[k]));
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) x[k] = add_rn(x[k], mul_rn(sign, corr[k]));
+}
+
+// reconstruct_keys: dequantize_keys_fast's 8 channels per thread plus the side-code correction
+// (reconstruct_chunk), written once in E. One block per (b, h) and tile of tokens: the head's
+// basis is staged in shared memory rank-major per chunk, u_s[c * (8r + 4) + 8j + k] =
+// U[h, 8c + k, j], so that a rank's 8 values are two 16-byte loads; the row length 8r + 4 (an
+// odd multiple of 4 floats) puts the 8 chunks of a quarter-warp's 16-byte loads in distinct
+// banks. Thread (lane, c) keeps chunk c and walks the tile's tokens lane, lane + lanes, ...,
+// reloading the scales and zeros only when it crosses into the next key group. The launcher
+// takes reconstruct_keys_l1 where the basis does not fit (48 KB) or a token row has more than
+// 256 chunks.
 template <typename E>
 __global__ void __launch_bounds__(256)
 reconstruct_keys_smem(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
@@ -1136,55 +1198,49 @@ reconstruct_keys_smem(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
                       const uint8_t* __restrict__ z_codes,  // [BH, T, r*side_bits/8]
                       const __half* __restrict__ z_scale,   // [BH, T]
                       const float* __restrict__ basis,      // [H, D, r]
-                      int64_t n_tiles, int64_t tile_tokens, int64_t H, int64_t T, int D,
-                      int bits, int64_t G, int r, int side_bits, float sign,
-                      E* __restrict__ out) {  // [BH, T, D] (16-byte aligned)
-  extern __shared__ float u_s[];  // [D/8][8r + 1]
-  const int64_t bh = blockIdx.x / n_tiles, tile = blockIdx.x - bh * n_tiles;
-  const int cpr = D / 8, row_len = 8 * r + 1;
-  const float* ub = basis + (bh % H) * D * r;
+                      uint32_t n_tiles, uint32_t tile_tokens, uint32_t H, uint32_t T, int D,
+                      int bits, uint32_t G, int r, int side_bits, float sign, OutRows o,
+                      E* __restrict__ out) {  // [B, H, T, D] as o says
+  extern __shared__ float4 u_s4[];  // [D/8][(8r + 4) / 4]
+  float* u_s = reinterpret_cast<float*>(u_s4);
+  const uint32_t bh = blockIdx.x / n_tiles, tile = blockIdx.x - bh * n_tiles;
+  const int cpr = D / 8, row_len = 8 * r + 4;
+  const float* ub = basis + static_cast<size_t>(bh % H) * D * r;
   for (int i = threadIdx.x; i < D * r; i += blockDim.x) {
     const int d = i / r, j = i - d * r;
-    u_s[(d / 8) * row_len + (d % 8) * r + j] = ub[i];
+    u_s[(d / 8) * row_len + 8 * j + (d % 8)] = ub[i];
   }
   __syncthreads();
   const int lanes = blockDim.x / cpr, c = threadIdx.x % cpr, lane = threadIdx.x / cpr;
   if (lane >= lanes) return;
-  const float* u = u_s + c * row_len;
-  const int64_t z_row_bytes = static_cast<int64_t>(r) * side_bits / 8;
-  const uint32_t mask = (1u << bits) - 1u;
-  const int64_t t_end = min(T, (tile + 1) * tile_tokens);
-  int64_t cur_g = -1;
+  const float4* u = u_s4 + c * (row_len / 4);
+  const auto basis_row = [u](int j, float (&v)[8]) {
+    const float4 a = u[2 * j], b = u[2 * j + 1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+    v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+  };
+  const int z_row_bytes = r * side_bits / 8;
+  const uint32_t t_end = min(T, (tile + 1) * tile_tokens);
+  const size_t bhT = static_cast<size_t>(bh) * T;
+  uint32_t g_end = 0;  // end of the key group whose scales are loaded
   float sc[8], zr[8];
-  for (int64_t t = tile * tile_tokens + lane; t < t_end; t += lanes) {
-    const int64_t row = bh * T + t, i = row * cpr + c;
-    const int64_t g = t / G;
-    if (g != cur_g) {
-      const int64_t si = (bh * (T / G) + g) * D + 8 * c;
+  for (uint32_t t = tile * tile_tokens + lane; t < t_end; t += lanes) {
+    if (t >= g_end) {
+      const uint32_t g = t / G;
+      const size_t si = (static_cast<size_t>(bh) * (T / G) + g) * D + 8 * c;
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         sc[k] = __half2float(scale[si + k]);
         zr[k] = __half2float(zero[si + k]);
       }
-      cur_g = g;
+      g_end = (g + 1) * G;
     }
-    const uint64_t w = load_code_bytes(codes + i * bits, bits);
-    float x[8], corr[8];
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      x[k] = asym_dequant(static_cast<uint32_t>(w >> (k * bits)) & mask, sc[k], zr[k]);
-      corr[k] = 0.0f;
-    }
-    const uint8_t* zrow = z_codes + row * z_row_bytes;
-    const float zs = __half2float(z_scale[row]);
-    for (int j = 0; j < r; ++j) {
-      const float zj = sym_dequant(get_code(zrow, j, side_bits), zs, side_bits);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) corr[k] = add_rn(corr[k], mul_rn(zj, u[k * r + j]));
-    }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] = add_rn(x[k], mul_rn(sign, corr[k]));
-    store8(out + i * 8, x);
+    const size_t row = bhT + t;
+    const uint64_t w = load_code_bytes(codes + (row * cpr + c) * bits, bits);
+    float x[8];
+    reconstruct_chunk(w, bits, sc, zr, z_codes + row * z_row_bytes, __half2float(z_scale[row]), r,
+                      side_bits, sign, basis_row, x);
+    o.store(out, static_cast<int64_t>(row * cpr + c), bh, t, c, x);
   }
 }
 
@@ -1199,35 +1255,32 @@ reconstruct_keys_l1(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
                     const __half* __restrict__ z_scale,   // [BH, T]
                     const float* __restrict__ basis,      // [H, D, r]
                     int64_t nchunks, int64_t H, int64_t T, int64_t D, int bits, int64_t G,
-                    int64_t r, int side_bits, float sign,
-                    E* __restrict__ out) {  // [BH, T, D] (16-byte aligned)
+                    int64_t r, int side_bits, float sign, OutRows o,  // H, T < 2^32
+                    E* __restrict__ out) {  // [B, H, T, D] as o says
   const int64_t cpr = D / 8;  // chunks per token row
   const int64_t z_row_bytes = r * side_bits / 8;
-  const uint32_t mask = (1u << bits) - 1u;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < nchunks;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / cpr, j = i - row * cpr;
     const int64_t bh = row / T, t = row - bh * T;
     const uint64_t w = load_code_bytes(codes + i * bits, bits);
     const int64_t si = (bh * (T / G) + t / G) * D + 8 * j;
-    float x[8], corr[8];
+    float sc[8], zr[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      const uint32_t code = static_cast<uint32_t>(w >> (k * bits)) & mask;
-      x[k] = asym_dequant(code, __half2float(scale[si + k]), __half2float(zero[si + k]));
-      corr[k] = 0.0f;
+      sc[k] = __half2float(scale[si + k]);
+      zr[k] = __half2float(zero[si + k]);
     }
-    const uint8_t* zrow = z_codes + row * z_row_bytes;
-    const float zs = __half2float(z_scale[row]);
     const float* u = basis + ((bh % H) * D + 8 * j) * r;  // U[h, 8j + k, jj] = u[k * r + jj]
-    for (int64_t jj = 0; jj < r; ++jj) {
-      const float zj = sym_dequant(get_code(zrow, jj, side_bits), zs, side_bits);
+    const auto basis_row = [u, r](int jj, float (&v)[8]) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) corr[k] = add_rn(corr[k], mul_rn(zj, __ldg(u + k * r + jj)));
-    }
-#pragma unroll
-    for (int k = 0; k < 8; ++k) x[k] = add_rn(x[k], mul_rn(sign, corr[k]));
-    store8(out + i * 8, x);
+      for (int k = 0; k < 8; ++k) v[k] = __ldg(u + k * r + jj);
+    };
+    float x[8];
+    reconstruct_chunk(w, bits, sc, zr, z_codes + row * z_row_bytes, __half2float(z_scale[row]),
+                      static_cast<int>(r), side_bits, sign, basis_row, x);
+    o.store(out, i, static_cast<uint32_t>(bh), static_cast<uint32_t>(t), static_cast<uint32_t>(j),
+            x);
   }
 }
 

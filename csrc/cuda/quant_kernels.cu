@@ -100,14 +100,24 @@ quantize_keys_kernel(const Elem* __restrict__ k,  // [B, H, T, D], element strid
   }
 }
 
+// A caller's [B, H, T, D] `out` for the one-element-per-thread dequantise kernels: element
+// strides, or `contig` (the op's own contiguous result: element idx at idx).
+struct OutStrides {
+  int64_t sb, sh, st, sd, H;
+  bool contig;
+  __device__ __forceinline__ int64_t at(int64_t idx, int64_t bh, int64_t t, int64_t c) const {
+    return contig ? idx : (bh / H) * sb + (bh % H) * sh + t * st + c * sd;
+  }
+};
+
 // dequantize_keys / dequantize_values: one thread per output element (grid-stride).
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads)
 dequantize_keys_kernel(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
                        const __half* __restrict__ scale,   // [BH, T/G, D]
                        const __half* __restrict__ zero,    // [BH, T/G, D]
-                       int64_t n, int64_t T, int64_t D, int bits, int G,
-                       Elem* __restrict__ out) {  // [BH, T, D]
+                       int64_t n, int64_t T, int64_t D, int bits, int G, OutStrides o,
+                       Elem* __restrict__ out) {  // [B, H, T, D] as o says
   const int64_t rowb = D * bits / 8;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -115,7 +125,8 @@ dequantize_keys_kernel(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
     const int64_t t = row % T, bh = row / T;
     const int64_t si = (bh * (T / G) + t / G) * D + c;
     const uint32_t code = get_code(codes + row * rowb, c, bits);
-    out[idx] = from_float<Elem>(asym_dequant(code, f16_at(scale, si), f16_at(zero, si)));
+    out[o.at(idx, bh, t, c)] =
+        from_float<Elem>(asym_dequant(code, f16_at(scale, si), f16_at(zero, si)));
   }
 }
 
@@ -168,15 +179,16 @@ __global__ void __launch_bounds__(kThreads)
 dequantize_values_kernel(const uint8_t* __restrict__ codes,  // [rows, D*bits/8]
                          const __half* __restrict__ scale,   // [rows, D/Gv]
                          const __half* __restrict__ zero,    // [rows, D/Gv]
-                         int64_t n, int64_t D, int bits, int Gv,
-                         Elem* __restrict__ out) {  // [rows, D]
+                         int64_t n, int64_t T, int64_t D, int bits, int Gv, OutStrides o,
+                         Elem* __restrict__ out) {  // [B, H, T, D] as o says
   const int64_t rowb = D * bits / 8, ngv = D / Gv;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t c = idx % D, row = idx / D;
     const int64_t si = row * ngv + c / Gv;
     const uint32_t code = get_code(codes + row * rowb, c, bits);
-    out[idx] = from_float<Elem>(asym_dequant(code, f16_at(scale, si), f16_at(zero, si)));
+    out[o.at(idx, row / T, row % T, c)] =
+        from_float<Elem>(asym_dequant(code, f16_at(scale, si), f16_at(zero, si)));
   }
 }
 
@@ -398,6 +410,23 @@ bool vec_rows(const void* p, DType dt, int64_t sb, int64_t sh, int64_t st, int64
          (st * es) % 16 == 0;
 }
 
+// `out` as the dequantise kernels take it. contig: exactly the strides of a fresh contiguous
+// [B, H, T, D] tensor, so that chunk i is at 8i; vec: token rows contiguous and 16-byte aligned
+// (16-byte stores at the strides); otherwise one element at a time.
+bool contiguous_out(const OutTensor& o, int64_t H, int64_t T, int64_t D) {
+  return o.sd == 1 && o.st == D && o.sh == T * D && o.sb == H * T * D;
+}
+
+fastq::OutRows out_rows(const OutTensor& o, DType dt, int64_t H, int64_t T, int64_t D) {
+  const bool vec = vec_rows(o.ptr, dt, o.sb, o.sh, o.st, o.sd);
+  return {o.sb, o.sh, o.st, o.sd, static_cast<uint32_t>(H), vec && contiguous_out(o, H, T, D),
+          vec};
+}
+
+OutStrides out_strides(const OutTensor& o, int64_t H, int64_t T, int64_t D) {
+  return {o.sb, o.sh, o.st, o.sd, H, contiguous_out(o, H, T, D)};
+}
+
 constexpr size_t kFastSmemLimit = 200 * 1024;
 
 }  // namespace
@@ -446,28 +475,30 @@ cudaError_t launch_quantize_keys(const void* k, DType dtype, int64_t sb, int64_t
 }
 
 cudaError_t launch_dequantize_keys(const uint8_t* codes, const void* scale, const void* zero,
-                                   int64_t BH, int64_t T, int64_t D, int bits, int G, void* out,
-                                   DType out_dtype, cudaStream_t stream) {
-  const int64_t n = BH * T * D;
+                                   int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
+                                   const OutTensor& out, DType out_dtype, cudaStream_t stream) {
+  const int64_t n = B * H * T * D;
   if (n == 0) return cudaSuccess;
   if (!use_old_impl() && D % 8 == 0 && n / 8 <= 0x7fffffff && T <= 0x7fffffff &&
-      aligned_to(scale, 16) && aligned_to(zero, 16) && aligned_to(out, 16)) {
+      aligned_to(scale, 16) && aligned_to(zero, 16)) {
     const int64_t nchunks = n / 8;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
+    const fastq::OutRows o = out_rows(out, out_dtype, H, T, D);
     return with_dtype(out_dtype, [&](auto tag) {
       using E = decltype(tag);
       fastq::dequantize_keys_fast<E><<<blocks, 256, 0, stream>>>(
           codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero),
           static_cast<uint32_t>(nchunks), static_cast<uint32_t>(T), static_cast<uint32_t>(D),
-          bits, static_cast<uint32_t>(G), static_cast<E*>(out));
+          bits, static_cast<uint32_t>(G), o, static_cast<E*>(out.ptr));
       return cudaGetLastError();
     });
   }
+  const OutStrides o = out_strides(out, H, T, D);
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     dequantize_keys_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
         codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), n, T, D,
-        bits, G, static_cast<E*>(out));
+        bits, G, o, static_cast<E*>(out.ptr));
     return cudaGetLastError();
   });
 }
@@ -509,28 +540,30 @@ cudaError_t launch_quantize_values(const void* v, DType dtype, int64_t sb, int64
 }
 
 cudaError_t launch_dequantize_values(const uint8_t* codes, const void* scale, const void* zero,
-                                     int64_t rows, int64_t D, int bits, int Gv, void* out,
-                                     DType out_dtype, cudaStream_t stream) {
-  const int64_t n = rows * D;
+                                     int64_t B, int64_t H, int64_t T, int64_t D, int bits,
+                                     int Gv, const OutTensor& out, DType out_dtype,
+                                     cudaStream_t stream) {
+  const int64_t n = B * H * T * D;
   if (n == 0) return cudaSuccess;
-  if (!use_old_impl() && D % 8 == 0 && Gv % 8 == 0 && n / 8 <= 0x7fffffff &&
-      aligned_to(out, 16)) {
+  if (!use_old_impl() && D % 8 == 0 && Gv % 8 == 0 && n / 8 <= 0x7fffffff) {
     const int64_t nchunks = n / 8;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
+    const fastq::OutRows o = out_rows(out, out_dtype, H, T, D);
     return with_dtype(out_dtype, [&](auto tag) {
       using E = decltype(tag);
       fastq::dequantize_values_fast<E><<<blocks, 256, 0, stream>>>(
           codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero),
-          static_cast<uint32_t>(nchunks), static_cast<uint32_t>(D), bits,
-          static_cast<uint32_t>(Gv), static_cast<E*>(out));
+          static_cast<uint32_t>(nchunks), static_cast<uint32_t>(T), static_cast<uint32_t>(D),
+          bits, static_cast<uint32_t>(Gv), o, static_cast<E*>(out.ptr));
       return cudaGetLastError();
     });
   }
+  const OutStrides o = out_strides(out, H, T, D);
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     dequantize_values_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), n, D, bits,
-        Gv, static_cast<E*>(out));
+        codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), n, T, D,
+        bits, Gv, o, static_cast<E*>(out.ptr));
     return cudaGetLastError();
   });
 }
@@ -678,32 +711,36 @@ cudaError_t launch_reconstruct_keys(const uint8_t* codes, const void* scale, con
                                     const uint8_t* z_codes, const void* z_scale,
                                     const float* basis, int64_t B, int64_t H, int64_t T,
                                     int64_t D, int bits, int G, int64_t r, int side_bits,
-                                    float sign, void* out, DType out_dtype, cudaStream_t stream) {
+                                    float sign, const OutTensor& out, DType out_dtype,
+                                    cudaStream_t stream) {
   const int64_t nchunks = B * H * T * D / 8;  // D % 8 == 0 (validated)
   if (nchunks == 0) return cudaSuccess;
+  if (T > 0x7fffffff || B * H > 0x7fffffff) return cudaErrorInvalidValue;  // 32-bit t, bh
   const int64_t cpr = D / 8;
-  const size_t smem = static_cast<size_t>(cpr * (8 * r + 1)) * sizeof(float);
+  const size_t smem = static_cast<size_t>(cpr * (8 * r + 4)) * sizeof(float);
   // HEADQ_RECON_IMPL=l1 (read at every launch): the L1 kernel also where the staged one applies
   const char* e = std::getenv("HEADQ_RECON_IMPL");
   const bool force_l1 = e != nullptr && std::strcmp(e, "l1") == 0;
   constexpr int64_t kTileTokens = 128;
   const int64_t n_tiles = ceil_div(T, kTileTokens);
+  const fastq::OutRows o = out_rows(out, out_dtype, H, T, D);
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     if (!force_l1 && cpr <= 256 && smem <= 48 * 1024 && B * H * n_tiles <= 0x7fffffff) {
       fastq::reconstruct_keys_smem<E><<<static_cast<unsigned>(B * H * n_tiles), 256, smem,
                                         stream>>>(
           codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), z_codes,
-          static_cast<const __half*>(z_scale), basis, n_tiles, kTileTokens, H, T,
-          static_cast<int>(D), bits, G, static_cast<int>(r), side_bits, sign,
-          static_cast<E*>(out));
+          static_cast<const __half*>(z_scale), basis, static_cast<uint32_t>(n_tiles),
+          static_cast<uint32_t>(kTileTokens), static_cast<uint32_t>(H),
+          static_cast<uint32_t>(T), static_cast<int>(D), bits, static_cast<uint32_t>(G),
+          static_cast<int>(r), side_bits, sign, o, static_cast<E*>(out.ptr));
     } else {
       const unsigned blocks =
           static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
       fastq::reconstruct_keys_l1<E><<<blocks, 256, 0, stream>>>(
           codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), z_codes,
           static_cast<const __half*>(z_scale), basis, nchunks, H, T, D, bits, G, r, side_bits,
-          sign, static_cast<E*>(out));
+          sign, o, static_cast<E*>(out.ptr));
     }
     return cudaGetLastError();
   });
