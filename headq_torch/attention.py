@@ -274,7 +274,7 @@ def _dense_prefill(layer, query: torch.Tensor) -> bool:
 def _prefill_dequantised(layer, module, query: torch.Tensor, attention_mask,
                          scale: float) -> torch.Tensor:
     """``L`` query tokens over ``n_quant`` quantised tokens and the dense window: the quantised
-    region is dequantised once (:meth:`HeadQLayer.dense_kv`, in blocks of key groups), in the
+    region is dequantised once (:meth:`HeadQLayer.dense_kv`, straight into the tensors), in the
     query's dtype, into the keys attention reads
     (``k̂ + sign·U ẑ``, so ``q·`` of them is the corrected logit) and values (``v̂`` plus the
     kept tokens' deltas), and attention runs over them and the window: the cost of the dense

@@ -77,11 +77,6 @@ def _grow(buf: Optional[torch.Tensor], needed: int, shape_tail: tuple, batch_hea
     return out
 
 
-# Bytes of float32 one block of the quantised region takes while HeadQLayer.dense_kv
-# dequantises it.
-_DEQUANT_BLOCK_BYTES = 256 << 20
-
-
 class HeadQLayer(CacheLayerMixin):
     """One quantised layer of a :class:`HeadQCache` (see the module docstring)."""
 
@@ -540,17 +535,23 @@ class HeadQLayer(CacheLayerMixin):
         return end
 
     def quantised_keys(self, out_dtype=torch.float32, start: int = 0,
-                       end: Optional[int] = None) -> torch.Tensor:
+                       end: Optional[int] = None, *,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Keys of the quantised region as attention reads them: ``k̂ + sign·U ẑ``
         ``[B, H, end - start, D]`` (``q·`` of it equals the corrected logit), for the tokens
         ``[start, end)`` (default all ``n_quant``; ``start`` a multiple of the key group size).
-        Computed in float32 (``ops.reconstruct_keys``), rounded once to ``out_dtype``."""
+        Computed in float32 (``ops.reconstruct_keys``), rounded once to ``out_dtype``; with
+        ``out`` (a ``[B, H, end - start, D]`` tensor of any strides, e.g. a token slice of the
+        tensor attention reads) written into it, in its dtype, and returned."""
         s, b = self.s, self.buf
         end = self._token_range("quantised_keys", start, end)
+        dt = out_dtype if out is None else out.dtype
         if start == end:
-            return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
+            return out if out is not None else torch.zeros(self.B, self.H, 0, self.D, dtype=dt,
+                                                            device=self.device)
         if not self.quantise_keys:
-            return b["k_dense"][:, :, start:end].to(out_dtype)
+            src = b["k_dense"][:, :, start:end]
+            return out.copy_(src) if out is not None else src.to(dt)
         G = s.group_size
         if start % G:
             raise ValueError(f"quantised_keys: start ({start}) must be a multiple of the key "
@@ -559,55 +560,76 @@ class HeadQLayer(CacheLayerMixin):
                  b["k_scale"][:, :, start // G:end // G].contiguous(),
                  b["k_zero"][:, :, start // G:end // G].contiguous())
         if self.basis is None:
-            return ops.dequantize_keys(*codes, s.key_bits, G, out_dtype)
-        # one pass: k̂ + sign·ẑUᵀ in float32 per element, rounded once to out_dtype
+            return ops.dequantize_keys(*codes, s.key_bits, G, None if out is not None else dt,
+                                       out=out)
+        # one pass: k̂ + sign·ẑUᵀ in float32 per element, rounded once to the output dtype
         return ops.reconstruct_keys(*codes, b["z_codes"][:, :, start:end].contiguous(),
                                     b["z_scale"][:, :, start:end].contiguous(), self.basis,
-                                    s.key_bits, G, s.side_bits, s.sign, out_dtype)
+                                    s.key_bits, G, s.side_bits, s.sign,
+                                    None if out is not None else dt, out=out)
 
     def quantised_values(self, out_dtype=torch.float32, start: int = 0,
-                         end: Optional[int] = None) -> torch.Tensor:
+                         end: Optional[int] = None, *,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Values of the quantised region as attention reads them (``v̂``, plus the delta of
         kept tokens) ``[B, H, end - start, D]``, for the tokens ``[start, end)`` (default all
-        ``n_quant``). Computed in float32, then cast."""
+        ``n_quant``): per element computed in float32 and rounded once to ``out_dtype``; with
+        ``out`` written into it, as in :meth:`quantised_keys`."""
         s, b = self.s, self.buf
         end = self._token_range("quantised_values", start, end)
+        dt = out_dtype if out is None else out.dtype
         if start == end:
-            return torch.zeros(self.B, self.H, 0, self.D, dtype=out_dtype, device=self.device)
+            return out if out is not None else torch.zeros(self.B, self.H, 0, self.D, dtype=dt,
+                                                            device=self.device)
         if not self.quantise_values:
-            return b["v_dense"][:, :, start:end].to(out_dtype)
-        kept = self.heavy_idx is not None and self.heavy_idx.shape[-1]
-        # without kept tokens straight to out_dtype (the kernel rounds its float32 result once,
-        # as the cast would)
-        v = ops.dequantize_values(b["v_codes"][:, :, start:end].contiguous(),
-                                  b["v_scale"][:, :, start:end].contiguous(),
-                                  b["v_zero"][:, :, start:end].contiguous(), s.value_bits,
-                                  s.value_group_size, torch.float32 if kept else out_dtype)
-        if kept:
-            valid = (self.heavy_idx >= start) & (self.heavy_idx < end)
-            idx = (self.heavy_idx.long() - start).clamp(0, end - start - 1)
-            delta = self.heavy_delta.float() * valid.unsqueeze(-1)
-            v = v.scatter_add(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.D), delta)
-        return v.to(out_dtype)
+            src = b["v_dense"][:, :, start:end]
+            return out.copy_(src) if out is not None else src.to(dt)
+        codes = (b["v_codes"][:, :, start:end].contiguous(),
+                 b["v_scale"][:, :, start:end].contiguous(),
+                 b["v_zero"][:, :, start:end].contiguous())
+        # straight to the output dtype (the kernel rounds its float32 result once, as a cast
+        # would); then the kept tokens' rows are rewritten
+        v = ops.dequantize_values(*codes, s.value_bits, s.value_group_size,
+                                  None if out is not None else dt, out=out)
+        if self.heavy_idx is not None and self.heavy_idx.shape[-1]:
+            self._write_kept_rows(v, codes, start, end)
+        return v
+
+    def _write_kept_rows(self, v: torch.Tensor, codes, start: int, end: int) -> None:
+        """Rewrite the rows of ``v`` (values ``[start, end)`` in its dtype, from ``codes``)
+        that hold kept tokens with ``v̂ + delta``, added in float32 and rounded once. A slot
+        outside the range (an empty one, ``-1``, or another range's token) repeats its row's
+        first slot inside it, so that every write to a row is the same bits whatever their
+        order; a (b, h) row with none rewrites token ``start`` with its own value."""
+        s = self.s
+        idx = self.heavy_idx.long() - start  # [B, H, K]
+        K = idx.shape[-1]
+        valid = (idx >= 0) & (idx < end - start)
+        first = valid.to(torch.uint8).argmax(-1, keepdim=True)  # first in-range slot, else 0
+        has = torch.gather(valid, -1, first)  # [B, H, 1]
+        slot = torch.where(valid, torch.arange(K, device=idx.device), first)
+        pos = torch.where(has, torch.gather(idx, -1, slot), 0)  # [B, H, K]
+        rows = [torch.gather(c, 2, pos.unsqueeze(-1).expand(-1, -1, -1, c.shape[-1]))
+                for c in codes]
+        vhat = ops.dequantize_values(*rows, s.value_bits, s.value_group_size, torch.float32)
+        delta = torch.gather(self.heavy_delta, 2, slot.unsqueeze(-1).expand(-1, -1, -1, self.D))
+        pos_d = pos.unsqueeze(-1).expand(-1, -1, -1, self.D)
+        new = torch.where(has.unsqueeze(-1), (vhat + delta.float()).to(v.dtype),
+                          torch.gather(v, 2, pos_d))
+        v.scatter_(2, pos_d, new)
 
     def dense_kv(self, out_dtype: Optional[torch.dtype] = None):
         """Full dense reconstruction ``(keys, values)`` ``[B, H, n_quant + n_window, D]`` as
-        attention reads them (:meth:`quantised_keys` / :meth:`quantised_values`, then the
-        window), in ``out_dtype`` (default the cache dtype). The quantised region is dequantised
-        in blocks of whole key groups, so that its float32 intermediates stay within
-        ``_DEQUANT_BLOCK_BYTES`` at long contexts."""
+        attention reads them (:meth:`quantised_keys` / :meth:`quantised_values`, written into
+        their token slices, then the window), in ``out_dtype`` (default the cache dtype)."""
         dt = self.dtype if out_dtype is None else out_dtype
         nq, nw = self.n_quant, self.n_window
         k = torch.empty(self.B, self.H, nq + nw, self.D, dtype=dt, device=self.device)
         v = torch.empty_like(k)
         k[:, :, nq:] = self.buf["k_window"][:, :, :nw]
         v[:, :, nq:] = self.buf["v_window"][:, :, :nw]
-        G = self.s.group_size
-        step = max(G, _DEQUANT_BLOCK_BYTES // max(1, 4 * self.B * self.H * self.D) // G * G)
-        for t0 in range(0, nq, step):
-            t1 = min(nq, t0 + step)
-            k[:, :, t0:t1] = self.quantised_keys(dt, t0, t1)
-            v[:, :, t0:t1] = self.quantised_values(dt, t0, t1)
+        self.quantised_keys(out=k[:, :, :nq])
+        self.quantised_values(out=v[:, :, :nq])
         return k, v
 
     # -- after attention ---------------------------------------------------------------------

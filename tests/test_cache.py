@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import make_tiny, tiny_calibration
-from headq_torch import attention
+from headq_torch import attention, ops
 from headq_torch import value_policy as vp
 from headq_torch.cache import HeadQCache
 from headq_torch.calibration import CalibrationError
@@ -165,13 +165,19 @@ def test_memory_bytes_matches_storage_report(llama, kw):
     assert cache.memory_breakdown()["k_codes"] == 2 * 2 * 288 * 32 * kw["key_bits"] // 8
 
 
+def b_window(layer, name, n, dt):
+    return layer.buf[name][:, :, :n].to(dt)
+
+
 @pytest.mark.parametrize("kw", [
     dict(key_bits=2, value_bits=2, value_policy="a2", value_keep_frac=0.1),
     dict(key_bits=16, value_bits=16),
 ], ids=["kv2_a2", "dense"])
 def test_quantised_keys_values_ranges(llama, kw):
     """quantised_keys / quantised_values of a token range equal that slice of the whole region
-    (kept tokens' deltas included), in float32 and cast; bad ranges name the argument."""
+    (kept tokens' deltas included, as defined: added in float32, then cast), in float32 and
+    cast; with out= written into a token slice of a longer tensor; dense_kv is them and the
+    window; bad ranges name the argument."""
     model, cal = llama
     cache = HeadQCache(model.config, None if kw["key_bits"] == 16 else cal, group_size=32,
                        value_group_size=32, **kw)
@@ -180,6 +186,13 @@ def test_quantised_keys_values_ranges(llama, kw):
     assert layer.n_quant == 128
     if "value_policy" in kw:
         assert layer.heavy_idx.shape[-1] > 0
+        # empty slots (-1, zero delta), as a keep set with fewer candidates than its budget
+        # has: the last two of every (b, h) row, and all of one row
+        idx, delta = layer.heavy_idx.clone(), layer.heavy_delta.clone()
+        idx[:, :, -2:] = -1
+        idx[1, 0] = -1
+        delta[idx < 0] = 0
+        layer.heavy_idx, layer.heavy_delta = idx, delta
     k, v = layer.quantised_keys(), layer.quantised_values()
     assert k.shape == v.shape == (2, layer.H, 128, layer.D)
     for t0, t1 in [(0, 32), (32, 96), (96, 128), (64, 64)]:
@@ -187,6 +200,32 @@ def test_quantised_keys_values_ranges(llama, kw):
         assert torch.equal(layer.quantised_values(torch.float32, t0, t1), v[:, :, t0:t1])
     assert torch.equal(layer.quantised_values(torch.bfloat16, 32, 96),
                        v[:, :, 32:96].to(torch.bfloat16))
+    if "value_policy" in kw:  # the definition: v̂ + the kept tokens' deltas in float32, cast
+        b, nq = layer.buf, layer.n_quant
+        vhat = ops.dequantize_values(b["v_codes"][:, :, :nq], b["v_scale"][:, :, :nq],
+                                     b["v_zero"][:, :, :nq], 2, 32, torch.float32)
+        valid = layer.heavy_idx >= 0
+        assert valid.any() and not valid.all()  # empty slots too
+        delta = layer.heavy_delta.float() * valid.unsqueeze(-1)
+        idx = layer.heavy_idx.long().clamp_min(0).unsqueeze(-1).expand(-1, -1, -1, layer.D)
+        want = vhat.scatter_add(2, idx, delta)
+        assert torch.equal(v, want)
+        for dt in (torch.bfloat16, torch.float16):
+            assert torch.equal(layer.quantised_values(dt), want.to(dt))
+    # out=: written into a token slice of a longer tensor, the same bits
+    for dt in (torch.float32, torch.bfloat16):
+        big_k = torch.full((2, layer.H, 200, layer.D), float("nan"), dtype=dt)
+        big_v = big_k.clone()
+        assert layer.quantised_keys(start=32, end=96, out=big_k[:, :, 10:74]) is not None
+        layer.quantised_values(start=32, end=96, out=big_v[:, :, 10:74])
+        assert torch.equal(big_k[:, :, 10:74], k[:, :, 32:96].to(dt))
+        assert torch.equal(big_v[:, :, 10:74], v[:, :, 32:96].to(dt))
+        assert big_k[:, :, :10].isnan().all() and big_k[:, :, 74:].isnan().all()
+        assert big_v[:, :, :10].isnan().all() and big_v[:, :, 74:].isnan().all()
+        dk, dv = layer.dense_kv(dt)
+        nw = layer.n_window
+        assert torch.equal(dk, torch.cat([k.to(dt), b_window(layer, "k_window", nw, dt)], 2))
+        assert torch.equal(dv, torch.cat([v.to(dt), b_window(layer, "v_window", nw, dt)], 2))
     with pytest.raises(ValueError, match="start <= end <= n_quant"):
         layer.quantised_keys(torch.float32, 0, 160)
     with pytest.raises(ValueError, match="start <= end <= n_quant"):

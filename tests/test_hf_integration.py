@@ -9,7 +9,6 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from conftest import TINY_KINDS, make_tiny, tiny_calibration
 from headq_torch import attention, ops
-from headq_torch import cache as cache_module
 from headq_torch.cache import HeadQCache, HeadQLayer
 
 N_NEW = 20
@@ -277,7 +276,6 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: False)
     b_rows, c_rows = run()
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: layer.n_quant > 0)
-    monkeypatch.setattr(cache_module, "_DEQUANT_BLOCK_BYTES", 1)  # one key group per block
     used = _record_calls(monkeypatch, "_prefill_dequantised")
     lengths, lse_passed = [], []
     if fused:
