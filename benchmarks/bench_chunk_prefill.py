@@ -44,7 +44,7 @@ from _common import cpu_model, median_ms, write_json
 from transformers import DynamicCache
 
 from headq_torch import attention
-from headq_torch.cache import HeadQCache
+from headq_torch.cache import HeadQCache, HeadQLayer
 from headq_torch.calibration import Calibration
 from headq_torch.config import config_fingerprint, model_geometry
 
@@ -76,9 +76,28 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-PATHS = ("rows", "dequantised", "dequantised_masked", "dequantised_old_kernels", "decode_rows",
-         "dynamic")
+PATHS = ("rows", "dequantised", "dequantised_masked", "dequantised_old_kernels",
+         "dequantised_copies", "decode_rows", "dynamic")
 _ATTENTION_WITH_LSE = attention._attention_with_lse
+_DENSE_KV = HeadQLayer.dense_kv
+
+
+def _dense_kv_copies(self, out_dtype=None):
+    """HeadQLayer.dense_kv as until session 20: the functional ops over blocks of the quantised
+    region (256 MB of float32 each), every block then copied into its token slice of the keys
+    and values attention reads (now the ops write there directly, ``out=``)."""
+    dt = self.dtype if out_dtype is None else out_dtype
+    nq, nw, G = self.n_quant, self.n_window, self.s.group_size
+    k = torch.empty(self.B, self.H, nq + nw, self.D, dtype=dt, device=self.device)
+    v = torch.empty_like(k)
+    k[:, :, nq:] = self.buf["k_window"][:, :, :nw]
+    v[:, :, nq:] = self.buf["v_window"][:, :, :nw]
+    step = max(G, (256 << 20) // max(1, 4 * self.B * self.H * self.D) // G * G)
+    for t0 in range(0, nq, step):
+        t1 = min(nq, t0 + step)
+        k[:, :, t0:t1] = self.quantised_keys(dt, t0, t1)
+        v[:, :, t0:t1] = self.quantised_values(dt, t0, t1)
+    return k, v
 
 
 def _lse_prompts_only(module, query, key, *args, **kwargs):
@@ -93,13 +112,16 @@ def use_path(path: str) -> None:
     ``dequantised_masked``: the dequantised path with transformers' masked SDPA (repeat_kv)
     instead of the flash kernel, as every such call ran until session 18 (what the CPU and
     float32 still use). ``dequantised_old_kernels``: the dequantised path with the per-element
-    dequantise kernels (``HEADQ_QUANT_IMPL=old``, read at every launch), as until session 19."""
+    dequantise kernels (``HEADQ_QUANT_IMPL=old``, read at every launch), as until session 19.
+    ``dequantised_copies``: the dequantised path with ``dense_kv`` as until session 20 (blocks
+    dequantised by the functional ops, then copied into the keys / values)."""
     attention._dense_prefill = (lambda layer, q: layer.n_quant > 0) \
         if path.startswith("dequantised") else (lambda layer, q: False)
     attention._attention_with_lse = _lse_prompts_only if path == "dequantised_masked" \
         else _ATTENTION_WITH_LSE
     attention.DECODE_ROWS_MAX_TOKENS = {"cpu": 1 << 30, "cuda": 1 << 30} \
         if path == "decode_rows" else {}
+    HeadQLayer.dense_kv = _dense_kv_copies if path == "dequantised_copies" else _DENSE_KV
     if path == "dequantised_old_kernels":
         os.environ["HEADQ_QUANT_IMPL"] = "old"
     else:
@@ -110,13 +132,13 @@ def use_path(path: str) -> None:
 def paths_restored():
     """Restore what :func:`use_path` replaces in ``attention`` when the block ends."""
     saved = attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
-        attention._attention_with_lse
+        attention._attention_with_lse, HeadQLayer.dense_kv
     impl = os.environ.get("HEADQ_QUANT_IMPL")
     try:
         yield
     finally:
         attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
-            attention._attention_with_lse = saved
+            attention._attention_with_lse, HeadQLayer.dense_kv = saved
         if impl is None:
             os.environ.pop("HEADQ_QUANT_IMPL", None)
         else:

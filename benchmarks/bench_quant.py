@@ -21,7 +21,10 @@ per-element kernels, ``*_old``); their ``bytes``: packed input read + fp16 outpu
 ``reconstruct_keys_composed``: the same from dequantize_keys (float32), dequantize_side, an
 in-place batched matmul and a cast, as the cache built them just before the op (session 19;
 session 18 formed the product with an einsum and added it); same bytes counted: the op's inputs
-and output.
+and output. ``*_into_slice``: reconstruct_keys / dequantize_values (fp16) written with ``out=``
+into the first T token rows of a [B, H, T + 256, D] tensor, as the cache's ``dense_kv`` does
+from session 20; ``*_then_copy``: the functional op and a copy into that slice, as before. The
+same bytes counted (the op's): the copy's are what ``out=`` saves.
 """
 
 from __future__ import annotations
@@ -145,6 +148,18 @@ def main():
         finally:
             del os.environ["HEADQ_RECON_IMPL"]
         t["reconstruct_keys_composed"] = timed(composed, sets)
+        # into a token slice of a longer tensor (what the cache's dense_kv does: the quantised
+        # region's slice of the keys / values attention reads), with out= and, as until session
+        # 20, the functional op then a copy into the slice
+        big = torch.empty(B, H, T + 256, D, device="cuda", dtype=torch.float16)
+        sl = big[:, :, :T]
+        t["reconstruct_keys_into_slice"] = timed(
+            lambda k, v: hq.reconstruct_keys(*kc, *zc, basis, 2, G, 8, 1.0, out=sl), sets)
+        t["reconstruct_keys_then_copy"] = timed(lambda k, v: sl.copy_(recon(k, v)), sets)
+        t["dequantize_values_into_slice"] = timed(
+            lambda k, v: hq.dequantize_values(*vc, 2, 64, out=sl), sets)
+        t["dequantize_values_then_copy"] = timed(
+            lambda k, v: sl.copy_(hq.dequantize_values(*vc, 2, 64, torch.float16)), sets)
         min_bytes = 2 * kin + kout + zout + vout
         three = 2 * (kin + kout) + kin + zout + kin + vout
         by = {"quantize_keys": kin + kout, "side_code": kin + kout + zout,
@@ -153,8 +168,11 @@ def main():
         for suffix in ("", "_old"):
             by["dequantize_keys" + suffix] = kout + kin
             by["dequantize_values" + suffix] = vout + kin
-        for name in ("reconstruct_keys", "reconstruct_keys_l1", "reconstruct_keys_composed"):
+        for name in ("reconstruct_keys", "reconstruct_keys_l1", "reconstruct_keys_composed",
+                     "reconstruct_keys_into_slice", "reconstruct_keys_then_copy"):
             by[name] = kout + zout + kin
+        for name in ("dequantize_values_into_slice", "dequantize_values_then_copy"):
+            by[name] = vout + kin
         # the op's own choice (csrc/cuda/quant_kernels.cu fused_kv): fused while its blocks fit
         # in one wave (3 per SM)
         default = "fused" if B * H * (T // G) <= 3 * sms else "separate"

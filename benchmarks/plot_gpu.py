@@ -7,12 +7,14 @@ graph decoder (gpu_e2e.json).
 
     python benchmarks/plot_gpu.py   # writes benchmarks/results/gpu_decode.png, gpu_quant.png,
                                     # gpu_e2e.png, gpu_a2.png, gpu_prefill.png,
-                                    # gpu_few_rows.png
+                                    # gpu_few_rows.png, gpu_dequantised_path.png
+    python benchmarks/plot_gpu.py dequantised   # only gpu_dequantised_path.png
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -90,6 +92,7 @@ def main() -> None:
     plot_a2()
     plot_prefill()
     plot_few_rows()
+    plot_dequantised()
 
 
 def plot_quant() -> None:
@@ -305,5 +308,58 @@ def plot_few_rows() -> None:
     save(fig, "gpu_few_rows.png")
 
 
+def plot_dequantised() -> None:
+    """Longer calls over quantised tokens (gpu_dequantised_path.json, session 20): left, the
+    whole model call per path against the call's tokens (the dequantised path writing into the
+    tensors attention reads, the same with the copies of session 19, DynamicCache); right, the
+    decode op against the dequantised path for a few tokens (the crossover that sets
+    attention.DECODE_ROWS_MAX_TOKENS["cuda"])."""
+    path = RESULTS / "gpu_dequantised_path.json"
+    if not path.exists():
+        return
+    s20 = json.loads(path.read_text()).get("session20")
+    if s20 is None:
+        return
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12.8, 4.4))
+    ab = s20["ab_out_writes"]
+    names = {"dequantised": "HeadQ dequantised, written in place (session 20)",
+             "dequantised_copies": "HeadQ dequantised, blocks copied in (until session 20)",
+             "dynamic": "DynamicCache"}
+    for policy, style in (("uniform", "-"), ("a2", "--")):
+        rows = [r for r in ab["rows"] if r["policy"] == policy]
+        for i, (key, label) in enumerate(names.items()):
+            if key == "dynamic" and policy == "a2":
+                continue  # the dense cache has no policy: the uniform rows show it
+            ax.plot([r["chunk"] for r in rows], [r[f"{key}_ms"] for r in rows], style,
+                    marker="o", color=f"C{i}", label=label + (" (A²)" if policy == "a2" else ""))
+    loglog(ax, "query tokens of the call", "ms per model call (median)",
+           f"a call over 32k tokens, batch 8, 4 layers of the 8B shape, bf16, {ab['machine']}",
+           title_size=8, legend_size=7)
+    chunks = sorted({r["chunk"] for r in ab["rows"]})
+    ax.set_xticks(chunks)
+    ax.set_xticklabels([str(c) for c in chunks])
+    cx = s20["crossover_decode_rows"]
+    rows = cx["tokens_16_32_48"]["rows"] + [r for r in cx["tokens_24_32"]["rows"]
+                                            if r["chunk"] != 32]  # 32: the first call's rows
+    for policy, style in (("uniform", "-"), ("a2", "--")):
+        pr = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["chunk"])
+        for i, (key, label) in enumerate((("decode_rows", "decode op, rows as heads"),
+                                          ("dequantised", "dequantised, written in place"))):
+            bx.plot([r["chunk"] for r in pr], [r[f"{key}_ms"] for r in pr], style, marker="o",
+                    color=f"C{i + 3}", label=label + (" (A²)" if policy == "a2" else ""))
+    bx.axvline(24.5, color="0.5", lw=0.8, ls=":")
+    bx.text(24.8, bx.get_ylim()[1] * 0.97, "limit 24", fontsize=7, va="top", color="0.4")
+    bx.set_xlabel("query tokens of the call")
+    bx.set_ylabel("ms per model call (median)")
+    bx.set_title("few tokens: the decode op or the dequantised path (same shape and machine)",
+                 fontsize=8)
+    bx.grid(alpha=0.3)
+    bx.legend(fontsize=7)
+    save(fig, "gpu_dequantised_path.png")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["dequantised"]:
+        plot_dequantised()
+    else:
+        main()
