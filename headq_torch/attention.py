@@ -189,8 +189,11 @@ def _prefill(layer, module, query: torch.Tensor, attention_mask, scale: float) -
 # paths at 2 and 4 tokens, about even at 8 and behind at 16. Session 19 made the dequantised path
 # faster (reconstruct_keys, faster dequantise kernels): at 64 tokens it is now ahead (28-29 vs
 # 35-36 ms, A² 40-42 vs 48-49), at 48 level or behind (gpu_dequantised_path.json, session19), so
-# the CUDA limit went from 64 to 48.
-DECODE_ROWS_MAX_TOKENS = {"cuda": 48, "cpu": 4}
+# the CUDA limit went from 64 to 48. Session 20 (out= writes, leaner reconstruct_keys kernel)
+# moved it again: dequantised 16.9 vs 20.4 ms at 32 tokens (A² 21.7 vs 24.5), 17.3 vs 28.9 at 48;
+# at 24 the decode op still leads (15.5 vs 18.3, A² level 20.5 vs 20.8): limit 24
+# (gpu_dequantised_path.json, session20).
+DECODE_ROWS_MAX_TOKENS = {"cuda": 24, "cpu": 4}
 # Query rows of a KV head (its query heads × tokens) per decode-op call: a longer call goes in
 # several op calls. The CUDA a2_step_weights kernel keeps a call's rows in 48 KB of shared memory.
 _DECODE_ROWS_PER_KV_HEAD = 64
