@@ -257,6 +257,19 @@ void check_out_against(const char* op, const at::Tensor& out, const std::array<i
   }
 }
 
+// The *_into form of an op on (codes, scale, zero): `out` checked around the op's own checks
+// (`check`, which gives the result's [B, H, T, D] for out's dtype).
+using CodesCheck = std::array<int64_t, 4> (*)(const char*, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, int64_t, int64_t,
+                                              at::ScalarType);
+void validate_codes_into(const char* op, CodesCheck check, const at::Tensor& codes,
+                         const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                         int64_t group_size, const at::Tensor& out) {
+  check_out_tensor(op, out);
+  const auto shape = check(op, codes, scale, zero, bits, group_size, out.scalar_type());
+  check_out_against(op, out, shape, {{"codes", &codes}, {"scale", &scale}, {"zero", &zero}});
+}
+
 }  // namespace
 
 void validate_quantize_keys(const at::Tensor& k, int64_t bits, int64_t group_size) {
@@ -297,11 +310,8 @@ void validate_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale,
 void validate_dequantize_keys_into(const at::Tensor& codes, const at::Tensor& scale,
                                    const at::Tensor& zero, int64_t bits, int64_t group_size,
                                    const at::Tensor& out) {
-  const char* op = "dequantize_keys_into";
-  check_out_tensor(op, out);
-  const auto shape =
-      check_dequantize_keys(op, codes, scale, zero, bits, group_size, out.scalar_type());
-  check_out_against(op, out, shape, {{"codes", &codes}, {"scale", &scale}, {"zero", &zero}});
+  validate_codes_into("dequantize_keys_into", check_dequantize_keys, codes, scale, zero, bits,
+                      group_size, out);
 }
 
 void validate_quantize_values(const at::Tensor& v, int64_t bits, int64_t group_size) {
@@ -353,11 +363,8 @@ void validate_dequantize_values(const at::Tensor& codes, const at::Tensor& scale
 void validate_dequantize_values_into(const at::Tensor& codes, const at::Tensor& scale,
                                      const at::Tensor& zero, int64_t bits, int64_t group_size,
                                      const at::Tensor& out) {
-  const char* op = "dequantize_values_into";
-  check_out_tensor(op, out);
-  const auto shape =
-      check_dequantize_values(op, codes, scale, zero, bits, group_size, out.scalar_type());
-  check_out_against(op, out, shape, {{"codes", &codes}, {"scale", &scale}, {"zero", &zero}});
+  validate_codes_into("dequantize_values_into", check_dequantize_values, codes, scale, zero,
+                      bits, group_size, out);
 }
 
 void validate_side_code(const at::Tensor& k, const at::Tensor& k_codes, const at::Tensor& k_scale,

@@ -62,15 +62,18 @@ def quantize_keys(k: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor
     return _ops.quantize_keys(k, bits, group_size)
 
 
-def _out_dtype(op: str, out: Optional[Tensor], out_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The result's dtype: ``out``'s when given (``out_dtype``, if also given, must agree),
-    else ``out_dtype`` (default float32)."""
+def _result_or_into(op: str, out: Optional[Tensor], out_dtype: Optional[torch.dtype],
+                    *args) -> Tensor:
+    """A dequantising op's result: ``torch.ops.headq.<op>(*args, out_dtype)`` (default
+    float32), or with ``out`` ``<op>_into(*args, out)`` and ``out`` (whose dtype is the
+    result's; ``out_dtype``, if also given, must agree)."""
     if out is None:
-        return torch.float32 if out_dtype is None else out_dtype
+        return getattr(_ops, op)(*args, torch.float32 if out_dtype is None else out_dtype)
     if out_dtype is not None and out_dtype != out.dtype:
         raise ValueError(f"{op}: out_dtype ({out_dtype}) and out.dtype ({out.dtype}) differ; "
                          "give one of them")
-    return out.dtype
+    getattr(_ops, op + "_into")(*args, out)
+    return out
 
 
 def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group_size: int,
@@ -83,11 +86,8 @@ def dequantize_keys(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, group
     token slice ``k[:, :, t0:t1]`` of a longer tensor; its dtype is the result's) and return
     it: the same values as the functional form, without a temporary and a copy."""
     _same_device("dequantize_keys", codes=codes, scale=scale, zero=zero, out=out)
-    dt = _out_dtype("dequantize_keys", out, out_dtype)
-    if out is not None:
-        _ops.dequantize_keys_into(codes, scale, zero, bits, group_size, out)
-        return out
-    return _ops.dequantize_keys(codes, scale, zero, bits, group_size, dt)
+    return _result_or_into("dequantize_keys", out, out_dtype, codes, scale, zero, bits,
+                           group_size)
 
 
 def quantize_values(v: Tensor, bits: int, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -111,11 +111,8 @@ def dequantize_values(codes: Tensor, scale: Tensor, zero: Tensor, bits: int, gro
     """Unpack and dequantise values as ``out_dtype`` ``[B, H, T, D]`` (default float32).
     ``out``: as in :func:`dequantize_keys`."""
     _same_device("dequantize_values", codes=codes, scale=scale, zero=zero, out=out)
-    dt = _out_dtype("dequantize_values", out, out_dtype)
-    if out is not None:
-        _ops.dequantize_values_into(codes, scale, zero, bits, group_size, out)
-        return out
-    return _ops.dequantize_values(codes, scale, zero, bits, group_size, dt)
+    return _result_or_into("dequantize_values", out, out_dtype, codes, scale, zero, bits,
+                           group_size)
 
 
 def side_code(k: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, basis: Tensor,
@@ -188,13 +185,8 @@ def reconstruct_keys(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, z_codes: 
     """
     _same_device("reconstruct_keys", k_codes=k_codes, k_scale=k_scale, k_zero=k_zero,
                  z_codes=z_codes, z_scale=z_scale, basis=basis, out=out)
-    dt = _out_dtype("reconstruct_keys", out, out_dtype)
-    if out is not None:
-        _ops.reconstruct_keys_into(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
-                                   group_size, side_bits, float(sign), out)
-        return out
-    return _ops.reconstruct_keys(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
-                                 group_size, side_bits, float(sign), dt)
+    return _result_or_into("reconstruct_keys", out, out_dtype, k_codes, k_scale, k_zero,
+                           z_codes, z_scale, basis, key_bits, group_size, side_bits, float(sign))
 
 
 def corrected_logits(q: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
