@@ -556,15 +556,15 @@ class HeadQLayer(CacheLayerMixin):
         if start % G:
             raise ValueError(f"quantised_keys: start ({start}) must be a multiple of the key "
                              f"group size ({G})")
-        codes = (b["k_codes"][:, :, start:end].contiguous(),
-                 b["k_scale"][:, :, start // G:end // G].contiguous(),
-                 b["k_zero"][:, :, start // G:end // G].contiguous())
+        # token slices of the buffers: the CUDA kernels read them in place
+        codes = (b["k_codes"][:, :, start:end], b["k_scale"][:, :, start // G:end // G],
+                 b["k_zero"][:, :, start // G:end // G])
         if self.basis is None:
             return ops.dequantize_keys(*codes, s.key_bits, G, None if out is not None else dt,
                                        out=out)
         # one pass: k̂ + sign·ẑUᵀ in float32 per element, rounded once to the output dtype
-        return ops.reconstruct_keys(*codes, b["z_codes"][:, :, start:end].contiguous(),
-                                    b["z_scale"][:, :, start:end].contiguous(), self.basis,
+        return ops.reconstruct_keys(*codes, b["z_codes"][:, :, start:end],
+                                    b["z_scale"][:, :, start:end], self.basis,
                                     s.key_bits, G, s.side_bits, s.sign,
                                     None if out is not None else dt, out=out)
 
@@ -584,9 +584,8 @@ class HeadQLayer(CacheLayerMixin):
         if not self.quantise_values:
             src = b["v_dense"][:, :, start:end]
             return out.copy_(src) if out is not None else src.to(dt)
-        codes = (b["v_codes"][:, :, start:end].contiguous(),
-                 b["v_scale"][:, :, start:end].contiguous(),
-                 b["v_zero"][:, :, start:end].contiguous())
+        codes = (b["v_codes"][:, :, start:end], b["v_scale"][:, :, start:end],
+                 b["v_zero"][:, :, start:end])
         # straight to the output dtype (the kernel rounds its float32 result once, as a cast
         # would); then the kept tokens' rows are rewritten
         v = ops.dequantize_values(*codes, s.value_bits, s.value_group_size,

@@ -302,6 +302,56 @@ def test_out_forms_write_exactly_out(device, out_dtype, bits):
                 call(out=out, out_dtype=other)
 
 
+def _in_layouts(t):
+    """A packed input ``[B, H, T, ...]`` in the layouts the ops read without or with a copy:
+    a token slice of a longer buffer (the cache's: read in place on CUDA), the [B, T, H, ...]
+    storage (slabs not evenly spaced: copied), heads expanded from one (slab stride 0)."""
+    B, H, T = t.shape[:3]
+    buf = torch.full((B, H, T + 96, *t.shape[3:]), 255 if t.dtype == torch.uint8 else 7.0,
+                     dtype=t.dtype, device=t.device)
+    buf[:, :, 32:32 + T] = t
+    yield "token_slice", buf[:, :, 32:32 + T]
+    yield "bthd", t.transpose(1, 2).contiguous().transpose(1, 2)
+    yield "expanded_heads", t[:, :1].expand(B, H, *t.shape[2:]), t[:, :1].expand(
+        B, H, *t.shape[2:]).contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=_dt_id)
+def test_inputs_read_in_place_equal_contiguous(device, out_dtype):
+    """The three dequantising ops on inputs in other layouts (a token slice of a longer buffer,
+    as the cache passes them; [B, T, H, ...] storage; heads expanded): the result for the same
+    values in contiguous tensors, bit for bit, functional and out=."""
+    B, H, T, D, G, r = 2, 3, 128, 64, 32, 8
+    k = make((B, H, T, D), device, seed=11)
+    basis = orthonormal_basis(H, D, r, device, seed=2)
+    kc = ops.quantize_keys(k, 2, G)
+    zc = ops.side_code(k, *kc, basis, 2, G, 8, False)
+    vc = ops.quantize_values(make((B, H, T, D), device, seed=12), 2, 32)
+    calls = {
+        "dequantize_keys": (lambda a, **o: ops.dequantize_keys(*a, 2, G, **o), kc),
+        "dequantize_values": (lambda a, **o: ops.dequantize_values(*a, 2, 32, **o), vc),
+        "reconstruct_keys": (lambda a, **o: ops.reconstruct_keys(*a[:5], basis, 2, G, 8, 1.0,
+                                                                 **o), (*kc, *zc)),
+    }
+    for name, (call, inputs) in calls.items():
+        n = len(inputs)
+        # one input in another layout at a time, then all as token slices (the cache's case)
+        cases = [([i], layout) for i in range(n) for layout in ("token_slice", "bthd",
+                                                                 "expanded_heads")]
+        for which, layout in cases + [(list(range(n)), "token_slice")]:
+            args, want_args = list(inputs), list(inputs)
+            for j in which:
+                chosen = dict((x[0], x[1:]) for x in _in_layouts(inputs[j]))[layout]
+                args[j] = chosen[0]
+                if len(chosen) > 1:  # expanded: the values it stands for, contiguous
+                    want_args[j] = chosen[1]
+            want = call(want_args, out_dtype=out_dtype)
+            assert torch.equal(call(args, out_dtype=out_dtype), want), (name, which, layout)
+            out = torch.empty_like(want)
+            assert torch.equal(call(args, out=out), want), (name, which, layout)
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 def test_out_forms_bad_out(device):
     """A bad ``out`` raises an error that names the op and ``out``, and writes nothing."""

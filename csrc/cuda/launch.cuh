@@ -27,6 +27,14 @@ struct OutTensor {
   int64_t sb, sh, st, sd;
 };
 
+// Where the packed inputs of a dequantising op keep their (b, h) slabs: the element stride from
+// slab bh = b * H + h to the next, token rows contiguous within a slab. T times the row for a
+// contiguous input; for a token slice of a longer buffer (the cache's), its capacity times the
+// row, read in place without a copy. scale and zero share one; z_* only for reconstruct_keys.
+struct InSlabs {
+  int64_t codes, scale, z_codes, z_scale;
+};
+
 cudaError_t launch_quantize_keys(const void* k,  // [B, H, T, D] dtype, strides in elements
                                  DType dtype, int64_t sb, int64_t sh, int64_t st, int64_t sd,
                                  int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
@@ -38,6 +46,7 @@ cudaError_t launch_quantize_keys(const void* k,  // [B, H, T, D] dtype, strides 
 cudaError_t launch_dequantize_keys(const uint8_t* codes,  // [B, H, T, D*bits/8]
                                    const void* scale,     // [B, H, T/G, D] f16
                                    const void* zero,      // [B, H, T/G, D] f16
+                                   const InSlabs& in,
                                    int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
                                    const OutTensor& out,  // [B, H, T, D] out dtype
                                    DType out_dtype, cudaStream_t stream);
@@ -48,6 +57,7 @@ cudaError_t launch_reconstruct_keys(const uint8_t* codes,    // [B, H, T, D*bits
                                     const uint8_t* z_codes,  // [B, H, T, r*side_bits/8]
                                     const void* z_scale,     // [B, H, T] f16
                                     const float* basis,      // [H, D, r]
+                                    const InSlabs& in,
                                     int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
                                     int64_t r, int side_bits, float sign,
                                     const OutTensor& out,  // [B, H, T, D] out dtype
@@ -64,6 +74,7 @@ cudaError_t launch_quantize_values(const void* v,  // [B, H, T, D] dtype, stride
 cudaError_t launch_dequantize_values(const uint8_t* codes,  // [B, H, T, D*bits/8]
                                      const void* scale,     // [B, H, T, D/Gv] f16
                                      const void* zero,      // [B, H, T, D/Gv] f16
+                                     const InSlabs& in,
                                      int64_t B, int64_t H, int64_t T, int64_t D, int bits,
                                      int Gv,
                                      const OutTensor& out,  // [B, H, T, D] out dtype

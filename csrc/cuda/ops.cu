@@ -14,6 +14,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "launch.cuh"
 #include "validate.h"
@@ -93,18 +94,41 @@ cuda::OutTensor out_tensor(const at::Tensor& out) {
   return {out.data_ptr(), out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
 }
 
+// A packed input as the kernels read it (cuda::InSlabs): in place where its token rows are
+// contiguous within each (b, h) slab and the slabs evenly spaced (b * H + h at that times one
+// stride: a token slice of the cache's buffers), else a contiguous copy. The tensor to read and
+// its slab stride in elements.
+std::pair<at::Tensor, int64_t> slabs_of(const at::Tensor& x) {
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2);
+  const int64_t R = x.dim() == 4 ? x.size(3) : 1;  // elements per token row
+  const bool rows = (R == 1 || x.stride(3) == 1) && (T == 1 || x.stride(2) == R);
+  const bool even = B == 1 || H == 1 || x.stride(0) == H * x.stride(1);
+  const int64_t sh = H > 1 ? x.stride(1) : (B > 1 ? x.stride(0) : T * R);
+  if (rows && even && sh >= 0) return {x, sh};
+  return {x.contiguous(), T * R};
+}
+
+// scale and zero of one op share a slab stride: both in place, or both copied.
+std::tuple<at::Tensor, at::Tensor, int64_t> scale_zero_slabs(const at::Tensor& scale,
+                                                             const at::Tensor& zero) {
+  auto [s, ss] = slabs_of(scale);
+  auto [z, zs] = slabs_of(zero);
+  if (ss == zs) return {s, z, ss};
+  return {scale.contiguous(), zero.contiguous(), scale.size(2) * scale.size(3)};
+}
+
 void dequantize_keys_fill(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] uint8
                           const at::Tensor& scale_in,  // [B, H, T/G, D] f16
                           const at::Tensor& zero_in,   // [B, H, T/G, D] f16
                           int64_t bits, int64_t group_size, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(codes_in.device());
-  const at::Tensor codes = codes_in.contiguous();
-  const at::Tensor scale = scale_in.contiguous();
-  const at::Tensor zero = zero_in.contiguous();
+  const auto [codes, csh] = slabs_of(codes_in);
+  const auto [scale, zero, ssh] = scale_zero_slabs(scale_in, zero_in);
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t D = codes.size(3) * 8 / bits;
   const cudaError_t err = cuda::launch_dequantize_keys(
-      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(), B, H, T, D,
+      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(),
+      {csh, ssh, 0, 0}, B, H, T, D,
       static_cast<int>(bits), static_cast<int>(group_size), out_tensor(out),
       dtype_of(out.scalar_type(), "dequantize_keys"), at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
@@ -153,13 +177,13 @@ void dequantize_values_fill(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] 
                             const at::Tensor& zero_in,   // [B, H, T, D/Gv] f16
                             int64_t bits, int64_t group_size, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(codes_in.device());
-  const at::Tensor codes = codes_in.contiguous();
-  const at::Tensor scale = scale_in.contiguous();
-  const at::Tensor zero = zero_in.contiguous();
+  const auto [codes, csh] = slabs_of(codes_in);
+  const auto [scale, zero, ssh] = scale_zero_slabs(scale_in, zero_in);
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t D = codes.size(3) * 8 / bits;
   const cudaError_t err = cuda::launch_dequantize_values(
-      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(), B, H, T, D,
+      codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(),
+      {csh, ssh, 0, 0}, B, H, T, D,
       static_cast<int>(bits), static_cast<int>(group_size), out_tensor(out),
       dtype_of(out.scalar_type(), "dequantize_values"), at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);
@@ -278,18 +302,17 @@ void reconstruct_keys_fill(const at::Tensor& k_codes_in,  // [B, H, T, D*key_bit
                            int64_t key_bits, int64_t group_size, int64_t side_bits, double sign,
                            const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(k_codes_in.device());
-  const at::Tensor codes = k_codes_in.contiguous();
-  const at::Tensor scale = k_scale_in.contiguous();
-  const at::Tensor zero = k_zero_in.contiguous();
-  const at::Tensor z_codes = z_codes_in.contiguous();
-  const at::Tensor z_scale = z_scale_in.contiguous();
+  const auto [codes, csh] = slabs_of(k_codes_in);
+  const auto [scale, zero, ssh] = scale_zero_slabs(k_scale_in, k_zero_in);
+  const auto [z_codes, zsh] = slabs_of(z_codes_in);
+  const auto [z_scale, zssh] = slabs_of(z_scale_in);
   const at::Tensor basis = basis_in.contiguous();
   const int64_t B = codes.size(0), H = codes.size(1), T = codes.size(2);
   const int64_t D = codes.size(3) * 8 / key_bits, r = basis.size(2);
   const cudaError_t err = cuda::launch_reconstruct_keys(
       codes.const_data_ptr<uint8_t>(), scale.const_data_ptr(), zero.const_data_ptr(),
       z_codes.const_data_ptr<uint8_t>(), z_scale.const_data_ptr(), basis.const_data_ptr<float>(),
-      B, H, T, D, static_cast<int>(key_bits), static_cast<int>(group_size), r,
+      {csh, ssh, zsh, zssh}, B, H, T, D, static_cast<int>(key_bits), static_cast<int>(group_size), r,
       static_cast<int>(side_bits), static_cast<float>(sign), out_tensor(out),
       dtype_of(out.scalar_type(), "reconstruct_keys"), at::cuda::getCurrentCUDAStream());
   C10_CUDA_CHECK(err);

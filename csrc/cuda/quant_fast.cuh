@@ -1094,19 +1094,20 @@ struct OutRows {
 
 template <typename E>
 __global__ void __launch_bounds__(256)
-dequantize_keys_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
-                     const __half* __restrict__ scale,   // [BH, T/G, D] (16-byte aligned)
-                     const __half* __restrict__ zero,    // [BH, T/G, D] (16-byte aligned)
-                     uint32_t nchunks, uint32_t T, uint32_t D, int bits, uint32_t G,
-                     OutRows o, E* __restrict__ out) {  // [B, H, T, D] as o says
+dequantize_keys_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8], slabs csh apart
+                     const __half* __restrict__ scale,   // [BH, T/G, D], slabs ssh apart
+                     const __half* __restrict__ zero,    // (scale, zero: 16-byte aligned)
+                     InSlabs in, uint32_t nchunks, uint32_t T, uint32_t D, int bits,
+                     uint32_t G, OutRows o, E* __restrict__ out) {  // [B, H, T, D] as o says
   const uint32_t cpr = D / 8;  // chunks per token row
   const uint32_t mask = (1u << bits) - 1u;
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < nchunks;
        i += gridDim.x * blockDim.x) {
     const uint32_t row = i / cpr, j = i - row * cpr;
     const uint32_t bh = row / T, t = row - bh * T;
-    const uint64_t w = load_code_bytes(codes + static_cast<size_t>(i) * bits, bits);
-    const size_t si = (static_cast<size_t>(bh) * (T / G) + t / G) * D + 8 * j;
+    const uint64_t w = load_code_bytes(
+        codes + bh * in.codes + static_cast<size_t>(t * cpr + j) * bits, bits);
+    const size_t si = bh * in.scale + static_cast<size_t>(t / G) * D + 8 * j;
     union {
       uint4 u;
       __half h[8];
@@ -1125,25 +1126,26 @@ dequantize_keys_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
 
 template <typename E>
 __global__ void __launch_bounds__(256)
-dequantize_values_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
-                       const __half* __restrict__ scale,   // [BH, T, D/Gv]
-                       const __half* __restrict__ zero,    // [BH, T, D/Gv]
-                       uint32_t nchunks, uint32_t T, uint32_t D, int bits, uint32_t Gv,
-                       OutRows o, E* __restrict__ out) {  // [B, H, T, D] as o says
+dequantize_values_fast(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8], slabs csh apart
+                       const __half* __restrict__ scale,   // [BH, T, D/Gv], slabs ssh apart
+                       const __half* __restrict__ zero,
+                       InSlabs in, uint32_t nchunks, uint32_t T, uint32_t D, int bits,
+                       uint32_t Gv, OutRows o, E* __restrict__ out) {  // [B, H, T, D] as o says
   const uint32_t cpr = D / 8, ngv = D / Gv;
   const uint32_t mask = (1u << bits) - 1u;
   for (uint32_t i = blockIdx.x * blockDim.x + threadIdx.x; i < nchunks;
        i += gridDim.x * blockDim.x) {
     const uint32_t row = i / cpr, j = i - row * cpr;
-    const uint64_t w = load_code_bytes(codes + static_cast<size_t>(i) * bits, bits);
-    const size_t si = static_cast<size_t>(row) * ngv + (8 * j) / Gv;
+    const uint32_t bh = row / T, t = row - bh * T;
+    const uint64_t w = load_code_bytes(
+        codes + bh * in.codes + static_cast<size_t>(t * cpr + j) * bits, bits);
+    const size_t si = bh * in.scale + static_cast<size_t>(t) * ngv + (8 * j) / Gv;
     const float s = __half2float(scale[si]), z = __half2float(zero[si]);
     float x[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k)
       x[k] = asym_dequant(static_cast<uint32_t>(w >> (k * bits)) & mask, s, z);
-    const uint32_t bh = o.contig ? 0u : row / T;
-    o.store(out, i, bh, row - bh * T, j, x);
+    o.store(out, i, bh, t, j, x);
   }
 }
 
@@ -1198,6 +1200,7 @@ reconstruct_keys_smem(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
                       const uint8_t* __restrict__ z_codes,  // [BH, T, r*side_bits/8]
                       const __half* __restrict__ z_scale,   // [BH, T]
                       const float* __restrict__ basis,      // [H, D, r]
+                      InSlabs in,  // the five inputs' slab strides
                       uint32_t n_tiles, uint32_t tile_tokens, uint32_t H, uint32_t T, int D,
                       int bits, uint32_t G, int r, int side_bits, float sign, OutRows o,
                       E* __restrict__ out) {  // [B, H, T, D] as o says
@@ -1221,26 +1224,30 @@ reconstruct_keys_smem(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
   };
   const int z_row_bytes = r * side_bits / 8;
   const uint32_t t_end = min(T, (tile + 1) * tile_tokens);
+  // this block's slab of each input
+  const uint8_t* cs = codes + bh * in.codes + c * bits;
+  const __half* ss = scale + bh * in.scale + 8 * c;
+  const __half* zs = zero + bh * in.scale + 8 * c;
+  const uint8_t* zcs = z_codes + bh * in.z_codes;
+  const __half* zss = z_scale + bh * in.z_scale;
   const size_t bhT = static_cast<size_t>(bh) * T;
   uint32_t g_end = 0;  // end of the key group whose scales are loaded
   float sc[8], zr[8];
   for (uint32_t t = tile * tile_tokens + lane; t < t_end; t += lanes) {
     if (t >= g_end) {
       const uint32_t g = t / G;
-      const size_t si = (static_cast<size_t>(bh) * (T / G) + g) * D + 8 * c;
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        sc[k] = __half2float(scale[si + k]);
-        zr[k] = __half2float(zero[si + k]);
+        sc[k] = __half2float(ss[static_cast<size_t>(g) * D + k]);
+        zr[k] = __half2float(zs[static_cast<size_t>(g) * D + k]);
       }
       g_end = (g + 1) * G;
     }
-    const size_t row = bhT + t;
-    const uint64_t w = load_code_bytes(codes + (row * cpr + c) * bits, bits);
+    const uint64_t w = load_code_bytes(cs + static_cast<size_t>(t) * cpr * bits, bits);
     float x[8];
-    reconstruct_chunk(w, bits, sc, zr, z_codes + row * z_row_bytes, __half2float(z_scale[row]), r,
-                      side_bits, sign, basis_row, x);
-    o.store(out, static_cast<int64_t>(row * cpr + c), bh, t, c, x);
+    reconstruct_chunk(w, bits, sc, zr, zcs + static_cast<size_t>(t) * z_row_bytes,
+                      __half2float(zss[t]), r, side_bits, sign, basis_row, x);
+    o.store(out, static_cast<int64_t>((bhT + t) * cpr + c), bh, t, c, x);
   }
 }
 
@@ -1254,6 +1261,7 @@ reconstruct_keys_l1(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
                     const uint8_t* __restrict__ z_codes,  // [BH, T, r*side_bits/8]
                     const __half* __restrict__ z_scale,   // [BH, T]
                     const float* __restrict__ basis,      // [H, D, r]
+                    InSlabs in,  // the five inputs' slab strides
                     int64_t nchunks, int64_t H, int64_t T, int64_t D, int bits, int64_t G,
                     int64_t r, int side_bits, float sign, OutRows o,  // H, T < 2^32
                     E* __restrict__ out) {  // [B, H, T, D] as o says
@@ -1263,8 +1271,8 @@ reconstruct_keys_l1(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t row = i / cpr, j = i - row * cpr;
     const int64_t bh = row / T, t = row - bh * T;
-    const uint64_t w = load_code_bytes(codes + i * bits, bits);
-    const int64_t si = (bh * (T / G) + t / G) * D + 8 * j;
+    const uint64_t w = load_code_bytes(codes + bh * in.codes + (t * cpr + j) * bits, bits);
+    const int64_t si = bh * in.scale + (t / G) * D + 8 * j;
     float sc[8], zr[8];
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
@@ -1277,8 +1285,9 @@ reconstruct_keys_l1(const uint8_t* __restrict__ codes,    // [BH, T, D*bits/8]
       for (int k = 0; k < 8; ++k) v[k] = __ldg(u + k * r + jj);
     };
     float x[8];
-    reconstruct_chunk(w, bits, sc, zr, z_codes + row * z_row_bytes, __half2float(z_scale[row]),
-                      static_cast<int>(r), side_bits, sign, basis_row, x);
+    reconstruct_chunk(w, bits, sc, zr, z_codes + bh * in.z_codes + t * z_row_bytes,
+                      __half2float(z_scale[bh * in.z_scale + t]), static_cast<int>(r), side_bits,
+                      sign, basis_row, x);
     o.store(out, i, static_cast<uint32_t>(bh), static_cast<uint32_t>(t), static_cast<uint32_t>(j),
             x);
   }

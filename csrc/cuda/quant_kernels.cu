@@ -116,6 +116,7 @@ __global__ void __launch_bounds__(kThreads)
 dequantize_keys_kernel(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
                        const __half* __restrict__ scale,   // [BH, T/G, D]
                        const __half* __restrict__ zero,    // [BH, T/G, D]
+                       int64_t csh, int64_t ssh,  // slab strides of codes, scale / zero
                        int64_t n, int64_t T, int64_t D, int bits, int G, OutStrides o,
                        Elem* __restrict__ out) {  // [B, H, T, D] as o says
   const int64_t rowb = D * bits / 8;
@@ -123,8 +124,8 @@ dequantize_keys_kernel(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t c = idx % D, row = idx / D;
     const int64_t t = row % T, bh = row / T;
-    const int64_t si = (bh * (T / G) + t / G) * D + c;
-    const uint32_t code = get_code(codes + row * rowb, c, bits);
+    const int64_t si = bh * ssh + (t / G) * D + c;
+    const uint32_t code = get_code(codes + bh * csh + t * rowb, c, bits);
     out[o.at(idx, bh, t, c)] =
         from_float<Elem>(asym_dequant(code, f16_at(scale, si), f16_at(zero, si)));
   }
@@ -176,18 +177,20 @@ quantize_values_kernel(const Elem* __restrict__ v,  // [B, H, T, D], element str
 
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads)
-dequantize_values_kernel(const uint8_t* __restrict__ codes,  // [rows, D*bits/8]
-                         const __half* __restrict__ scale,   // [rows, D/Gv]
-                         const __half* __restrict__ zero,    // [rows, D/Gv]
+dequantize_values_kernel(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
+                         const __half* __restrict__ scale,   // [BH, T, D/Gv]
+                         const __half* __restrict__ zero,    // [BH, T, D/Gv]
+                         int64_t csh, int64_t ssh,  // slab strides of codes, scale / zero
                          int64_t n, int64_t T, int64_t D, int bits, int Gv, OutStrides o,
                          Elem* __restrict__ out) {  // [B, H, T, D] as o says
   const int64_t rowb = D * bits / 8, ngv = D / Gv;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t c = idx % D, row = idx / D;
-    const int64_t si = row * ngv + c / Gv;
-    const uint32_t code = get_code(codes + row * rowb, c, bits);
-    out[o.at(idx, row / T, row % T, c)] =
+    const int64_t t = row % T, bh = row / T;
+    const int64_t si = bh * ssh + t * ngv + c / Gv;
+    const uint32_t code = get_code(codes + bh * csh + t * rowb, c, bits);
+    out[o.at(idx, bh, t, c)] =
         from_float<Elem>(asym_dequant(code, f16_at(scale, si), f16_at(zero, si)));
   }
 }
@@ -475,19 +478,20 @@ cudaError_t launch_quantize_keys(const void* k, DType dtype, int64_t sb, int64_t
 }
 
 cudaError_t launch_dequantize_keys(const uint8_t* codes, const void* scale, const void* zero,
-                                   int64_t B, int64_t H, int64_t T, int64_t D, int bits, int G,
-                                   const OutTensor& out, DType out_dtype, cudaStream_t stream) {
+                                   const InSlabs& in, int64_t B, int64_t H, int64_t T, int64_t D,
+                                   int bits, int G, const OutTensor& out, DType out_dtype,
+                                   cudaStream_t stream) {
   const int64_t n = B * H * T * D;
   if (n == 0) return cudaSuccess;
   if (!use_old_impl() && D % 8 == 0 && n / 8 <= 0x7fffffff && T <= 0x7fffffff &&
-      aligned_to(scale, 16) && aligned_to(zero, 16)) {
+      aligned_to(scale, 16) && aligned_to(zero, 16) && (in.scale * 2) % 16 == 0) {
     const int64_t nchunks = n / 8;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
     const fastq::OutRows o = out_rows(out, out_dtype, H, T, D);
     return with_dtype(out_dtype, [&](auto tag) {
       using E = decltype(tag);
       fastq::dequantize_keys_fast<E><<<blocks, 256, 0, stream>>>(
-          codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero),
+          codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), in,
           static_cast<uint32_t>(nchunks), static_cast<uint32_t>(T), static_cast<uint32_t>(D),
           bits, static_cast<uint32_t>(G), o, static_cast<E*>(out.ptr));
       return cudaGetLastError();
@@ -497,8 +501,8 @@ cudaError_t launch_dequantize_keys(const uint8_t* codes, const void* scale, cons
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     dequantize_keys_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), n, T, D,
-        bits, G, o, static_cast<E*>(out.ptr));
+        codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), in.codes,
+        in.scale, n, T, D, bits, G, o, static_cast<E*>(out.ptr));
     return cudaGetLastError();
   });
 }
@@ -540,9 +544,9 @@ cudaError_t launch_quantize_values(const void* v, DType dtype, int64_t sb, int64
 }
 
 cudaError_t launch_dequantize_values(const uint8_t* codes, const void* scale, const void* zero,
-                                     int64_t B, int64_t H, int64_t T, int64_t D, int bits,
-                                     int Gv, const OutTensor& out, DType out_dtype,
-                                     cudaStream_t stream) {
+                                     const InSlabs& in, int64_t B, int64_t H, int64_t T,
+                                     int64_t D, int bits, int Gv, const OutTensor& out,
+                                     DType out_dtype, cudaStream_t stream) {
   const int64_t n = B * H * T * D;
   if (n == 0) return cudaSuccess;
   if (!use_old_impl() && D % 8 == 0 && Gv % 8 == 0 && n / 8 <= 0x7fffffff) {
@@ -552,7 +556,7 @@ cudaError_t launch_dequantize_values(const uint8_t* codes, const void* scale, co
     return with_dtype(out_dtype, [&](auto tag) {
       using E = decltype(tag);
       fastq::dequantize_values_fast<E><<<blocks, 256, 0, stream>>>(
-          codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero),
+          codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), in,
           static_cast<uint32_t>(nchunks), static_cast<uint32_t>(T), static_cast<uint32_t>(D),
           bits, static_cast<uint32_t>(Gv), o, static_cast<E*>(out.ptr));
       return cudaGetLastError();
@@ -562,8 +566,8 @@ cudaError_t launch_dequantize_values(const uint8_t* codes, const void* scale, co
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     dequantize_values_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), n, T, D,
-        bits, Gv, o, static_cast<E*>(out.ptr));
+        codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), in.codes,
+        in.scale, n, T, D, bits, Gv, o, static_cast<E*>(out.ptr));
     return cudaGetLastError();
   });
 }
@@ -709,7 +713,8 @@ cudaError_t launch_quantize_kv(const void* k, const void* v, DType dtype, const 
 
 cudaError_t launch_reconstruct_keys(const uint8_t* codes, const void* scale, const void* zero,
                                     const uint8_t* z_codes, const void* z_scale,
-                                    const float* basis, int64_t B, int64_t H, int64_t T,
+                                    const float* basis, const InSlabs& in, int64_t B, int64_t H,
+                                    int64_t T,
                                     int64_t D, int bits, int G, int64_t r, int side_bits,
                                     float sign, const OutTensor& out, DType out_dtype,
                                     cudaStream_t stream) {
@@ -730,7 +735,7 @@ cudaError_t launch_reconstruct_keys(const uint8_t* codes, const void* scale, con
       fastq::reconstruct_keys_smem<E><<<static_cast<unsigned>(B * H * n_tiles), 256, smem,
                                         stream>>>(
           codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), z_codes,
-          static_cast<const __half*>(z_scale), basis, static_cast<uint32_t>(n_tiles),
+          static_cast<const __half*>(z_scale), basis, in, static_cast<uint32_t>(n_tiles),
           static_cast<uint32_t>(kTileTokens), static_cast<uint32_t>(H),
           static_cast<uint32_t>(T), static_cast<int>(D), bits, static_cast<uint32_t>(G),
           static_cast<int>(r), side_bits, sign, o, static_cast<E*>(out.ptr));
@@ -739,8 +744,8 @@ cudaError_t launch_reconstruct_keys(const uint8_t* codes, const void* scale, con
           static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
       fastq::reconstruct_keys_l1<E><<<blocks, 256, 0, stream>>>(
           codes, static_cast<const __half*>(scale), static_cast<const __half*>(zero), z_codes,
-          static_cast<const __half*>(z_scale), basis, nchunks, H, T, D, bits, G, r, side_bits,
-          sign, o, static_cast<E*>(out.ptr));
+          static_cast<const __half*>(z_scale), basis, in, nchunks, H, T, D, bits, G, r,
+          side_bits, sign, o, static_cast<E*>(out.ptr));
     }
     return cudaGetLastError();
   });
