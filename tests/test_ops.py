@@ -318,10 +318,17 @@ def _in_layouts(t):
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=_dt_id)
-def test_inputs_read_in_place_equal_contiguous(device, out_dtype):
+@pytest.mark.parametrize("recon_impl", ["default", "l1"])
+def test_inputs_read_in_place_equal_contiguous(monkeypatch, device, out_dtype, recon_impl):
     """The three dequantising ops on inputs in other layouts (a token slice of a longer buffer,
     as the cache passes them; [B, T, H, ...] storage; heads expanded): the result for the same
-    values in contiguous tensors, bit for bit, functional and out=."""
+    values in contiguous tensors, bit for bit, functional and out=. ``l1``: reconstruct_keys'
+    CUDA kernel without the staged basis (HEADQ_RECON_IMPL), which reads the inputs the same
+    way."""
+    if recon_impl == "l1":
+        if device == "cpu":
+            pytest.skip("HEADQ_RECON_IMPL selects a CUDA kernel")
+        monkeypatch.setenv("HEADQ_RECON_IMPL", "l1")
     B, H, T, D, G, r = 2, 3, 128, 64, 32, 8
     k = make((B, H, T, D), device, seed=11)
     basis = orthonormal_basis(H, D, r, device, seed=2)
