@@ -301,10 +301,10 @@ std::array<int64_t, 4> check_dequantize_keys(const char* op, const at::Tensor& c
 }
 }  // namespace
 
-void validate_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale,
-                              const at::Tensor& zero, int64_t bits, int64_t group_size,
-                              at::ScalarType out_dtype) {
-  check_dequantize_keys("dequantize_keys", codes, scale, zero, bits, group_size, out_dtype);
+std::array<int64_t, 4> validate_dequantize_keys(const at::Tensor& codes, const at::Tensor& scale,
+                                                const at::Tensor& zero, int64_t bits,
+                                                int64_t group_size, at::ScalarType out_dtype) {
+  return check_dequantize_keys("dequantize_keys", codes, scale, zero, bits, group_size, out_dtype);
 }
 
 void validate_dequantize_keys_into(const at::Tensor& codes, const at::Tensor& scale,
@@ -354,10 +354,11 @@ std::array<int64_t, 4> check_dequantize_values(const char* op, const at::Tensor&
 }
 }  // namespace
 
-void validate_dequantize_values(const at::Tensor& codes, const at::Tensor& scale,
-                                const at::Tensor& zero, int64_t bits, int64_t group_size,
-                                at::ScalarType out_dtype) {
-  check_dequantize_values("dequantize_values", codes, scale, zero, bits, group_size, out_dtype);
+std::array<int64_t, 4> validate_dequantize_values(const at::Tensor& codes,
+                                                  const at::Tensor& scale, const at::Tensor& zero,
+                                                  int64_t bits, int64_t group_size,
+                                                  at::ScalarType out_dtype) {
+  return check_dequantize_values("dequantize_values", codes, scale, zero, bits, group_size, out_dtype);
 }
 
 void validate_dequantize_values_into(const at::Tensor& codes, const at::Tensor& scale,
@@ -493,12 +494,15 @@ std::array<int64_t, 4> check_reconstruct_keys(const char* op, const at::Tensor& 
 }
 }  // namespace
 
-void validate_reconstruct_keys(const at::Tensor& k_codes, const at::Tensor& k_scale,
-                               const at::Tensor& k_zero, const at::Tensor& z_codes,
-                               const at::Tensor& z_scale, const at::Tensor& basis,
-                               int64_t key_bits, int64_t group_size, int64_t side_bits,
-                               double sign, at::ScalarType out_dtype) {
-  check_reconstruct_keys("reconstruct_keys", k_codes, k_scale, k_zero, z_codes, z_scale, basis,
+std::array<int64_t, 4> validate_reconstruct_keys(const at::Tensor& k_codes,
+                                                 const at::Tensor& k_scale,
+                                                 const at::Tensor& k_zero,
+                                                 const at::Tensor& z_codes,
+                                                 const at::Tensor& z_scale,
+                                                 const at::Tensor& basis, int64_t key_bits,
+                                                 int64_t group_size, int64_t side_bits,
+                                                 double sign, at::ScalarType out_dtype) {
+  return check_reconstruct_keys("reconstruct_keys", k_codes, k_scale, k_zero, z_codes, z_scale, basis,
                          key_bits, group_size, side_bits, sign, out_dtype);
 }
 

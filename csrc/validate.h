@@ -12,6 +12,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <array>
 #include <optional>
 
 namespace headq {
@@ -19,10 +20,12 @@ namespace headq {
 void validate_quantize_keys(const at::Tensor& k,  // [B, H, T, D]
                             int64_t bits, int64_t group_size);
 
-void validate_dequantize_keys(const at::Tensor& codes,  // [B, H, T, D*bits/8] uint8
-                              const at::Tensor& scale,  // [B, H, T/G, D] float16
-                              const at::Tensor& zero,   // [B, H, T/G, D] float16
-                              int64_t bits, int64_t group_size, at::ScalarType out_dtype);
+// The three dequantising ops' validators return the result's shape [B, H, T, D].
+std::array<int64_t, 4> validate_dequantize_keys(
+    const at::Tensor& codes,  // [B, H, T, D*bits/8] uint8
+    const at::Tensor& scale,  // [B, H, T/G, D] float16
+    const at::Tensor& zero,   // [B, H, T/G, D] float16
+    int64_t bits, int64_t group_size, at::ScalarType out_dtype);
 
 // The *_into forms of the three dequantising ops: the same inputs, and `out` [B, H, T, D] of
 // any float dtype and strides, on their device, that shares no memory with them or itself.
@@ -33,10 +36,11 @@ void validate_dequantize_keys_into(const at::Tensor& codes, const at::Tensor& sc
 void validate_quantize_values(const at::Tensor& v,  // [B, H, T, D]
                               int64_t bits, int64_t group_size);
 
-void validate_dequantize_values(const at::Tensor& codes,  // [B, H, T, D*bits/8] uint8
-                                const at::Tensor& scale,  // [B, H, T, D/Gv] float16
-                                const at::Tensor& zero,   // [B, H, T, D/Gv] float16
-                                int64_t bits, int64_t group_size, at::ScalarType out_dtype);
+std::array<int64_t, 4> validate_dequantize_values(
+    const at::Tensor& codes,  // [B, H, T, D*bits/8] uint8
+    const at::Tensor& scale,  // [B, H, T, D/Gv] float16
+    const at::Tensor& zero,   // [B, H, T, D/Gv] float16
+    int64_t bits, int64_t group_size, at::ScalarType out_dtype);
 
 void validate_dequantize_values_into(const at::Tensor& codes, const at::Tensor& scale,
                                      const at::Tensor& zero, int64_t bits, int64_t group_size,
@@ -62,14 +66,15 @@ void validate_dequantize_side(const at::Tensor& z_codes,  // [B, H, T, r*side_bi
                               int64_t side_bits);
 
 // reconstruct_keys: the key codes as in dequantize_keys plus a (required) side code.
-void validate_reconstruct_keys(const at::Tensor& k_codes,  // [B, H, T, D*key_bits/8] uint8
-                               const at::Tensor& k_scale,  // [B, H, T/G, D] float16
-                               const at::Tensor& k_zero,   // [B, H, T/G, D] float16
-                               const at::Tensor& z_codes,  // [B, H, T, r*side_bits/8] uint8
-                               const at::Tensor& z_scale,  // [B, H, T] float16
-                               const at::Tensor& basis,    // [H, D, r] float32
-                               int64_t key_bits, int64_t group_size, int64_t side_bits,
-                               double sign, at::ScalarType out_dtype);
+std::array<int64_t, 4> validate_reconstruct_keys(
+    const at::Tensor& k_codes,  // [B, H, T, D*key_bits/8] uint8
+    const at::Tensor& k_scale,  // [B, H, T/G, D] float16
+    const at::Tensor& k_zero,   // [B, H, T/G, D] float16
+    const at::Tensor& z_codes,  // [B, H, T, r*side_bits/8] uint8
+    const at::Tensor& z_scale,  // [B, H, T] float16
+    const at::Tensor& basis,    // [H, D, r] float32
+    int64_t key_bits, int64_t group_size, int64_t side_bits, double sign,
+    at::ScalarType out_dtype);
 
 void validate_reconstruct_keys_into(const at::Tensor& k_codes, const at::Tensor& k_scale,
                                     const at::Tensor& k_zero, const at::Tensor& z_codes,

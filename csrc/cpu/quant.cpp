@@ -92,9 +92,8 @@ void dequantize_keys_fill(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] ui
 at::Tensor dequantize_keys_cpu(const at::Tensor& codes, const at::Tensor& scale,
                                const at::Tensor& zero, int64_t bits, int64_t group_size,
                                at::ScalarType out_dtype) {
-  validate_dequantize_keys(codes, scale, zero, bits, group_size, out_dtype);
-  const int64_t D = codes.size(3) * 8 / bits;
-  at::Tensor out = at::empty({codes.size(0), codes.size(1), codes.size(2), D},
+  at::Tensor out = at::empty(validate_dequantize_keys(codes, scale, zero, bits, group_size,
+                                                      out_dtype),
                              codes.options().dtype(out_dtype));
   dequantize_keys_fill(codes, scale, zero, bits, group_size, out);
   return out;
@@ -164,9 +163,8 @@ void dequantize_values_fill(const at::Tensor& codes_in,  // [B, H, T, D*bits/8] 
 at::Tensor dequantize_values_cpu(const at::Tensor& codes, const at::Tensor& scale,
                                  const at::Tensor& zero, int64_t bits, int64_t group_size,
                                  at::ScalarType out_dtype) {
-  validate_dequantize_values(codes, scale, zero, bits, group_size, out_dtype);
-  const int64_t D = codes.size(3) * 8 / bits;
-  at::Tensor out = at::empty({codes.size(0), codes.size(1), codes.size(2), D},
+  at::Tensor out = at::empty(validate_dequantize_values(codes, scale, zero, bits, group_size,
+                                                        out_dtype),
                              codes.options().dtype(out_dtype));
   dequantize_values_fill(codes, scale, zero, bits, group_size, out);
   return out;
@@ -283,10 +281,9 @@ at::Tensor reconstruct_keys_cpu(const at::Tensor& k_codes, const at::Tensor& k_s
                                 const at::Tensor& z_scale, const at::Tensor& basis,
                                 int64_t key_bits, int64_t group_size, int64_t side_bits,
                                 double sign, at::ScalarType out_dtype) {
-  validate_reconstruct_keys(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits,
-                            group_size, side_bits, sign, out_dtype);
-  const int64_t D = k_codes.size(3) * 8 / key_bits;
-  at::Tensor out = at::empty({k_codes.size(0), k_codes.size(1), k_codes.size(2), D},
+  at::Tensor out = at::empty(validate_reconstruct_keys(k_codes, k_scale, k_zero, z_codes,
+                                                       z_scale, basis, key_bits, group_size,
+                                                       side_bits, sign, out_dtype),
                              k_codes.options().dtype(out_dtype));
   reconstruct_keys_fill(k_codes, k_scale, k_zero, z_codes, z_scale, basis, key_bits, group_size,
                         side_bits, sign, out);
