@@ -560,13 +560,11 @@ class HeadQLayer(CacheLayerMixin):
         codes = (b["k_codes"][:, :, start:end], b["k_scale"][:, :, start // G:end // G],
                  b["k_zero"][:, :, start // G:end // G])
         if self.basis is None:
-            return ops.dequantize_keys(*codes, s.key_bits, G, None if out is not None else dt,
-                                       out=out)
+            return ops.dequantize_keys(*codes, s.key_bits, G, dt, out=out)
         # one pass: k̂ + sign·ẑUᵀ in float32 per element, rounded once to the output dtype
         return ops.reconstruct_keys(*codes, b["z_codes"][:, :, start:end],
                                     b["z_scale"][:, :, start:end], self.basis,
-                                    s.key_bits, G, s.side_bits, s.sign,
-                                    None if out is not None else dt, out=out)
+                                    s.key_bits, G, s.side_bits, s.sign, dt, out=out)
 
     def quantised_values(self, out_dtype=torch.float32, start: int = 0,
                          end: Optional[int] = None, *,
@@ -588,8 +586,7 @@ class HeadQLayer(CacheLayerMixin):
                  b["v_zero"][:, :, start:end])
         # straight to the output dtype (the kernel rounds its float32 result once, as a cast
         # would); then the kept tokens' rows are rewritten
-        v = ops.dequantize_values(*codes, s.value_bits, s.value_group_size,
-                                  None if out is not None else dt, out=out)
+        v = ops.dequantize_values(*codes, s.value_bits, s.value_group_size, dt, out=out)
         if self.heavy_idx is not None and self.heavy_idx.shape[-1]:
             self._write_kept_rows(v, codes, start, end)
         return v
