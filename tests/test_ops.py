@@ -245,6 +245,18 @@ def test_reconstruct_keys(device, out_dtype, fmt):
     torch.testing.assert_close(logits.double(), via_keys, rtol=1e-4, atol=1e-4)
 
 
+def _packed_case(device, B, H, T, bits, seed, basis_seed, v_seed=None, D=64, G=32, r=8):
+    """Packed keys (groups of G tokens), their 8-bit side code on a rank-r basis and packed
+    values (groups of 32 channels) of random ``[B, H, T, D]`` keys (values: those keys, or
+    their own with ``v_seed``): ``(kc, zc, vc, basis)``."""
+    k = make((B, H, T, D), device, seed=seed)
+    basis = orthonormal_basis(H, D, r, device, seed=basis_seed)
+    kc = ops.quantize_keys(k, bits, G)
+    zc = ops.side_code(k, *kc, basis, bits, G, 8, False)
+    v = k if v_seed is None else make((B, H, T, D), device, seed=v_seed)
+    return kc, zc, ops.quantize_values(v, bits, 32), basis
+
+
 def _out_layouts(B, H, T, D, dtype, device):
     """``out`` tensors ``[B, H, T, D]`` of the layouts a caller may pass, each with the storage
     around it (to check that nothing outside ``out`` is written), filled with NaN."""
@@ -268,12 +280,8 @@ def test_out_forms_write_exactly_out(device, out_dtype, bits):
     """dequantize_keys / dequantize_values / reconstruct_keys with ``out=``: the functional
     result bit for bit, in every layout of ``out`` (token slice of a longer tensor, misaligned,
     transposed, [B, T, H, D] storage, contiguous), and nothing outside ``out`` written."""
-    B, H, T, D, G, r = 2, 3, 64, 64, 32, 8
-    k = make((B, H, T, D), device, seed=bits)
-    basis = orthonormal_basis(H, D, r, device, seed=1)
-    kc = ops.quantize_keys(k, bits, G)
-    zc = ops.side_code(k, *kc, basis, bits, G, 8, False)
-    vc = ops.quantize_values(make((B, H, T, D), device, seed=7), bits, 32)
+    B, H, T, D, G = 2, 3, 64, 64, 32
+    kc, zc, vc, basis = _packed_case(device, B, H, T, bits, seed=bits, basis_seed=1, v_seed=7)
     calls = {
         "dequantize_keys": lambda **o: ops.dequantize_keys(*kc, bits, G, **o),
         "dequantize_values": lambda **o: ops.dequantize_values(*vc, bits, 32, **o),
@@ -329,12 +337,8 @@ def test_inputs_read_in_place_equal_contiguous(monkeypatch, device, out_dtype, r
         if device == "cpu":
             pytest.skip("HEADQ_RECON_IMPL selects a CUDA kernel")
         monkeypatch.setenv("HEADQ_RECON_IMPL", "l1")
-    B, H, T, D, G, r = 2, 3, 128, 64, 32, 8
-    k = make((B, H, T, D), device, seed=11)
-    basis = orthonormal_basis(H, D, r, device, seed=2)
-    kc = ops.quantize_keys(k, 2, G)
-    zc = ops.side_code(k, *kc, basis, 2, G, 8, False)
-    vc = ops.quantize_values(make((B, H, T, D), device, seed=12), 2, 32)
+    G = 32
+    kc, zc, vc, basis = _packed_case(device, 2, 3, 128, 2, seed=11, basis_seed=2, v_seed=12)
     calls = {
         "dequantize_keys": (lambda a, **o: ops.dequantize_keys(*a, 2, G, **o), kc),
         "dequantize_values": (lambda a, **o: ops.dequantize_values(*a, 2, 32, **o), vc),
@@ -363,11 +367,7 @@ def test_inputs_read_in_place_equal_contiguous(monkeypatch, device, out_dtype, r
 def test_out_forms_bad_out(device):
     """A bad ``out`` raises an error that names the op and ``out``, and writes nothing."""
     B, H, T, D, G = 1, 2, 64, 64, 32
-    k = make((B, H, T, D), device, seed=3)
-    basis = orthonormal_basis(H, D, 8, device)
-    kc = ops.quantize_keys(k, 2, G)
-    zc = ops.side_code(k, *kc, basis, 2, G, 8, False)
-    vc = ops.quantize_values(k, 2, 32)
+    kc, zc, vc, basis = _packed_case(device, B, H, T, 2, seed=3, basis_seed=0)
     calls = {
         "dequantize_keys_into": lambda o: torch.ops.headq.dequantize_keys_into(*kc, 2, G, o),
         "dequantize_values_into": lambda o: torch.ops.headq.dequantize_values_into(*vc, 2, 32,
