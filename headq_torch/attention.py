@@ -295,9 +295,61 @@ def _prefill_dequantised(layer, module, query: torch.Tensor, attention_mask,
     else:
         out, lse = _masked_sdpa(module, query, keys, values, attention_mask, scale), None
     if layer.a2:
-        w = _a2_prompt_weights(layer, query, keys, attention_mask, scale, lse)
-        layer.add_weights(w[..., :nq], w[..., nq:])
+        kept_window = None if lse is None else \
+            _a2_kept_window_weights(layer, query, keys, attention_mask, scale, lse)
+        if kept_window is not None:
+            layer.add_weights(None, kept_window[1], w_heavy=kept_window[0])
+        else:
+            w = _a2_prompt_weights(layer, query, keys, attention_mask, scale, lse)
+            layer.add_weights(w[..., :nq], w[..., nq:])
     return out
+
+
+def _a2_kept_window_weights(layer, query: torch.Tensor, keys: torch.Tensor, attention_mask,
+                            scale: float, lse: torch.Tensor):
+    """The A² weights of a call over quantised tokens for the tokens whose weights the cache
+    uses: the kept tokens' slots (``layer.heavy_idx``; ``[B, H, K]``, None without kept
+    tokens) and the window's (``[B, H, n_window]``). A quantised token that is not kept can
+    never be kept later (its value's residual is gone), so its weight is not needed, and the
+    a2_weights op's key pass runs over ``K + n_window`` keys (the kept tokens' keys gathered
+    in front of the window's) instead of all ``T``: every query row sees a kept token (it
+    precedes the window), and the rows stay the last of the keys, so the op's causal rule
+    (row ``i`` sees ``t <= T - L + i``) still holds. The weights equal the full pass's to
+    float rounding (each key's sum over the rows is the same; the op's tiling of the rows may
+    differ). Needs the rows' ``lse`` over all ``T`` keys (the op's own row pass would see only
+    these keys); a mask that is not causal with left padding returns None (the caller then
+    runs the full pass). A left-padded sequence runs over its visible keys: a kept slot before
+    its first visible token gets 0."""
+    B, Hq, L, D = query.shape
+    H, T = keys.shape[1], keys.shape[2]
+    nq, nw = layer.n_quant, layer.n_window
+    starts = [0] * B
+    if attention_mask is not None:
+        starts = _padding_starts(layer, attention_mask, B, L, T, query.device)
+        if starts is None:
+            return None
+    idx = layer.heavy_idx
+    K = 0 if idx is None else idx.shape[-1]
+    kept = None
+    if K:
+        kept = torch.gather(keys[:, :, :nq], 2,
+                            idx.clamp_min(0).long().unsqueeze(-1).expand(B, H, K, D))
+    if not any(starts):
+        ck = keys[:, :, nq:] if kept is None else torch.cat([kept, keys[:, :, nq:]], 2)
+        w = ops.a2_weights(query, ck, None, scale, lse=lse)[0]
+        return (w[..., :K] if K else None), w[..., K:]
+    w_kept = keys.new_zeros((B, H, K), dtype=torch.float32) if K else None
+    w_window = keys.new_zeros((B, H, nw), dtype=torch.float32)
+    for b, p, r0 in _visible_sequences(starts, L, T):
+        s = max(nq, p)  # the sequence's first visible window token
+        ck = keys[b:b + 1, :, s:]
+        if K:
+            ck = torch.cat([kept[b:b + 1], ck], 2)
+        w = ops.a2_weights(query[b:b + 1, :, r0:], ck, None, scale, lse=lse[b:b + 1, :, r0:])[0]
+        if K:
+            w_kept[b] = torch.where(idx[b] >= p, w[0, :, :K], 0.0)
+        w_window[b:b + 1, :, s - nq:] = w[..., K:]
+    return w_kept, w_window
 
 
 def _masked_sdpa(module, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -630,19 +630,23 @@ class HeadQLayer(CacheLayerMixin):
 
     # -- after attention ---------------------------------------------------------------------
 
-    def add_weights(self, w_quant: Optional[torch.Tensor], w_window: torch.Tensor) -> None:
+    def add_weights(self, w_quant: Optional[torch.Tensor], w_window: torch.Tensor,
+                    w_heavy: Optional[torch.Tensor] = None) -> None:
         """Accumulate a prefill's A² weights (float32, summed over query heads per KV head):
-        ``w_quant`` ``[B, H, n_quant]`` (only the kept tokens' entries are used) and
-        ``w_window`` ``[B, H, n_window]``. A decode step adds its own through
-        ``ops.a2_step_weights`` (attention._a2_step_weights)."""
+        ``w_quant`` ``[B, H, n_quant]`` (only the kept tokens' entries are used) or, instead,
+        ``w_heavy`` ``[B, H, K]``, the kept slots' own (``heavy_idx`` order), and ``w_window``
+        ``[B, H, n_window]``. A decode step adds its own through ``ops.a2_step_weights``
+        (attention._a2_step_weights)."""
         if not self.a2:
             return
         self.buf["w_window"][:, :, :self.n_window] += w_window
         if self.heavy_idx is None or self.heavy_idx.shape[-1] == 0:
             return
-        if w_quant is not None and w_quant.shape[-1]:
+        if w_heavy is None and w_quant is not None and w_quant.shape[-1]:
+            w_heavy = torch.gather(w_quant, -1, self.heavy_idx.clamp_min(0).long())
+        if w_heavy is not None:
             valid = self.heavy_idx >= 0
-            w_heavy = torch.gather(w_quant, -1, self.heavy_idx.clamp_min(0).long()).detach()
+            w_heavy = w_heavy.detach()
             # in place: heavy_w may be a view of the reserved keep set
             self.heavy_w.add_(torch.where(valid, w_heavy, torch.zeros_like(w_heavy)))
 

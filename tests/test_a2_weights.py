@@ -287,6 +287,63 @@ def test_a2_prompt_weights_left_padding(monkeypatch, device, dtype, L, T, starts
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("starts", [None, [0, 0, 0], [0, 7, 60], [75, 90, 2]],
+                         ids=["no_mask", "no_padding", "padded", "padding_into_window"])
+@pytest.mark.parametrize("K", [0, 9])
+def test_a2_kept_window_weights_equal_full_pass(monkeypatch, device, dtype, starts, K):
+    """attention._a2_kept_window_weights (a call over quantised tokens: the key pass over the
+    kept tokens' keys gathered in front of the window's) equals the full key pass over all
+    ``T`` keys (_a2_prompt_weights, then the kept slots gathered, as HeadQLayer.add_weights
+    does) for the entries the cache uses: the kept slots (empty slots -1 ignored; a slot before
+    a left-padded sequence's first visible token 0) and every window token, with the rows' lse
+    of all ``T`` keys given. The op sees ``K + n_window`` keys (``K + T - p`` for a sequence
+    whose padding reaches into the window), never ``T``."""
+    from types import SimpleNamespace
+
+    from headq_torch import attention
+
+    B, Hq, H, L, D, nq, nw = 3, 4, 2, 24, 64, 64, 40
+    T = nq + nw
+    q, k = _case(B, Hq, H, L, T, D, dtype, device, seed=5)
+    mask = None if starts is None else _padded_mask(starts, L, T, device)
+    g = torch.Generator().manual_seed(6)
+    idx = torch.randint(0, nq, (B, H, K), generator=g, dtype=torch.int32)
+    if K:
+        idx[0, 1, 3] = idx[2, 0, 0] = -1  # empty slots
+    layer = SimpleNamespace(_owner=SimpleNamespace(), n_quant=nq, n_window=nw,
+                            heavy_idx=idx.to(device) if K else None)
+    vis = None if mask is None else mask[:, 0]
+    _, lse = ops.a2_weights(q, k, vis, 0.125)
+    lens = []
+    real = ops.a2_weights
+    monkeypatch.setattr(ops, "a2_weights",
+                        lambda q_, k_, m, s, lse=None: lens.append(k_.shape[2]) or
+                        real(q_, k_, m, s, lse=lse))
+    w_kept, w_window = attention._a2_kept_window_weights(layer, q, k, mask, 0.125, lse)
+    p = [0] * B if starts is None else starts
+    seen = [b for b in range(B) if p[b] < T]
+    assert lens == ([K + nw] if not any(p) else [K + T - max(nq, p[b]) for b in seen])
+    monkeypatch.undo()
+    full = attention._a2_prompt_weights(SimpleNamespace(_owner=SimpleNamespace()), q, k, mask,
+                                        0.125, lse)
+    assert w_window.shape == (B, H, nw)
+    torch.testing.assert_close(w_window, full[..., nq:], atol=1e-6, rtol=1e-5)
+    if not K:
+        assert w_kept is None
+        return
+    want = torch.gather(full[..., :nq], -1, idx.clamp_min(0).long().to(device))
+    valid = idx.to(device) >= 0
+    assert w_kept.shape == (B, H, K)
+    torch.testing.assert_close(torch.where(valid, w_kept, 0), torch.where(valid, want, 0),
+                               atol=1e-6, rtol=1e-5)
+    for b in range(B):
+        before = valid[b] & (idx[b].to(device) < p[b])  # kept, but hidden from sequence b
+        assert bool((w_kept[b][before] == 0).all())
+    assert bool((w_kept[valid] > 0).any())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a2_prompt_weights_other_masks_go_to_the_op(device):
     """A mask that is not causal-with-left-padding (a hidden token after visible ones, a
     bidirectional block) goes to the op as it is: same weights as the op with that mask."""

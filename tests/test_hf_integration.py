@@ -285,7 +285,12 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
         real_a2 = ops.a2_weights
         monkeypatch.setattr(ops, "a2_weights",
                             lambda q, k, m, s, lse=None: lse_passed.append(lse is not None) or
-                            real_a2(q, k, m, s, lse=lse))
+                            a2_keys.append(k.shape[2]) or real_a2(q, k, m, s, lse=lse))
+        a2_keys, kept_window = [], []
+        real_kw = attention._a2_kept_window_weights
+        monkeypatch.setattr(attention, "_a2_kept_window_weights",
+                            lambda layer, *a: kept_window.append(
+                                layer.heavy_idx.shape[-1] + layer.n_window) or real_kw(layer, *a))
     b_deq, c_deq = run()
     assert len(used) == len(c_deq.layers) and all(nq > 0 for nq in used)
     n_layers = len(c_deq.layers)
@@ -294,6 +299,10 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
         per_layer = [(50, 120), (50, 111)] if padded else [(50, 120)]
         assert lengths == per_layer * n_layers
         assert lse_passed == ([True] * len(per_layer) * n_layers if policy == "a2" else [])
+        # with A² the key pass runs over the kept tokens' keys and the window only (the
+        # padded sequence's padding ends before its quantised tokens: the same keys)
+        assert a2_keys == [n for n in kept_window for _ in per_layer]
+        assert all(n < 120 for n in a2_keys)
     torch.testing.assert_close(b_deq, b_rows, atol=2e-5, rtol=1e-5)
     if policy == "a2":
         _assert_same_a2_state(c_deq, c_rows)
