@@ -43,7 +43,7 @@ import torch
 from _common import cpu_model, median_ms, write_json
 from transformers import DynamicCache
 
-from headq_torch import attention
+from headq_torch import attention, ops
 from headq_torch.cache import HeadQCache, HeadQLayer
 from headq_torch.calibration import Calibration
 from headq_torch.config import config_fingerprint, model_geometry
@@ -77,8 +77,12 @@ def sync(device: str) -> None:
 
 
 PATHS = ("rows", "dequantised", "dequantised_masked", "dequantised_old_kernels",
-         "dequantised_copies", "decode_rows", "dynamic")
+         "dequantised_copies", "dequantised_full_weights", "dequantised_packed_copies",
+         "decode_rows", "dynamic")
+_PACKED_OPS = ("dequantize_keys", "dequantize_values", "reconstruct_keys")
+_OPS = {name: getattr(ops, name) for name in _PACKED_OPS}
 _ATTENTION_WITH_LSE = attention._attention_with_lse
+_KEPT_WINDOW_WEIGHTS = attention._a2_kept_window_weights
 _DENSE_KV = HeadQLayer.dense_kv
 
 
@@ -114,7 +118,14 @@ def use_path(path: str) -> None:
     float32 still use). ``dequantised_old_kernels``: the dequantised path with the per-element
     dequantise kernels (``HEADQ_QUANT_IMPL=old``, read at every launch), as until session 19.
     ``dequantised_copies``: the dequantised path with ``dense_kv`` as until session 20 (blocks
-    dequantised by the functional ops, then copied into the keys / values)."""
+    dequantised by the functional ops, then copied into the keys / values).
+    ``dequantised_full_weights``: with A², the a2_weights key pass over every key of the call
+    (the weights of all quantised tokens, of which the cache uses the kept ones), as until
+    session 21 (now over the kept tokens' keys and the window, ``_a2_kept_window_weights``).
+    ``dequantised_packed_copies``: the dequantised path with every packed input of the three
+    dequantising ops copied contiguous first, as until session 20 (the ops now read a token
+    slice of the cache's buffers in place); it matters once the buffers have grown past the
+    length (``--pre-calls``)."""
     attention._dense_prefill = (lambda layer, q: layer.n_quant > 0) \
         if path.startswith("dequantised") else (lambda layer, q: False)
     attention._attention_with_lse = _lse_prompts_only if path == "dequantised_masked" \
@@ -122,23 +133,38 @@ def use_path(path: str) -> None:
     attention.DECODE_ROWS_MAX_TOKENS = {"cpu": 1 << 30, "cuda": 1 << 30} \
         if path == "decode_rows" else {}
     HeadQLayer.dense_kv = _dense_kv_copies if path == "dequantised_copies" else _DENSE_KV
+    attention._a2_kept_window_weights = (lambda *a: None) \
+        if path == "dequantised_full_weights" else _KEPT_WINDOW_WEIGHTS
+    for name, op in _OPS.items():
+        setattr(ops, name, _contiguous_inputs(op) if path == "dequantised_packed_copies" else op)
     if path == "dequantised_old_kernels":
         os.environ["HEADQ_QUANT_IMPL"] = "old"
     else:
         os.environ.pop("HEADQ_QUANT_IMPL", None)
 
 
+def _contiguous_inputs(op):
+    """``op`` with its tensor arguments (the packed inputs; the basis is contiguous already)
+    copied contiguous first."""
+    return lambda *a, **kw: op(*[x.contiguous() if isinstance(x, torch.Tensor) else x
+                                 for x in a], **kw)
+
+
 @contextlib.contextmanager
 def paths_restored():
     """Restore what :func:`use_path` replaces in ``attention`` when the block ends."""
     saved = attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
-        attention._attention_with_lse, HeadQLayer.dense_kv
+        attention._attention_with_lse, HeadQLayer.dense_kv, attention._a2_kept_window_weights
+    saved_ops = {name: getattr(ops, name) for name in _PACKED_OPS}
     impl = os.environ.get("HEADQ_QUANT_IMPL")
     try:
         yield
     finally:
         attention._dense_prefill, attention.DECODE_ROWS_MAX_TOKENS, \
-            attention._attention_with_lse, HeadQLayer.dense_kv = saved
+            attention._attention_with_lse, HeadQLayer.dense_kv, \
+            attention._a2_kept_window_weights = saved
+        for name, op in saved_ops.items():
+            setattr(ops, name, op)
         if impl is None:
             os.environ.pop("HEADQ_QUANT_IMPL", None)
         else:
@@ -146,9 +172,12 @@ def paths_restored():
 
 
 @torch.no_grad()
-def run(model, cal, ids, context: int, policy: str, path: str, device: str, mask=None):
-    """Prefill ``ids[:, :context]``, then time the call with the rest: ``(seconds, logits)``;
-    ``mask`` (``[B, context + chunk]``): the attention mask of both calls (left padding)."""
+def run(model, cal, ids, context: int, policy: str, path: str, device: str, mask=None,
+        pre_calls: int = 0):
+    """Prefill ``ids[:, :context]``, then time the call with the rest: ``(seconds, logits,
+    cache)``; ``mask`` (``[B, context + chunk]``): the attention mask of both calls (left
+    padding). ``pre_calls``: untimed calls of the same tokens between the two (each with the
+    earlier ones in the cache; the first grows the cache's buffers past the length)."""
     kw = dict(key_bits=2, value_bits=2, group_size=64, value_group_size=64)
     if policy == "a2":
         kw.update(value_policy="a2", value_keep_frac=0.03)
@@ -157,12 +186,34 @@ def run(model, cal, ids, context: int, policy: str, path: str, device: str, mask
         HeadQCache(model.config, cal, **kw)
     first = {} if mask is None else dict(attention_mask=mask[:, :context])
     model(ids[:, :context], past_key_values=cache, use_cache=True, logits_to_keep=1, **first)
+    # a later call's mask: the cached tokens' (the padding among the first ``context``), then
+    # the call's own
+    later = lambda: {} if mask is None else dict(attention_mask=torch.cat(  # noqa: E731
+        [mask[:, :context], mask[:, context:].new_ones(
+            (mask.shape[0], cache.get_seq_length() - context)), mask[:, context:]], 1))
+    for _ in range(pre_calls):
+        model(ids[:, context:], past_key_values=cache, use_cache=True, logits_to_keep=1,
+              **later())
     sync(device)
     t0 = time.perf_counter()
-    second = {} if mask is None else dict(attention_mask=mask)
+    second = later()
     out = model(ids[:, context:], past_key_values=cache, use_cache=True, **second).logits
     sync(device)
-    return time.perf_counter() - t0, out.float()
+    return time.perf_counter() - t0, out.float(), cache
+
+
+def a2_state_diff(got, want) -> dict:
+    """How far two A² caches' state after the call differs: the largest relative difference of
+    the kept tokens' and the window's weights over the layers, and whether every layer kept
+    the same tokens."""
+    rel = lambda a, b: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()  # noqa
+    w, same = 0.0, True
+    for lg, lw in zip(got.layers, want.layers):
+        w = max(w, rel(lg.buf["w_window"], lw.buf["w_window"]))
+        if lw.heavy_idx is not None:
+            w = max(w, rel(lg.heavy_w, lw.heavy_w))
+            same = same and torch.equal(lg.heavy_idx, lw.heavy_idx)
+    return dict(a2_weights_max_rel_diff=w, a2_same_kept_tokens=same)
 
 
 def main(argv=None):
@@ -178,6 +229,9 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--padded", type=int, default=0,
                     help="left-padding tokens of the first sequence (an attention mask)")
+    ap.add_argument("--pre-calls", type=int, default=0,
+                    help="untimed calls of the chunk's tokens before the timed one (the "
+                         "cache's buffers then have grown past the length)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -203,11 +257,12 @@ def main(argv=None):
                 mask[0, :args.padded] = 0
             for policy in args.policies.split(","):
                 times = {path: [] for path in paths}
-                outs = {}
+                outs, caches = {}, {}
                 for rep in range(args.reps + 1):  # the first round warms up, untimed
                     for path in paths:
-                        s, outs[path] = run(model, cal, ids, args.context, policy, path,
-                                            args.device, mask)
+                        s, outs[path], caches[path] = run(model, cal, ids, args.context,
+                                                          policy, path, args.device, mask,
+                                                          args.pre_calls)
                         if rep:
                             times[path].append(s * 1000)
                         print(f"chunk {chunk} {policy} {path} rep {rep}: {s * 1000:.1f} ms",
@@ -223,6 +278,9 @@ def main(argv=None):
                         (outs[path] - outs[base]).abs().max().item()
                     row[f"speedup_{path}_vs_{base}"] = round(row[f"{base}_ms"] /
                                                              row[f"{path}_ms"], 2)
+                    if policy == "a2" and "dynamic" not in (path, base):
+                        row.update({f"{path}_{k}": v for k, v in
+                                    a2_state_diff(caches[path], caches[base]).items()})
                 print(row, flush=True)
                 rows.append(row)
     machine = torch.cuda.get_device_name() if args.device == "cuda" else \
@@ -232,7 +290,7 @@ def main(argv=None):
         cuda=torch.version.cuda, date=time.strftime("%Y-%m-%d"),
         python=platform.python_version(),
         shape=dict(model=args.model, batch=args.batch, context=args.context, chunks=chunks,
-                   left_padding_of_first_sequence=args.padded,
+                   left_padding_of_first_sequence=args.padded, pre_calls=args.pre_calls,
                    format="2-bit keys (groups of 64 tokens) + rank-8 side code, 2-bit values "
                           "(groups of 64 channels); a2: 3% kept"),
         unit="ms for the one call of `chunk` tokens over the prefilled context (median of --reps)",
