@@ -16,11 +16,12 @@
   assisted-decoding verification) goes through the decode op, the tokens' query rows as its
   query heads, causal over the tokens' own window slots (``query_tokens``,
   :func:`_prefill_decode_rows`). A longer call over quantised tokens dequantises them once and
-  runs PyTorch's flash kernel (CUDA, causal from the last key) or masked SDPA
-  (:func:`_prefill_dequantised`; with A² on CUDA the a2_weights op). An A² cache on
-  the CPU (first prompt or not), or on CUDA with a head dim the a2_weights kernels lack,
-  materialises the logits in blocks of rows (:func:`_prefill_rows`), one softmax giving the
-  output and the A² weights.
+  runs PyTorch's flash kernel (CUDA, causal from the last key; the CPU's, in two parts merged
+  by their log-sum-exps) or masked SDPA (:func:`_prefill_dequantised`); with A² the a2_weights
+  op's key pass over the kept tokens and the window, given the flash kernel's row log-sum-exp.
+  An A² cache's first prompt on the CPU, or any A² call on CUDA with a head dim the a2_weights
+  kernels lack, materialises the logits in blocks of rows (:func:`_prefill_rows`), one softmax
+  giving the output and the A² weights.
 
 Everything else (non-HeadQ layers such as Gemma 3 sliding layers, ``DynamicCache``, no cache,
 calibration runs) goes to transformers' ``sdpa`` function unchanged. The mask function registered
@@ -263,15 +264,17 @@ def _dense_prefill(layer, query: torch.Tensor) -> bool:
     """Whether a call over already quantised tokens (a chunked prefill, a second turn) goes
     through :func:`_prefill_dequantised` (SDPA; with A² the a2_weights op) rather than the row
     blocks of :func:`_prefill_rows` (logits materialised over the dequantised keys; one softmax
-    gives the output and the A² weights). Uniform caches: SDPA everywhere. A² caches: SDPA + the
-    op on CUDA where its kernels apply; on the CPU the row blocks, where the op would compute
-    the attention a second time (SmolLM2-135M, a 256-token call over 2,048 tokens, 2 threads:
-    SDPA 0.67 s uniform; A² 1.52 s in row blocks against 3.06 s with the op;
-    benchmarks/bench_chunk_prefill.py, cpu_chunk_prefill.json). A first prompt that reaches here
-    (A² on the CPU) stays in row blocks."""
+    gives the output and the A² weights). Uniform caches: SDPA everywhere. A² caches: the
+    flash kernel + the op's key pass over the kept tokens and the window
+    (:func:`_a2_kept_window_weights`), on the CPU (whose op takes any head dim) and on CUDA
+    where its kernels apply. Until session 21 the op's pass covered every key, so the CPU took
+    the row blocks, where the op would compute the attention a second time (SmolLM2-135M, a
+    256-token call over 2,048 tokens, 2 threads: A² 1.52 s in row blocks against 3.06 s with
+    the op; benchmarks/bench_chunk_prefill.py, cpu_chunk_prefill.json). A first prompt that
+    reaches here (A² on the CPU) stays in row blocks: every one of its keys needs a weight."""
     if layer.n_quant == 0:  # a first prompt _prefill did not take to SDPA: A² on the CPU
         return False
-    return not layer.a2 or _fused_a2_weights(query)
+    return not layer.a2 or query.device.type == "cpu" or _fused_a2_weights(query)
 
 
 def _prefill_dequantised(layer, module, query: torch.Tensor, attention_mask,
@@ -482,17 +485,21 @@ def _attention_with_lse(module, query, key, value, attention_mask, scale,
     ``L == T``; a call over earlier tokens: ``L < T``), by a fused kernel of PyTorch that also
     returns each row's log-sum-exp, so the a2_weights op can skip its own row pass: ``(out [B,
     Hq, L, D], lse [B, Hq, L] float32)``, or None where none applies (a mask, a non-causal
-    module, not float16/bfloat16 on CUDA sm80+, a head dim over 256, more queries than keys)
-    and the caller keeps SDPA (+ the op's row pass). ``kernels`` in order of preference:
+    module, on CUDA not float16/bfloat16 on sm80+ or a head dim over 256, more queries than
+    keys) and the caller keeps SDPA (+ the op's row pass). On the CPU PyTorch's CPU flash
+    kernel (:func:`_cpu_attention_with_lse`). On CUDA ``kernels`` in order of preference:
     ``"cudnn"`` (what SDPA itself picks on an H100: 112 ms against flash's 208 ms for batch 8 ×
     32k, 32/8 heads, D 128; only for ``L == T``) then ``"flash"`` (whose causal mask is aligned
     with the last key, the lower-right causal mask, also for ``L < T``); each only where its
     SDPA backend is enabled (``torch.backends.cuda.enable_cudnn_sdp`` / ``enable_flash_sdp``).
     Both read the ``Hq / H`` query heads of a KV head from the same keys (no repeated copy)."""
     L, T = query.shape[2], key.shape[2]
-    if attention_mask is not None or not getattr(module, "is_causal", True) or \
-            query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16) or \
-            query.shape[-1] > 256 or query.shape[-1] % 8 or L > T or L == 0 or \
+    if attention_mask is not None or not getattr(module, "is_causal", True) or L > T or L == 0:
+        return None
+    if query.device.type == "cpu":
+        return _cpu_attention_with_lse(query, key, value, scale)
+    if query.device.type != "cuda" or query.dtype not in (torch.float16, torch.bfloat16) or \
+            query.shape[-1] > 256 or query.shape[-1] % 8 or \
             torch.cuda.get_device_capability(query.device) < (8, 0):
         return None
     for name in kernels:
@@ -510,6 +517,30 @@ def _attention_with_lse(module, query, key, value, attention_mask, scale,
         except (RuntimeError, TypeError):
             continue
     return None
+
+
+def _cpu_attention_with_lse(query, key, value, scale):
+    """:func:`_attention_with_lse` on the CPU: PyTorch's CPU flash kernel
+    (``aten._scaled_dot_product_flash_attention_for_cpu``, GQA keys not repeated), which returns
+    each row's log-sum-exp. Its causal mask is aligned with the first key, so for ``L < T`` the
+    keys go in two calls merged by their log-sum-exps: the ``T - L`` earlier keys, which every
+    row sees, and the call's own ``L`` (a square: causal either way). None where the kernel
+    raises (a dtype or build without it)."""
+    L, T = query.shape[2], key.shape[2]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    try:
+        if L == T:
+            out, lse = flash(query, key, value, 0.0, True, scale=scale)[:2]
+            return out, lse
+        o1, l1 = flash(query, key[:, :, :T - L], value[:, :, :T - L], 0.0, False,
+                       scale=scale)[:2]
+        o2, l2 = flash(query, key[:, :, T - L:], value[:, :, T - L:], 0.0, True,
+                       scale=scale)[:2]
+    except (RuntimeError, TypeError):
+        return None
+    lse = torch.logaddexp(l1, l2)
+    out = o1.float() * (l1 - lse).exp().unsqueeze(-1) + o2.float() * (l2 - lse).exp().unsqueeze(-1)
+    return out.to(query.dtype), lse
 
 
 def _fused_a2_weights(query: torch.Tensor) -> bool:

@@ -411,8 +411,8 @@ def test_a2_weights_fused_attention_lse(kernel, dtype, D, T):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_attention_lse_not_taken_where_it_does_not_apply(device):
-    """attention._attention_with_lse declines (None: SDPA + the op's own row pass) on the CPU, in
-    float32, with a mask, for more queries than keys, and for a non-causal module."""
+    """attention._attention_with_lse declines (None: SDPA + the op's own row pass) with a mask,
+    for more queries than keys, for a non-causal module, and on CUDA in float32."""
     from types import SimpleNamespace
 
     from headq_torch.attention import _attention_with_lse
@@ -420,12 +420,48 @@ def test_fused_attention_lse_not_taken_where_it_does_not_apply(device):
     q, k = _case(1, 4, 2, 16, 16, 64, torch.float16, device)
     v = torch.randn_like(k)
     mask = torch.ones(1, 1, 16, 16, dtype=torch.bool, device=device)
-    assert _attention_with_lse(None, q.float(), k.float(), v.float(), None, 0.125) is None
+    if device == "cuda":
+        assert _attention_with_lse(None, q.float(), k.float(), v.float(), None, 0.125) is None
     assert _attention_with_lse(None, q, k, v, mask, 0.125) is None
     assert _attention_with_lse(None, q, k[:, :, 8:], v[:, :, 8:], None, 0.125) is None
     assert _attention_with_lse(SimpleNamespace(is_causal=False), q, k, v, None, 0.125) is None
-    if device == "cpu":
-        assert _attention_with_lse(None, q, k, v, None, 0.125) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("L, T", [(40, 40), (40, 300), (1, 77)], ids=["prompt", "over_earlier",
+                                                                      "one_row"])
+def test_cpu_attention_with_lse(dtype, L, T):
+    """attention._attention_with_lse on the CPU (PyTorch's CPU flash kernel; for ``L < T`` the
+    earlier keys and the call's own in two calls merged by their log-sum-exps): causal from the
+    last key, GQA keys not repeated; output and lse against the float64 computation within twice
+    the error of the same computation in the inputs' dtype plus a floor of 1e-6 (output) / 1e-5
+    relative (lse), and the lse then gives the a2_weights op the weights of its own row
+    pass."""
+    from headq_torch.attention import _attention_with_lse
+
+    B, Hq, H, D, scale = 2, 6, 2, 64, 0.125
+    q, k = _case(B, Hq, H, L, T, D, dtype, "cpu", seed=7)
+    v = _case(B, Hq, H, L, T, D, dtype, "cpu", seed=8)[1]
+    res = _attention_with_lse(None, q, k, v, None, scale)
+    assert res is not None
+    out, lse = res
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:3]
+    def reference(t):  # (out, lse) computed in dtype t
+        kk, vv = (x.to(t).repeat_interleave(Hq // H, 1) for x in (k, v))
+        logits = q.to(t) @ kk.transpose(-1, -2) * scale
+        logits.masked_fill_(~torch.ones(L, T, dtype=torch.bool).tril(T - L), float("-inf"))
+        return torch.softmax(logits, -1) @ vv, torch.logsumexp(logits, -1)
+
+    want, want_lse = reference(torch.float64)
+    ref_out, ref_lse = reference(dtype)
+    err = lambda a, b: (a.double() - b).abs().max().item()  # noqa: E731
+    assert err(out, want) <= 2 * err(ref_out, want) + 1e-6
+    assert err(lse, want_lse) <= 2 * err(ref_lse, want_lse) + \
+        1e-5 * max(1.0, want_lse.abs().max().item())
+    w0, _ = ops.a2_weights(q, k, None, scale)
+    w1, _ = ops.a2_weights(q, k, None, scale, lse=lse)
+    torch.testing.assert_close(w1, w0, rtol=1e-4, atol=1e-6)
 
 
 def test_a2_weights_empty():

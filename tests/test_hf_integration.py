@@ -257,16 +257,17 @@ def test_fallback_without_headq_attention_matches(kind, restore_attn):
 
 @pytest.mark.parametrize("policy", ["uniform", "a2", "dense_keys"])
 @pytest.mark.parametrize("padded", [False, True], ids=["same_length", "left_padded"])
-@pytest.mark.parametrize("fused", [False, True], ids=["masked_sdpa", "fused_stand_in"])
+@pytest.mark.parametrize("fused", [False, True], ids=["masked_sdpa", "cpu_flash"])
 def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, policy, padded, fused):
     """A call over already quantised tokens (the second of two) through
     attention._prefill_dequantised (the quantised region dequantised once into keys
-    ``k̂ + sign·U ẑ`` and values, then masked SDPA, or with ``fused`` the flash kernel's causal
-    attention from the last key with its lse, here a CPU stand-in, one call per sequence for a
-    left-padded batch; with A² the a2_weights op, per sequence for a left-padded batch) equals
-    the materialised row blocks (forced here; what an A² cache uses on the CPU and on CUDA with a
-    head dim the a2_weights kernels lack): the logits, and with A² the accumulated weights and
-    the keep set."""
+    ``k̂ + sign·U ẑ`` and values, then masked SDPA (forced: attention._attention_with_lse
+    declines), or with ``fused`` a flash kernel's causal attention from the last key with its
+    lse (here the CPU's), one call per sequence for a left-padded batch; with A² the a2_weights
+    op, per sequence for a left-padded batch, with the lse only over the kept tokens and the
+    window) equals the materialised row blocks (forced here; what an A² cache uses on CUDA with
+    a head dim the a2_weights kernels lack): the logits, and with A² the accumulated weights
+    and the keep set."""
     model = make_tiny("llama")
     cal = tiny_calibration(model)
     restore_attn.append(attention.enable(model))
@@ -278,10 +279,13 @@ def test_prefill_dequantised_matches_row_blocks(restore_attn, monkeypatch, polic
     monkeypatch.setattr(attention, "_dense_prefill", lambda layer, q: layer.n_quant > 0)
     used = _record_calls(monkeypatch, "_prefill_dequantised")
     lengths, lse_passed = [], []
-    if fused:
+    if not fused:
+        monkeypatch.setattr(attention, "_attention_with_lse", lambda *a, **kw: None)
+    else:
+        real_lse = attention._attention_with_lse
         monkeypatch.setattr(attention, "_attention_with_lse",
                             lambda m, q, k, *a, **kw: lengths.append((q.shape[2], k.shape[2])) or
-                            _lse_attention_cpu(m, q, k, *a, **kw))
+                            real_lse(m, q, k, *a, **kw))
         real_a2 = ops.a2_weights
         monkeypatch.setattr(ops, "a2_weights",
                             lambda q, k, m, s, lse=None: lse_passed.append(lse is not None) or
@@ -405,23 +409,10 @@ def test_decode_rows_only_for_few_rows():
     assert not attention._decode_rows(layer, q(cpu, 2))
 
 
-def _lse_attention_cpu(module, q, k, v, mask, scale, kernels=None):
-    """A CPU stand-in for attention._attention_with_lse (the CUDA fused kernels): causal
-    attention of a whole prompt, ``(out, lse)``, or None with a mask, as the real one."""
-    if mask is not None:
-        return None
-    n_rep = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(n_rep, 1).float(), v.repeat_interleave(n_rep, 1).float()
-    L, T = q.shape[2], k.shape[2]
-    logits = q.float() @ kk.transpose(-1, -2) * scale
-    logits.masked_fill_(~torch.ones(L, T, dtype=torch.bool).tril(T - L), float("-inf"))
-    return (torch.softmax(logits, -1) @ vv).to(q.dtype), torch.logsumexp(logits, -1)
-
-
 def test_a2_padded_first_prompt_fused_per_sequence(restore_attn, monkeypatch):
-    """A left-padded A² first prompt on the fused path (CUDA; here with a CPU stand-in for the
-    fused kernels): one fused call per sequence over its own tokens gives the output and the
-    rows' lse, and the a2_weights op runs only its key pass per sequence. The logits at real
+    """A left-padded A² first prompt on the fused path (CUDA; forced here on the CPU, whose flash
+    kernel stands in for the CUDA ones): one fused call per sequence over its own tokens gives
+    the output and the rows' lse, and the a2_weights op runs only its key pass per sequence. The logits at real
     positions, the weights and the keep sets equal the row blocks' (the CPU path)."""
     model = make_tiny("llama")
     cal = tiny_calibration(model)
@@ -441,9 +432,10 @@ def test_a2_padded_first_prompt_fused_per_sequence(restore_attn, monkeypatch):
     lengths, passes = [], []
     real_a2 = ops.a2_weights
     monkeypatch.setattr(attention, "_fused_a2_weights", lambda q: True)
+    real_lse = attention._attention_with_lse
     monkeypatch.setattr(attention, "_attention_with_lse",
                         lambda m, q, *a, **kw: lengths.append(q.shape[2]) or
-                        _lse_attention_cpu(m, q, *a, **kw))
+                        real_lse(m, q, *a, **kw))
     monkeypatch.setattr(ops, "a2_weights",
                         lambda q, k, m, s, lse=None: passes.append(lse is not None) or
                         real_a2(q, k, m, s, lse=lse))
