@@ -276,10 +276,16 @@ def _out_layouts(B, H, T, D, dtype, device):
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=_dt_id)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-def test_out_forms_write_exactly_out(device, out_dtype, bits):
+@pytest.mark.parametrize("impl", ["default", "old"])
+def test_out_forms_write_exactly_out(monkeypatch, device, out_dtype, bits, impl):
     """dequantize_keys / dequantize_values / reconstruct_keys with ``out=``: the functional
     result bit for bit, in every layout of ``out`` (token slice of a longer tensor, misaligned,
-    transposed, [B, T, H, D] storage, contiguous), and nothing outside ``out`` written."""
+    transposed, [B, T, H, D] storage, contiguous), and nothing outside ``out`` written; on CUDA
+    also through the per-element dequantise kernels (``HEADQ_QUANT_IMPL=old``)."""
+    if impl == "old":
+        if device == "cpu":
+            pytest.skip("HEADQ_QUANT_IMPL selects a CUDA kernel")
+        monkeypatch.setenv("HEADQ_QUANT_IMPL", "old")
     B, H, T, D, G = 2, 3, 64, 64, 32
     kc, zc, vc, basis = _packed_case(device, B, H, T, bits, seed=bits, basis_seed=1, v_seed=7)
     calls = {
