@@ -271,7 +271,10 @@ def _dense_prefill(layer, query: torch.Tensor) -> bool:
     the row blocks, where the op would compute the attention a second time (SmolLM2-135M, a
     256-token call over 2,048 tokens, 2 threads: A² 1.52 s in row blocks against 3.06 s with
     the op; benchmarks/bench_chunk_prefill.py, cpu_chunk_prefill.json). A first prompt that
-    reaches here (A² on the CPU) stays in row blocks: every one of its keys needs a weight."""
+    reaches here (A² on the CPU) stays in row blocks: every one of its keys needs a weight.
+    Under a mask other than causal with left padding (no row log-sum-exp) the op's full pass
+    remains, which on the CPU is slower than the row blocks would be (rare: transformers passes
+    causal masks)."""
     if layer.n_quant == 0:  # a first prompt _prefill did not take to SDPA: A² on the CPU
         return False
     return not layer.a2 or query.device.type == "cpu" or _fused_a2_weights(query)
