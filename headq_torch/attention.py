@@ -325,7 +325,7 @@ def _a2_kept_window_weights(layer, query: torch.Tensor, keys: torch.Tensor, atte
     differ). Needs the rows' ``lse`` over all ``T`` keys (the op's own row pass would see only
     these keys); a mask that is not causal with left padding returns None (the caller then
     runs the full pass). A left-padded sequence runs over its visible keys: a kept slot before
-    its first visible token gets 0."""
+    its first visible token gets 0, as does an empty slot (``heavy_idx`` -1)."""
     B, Hq, L, D = query.shape
     H, T = keys.shape[1], keys.shape[2]
     nq, nw = layer.n_quant, layer.n_window
@@ -340,21 +340,20 @@ def _a2_kept_window_weights(layer, query: torch.Tensor, keys: torch.Tensor, atte
     if K:
         kept = torch.gather(keys[:, :, :nq], 2,
                             idx.clamp_min(0).long().unsqueeze(-1).expand(B, H, K, D))
-    if not any(starts):
-        ck = keys[:, :, nq:] if kept is None else torch.cat([kept, keys[:, :, nq:]], 2)
-        w = ops.a2_weights(query, ck, None, scale, lse=lse)[0]
-        return (w[..., :K] if K else None), w[..., K:]
+    # one op call for the whole batch, or one per sequence of a left-padded batch
+    parts = [(slice(None), 0, 0)] if not any(starts) else \
+        [(slice(b, b + 1), p, r0) for b, p, r0 in _visible_sequences(starts, L, T)]
     w_kept = keys.new_zeros((B, H, K), dtype=torch.float32) if K else None
     w_window = keys.new_zeros((B, H, nw), dtype=torch.float32)
-    for b, p, r0 in _visible_sequences(starts, L, T):
-        s = max(nq, p)  # the sequence's first visible window token
-        ck = keys[b:b + 1, :, s:]
+    for bs, p, r0 in parts:
+        s = max(nq, p)  # the first visible window token
+        ck = keys[bs, :, s:]
         if K:
-            ck = torch.cat([kept[b:b + 1], ck], 2)
-        w = ops.a2_weights(query[b:b + 1, :, r0:], ck, None, scale, lse=lse[b:b + 1, :, r0:])[0]
+            ck = torch.cat([kept[bs], ck], 2)
+        w = ops.a2_weights(query[bs, :, r0:], ck, None, scale, lse=lse[bs, :, r0:])[0]
         if K:
-            w_kept[b] = torch.where(idx[b] >= p, w[0, :, :K], 0.0)
-        w_window[b:b + 1, :, s - nq:] = w[..., K:]
+            w_kept[bs] = torch.where(idx[bs] >= p, w[..., :K], 0.0)
+        w_window[bs, :, s - nq:] = w[..., K:]
     return w_kept, w_window
 
 

@@ -295,9 +295,9 @@ def test_a2_kept_window_weights_equal_full_pass(monkeypatch, device, dtype, star
     """attention._a2_kept_window_weights (a call over quantised tokens: the key pass over the
     kept tokens' keys gathered in front of the window's) equals the full key pass over all
     ``T`` keys (_a2_prompt_weights, then the kept slots gathered, as HeadQLayer.add_weights
-    does) for the entries the cache uses: the kept slots (empty slots -1 ignored; a slot before
-    a left-padded sequence's first visible token 0) and every window token, with the rows' lse
-    of all ``T`` keys given. The op sees ``K + n_window`` keys (``K + T - p`` for a sequence
+    does) for the entries the cache uses: the kept slots (an empty slot, -1, and a slot before
+    a left-padded sequence's first visible token get 0) and every window token, with the rows'
+    lse of all ``T`` keys given. The op sees ``K + n_window`` keys (``K + T - p`` for a sequence
     whose padding reaches into the window), never ``T``."""
     from types import SimpleNamespace
 
@@ -341,6 +341,7 @@ def test_a2_kept_window_weights_equal_full_pass(monkeypatch, device, dtype, star
         before = valid[b] & (idx[b].to(device) < p[b])  # kept, but hidden from sequence b
         assert bool((w_kept[b][before] == 0).all())
     assert bool((w_kept[valid] > 0).any())
+    assert bool((w_kept[~valid] == 0).all())  # empty slots
 
 
 @pytest.mark.parametrize("device", DEVICES)
