@@ -639,8 +639,14 @@ class HeadQLayer(CacheLayerMixin):
         (attention._a2_step_weights)."""
         if not self.a2:
             return
+        k = 0 if self.heavy_idx is None else self.heavy_idx.shape[-1]
+        for name, t, n in (("w_window", w_window, self.n_window), ("w_quant", w_quant, self.n_quant),
+                           ("w_heavy", w_heavy, k)):
+            if t is not None and tuple(t.shape) != (self.B, self.H, n):
+                raise ValueError(f"add_weights: {name} must have shape [B, H, n] = "
+                                 f"{[self.B, self.H, n]}, got {list(t.shape)}")
         self.buf["w_window"][:, :, :self.n_window] += w_window
-        if self.heavy_idx is None or self.heavy_idx.shape[-1] == 0:
+        if k == 0:
             return
         if w_heavy is None and w_quant is not None and w_quant.shape[-1]:
             w_heavy = torch.gather(w_quant, -1, self.heavy_idx.clamp_min(0).long())

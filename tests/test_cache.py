@@ -235,6 +235,34 @@ def test_quantised_keys_values_ranges(llama, kw):
             layer.quantised_keys(torch.float32, 16, 64)
 
 
+def test_add_weights_bad_shapes_name_the_argument(llama):
+    """HeadQLayer.add_weights refuses weights of the wrong shape (a [B, H, 1] tensor would
+    broadcast into every slot) before changing anything, and names the argument."""
+    model, cal = llama
+    cache = HeadQCache(model.config, cal, group_size=32, value_group_size=32, key_bits=2,
+                       value_bits=2, value_policy="a2", value_keep_frac=0.1)
+    _step(model, _ids(model, 150, batch=2), cache)
+    layer = cache.headq_layers[0]
+    B, H, nq, nw, K = layer.B, layer.H, layer.n_quant, layer.n_window, layer.heavy_idx.shape[-1]
+    assert nq > 0 and nw > 0 and K > 0
+    before = (layer.buf["w_window"].clone(), layer.heavy_w.clone())
+    ok_w = torch.ones(B, H, nw)
+    for args, kwargs, name in [
+        ((None, torch.ones(B, H, 1)), {}, "w_window"),
+        ((torch.ones(B, H, nq + 1), ok_w), {}, "w_quant"),
+        ((None, ok_w), dict(w_heavy=torch.ones(B, H, 1)), "w_heavy"),
+        ((None, torch.ones(1, H, nw)), {}, "w_window"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            layer.add_weights(*args, **kwargs)
+        assert torch.equal(layer.buf["w_window"], before[0])
+        assert torch.equal(layer.heavy_w, before[1])
+    layer.add_weights(None, ok_w, w_heavy=torch.ones(B, H, K))
+    assert torch.equal(layer.buf["w_window"][:, :, :nw], before[0][:, :, :nw] + 1)
+    valid = layer.heavy_idx >= 0
+    assert torch.equal(layer.heavy_w[valid], before[1][valid] + 1)
+
+
 def test_a2_keep_set_rule():
     B, H, D = 1, 1, 4
     idx, w, delta = vp.update_keep_set(None, None, None, 0, torch.tensor([[[0.1, 0.9, 0.5, 0.2]]]),
