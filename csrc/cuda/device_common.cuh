@@ -285,5 +285,53 @@ struct PackedStreams {
   }
 };
 
+template <typename E>
+__device__ __forceinline__ void store8(E* out, const float (&x)[8]) {
+  if constexpr (sizeof(E) == 4) {
+    reinterpret_cast<float4*>(out)[0] = make_float4(x[0], x[1], x[2], x[3]);
+    reinterpret_cast<float4*>(out)[1] = make_float4(x[4], x[5], x[6], x[7]);
+  } else {
+    union {
+      uint4 u;
+      E e[8];
+    } pk;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) pk.e[i] = from_float<E>(x[i]);
+    *reinterpret_cast<uint4*>(out) = pk.u;
+  }
+}
+
+// Where a dequantising kernel writes the 8 channels 8j..8j+7 of token t of slab bh (= b * H + h)
+// of its [B, H, T, D] result: the op's own contiguous tensor (`contig`: at 8 times the chunk
+// index, one 16-byte store), or a caller's `out` with element strides sb, sh, st, sd (e.g. a
+// token slice of a longer tensor): 16-byte stores where its rows are contiguous and aligned
+// (`vec`), one element at a time otherwise. 64-bit offsets: a slice of a long tensor can lie
+// beyond 2^31 elements. The one-element-per-thread kernels use at() (element idx of the
+// contiguous result, or its place at the strides).
+struct OutRows {
+  int64_t sb, sh, st, sd;  // element strides
+  uint32_t H;
+  bool contig, vec;
+  template <typename E>
+  __device__ __forceinline__ void store(E* out, int64_t i, uint32_t bh, uint32_t t, uint32_t j,
+                                        const float (&x)[8]) const {
+    if (contig) {
+      store8(out + i * 8, x);
+      return;
+    }
+    E* p = out + static_cast<int64_t>(bh / H) * sb + static_cast<int64_t>(bh % H) * sh +
+           static_cast<int64_t>(t) * st + static_cast<int64_t>(8 * j) * sd;
+    if (vec) {
+      store8(p, x);
+      return;
+    }
+#pragma unroll
+    for (int k = 0; k < 8; ++k) p[k * sd] = from_float<E>(x[k]);
+  }
+  __device__ __forceinline__ int64_t at(int64_t idx, int64_t bh, int64_t t, int64_t c) const {
+    return contig ? idx : (bh / H) * sb + (bh % H) * sh + t * st + c * sd;
+  }
+};
+
 }  // namespace cuda
 }  // namespace headq

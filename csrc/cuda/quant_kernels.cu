@@ -100,16 +100,6 @@ quantize_keys_kernel(const Elem* __restrict__ k,  // [B, H, T, D], element strid
   }
 }
 
-// A caller's [B, H, T, D] `out` for the one-element-per-thread dequantise kernels: element
-// strides, or `contig` (the op's own contiguous result: element idx at idx).
-struct OutStrides {
-  int64_t sb, sh, st, sd, H;
-  bool contig;
-  __device__ __forceinline__ int64_t at(int64_t idx, int64_t bh, int64_t t, int64_t c) const {
-    return contig ? idx : (bh / H) * sb + (bh % H) * sh + t * st + c * sd;
-  }
-};
-
 // dequantize_keys / dequantize_values: one thread per output element (grid-stride).
 template <typename Elem>
 __global__ void __launch_bounds__(kThreads)
@@ -117,7 +107,7 @@ dequantize_keys_kernel(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8]
                        const __half* __restrict__ scale,   // [BH, T/G, D]
                        const __half* __restrict__ zero,    // [BH, T/G, D]
                        int64_t csh, int64_t ssh,  // slab strides of codes, scale / zero
-                       int64_t n, int64_t T, int64_t D, int bits, int G, OutStrides o,
+                       int64_t n, int64_t T, int64_t D, int bits, int G, OutRows o,
                        Elem* __restrict__ out) {  // [B, H, T, D] as o says
   const int64_t rowb = D * bits / 8;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
@@ -181,7 +171,7 @@ dequantize_values_kernel(const uint8_t* __restrict__ codes,  // [BH, T, D*bits/8
                          const __half* __restrict__ scale,   // [BH, T, D/Gv]
                          const __half* __restrict__ zero,    // [BH, T, D/Gv]
                          int64_t csh, int64_t ssh,  // slab strides of codes, scale / zero
-                         int64_t n, int64_t T, int64_t D, int bits, int Gv, OutStrides o,
+                         int64_t n, int64_t T, int64_t D, int bits, int Gv, OutRows o,
                          Elem* __restrict__ out) {  // [B, H, T, D] as o says
   const int64_t rowb = D * bits / 8, ngv = D / Gv;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
@@ -420,14 +410,10 @@ bool contiguous_out(const OutTensor& o, int64_t H, int64_t T, int64_t D) {
   return o.sd == 1 && o.st == D && o.sh == T * D && o.sb == H * T * D;
 }
 
-fastq::OutRows out_rows(const OutTensor& o, DType dt, int64_t H, int64_t T, int64_t D) {
+OutRows out_rows(const OutTensor& o, DType dt, int64_t H, int64_t T, int64_t D) {
   const bool vec = vec_rows(o.ptr, dt, o.sb, o.sh, o.st, o.sd);
   return {o.sb, o.sh, o.st, o.sd, static_cast<uint32_t>(H), vec && contiguous_out(o, H, T, D),
           vec};
-}
-
-OutStrides out_strides(const OutTensor& o, int64_t H, int64_t T, int64_t D) {
-  return {o.sb, o.sh, o.st, o.sd, H, contiguous_out(o, H, T, D)};
 }
 
 constexpr size_t kFastSmemLimit = 200 * 1024;
@@ -483,11 +469,11 @@ cudaError_t launch_dequantize_keys(const uint8_t* codes, const void* scale, cons
                                    cudaStream_t stream) {
   const int64_t n = B * H * T * D;
   if (n == 0) return cudaSuccess;
+  const OutRows o = out_rows(out, out_dtype, H, T, D);
   if (!use_old_impl() && D % 8 == 0 && n / 8 <= 0x7fffffff && T <= 0x7fffffff &&
       aligned_to(scale, 16) && aligned_to(zero, 16) && (in.scale * 2) % 16 == 0) {
     const int64_t nchunks = n / 8;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
-    const fastq::OutRows o = out_rows(out, out_dtype, H, T, D);
     return with_dtype(out_dtype, [&](auto tag) {
       using E = decltype(tag);
       fastq::dequantize_keys_fast<E><<<blocks, 256, 0, stream>>>(
@@ -497,7 +483,6 @@ cudaError_t launch_dequantize_keys(const uint8_t* codes, const void* scale, cons
       return cudaGetLastError();
     });
   }
-  const OutStrides o = out_strides(out, H, T, D);
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     dequantize_keys_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
@@ -549,10 +534,10 @@ cudaError_t launch_dequantize_values(const uint8_t* codes, const void* scale, co
                                      DType out_dtype, cudaStream_t stream) {
   const int64_t n = B * H * T * D;
   if (n == 0) return cudaSuccess;
+  const OutRows o = out_rows(out, out_dtype, H, T, D);
   if (!use_old_impl() && D % 8 == 0 && Gv % 8 == 0 && n / 8 <= 0x7fffffff) {
     const int64_t nchunks = n / 8;
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(nchunks, 256), 1 << 20));
-    const fastq::OutRows o = out_rows(out, out_dtype, H, T, D);
     return with_dtype(out_dtype, [&](auto tag) {
       using E = decltype(tag);
       fastq::dequantize_values_fast<E><<<blocks, 256, 0, stream>>>(
@@ -562,7 +547,6 @@ cudaError_t launch_dequantize_values(const uint8_t* codes, const void* scale, co
       return cudaGetLastError();
     });
   }
-  const OutStrides o = out_strides(out, H, T, D);
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     dequantize_values_kernel<E><<<elementwise_blocks(n), kThreads, 0, stream>>>(
@@ -728,7 +712,7 @@ cudaError_t launch_reconstruct_keys(const uint8_t* codes, const void* scale, con
   const bool force_l1 = e != nullptr && std::strcmp(e, "l1") == 0;
   constexpr int64_t kTileTokens = 128;
   const int64_t n_tiles = ceil_div(T, kTileTokens);
-  const fastq::OutRows o = out_rows(out, out_dtype, H, T, D);
+  const OutRows o = out_rows(out, out_dtype, H, T, D);
   return with_dtype(out_dtype, [&](auto tag) {
     using E = decltype(tag);
     if (!force_l1 && cpr <= 256 && smem <= 48 * 1024 && B * H * n_tiles <= 0x7fffffff) {
