@@ -13,7 +13,8 @@
 //   codes_by_query A = codes 0..15 as e4m3 bytes 0x00..0x0F, B = random finite e4m3 of both signs
 //                  over the whole range, C = 0: is every 32-term dot product exact?
 //   chained        the same, accumulated over 8 MMAs (256 channels) through C, as a kernel would;
-//   accum_bits     C = 1, one product 2^-j: the largest j still added exactly (fp32 keeps j = 23);
+//   accum_bits     C = 2^max(0, j - 18), one product C * 2^-j: the largest j for which
+//                  C (1 + 2^-j) comes out exactly (an fp32 accumulator keeps j = 23);
 //   subnormal_b    both operands subnormal (2^-18 scale products).
 #include <cuda_runtime.h>
 
