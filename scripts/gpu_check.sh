@@ -42,7 +42,13 @@ if has exp; then
      python3 setup.py -q build_ext --inplace >"$LOGDIR/exp_build.log" 2>&1; echo $? >"$LOGDIR/exp_build.rc") &
 fi
 if has build; then
-  run build env MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace
+  so=$(python3 -c "import sysconfig; print('headq_torch/_C' + sysconfig.get_config_var('EXT_SUFFIX'))")
+  if [[ -f "$so.src-sha256" && "$(cat "$so.src-sha256")" == "$(bash scripts/src_hash.sh)" ]] &&
+     python3 -c "import headq_torch._C" 2>/dev/null; then
+    echo "== build: $so was carried, built from these sources (scripts/device_so.sh): not rebuilt"
+  else
+    run build env MAX_JOBS=${MAX_JOBS:-16} python3 setup.py -q build_ext --inplace
+  fi
 fi
 if has exp; then
   wait
