@@ -640,8 +640,8 @@ class HeadQLayer(CacheLayerMixin):
         if not self.a2:
             return
         k = 0 if self.heavy_idx is None else self.heavy_idx.shape[-1]
-        for name, t, n in (("w_window", w_window, self.n_window), ("w_quant", w_quant, self.n_quant),
-                           ("w_heavy", w_heavy, k)):
+        for name, t, n in (("w_window", w_window, self.n_window),
+                           ("w_quant", w_quant, self.n_quant), ("w_heavy", w_heavy, k)):
             if t is not None and tuple(t.shape) != (self.B, self.H, n):
                 raise ValueError(f"add_weights: {name} must have shape [B, H, n] = "
                                  f"{[self.B, self.H, n]}, got {list(t.shape)}")

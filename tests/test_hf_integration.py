@@ -412,8 +412,9 @@ def test_decode_rows_only_for_few_rows():
 def test_a2_padded_first_prompt_fused_per_sequence(restore_attn, monkeypatch):
     """A left-padded A² first prompt on the fused path (CUDA; forced here on the CPU, whose flash
     kernel stands in for the CUDA ones): one fused call per sequence over its own tokens gives
-    the output and the rows' lse, and the a2_weights op runs only its key pass per sequence. The logits at real
-    positions, the weights and the keep sets equal the row blocks' (the CPU path)."""
+    the output and the rows' lse, and the a2_weights op runs only its key pass per sequence.
+    The logits at real positions, the weights and the keep sets equal the row blocks' (the CPU
+    path)."""
     model = make_tiny("llama")
     cal = tiny_calibration(model)
     restore_attn.append(attention.enable(model))
