@@ -8,7 +8,14 @@
 #   OUT=/tmp/out bash scripts/gpu_check.sh            # everything
 #   STEPS="build tests decode" bash scripts/gpu_check.sh
 #
-# STEPS: any of build tests decode a2 quant sanitize ncu exp (default: build tests decode sanitize).
+# STEPS: any of build exc tests decode a2 quant dequant sanitize ncu exp (default: build tests decode
+# sanitize).
+# exc: whether a C++ TORCH_CHECK of this build raises a Python RuntimeError on this machine (the
+# README's known environment issue: on the GPU image, extensions built there with g++ 13 crashed).
+# dequant: the dequantised path of longer calls (sessions 20-22, not yet run on a card when this
+# step was added): the out= forms, in-place reads, the A² key pass over kept + window keys, the
+# CUDA tests of the HF path, memcheck on the out-form tests, and bench_chunk_prefill's A²,
+# grown-buffer and uniform rows ($OUT/prefill_*.json), each a step of its own.
 # a2: the decode step with the A² value policy's kept tokens (3% of the context; graph timing),
 # and with ncu, the heavy-slot kernel's time and stall profile.
 # exp: a second build of a copy of the tree with HEADQ_NVCC_FLAGS=$EXP_FLAGS and the files under
@@ -60,6 +67,16 @@ if has exp; then
       --contexts ${EXP_CONTEXTS:-32768,131072} --lib "$lib" --out "$LOGDIR/ab_$ab.json"
   done
 fi
+if has exc; then
+  run exc python3 -c "
+import torch, headq_torch
+try:
+    torch.ops.headq.quantize_keys(torch.randn(3, 4), 2, 64)
+except RuntimeError as e:
+    print('C++ TORCH_CHECK raised RuntimeError:', str(e).splitlines()[0])
+else:
+    raise SystemExit('no error raised')"
+fi
 if has tests; then
   run tests python3 -m pytest -q tests/test_ops.py tests/test_bad_input.py tests/test_graph.py \
     tests/test_quant_cuda_exact.py -k "cuda or graph"
@@ -74,6 +91,23 @@ if has a2; then
 fi
 if has quant; then
   run quant python3 benchmarks/bench_quant.py --out "$OUT/gpu_quant.json"
+fi
+if has dequant; then
+  run dequant_tests_ops python3 -m pytest -q -rf tests/test_ops.py tests/test_quant_cuda_exact.py \
+    -k "cuda and (out_forms or agree or in_place)"
+  run dequant_tests_a2 python3 -m pytest -q -rf tests/test_a2_weights.py \
+    -k "cuda and (kept_window or prompt_weights or fused_attention_lse or not_taken)"
+  run dequant_tests_hf python3 -m pytest -q -rf tests/test_hf_integration.py tests/test_graph.py \
+    -k "cuda and (dequantised or prefill or chunk or padded)"
+  run dequant_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest -q -rf tests/test_ops.py -k "cuda and (out_forms_write or in_place)" -p no:cacheprovider
+  B="python3 benchmarks/bench_chunk_prefill.py --device cuda --model llama8b --layers 4 --batch 8 --context 32768 --reps 2"
+  TAIL=16 run prefill_a2 $B --chunk 96,256,1024 --policies a2 \
+    --paths dequantised,dequantised_full_weights,dynamic --out "$OUT/prefill_a2.json"
+  TAIL=10 run prefill_grown $B --chunk 96,1024 --policies uniform --pre-calls 1 \
+    --paths dequantised,dequantised_packed_copies --out "$OUT/prefill_grown.json"
+  TAIL=10 run prefill_uniform $B --chunk 96,256,1024 --policies uniform \
+    --paths dequantised,dynamic --out "$OUT/prefill_uniform.json"
 fi
 if has sanitize; then
   sel='cuda and ((test_decode_attention and float16 and 128) or (quantize_keys_cuda_exact and float16) or (quantize_values_cuda_exact and float16) or (side_code_cuda_exact and plain) or (quantize_kv_cuda_exact and float16 and plain))'
