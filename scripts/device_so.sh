@@ -9,10 +9,11 @@
 #
 # Beside it goes `<module>.src-sha256`, the hash of the sources it was built from
 # (scripts/src_hash.sh); carry both. scripts/gpu_check.sh skips its build step when that hash
-# equals the tree's and the module imports, and builds otherwise (a stale module is never used). Creates (once) a build-only virtual
-# environment $HEADQ_VENV312 (python3.12, the torch pinned in requirements.txt, setuptools,
-# ninja) and builds in place; the module sits beside this machine's cp311 one, and Python loads
-# the one matching its version. Incremental when already built. Not part of CI.
+# equals the tree's and the module imports, and builds otherwise (a stale module is never used).
+# Creates (once) a build-only virtual environment $HEADQ_VENV312 (python3.12, the torch pinned in
+# requirements.txt, setuptools, ninja) and builds in place; the module sits beside this
+# machine's cp311 one, and Python loads the one matching its version. Incremental when already
+# built. Not part of CI.
 set -euo pipefail
 HEADQ_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HEADQ_VENV312=${HEADQ_VENV312:-$HOME/.venvs/headq312}

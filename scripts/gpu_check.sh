@@ -93,12 +93,14 @@ if has quant; then
   run quant python3 benchmarks/bench_quant.py --out "$OUT/gpu_quant.json"
 fi
 if has dequant; then
-  run dequant_tests_ops python3 -m pytest -q -rf tests/test_ops.py tests/test_quant_cuda_exact.py \
-    -k "cuda and (out_forms or agree or in_place)"
+  # with "tests" selected too, its run already covers the CUDA tests of these three files
+  has tests || run dequant_tests_ops python3 -m pytest -q -rf tests/test_ops.py \
+    tests/test_quant_cuda_exact.py -k "cuda and (out_forms or agree or in_place)"
+  # test_a2_weights_fused_attention_lse is CUDA-only by a skipif: no "cuda" in its id
   run dequant_tests_a2 python3 -m pytest -q -rf tests/test_a2_weights.py \
-    -k "cuda and (kept_window or prompt_weights or fused_attention_lse or not_taken)"
-  run dequant_tests_hf python3 -m pytest -q -rf tests/test_hf_integration.py tests/test_graph.py \
-    -k "cuda and (dequantised or prefill or chunk or padded)"
+    -k "(cuda and (kept_window or prompt_weights or not_taken)) or fused_attention_lse"
+  run dequant_tests_hf python3 -m pytest -q -rf tests/test_hf_integration.py \
+    $(has tests || echo tests/test_graph.py) -k "cuda and (dequantised or prefill or chunk or padded)"
   run dequant_memcheck compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -q -rf tests/test_ops.py -k "cuda and (out_forms_write or in_place)" -p no:cacheprovider
   B="python3 benchmarks/bench_chunk_prefill.py --device cuda --model llama8b --layers 4 --batch 8 --context 32768 --reps 2"
