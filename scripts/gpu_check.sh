@@ -10,8 +10,8 @@
 #
 # STEPS: any of build exc tests decode a2 quant dequant sanitize ncu exp (default: build tests decode
 # sanitize).
-# exc: whether a C++ TORCH_CHECK of this build raises a Python RuntimeError on this machine (the
-# README's known environment issue: on the GPU image, extensions built there with g++ 13 crashed).
+# exc: whether a C++ TORCH_CHECK of this build raises a Python RuntimeError on this machine (an
+# extension linked with a private static C++ runtime crashed instead: setup.py's _shared_libstdcxx).
 # dequant: the dequantised path of longer calls (sessions 20-22, not yet run on a card when this
 # step was added): the out= forms, in-place reads, the A² key pass over kept + window keys, the
 # CUDA tests of the HF path, memcheck on the out-form tests, and bench_chunk_prefill's A²,
