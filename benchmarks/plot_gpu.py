@@ -309,18 +309,21 @@ def plot_few_rows() -> None:
 
 
 def plot_dequantised() -> None:
-    """Longer calls over quantised tokens (gpu_dequantised_path.json, session 20): left, the
+    """Longer calls over quantised tokens (gpu_dequantised_path.json, sessions 20 and 24): left, the
     whole model call per path against the call's tokens (the dequantised path writing into the
     tensors attention reads, the same with the copies of session 19, DynamicCache); right, the
     decode op against the dequantised path for a few tokens (the crossover that sets
-    attention.DECODE_ROWS_MAX_TOKENS["cuda"])."""
+    attention.DECODE_ROWS_MAX_TOKENS["cuda"]); third, when recorded, session 24's A² key pass
+    over kept + window keys against the pass over every key."""
     path = RESULTS / "gpu_dequantised_path.json"
     if not path.exists():
         return
     s20 = json.loads(path.read_text()).get("session20")
     if s20 is None:
         return
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12.8, 4.4))
+    s24 = json.loads(path.read_text()).get("session24")
+    fig, axes = plt.subplots(1, 3 if s24 else 2, figsize=(19.2 if s24 else 12.8, 4.4))
+    ax, bx = axes[0], axes[1]
     ab = s20["ab_out_writes"]
     names = {"dequantised": "HeadQ dequantised, written in place (session 20)",
              "dequantised_copies": "HeadQ dequantised, blocks copied in (until session 20)",
@@ -355,7 +358,31 @@ def plot_dequantised() -> None:
                  fontsize=8)
     bx.grid(alpha=0.3)
     bx.legend(fontsize=7)
+    if s24:
+        plot_a2_kept_window(axes[2], s24)
     save(fig, "gpu_dequantised_path.png")
+
+
+def plot_a2_kept_window(ax, s24: dict) -> None:
+    """Session 24: the A² call with its key pass over the kept tokens and the window, against
+    the pass over every key (until session 21) and DynamicCache, one process; the uniform rows
+    from a second process of the same machine."""
+    a2 = s24["a2_kept_window_weights"]["rows"]
+    un = s24["uniform"]["rows"]
+    for rows, key, style, color, label in (
+            (a2, "dequantised", "--", "C0", "HeadQ A², key pass over kept + window (session 21)"),
+            (a2, "dequantised_full_weights", "--", "C1", "HeadQ A², key pass over every key"),
+            (a2, "dynamic", ":", "C2", "DynamicCache (A² run's process)"),
+            (un, "dequantised", "-", "C0", "HeadQ uniform"),
+            (un, "dynamic", "-", "C2", "DynamicCache (uniform run's process)")):
+        ax.plot([r["chunk"] for r in rows], [r[f"{key}_ms"] for r in rows], style, marker="o",
+                color=color, label=label)
+    loglog(ax, "query tokens of the call", "ms per model call (median)",
+           "session 24: same shape, another H100 instance (A² rows: one process, alternating)",
+           title_size=8, legend_size=7)
+    chunks = sorted({r["chunk"] for r in a2})
+    ax.set_xticks(chunks)
+    ax.set_xticklabels([str(c) for c in chunks])
 
 
 if __name__ == "__main__":

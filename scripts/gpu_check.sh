@@ -12,10 +12,11 @@
 # sanitize).
 # exc: whether a C++ TORCH_CHECK of this build raises a Python RuntimeError on this machine (an
 # extension linked with a private static C++ runtime crashed instead: setup.py's _shared_libstdcxx).
-# dequant: the dequantised path of longer calls (sessions 20-22, not yet run on a card when this
-# step was added): the out= forms, in-place reads, the A² key pass over kept + window keys, the
-# CUDA tests of the HF path, memcheck on the out-form tests, and bench_chunk_prefill's A²,
-# grown-buffer and uniform rows ($OUT/prefill_*.json), each a step of its own.
+# dequant: the dequantised path of longer calls (sessions 20-22; first run on a card in session 24,
+# gpu_dequantised_path.json "session24"): the out= forms, in-place reads, the A² key pass over
+# kept + window keys, the CUDA tests of the HF path, memcheck on the out-form tests, and
+# bench_chunk_prefill's A², grown-buffer and uniform rows ($OUT/prefill_*.json), each a step of
+# its own.
 # a2: the decode step with the A² value policy's kept tokens (3% of the context; graph timing),
 # and with ncu, the heavy-slot kernel's time and stall profile.
 # exp: a second build of a copy of the tree with HEADQ_NVCC_FLAGS=$EXP_FLAGS and the files under
