@@ -309,12 +309,12 @@ def plot_few_rows() -> None:
 
 
 def plot_dequantised() -> None:
-    """Longer calls over quantised tokens (gpu_dequantised_path.json, sessions 20 and 24): left, the
-    whole model call per path against the call's tokens (the dequantised path writing into the
-    tensors attention reads, the same with the copies of session 19, DynamicCache); right, the
-    decode op against the dequantised path for a few tokens (the crossover that sets
-    attention.DECODE_ROWS_MAX_TOKENS["cuda"]); third, when recorded, session 24's A² key pass
-    over kept + window keys against the pass over every key."""
+    """Longer calls over quantised tokens (gpu_dequantised_path.json, sessions 20 and 24):
+    left, the whole model call per path against the call's tokens (the dequantised path writing
+    into the tensors attention reads, the same with the copies of session 19, DynamicCache);
+    middle, the decode op against the dequantised path for a few tokens (the crossover that
+    sets attention.DECODE_ROWS_MAX_TOKENS["cuda"]); right, when recorded, session 24's A² key
+    pass over kept + window keys against the pass over every key."""
     path = RESULTS / "gpu_dequantised_path.json"
     if not path.exists():
         return
