@@ -319,8 +319,7 @@ struct OutRows {
       store8(out + i * 8, x);
       return;
     }
-    E* p = out + static_cast<int64_t>(bh / H) * sb + static_cast<int64_t>(bh % H) * sh +
-           static_cast<int64_t>(t) * st + static_cast<int64_t>(8 * j) * sd;
+    E* p = out + offset<uint32_t>(bh, t, 8 * j);
     if (vec) {
       store8(p, x);
       return;
@@ -329,7 +328,15 @@ struct OutRows {
     for (int k = 0; k < 8; ++k) p[k * sd] = from_float<E>(x[k]);
   }
   __device__ __forceinline__ int64_t at(int64_t idx, int64_t bh, int64_t t, int64_t c) const {
-    return contig ? idx : (bh / H) * sb + (bh % H) * sh + t * st + c * sd;
+    return contig ? idx : offset<int64_t>(bh, t, c);
+  }
+  // Element offset of channel c of token t in row bh = b * H + h, computed in the caller's
+  // index type I: uint32_t in the fast kernels' store (a 32-bit bh / H in their hot path),
+  // int64_t in the element-wise kernels' at().
+  template <typename I>
+  __device__ __forceinline__ int64_t offset(I bh, I t, I c) const {
+    return static_cast<int64_t>(bh / H) * sb + static_cast<int64_t>(bh % H) * sh +
+           static_cast<int64_t>(t) * st + static_cast<int64_t>(c) * sd;
   }
 };
 
