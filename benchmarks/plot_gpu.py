@@ -318,10 +318,10 @@ def plot_dequantised() -> None:
     path = RESULTS / "gpu_dequantised_path.json"
     if not path.exists():
         return
-    s20 = json.loads(path.read_text()).get("session20")
+    recorded = json.loads(path.read_text())
+    s20, s24 = recorded.get("session20"), recorded.get("session24")
     if s20 is None:
         return
-    s24 = json.loads(path.read_text()).get("session24")
     fig, axes = plt.subplots(1, 3 if s24 else 2, figsize=(19.2 if s24 else 12.8, 4.4))
     ax, bx = axes[0], axes[1]
     ab = s20["ab_out_writes"]
