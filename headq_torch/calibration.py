@@ -17,6 +17,18 @@ that reads that KV head (grouped-query attention pools ``Hq / H`` heads):
   ``½ E[Δsᵀ (diag(a) − aaᵀ) Δs] = ½ Σ_j (a_j − a_j²) E[e_jᵀ q qᵀ e_j]``; for keys of equal error
   statistics the weight of ``q qᵀ`` is ``Σ_j (a_j − a_j²) = 1 − ‖a‖²``. A query whose attention
   is one-hot (``c = 0``) is insensitive to key error; a flat one (``c → 1``) is the most sensitive.
+* ``'residual'``: the orthonormal ``U`` that minimises the logit error the side code leaves,
+  ``E[(qᵀ (I − UUᵀ) e)²] = tr((I − P) Σ_q (I − P) Σ_e)`` with ``P = UUᵀ``, averaged over every
+  (calibration query, calibration key) pair: ``Σ_q = E[q qᵀ]`` as for ``'pca'`` and ``Σ_e`` the
+  covariance (over tokens) of the key residuals ``e = k − k̂`` that the base quantiser
+  (``calibrate(key_bits=, group_size=)``, 2-bit in groups of 64 tokens by default) leaves on
+  the calibration keys. Query PCA is its optimum when ``Σ_e`` is isotropic; the base code's
+  residuals are not (a channel's error scales with its range in the group, which differs
+  several-fold between channels), so this basis spends its rank where the queries' energy
+  meets the keys' error. No closed form: Adam on the Stiefel manifold (QR retraction), started
+  from the better of PCA and the top eigenvectors of ``Σ_q Σ_e + Σ_e Σ_q``, in float64,
+  keeping the best iterate, so it never ends worse than PCA on the objective
+  (``_residual_basis``).
 * controls: ``'random'`` (a random orthonormal basis, seeded) and ``'key_pca'`` (top-``r``
   eigenvectors of the key second moment ``E[k kᵀ]``).
 """
@@ -43,13 +55,14 @@ __all__ = [
     "capture_qk",
     "learn_bases",
     "bases_from_moments",
+    "residual_objective",
     "calibrate",
     "Calibration",
 ]
 
 FORMAT_VERSION = 1
 FORMAT_NAME = "headq-calibration"
-METHODS = ("pca", "fisher", "random", "key_pca")
+METHODS = ("pca", "fisher", "residual", "random", "key_pca")
 CAPTURE_IMPL = "headq_capture"
 
 
@@ -184,7 +197,9 @@ def capture_qk(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Te
 
 @dataclass
 class Moments:
-    """Streaming second moments of one layer (float64 ``[H, D, D]`` each)."""
+    """Streaming second moments of one layer (float64 ``[H, D, D]`` each): queries ``qq``,
+    curvature-weighted queries ``fq``, keys ``kk``, and the base quantiser's key residuals
+    ``rr`` (with their sum ``r_sum`` ``[H, D]``, to centre them; :meth:`add_residuals`)."""
 
     qq: torch.Tensor
     fq: torch.Tensor
@@ -192,11 +207,30 @@ class Moments:
     n_q: int = 0
     n_k: int = 0
     fisher_sum: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    rr: Optional[torch.Tensor] = None
+    r_sum: Optional[torch.Tensor] = None
+    n_r: int = 0
 
     @classmethod
     def zeros(cls, n_kv: int, head_dim: int) -> "Moments":
         z = lambda: torch.zeros(n_kv, head_dim, head_dim, dtype=torch.float64)  # noqa: E731
-        return cls(z(), z(), z(), 0, 0, torch.zeros(n_kv, dtype=torch.float64))
+        return cls(z(), z(), z(), 0, 0, torch.zeros(n_kv, dtype=torch.float64), z(),
+                   torch.zeros(n_kv, head_dim, dtype=torch.float64), 0)
+
+    def head_slice(self, sl: slice) -> "Moments":
+        """The moments of KV heads ``sl`` (a tensor-parallel shard)."""
+        cut = lambda t: None if t is None else t[sl]  # noqa: E731
+        return Moments(self.qq[sl], self.fq[sl], self.kk[sl], self.n_q, self.n_k,
+                       self.fisher_sum[sl], cut(self.rr), cut(self.r_sum), self.n_r)
+
+    def residual_covariance(self) -> torch.Tensor:
+        """``Σ_e`` ``[H, D, D]``: the covariance over tokens of the key residuals."""
+        if not self.n_r:
+            raise ValueError("method='residual' needs the base quantiser's key residuals, "
+                             "which calibrate() collects (Moments.add_residuals); these "
+                             "moments have none")
+        m = self.r_sum / self.n_r
+        return self.rr / self.n_r - m.unsqueeze(-1) * m.unsqueeze(-2)
 
     def add(self, s: LayerSamples) -> None:
         q = s.queries.double()
@@ -209,6 +243,25 @@ class Moments:
             w = s.fisher_weights.double()
             self.fq += (q * w.unsqueeze(-1)).transpose(1, 2) @ q
             self.fisher_sum = self.fisher_sum + w.sum(1)
+
+    def add_residuals(self, keys: torch.Tensor, key_bits: int, group_size: int) -> None:
+        """Add the residuals ``k − k̂`` of one sequence's keys ``[H, T, D]`` (tokens in order)
+        under the base quantiser (``ops.quantize_keys`` / ``dequantize_keys``, as the cache
+        stores them): its complete groups of ``group_size`` tokens; the incomplete tail stays
+        dense in the cache, so it has no residual. A head dim the quantiser does not take (not
+        a multiple of 8) adds nothing (``'residual'`` then raises; the other methods work)."""
+        from . import ops
+
+        n = keys.shape[1] // group_size * group_size
+        if n == 0 or keys.shape[-1] % 8:
+            return
+        k = keys[:, :n].float().unsqueeze(0).contiguous()
+        codes, scale, zero = ops.quantize_keys(k, key_bits, group_size)
+        e = (k - ops.dequantize_keys(codes, scale, zero, key_bits, group_size,
+                                     torch.float32))[0].double().cpu()
+        self.rr += e.transpose(1, 2) @ e
+        self.r_sum += e.sum(1)
+        self.n_r += n
 
 
 def _top_eigvecs(m: torch.Tensor, rank: int) -> torch.Tensor:
@@ -245,7 +298,59 @@ def bases_from_moments(m: Moments, rank: int, method: str = "pca", seed: int = 0
         return _top_eigvecs(m.fq / m.fisher_sum.clamp_min(1e-30).view(H, 1, 1), rank)
     if method == "key_pca":
         return _top_eigvecs(m.kk / max(m.n_k, 1), rank)
+    if method == "residual":
+        return _residual_basis(m.qq / max(m.n_q, 1), m.residual_covariance(), rank)
     return _random_basis(H, D, rank, seed)
+
+
+def residual_objective(basis: torch.Tensor, sq: torch.Tensor, se: torch.Tensor) -> torch.Tensor:
+    """``tr((I − P) Σ_q (I − P) Σ_e)`` per head, ``P = UUᵀ``: the mean squared logit error
+    ``(qᵀ (I − P) e)²`` over (query, residual) pairs that a side code on ``basis`` ``[H, D, r]``
+    leaves (``Σ_q``, ``Σ_e`` ``[H, D, D]``). Without a side code (``r = 0``) it is
+    ``tr(Σ_q Σ_e)``."""
+    dt = torch.promote_types(basis.dtype, sq.dtype)
+    u = basis.to(dt)
+    m = torch.eye(u.shape[-2], dtype=dt) - u @ u.transpose(-1, -2)
+    return torch.einsum("hij,hjk,hkl,hli->h", m, sq.to(dt), m, se.to(dt))
+
+
+def _residual_basis(sq: torch.Tensor, se: torch.Tensor, rank: int, iters: int = 600,
+                    lr: float = 1e-2) -> torch.Tensor:
+    """The ``'residual'`` basis ``[H, D, r]`` (see the module doc): minimises
+    :func:`residual_objective` by Adam over ``W`` with ``U = qr(W)``, float64, a fixed number
+    of steps (deterministic), from the better of two closed-form starts; the best iterate per
+    head is kept, so the result is never worse than PCA on the objective."""
+    sq, se = sq.double(), se.double()
+    tot = torch.einsum("hij,hji->h", sq, se).clamp_min(1e-300)
+    sq = sq / tot.view(-1, 1, 1)  # objective as a fraction of tr(Σ_q Σ_e): scale-free steps
+    # Start from the better of query PCA and the top eigenvectors of (Σ_q Σ_e + Σ_e Σ_q) / 2,
+    # the optimum where Σ_q and Σ_e share eigenvectors (and where PCA is a stationary point
+    # that gradient steps would not leave).
+    best = _top_eigvecs(sq, rank).double()
+    best_f = residual_objective(best, sq, se)
+    prod = _top_eigvecs(sq @ se + se @ sq, rank).double()
+    prod_f = residual_objective(prod, sq, se)
+    take = prod_f < best_f
+    best = torch.where(take.view(-1, 1, 1), prod, best)
+    best_f = torch.where(take, prod_f, best_f)
+    w = best.clone().requires_grad_(True)
+    opt = torch.optim.Adam([w], lr=lr)
+    with torch.enable_grad():
+        for _ in range(iters):
+            u = torch.linalg.qr(w)[0]
+            f = residual_objective(u, sq, se)
+            with torch.no_grad():
+                better = f < best_f
+                best = torch.where(better.view(-1, 1, 1), u, best)
+                best_f = torch.where(better, f, best_f)
+            opt.zero_grad()
+            f.sum().backward()
+            opt.step()
+    u = best.detach()
+    idx = u.abs().argmax(dim=1, keepdim=True)  # the sign convention of _top_eigvecs
+    sgn = torch.sign(torch.gather(u, 1, idx))
+    sgn[sgn == 0] = 1
+    return (u * sgn).to(torch.float32).contiguous()
 
 
 def learn_bases(samples, rank: int, method: str = "pca", seed: int = 0) -> torch.Tensor:
@@ -255,7 +360,8 @@ def learn_bases(samples, rank: int, method: str = "pca", seed: int = 0) -> torch
         samples: a :class:`LayerSamples` (from :func:`capture_qk`), or a query tensor
             ``[H, N, D]`` (enough for ``'pca'`` and ``'random'``).
         rank: ``r``.
-        method: ``'pca'``, ``'fisher'`` (needs ``fisher_weights``), ``'random'`` or ``'key_pca'``.
+        method: ``'pca'``, ``'fisher'`` (needs ``fisher_weights``), ``'random'`` or ``'key_pca'``
+            (``'residual'`` needs the key residuals that :func:`calibrate` collects).
         seed: seed of the ``'random'`` control.
     """
     if isinstance(samples, torch.Tensor):
@@ -263,6 +369,10 @@ def learn_bases(samples, rank: int, method: str = "pca", seed: int = 0) -> torch
         if method in ("fisher", "key_pca"):
             raise ValueError(f"method={method!r} needs LayerSamples (keys / fisher weights), "
                              "not a bare query tensor")
+    if method == "residual":
+        raise ValueError("method='residual' needs the base quantiser's key residuals of whole "
+                         "sequences: use calibrate() (or Moments.add_residuals and "
+                         "bases_from_moments)")
     H, _, D = samples.queries.shape
     m = Moments.zeros(H, D)
     m.add(samples)
@@ -358,9 +468,7 @@ class Calibration:
         bases = [None if b is None else b[sl].clone() for b in self.bases]
         moments = None
         if self._moments is not None:
-            moments = [None if m is None else Moments(m.qq[sl], m.fq[sl], m.kk[sl], m.n_q, m.n_k,
-                                                      m.fisher_sum[sl])
-                       for m in self._moments]
+            moments = [None if m is None else m.head_slice(sl) for m in self._moments]
         return Calibration(bases, model_name=self.model_name, fingerprint=self.fingerprint,
                            num_layers=self.num_layers, num_kv_heads=self.num_kv_heads,
                            head_dim=self.head_dim, rank=self.rank, method=self.method,
@@ -391,8 +499,9 @@ class Calibration:
 
     def with_bases(self, method: str, rank: Optional[int] = None, seed: int = 0) -> "Calibration":
         """A calibration of the same model with bases from another method (``'random'``,
-        ``'key_pca'``, ``'pca'``, ``'fisher'``) or rank. ``'random'`` needs nothing more; the
-        others need the moments of :func:`calibrate` (kept on the object in memory)."""
+        ``'key_pca'``, ``'pca'``, ``'fisher'``, ``'residual'``) or rank. ``'random'`` needs
+        nothing more; the others need the moments of :func:`calibrate` (kept on the object in
+        memory)."""
         rank = self.rank if rank is None else rank
         if method != "random" and self._moments is None:
             raise CalibrationError(
@@ -558,7 +667,8 @@ def _token_ids(tokenizer, text) -> torch.Tensor:
 
 @torch.no_grad()
 def calibrate(model, tokenizer, text, rank: int = 8, n_tokens: int = 8192, method: str = "pca",
-              chunk_len: int = 512, progress: bool = True, seed: int = 0) -> Calibration:
+              chunk_len: int = 512, progress: bool = True, seed: int = 0, key_bits: int = 2,
+              group_size: int = 64) -> Calibration:
     """Learn the query bases of ``model`` on ``text``.
 
     Args:
@@ -567,15 +677,22 @@ def calibrate(model, tokenizer, text, rank: int = 8, n_tokens: int = 8192, metho
         text: a string (or a list of strings, joined by newlines).
         rank: basis rank ``r``.
         n_tokens: tokens of ``text`` to use (fewer if the text is shorter).
-        method: ``'pca'`` (default), ``'fisher'``, ``'random'`` or ``'key_pca'``.
+        method: ``'pca'`` (default), ``'fisher'``, ``'residual'``, ``'random'`` or
+            ``'key_pca'``.
         chunk_len: tokens per forward pass; every chunk starts a fresh context.
         progress: show a tqdm bar.
+        key_bits, group_size: the base quantiser whose key residuals ``'residual'`` is fitted
+            to (the cache's ``key_bits`` / ``group_size``); recorded in ``extra``.
 
-    The moments of all four methods are accumulated in one pass, so
-    :meth:`Calibration.with_bases` builds the controls without running the model again.
+    The moments of all methods are accumulated in one pass, so
+    :meth:`Calibration.with_bases` builds the others without running the model again.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if key_bits not in (2, 3, 4, 8):
+        raise ValueError(f"key_bits must be 2, 3, 4 or 8, got {key_bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"group_size must be 32, 64 or 128, got {group_size}")
     if chunk_len < 2:
         raise ValueError(f"chunk_len must be >= 2, got {chunk_len}")
     n_layers, _, n_kv, head_dim = model_geometry(model.config)
@@ -598,6 +715,7 @@ def calibrate(model, tokenizer, text, rank: int = 8, n_tokens: int = 8192, metho
             for i, s in enumerate(samples):
                 if moments[i] is not None and s is not None:
                     moments[i].add(s)
+                    moments[i].add_residuals(s.keys, key_bits, group_size)  # batch of one
             if bar is not None:
                 bar.update(c.numel())
     finally:
@@ -609,4 +727,6 @@ def calibrate(model, tokenizer, text, rank: int = 8, n_tokens: int = 8192, metho
                        fingerprint=config_fingerprint(model.config), num_layers=n_layers,
                        num_kv_heads=n_kv, head_dim=head_dim, rank=rank, method=method,
                        n_tokens=int(sum(c.numel() for c in chunks)),
-                       extra={"chunk_len": chunk_len, "seed": seed}, moments=moments)
+                       extra={"chunk_len": chunk_len, "seed": seed,
+                              "residual_key_bits": key_bits, "residual_group_size": group_size},
+                       moments=moments)

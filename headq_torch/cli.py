@@ -47,7 +47,8 @@ def _calibrate(args) -> int:
     model, tok = load_model(args.model, args.gguf_file)
     text = _read_text(args.text)
     cal = calibrate(model, tok, text, rank=args.rank, n_tokens=args.tokens, method=args.method,
-                    chunk_len=args.chunk_len, progress=not args.quiet, seed=args.seed)
+                    chunk_len=args.chunk_len, progress=not args.quiet, seed=args.seed,
+                    key_bits=args.key_bits, group_size=args.group_size)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -150,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, default=8)
     c.add_argument("--tokens", type=int, default=8192)
     c.add_argument("--method", choices=METHODS, default="pca")
+    c.add_argument("--key-bits", type=int, default=2,
+                   help="base key bits the 'residual' basis is fitted to (the cache's)")
+    c.add_argument("--group-size", type=int, default=64,
+                   help="base key group size (tokens) the 'residual' basis is fitted to")
     c.add_argument("--chunk-len", type=int, default=512)
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--out", required=True, help="output calibration file (.safetensors)")

@@ -83,7 +83,7 @@ __all__ = [
 SIM_IMPL = "headq_sim"
 DECODE_IMPL = "headq_decode_sim"
 MODES = ("k_only", "full_kv")
-BASES = ("pca", "fisher", "random", "key_pca")
+BASES = ("pca", "fisher", "residual", "random", "key_pca")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +95,8 @@ class EvalRow:
     """One configuration of the table.
 
     ``key_bits``/``value_bits`` 16 mean dense. ``rank`` 0 means no side code. ``basis`` names the
-    calibration method of ``U`` (``'pca'``, ``'fisher'``, ``'random'``, ``'key_pca'``).
+    calibration method of ``U`` (``'pca'``, ``'fisher'``, ``'residual'``, ``'random'``,
+    ``'key_pca'``).
     ``key_perturb``: ``'shift'`` adds a fixed per-channel constant ``1μᵀ`` to every key (the
     null-space control; ``μ ~ perturb_scale * N(0, I)``, seeded per layer), ``'noise'`` adds
     i.i.d. ``perturb_scale * N(0, 1)`` noise (same expected key MSE as the shift, different

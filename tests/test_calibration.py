@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from conftest import make_tiny, save_tiny_folder, tiny_calibration
+from headq_torch import reference as ref
 from headq_torch.calibration import (FORMAT_VERSION, Calibration, CalibrationError, LayerSamples,
-                                     calibrate, capture_qk, learn_bases)
+                                     Moments, bases_from_moments, calibrate, capture_qk,
+                                     learn_bases, residual_objective)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,95 @@ def test_learn_bases_methods():
         learn_bases(s, r, "svd")
     with pytest.raises(ValueError, match="fisher"):
         learn_bases(q, r, "fisher")
+    with pytest.raises(ValueError, match="residual"):  # needs whole sequences' residuals
+        learn_bases(s, r, "residual")
+
+
+def test_residual_objective_is_the_mean_pair_logit_error():
+    """residual_objective(U, Σ_q, Σ_e) = mean over every (query, residual) pair of
+    (qᵀ (I − UUᵀ) e)², computed here pair by pair."""
+    g = torch.Generator().manual_seed(3)
+    H, D, r, N, M = 2, 16, 3, 40, 30
+    q = torch.randn(H, N, D, generator=g, dtype=torch.float64)
+    e = torch.randn(H, M, D, generator=g, dtype=torch.float64) * torch.rand(D, generator=g,
+                                                                              dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(H, D, r, generator=g, dtype=torch.float64))[0]
+    sq = q.transpose(1, 2) @ q / N
+    se = e.transpose(1, 2) @ e / M
+    resid = e - (e @ u) @ u.transpose(1, 2)  # (I − P) e per residual
+    want = ((q @ resid.transpose(1, 2)) ** 2).mean((1, 2))
+    torch.testing.assert_close(residual_objective(u, sq, se), want, rtol=1e-10, atol=0)
+    torch.testing.assert_close(residual_objective(u[..., :0], sq, se),
+                               ((q @ e.transpose(1, 2)) ** 2).mean((1, 2)), rtol=1e-10, atol=0)
+
+
+def _moments(sq: torch.Tensor, se: torch.Tensor) -> Moments:
+    """Moments whose query second moment is ``sq`` and residual covariance ``se`` (one
+    residual token per unit count, zero mean)."""
+    H, D, _ = sq.shape
+    m = Moments.zeros(H, D)
+    m.qq, m.n_q = sq.double().clone(), 1
+    m.rr, m.n_r = se.double().clone(), 1
+    return m
+
+
+def test_residual_basis():
+    """'residual' minimises the pair logit error: with isotropic residuals it is query PCA;
+    where the queries' energy sits on channels the base code gets almost right, it moves to
+    the channels with the error; it is orthonormal, deterministic, never worse than PCA."""
+    g = torch.Generator().manual_seed(4)
+    H, D, r = 2, 16, 3
+    a = torch.randn(H, D, D, generator=g, dtype=torch.float64)
+    sq = a @ a.transpose(1, 2) / D + torch.diag(torch.linspace(8, 0.1, D, dtype=torch.float64))
+    proj = lambda u: u.double() @ u.double().transpose(1, 2)  # noqa: E731
+    eye = torch.eye(D, dtype=torch.float64).expand(H, D, D)
+    u_pca = bases_from_moments(_moments(sq, eye), r, "pca")
+    u_res = bases_from_moments(_moments(sq, eye), r, "residual")
+    assert (proj(u_res) - proj(u_pca)).abs().max() < 1e-3
+    # planted: queries strongest on channels 0..r-1 (PCA's pick), whose residuals are tiny;
+    # channels r..2r-1 a little weaker in the queries but with 100x the residual variance
+    dq = torch.cat([torch.full((r,), 10.0), torch.full((r,), 5.0), torch.full((D - 2 * r,), 0.5)])
+    de = torch.cat([torch.full((r,), 0.01), torch.full((r,), 1.0), torch.full((D - 2 * r,), 0.1)])
+    sq2, se2 = torch.diag(dq).expand(H, D, D).double(), torch.diag(de).expand(H, D, D).double()
+    u_pca = bases_from_moments(_moments(sq2, se2), r, "pca")
+    u_res = bases_from_moments(_moments(sq2, se2), r, "residual")
+    assert u_res.shape == (H, D, r) and u_res.dtype == torch.float32
+    torch.testing.assert_close(u_res.transpose(1, 2) @ u_res, torch.eye(r).expand(H, r, r),
+                               atol=1e-5, rtol=0)
+    assert u_res[:, r:2 * r].abs().pow(2).sum() > 0.99 * H * r  # the error's channels
+    assert u_pca[:, :r].abs().pow(2).sum() > 0.99 * H * r
+    f_pca, f_res = residual_objective(u_pca, sq2, se2), residual_objective(u_res, sq2, se2)
+    assert (f_res < 0.5 * f_pca).all()
+    # never worse than PCA, and the same bits twice
+    se3 = torch.randn(H, D, D, generator=g, dtype=torch.float64)
+    se3 = se3 @ se3.transpose(1, 2) / D
+    m3 = _moments(sq, se3)
+    u3 = bases_from_moments(m3, r, "residual")
+    assert torch.equal(u3, bases_from_moments(m3, r, "residual"))
+    assert (residual_objective(u3, sq, se3)
+            <= residual_objective(bases_from_moments(m3, r, "pca"), sq, se3) + 1e-12).all()
+    with pytest.raises(ValueError, match="residual"):
+        bases_from_moments(Moments(sq, sq, sq, 1, 1), r, "residual")  # no residuals collected
+
+
+def test_moments_add_residuals_matches_the_reference_quantiser():
+    """add_residuals: second moment and sum of k − k̂ over the complete groups (reference
+    quantiser), the incomplete tail left out; residual_covariance centres them."""
+    g = torch.Generator().manual_seed(5)
+    H, D, G = 2, 32, 32
+    keys = [torch.randn(H, 75, D, generator=g) * 3 + 1, torch.randn(H, 20, D, generator=g)]
+    m = Moments.zeros(H, D)
+    for k in keys:
+        m.add_residuals(k, 3, G)
+    assert m.n_r == 64  # 75 -> 2 groups of 32; 20 -> none
+    k = keys[0][:, :64].unsqueeze(0)
+    c, s, z = ref.quantize_keys(k, 3, G)
+    e = (k - ref.dequantize_keys(c, s, z, 3, G))[0].double()
+    torch.testing.assert_close(m.rr, e.transpose(1, 2) @ e, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.r_sum, e.sum(1), rtol=1e-6, atol=1e-6)
+    ec = e - e.mean(1, keepdim=True)
+    torch.testing.assert_close(m.residual_covariance(), ec.transpose(1, 2) @ ec / 64,
+                               rtol=1e-6, atol=1e-8)
 
 
 def test_calibrate_metadata_and_controls(llama, llama_cal):
@@ -94,6 +185,15 @@ def test_calibrate_metadata_and_controls(llama, llama_cal):
     # one pass accumulates every method: calibrate(method='fisher') == with_bases('fisher')
     fisher = tiny_calibration(llama, method="fisher")
     torch.testing.assert_close(fisher.bases[0], ctrl["fisher"].bases[0])
+    resid = tiny_calibration(llama, method="residual")
+    assert resid.method == "residual"
+    assert (resid.extra["residual_key_bits"], resid.extra["residual_group_size"]) == (2, 64)
+    assert torch.equal(resid.bases[1], cal.with_bases("residual").bases[1])
+    assert not torch.allclose(resid.bases[0], cal.bases[0])
+    # a tensor-parallel shard's residual basis is the full one's heads (to rounding: batched
+    # linear algebra over 1 head instead of 2)
+    torch.testing.assert_close(cal.shard(1, 2).with_bases("residual").bases[0],
+                               cal.with_bases("residual").bases[0][1:], atol=1e-4, rtol=0)
 
 
 def test_gemma3_calibration_skips_sliding_layers():
@@ -186,6 +286,13 @@ def test_cli_calibrate(tmp_path, llama):
     assert rc == 0
     cal = Calibration.load(out, expected_config=llama.config, expected_rank=4)
     assert cal.method == "fisher" and cal.n_tokens == 256 and cal.bases[0].shape == (2, 32, 4)
+    rc = main(["calibrate", "--model", str(d), "--text", str(text), "--rank", "4",
+               "--tokens", "256", "--chunk-len", "128", "--method", "residual", "--key-bits",
+               "3", "--group-size", "32", "--out", str(out), "--quiet"])
+    assert rc == 0
+    cal = Calibration.load(out, expected_config=llama.config, expected_rank=4)
+    assert cal.method == "residual" and cal.bases[0].shape == (2, 32, 4)
+    assert (cal.extra["residual_key_bits"], cal.extra["residual_group_size"]) == (3, 32)
     with pytest.raises(SystemExit):
         main(["calibrate", "--model", str(d), "--text", str(tmp_path / "nope.txt"),
               "--out", str(out)])
@@ -197,6 +304,10 @@ def test_calibrate_argument_errors(llama):
         calibrate(llama, None, ids, rank=0, progress=False)
     with pytest.raises(ValueError, match="method"):
         calibrate(llama, None, ids, method="svd", progress=False)
+    with pytest.raises(ValueError, match="key_bits"):
+        calibrate(llama, None, ids, key_bits=5, progress=False)
+    with pytest.raises(ValueError, match="group_size"):
+        calibrate(llama, None, ids, group_size=48, progress=False)
 
 
 def test_cli_generate(tmp_path, llama, capsys):
