@@ -631,14 +631,19 @@ def learn_row_bases(model, tokenizer, calib_text: str, rows: Iterable[EvalRow],
                     n_tokens: int = 4096, progress: bool = True) -> dict:
     """``{(basis, rank): [per-layer [H, D, r]]}`` for every (basis, rank) the rows use, from one
     calibration pass (:func:`headq_torch.calibration.calibrate` keeps the moments of every
-    method, :meth:`~headq_torch.calibration.Calibration.with_bases` derives the rest)."""
+    method, :meth:`~headq_torch.calibration.Calibration.with_bases` derives the rest). The
+    ``'residual'`` bases are fitted to the base code of the first ``'residual'`` row (its
+    ``key_bits`` and ``group_size``)."""
     from .calibration import calibrate
 
+    rows = list(rows)
     need = sorted({(r.basis, r.rank) for r in rows if r.rank})
     if not need:
         return {}
+    res = next((r for r in rows if r.rank and r.basis == "residual"), None)
+    fit = {} if res is None else dict(key_bits=res.key_bits, group_size=res.group_size)
     cal = calibrate(model, tokenizer, calib_text, rank=need[0][1], n_tokens=n_tokens,
-                    method="pca", progress=progress)
+                    method="pca", progress=progress, **fit)
     out = {}
     for basis, rank in need:
         out[(basis, rank)] = cal.with_bases(basis, rank).bases
@@ -676,9 +681,9 @@ def default_rows(ranks: Sequence[int] = (4, 8, 16), group_size: int = 64, head_d
         EvalRow("3-bit G=32", key_bits=3, group_size=32, residual_length=R, family="baseline"),
         EvalRow("4-bit G=128", key_bits=4, group_size=128, residual_length=R, family="baseline"),
     ]
-    for basis in ("pca", "fisher"):
+    for basis in ("pca", "fisher", "residual"):
         for r in ranks:
-            if quick and basis == "fisher" and r != controls_rank:
+            if quick and basis != "pca" and r != controls_rank:
                 continue
             rows.append(EvalRow(f"HeadQ {basis} r={r}", key_bits=2, rank=r, basis=basis,
                                 family="headq", **base))

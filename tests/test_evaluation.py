@@ -222,7 +222,11 @@ def test_rows_and_validation():
     assert {"dense", "base", "baseline", "headq", "control", "a2", "uniform"} <= fams
     assert {r.mode for r in rows} == {"k_only", "full_kv"}
     assert {(r.basis, r.rank) for r in rows if r.family == "headq"} >= {
-        ("pca", 4), ("pca", 8), ("pca", 16), ("fisher", 4), ("fisher", 8), ("fisher", 16)}
+        ("pca", 4), ("pca", 8), ("pca", 16), ("fisher", 4), ("fisher", 8), ("fisher", 16),
+        ("residual", 4), ("residual", 8), ("residual", 16)}
+    quick = {(r.basis, r.rank) for r in E.default_rows(quick=True) if r.family == "headq"}
+    assert {("pca", 4), ("pca", 8), ("pca", 16), ("fisher", 8), ("residual", 8)} <= quick
+    assert ("residual", 4) not in quick
     base = next(r for r in rows if r.family == "base" and r.mode == "k_only")
     hq8 = next(r for r in rows if r.method == "HeadQ pca r=8")
     assert hq8.bits_per_element(64, 1024) > base.bits_per_element(64, 1024)
