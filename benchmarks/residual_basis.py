@@ -2,9 +2,10 @@
 groups of 64 tokens, dense values): the perplexity rows of quality.json's setting (same
 calibration split and tokens, same evaluation windows) for ranks 4, 8 and 16 with each basis,
 and, per layer and KV head, the share of the pair logit error ``tr(Σ_q Σ_e)`` that each
-basis leaves (``headq_torch.calibration.residual_objective``).
+basis leaves (``headq_torch.calibration.residual_objective``); and rank 8 fitted on fewer
+calibration tokens (``--calib-size-check``).
 
-    python benchmarks/residual_basis.py            # ~15 min on 2 cores
+    python benchmarks/residual_basis.py            # ~11 min on 2 cores
 
 Writes benchmarks/results/residual_basis.json and residual_basis.png. The PCA rows repeat
 quality.json's (same calibration and windows): a check that the two runs agree. Finished
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--calib-size-check", type=int, nargs="*", default=[1024, 2048, 4096],
+                   help="also fit rank 8 on these fewer calibration tokens (same evaluation)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--resume", default=str(ROOT / "out" / "residual_basis_runs.pt"))
@@ -117,6 +120,23 @@ def main(argv=None) -> None:
     out = E.evaluate_rows(model, windows, rows, bases, resume=args.resume)
     table = E.format_table(out)
     print(table)
+    # Rank 8 fitted on fewer calibration tokens, same windows (no resume file: its runs are
+    # keyed by row and window, not by the bases); excess against this run's dense / base rows.
+    by = {r["method"]: r for r in out}
+    dense, base = by["dense"]["ppl"], by["base 2-bit"]["ppl"]
+    size_check = []
+    for n in args.calib_size_check:
+        c = calibrate(model, tok, calib, rank=8, n_tokens=n, key_bits=2, group_size=64,
+                      progress=False)
+        b = {("pca", 8): c.bases, ("residual", 8): c.with_bases("residual").bases}
+        rr = [E.EvalRow(f"HeadQ {m} r=8", key_bits=2, rank=8, basis=m, family="headq")
+              for m in ("pca", "residual")]
+        for r in E.evaluate_rows(model, windows, rr, b, progress=False):
+            size_check.append({"calib_tokens": c.n_tokens, "method": r["method"],
+                               "ppl": r["ppl"],
+                               "excess_removed_frac": 1 - (r["ppl"] - dense) / (base - dense)})
+            print(f"calibration {c.n_tokens:5d} tokens: {r['method']:18s} ppl {r['ppl']:.4f} "
+                  f"removed {100 * size_check[-1]['excess_removed_frac']:.1f}%", flush=True)
     doc = {"command": command,
            "model": "SmolLM2-135M-Instruct (packaged GGUF Q4_1, run in fp32; 30 layers, 9 query "
                     "/ 3 KV heads, head dim 64)",
@@ -131,8 +151,11 @@ def main(argv=None) -> None:
                      "tr((I-P) Σ_q (I-P) Σ_e), Σ_e the covariance of the 2-bit G=64 key "
                      "residuals of the calibration keys (headq_torch.calibration). "
                      "pair_logit_error_left: that objective over tr(Σ_q Σ_e), per layer the "
-                     "mean over KV heads, from the calibration moments."),
-           "pair_logit_error_left": shares, "table": table.splitlines(), "rows": out}
+                     "mean over KV heads, from the calibration moments. "
+                     "calibration_size_check: rank 8 with both bases calibrated on the first N "
+                     "tokens of the same calibration text, evaluated on the same windows."),
+           "pair_logit_error_left": shares, "table": table.splitlines(), "rows": out,
+           "calibration_size_check": size_check}
     with open(res_dir / "residual_basis.json", "w") as f:
         json.dump(doc, f, indent=1)
     qpath = res_dir / "quality.json"
