@@ -3,9 +3,10 @@ groups of 64 tokens, dense values): the perplexity rows of quality.json's settin
 calibration split and tokens, same evaluation windows) for ranks 4, 8 and 16 with each basis,
 and, per layer and KV head, the share of the pair logit error ``tr(Σ_q Σ_e)`` that each
 basis leaves (``headq_torch.calibration.residual_objective``); and rank 8 fitted on fewer
-calibration tokens (``--calib-size-check``).
+calibration tokens (``--calib-size-check``); and quality.json's best full-KV row (2-bit
+values + the A² policy at 3.5 bits) with either basis.
 
-    python benchmarks/residual_basis.py            # ~11 min on 2 cores
+    python benchmarks/residual_basis.py            # ~13 min on 2 cores
 
 Writes benchmarks/results/residual_basis.json and residual_basis.png. The PCA rows repeat
 quality.json's (same calibration and windows): a check that the two runs agree. Finished
@@ -59,7 +60,8 @@ def plot(rows: list[dict], path: Path, baselines: list[dict]) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for basis, marker, dy in (("pca", "o", -12), ("residual", "s", 5)):
         pts = sorted((r["bits_per_element"], r["excess_removed_frac"] * 100, r["rank"])
-                     for r in rows if r.get("basis") == basis and r["rank"])
+                     for r in rows if r.get("basis") == basis and r["rank"]
+                     and r["mode"] == "k_only")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker,
                 label=f"HeadQ, {basis} basis")
         for x, y, r in pts:
@@ -115,6 +117,14 @@ def main(argv=None) -> None:
     for basis in ("pca", "residual"):
         rows += [E.EvalRow(f"HeadQ {basis} r={r}", key_bits=2, rank=r, basis=basis,
                            family="headq") for r in args.ranks]
+    # full KV at 3.5 bits: quality.json's best row (2-bit values + A², 3% kept), either basis
+    f = E.value_keep_frac_for(64, 2, 2, target_value_group_size=32)
+    rows += [E.EvalRow("dense", mode="full_kv", family="dense"),
+             E.EvalRow("base 2-bit K+V", mode="full_kv", key_bits=2, value_bits=2,
+                       family="base")]
+    rows += [E.EvalRow(f"HeadQ {basis} r=8 + 2-bit V + A² f={f:.3f}", mode="full_kv",
+                       key_bits=2, rank=8, basis=basis, value_bits=2, value_policy="a2",
+                       value_keep_frac=f, family="a2") for basis in ("pca", "residual")]
     windows = E.eval_windows(tok, ev, args.window, args.eval_tokens // args.window)
     t1 = time.time()
     out = E.evaluate_rows(model, windows, rows, bases, resume=args.resume)
@@ -122,7 +132,7 @@ def main(argv=None) -> None:
     print(table)
     # Rank 8 fitted on fewer calibration tokens, same windows (no resume file: its runs are
     # keyed by row and window, not by the bases); excess against this run's dense / base rows.
-    by = {r["method"]: r for r in out}
+    by = {r["method"]: r for r in out if r["mode"] == "k_only"}
     dense, base = by["dense"]["ppl"], by["base 2-bit"]["ppl"]
     size_check = []
     for n in args.calib_size_check:
