@@ -259,6 +259,9 @@ class Moments:
         codes, scale, zero = ops.quantize_keys(k, key_bits, group_size)
         e = (k - ops.dequantize_keys(codes, scale, zero, key_bits, group_size,
                                      torch.float32))[0].double().cpu()
+        if self.rr is None:  # moments built without the residual fields
+            self.rr = torch.zeros(e.shape[0], e.shape[2], e.shape[2], dtype=torch.float64)
+            self.r_sum = torch.zeros(e.shape[0], e.shape[2], dtype=torch.float64)
         self.rr += e.transpose(1, 2) @ e
         self.r_sum += e.sum(1)
         self.n_r += n

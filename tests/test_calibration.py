@@ -148,8 +148,11 @@ def test_residual_basis():
     assert torch.equal(u3, bases_from_moments(m3, r, "residual"))
     assert (residual_objective(u3, sq, se3)
             <= residual_objective(bases_from_moments(m3, r, "pca"), sq, se3) + 1e-12).all()
+    bare = Moments(sq, sq, sq, 1, 1)  # built without the residual fields
     with pytest.raises(ValueError, match="residual"):
-        bases_from_moments(Moments(sq, sq, sq, 1, 1), r, "residual")  # no residuals collected
+        bases_from_moments(bare, r, "residual")  # no residuals collected
+    bare.add_residuals(torch.randn(H, 64, D, generator=g), 2, 32)
+    assert bare.n_r == 64 and bare.residual_covariance().shape == (H, D, D)
 
 
 def test_moments_add_residuals_matches_the_reference_quantiser():
