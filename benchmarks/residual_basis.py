@@ -29,22 +29,21 @@ sys.path.insert(0, str(ROOT))
 
 from headq_torch import data  # noqa: E402
 from headq_torch import evaluation as E  # noqa: E402
-from headq_torch.calibration import (_top_eigvecs, calibrate,  # noqa: E402
-                                     residual_objective)
+from headq_torch.calibration import calibrate, residual_objective  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality import machine  # noqa: E402
 
 
-def objective_shares(cal, rank: int) -> dict:
+def objective_shares(cal, bases: dict, rank: int) -> dict:
     """Per layer (mean over KV heads) and overall: the share of tr(Σ_q Σ_e) that a side code
-    on each basis leaves."""
+    on each basis (``bases[(name, rank)]``, per layer) leaves."""
     out = {"pca": [], "residual": []}
-    res = cal.with_bases("residual", rank).bases
-    for m, u_res in zip(cal._moments, res):
+    for i, m in enumerate(cal._moments):
         sq, se = m.qq / max(m.n_q, 1), m.residual_covariance()
         tot = torch.einsum("hij,hji->h", sq, se)
-        for name, u in (("pca", _top_eigvecs(sq, rank)), ("residual", u_res)):
+        for name in out:
+            u = bases[(name, rank)][i]
             out[name].append((residual_objective(u, sq, se) / tot).tolist())
     return {name: {"mean": round(float(torch.tensor(v).mean()), 4),
                    "per_layer_mean_over_heads": [round(float(torch.tensor(x).mean()), 4)
@@ -102,13 +101,14 @@ def main(argv=None) -> None:
     t0 = time.time()
     model, tok = data.load_smollm2()
     calib, ev = data.calibration_eval_split()
-    cal = calibrate(model, tok, calib, rank=max(args.ranks), n_tokens=args.calib_tokens,
+    fit_ranks = sorted({*args.ranks, 8})  # the full-KV rows below are rank 8
+    cal = calibrate(model, tok, calib, rank=max(fit_ranks), n_tokens=args.calib_tokens,
                     key_bits=2, group_size=64)
-    bases = {("pca", r): cal.with_bases("pca", r).bases for r in args.ranks}
+    bases = {("pca", r): cal.with_bases("pca", r).bases for r in fit_ranks}
     print(f"calibrated on {cal.n_tokens} tokens; fitting the residual bases", flush=True)
-    for r in args.ranks:
+    for r in fit_ranks:
         bases[("residual", r)] = cal.with_bases("residual", r).bases
-    shares = {f"r={r}": objective_shares(cal, r) for r in args.ranks}
+    shares = {f"r={r}": objective_shares(cal, bases, r) for r in args.ranks}
     for k, v in shares.items():
         print(f"{k}: pair logit error left, pca {v['pca']['mean']:.4f}, "
               f"residual {v['residual']['mean']:.4f}", flush=True)
@@ -118,13 +118,13 @@ def main(argv=None) -> None:
         rows += [E.EvalRow(f"HeadQ {basis} r={r}", key_bits=2, rank=r, basis=basis,
                            family="headq") for r in args.ranks]
     # full KV at 3.5 bits: quality.json's best row (2-bit values + A², 3% kept), either basis
-    f = E.value_keep_frac_for(64, 2, 2, target_value_group_size=32)
+    keep = E.value_keep_frac_for(64, 2, 2, target_value_group_size=32)
     rows += [E.EvalRow("dense", mode="full_kv", family="dense"),
              E.EvalRow("base 2-bit K+V", mode="full_kv", key_bits=2, value_bits=2,
                        family="base")]
-    rows += [E.EvalRow(f"HeadQ {basis} r=8 + 2-bit V + A² f={f:.3f}", mode="full_kv",
+    rows += [E.EvalRow(f"HeadQ {basis} r=8 + 2-bit V + A² f={keep:.3f}", mode="full_kv",
                        key_bits=2, rank=8, basis=basis, value_bits=2, value_policy="a2",
-                       value_keep_frac=f, family="a2") for basis in ("pca", "residual")]
+                       value_keep_frac=keep, family="a2") for basis in ("pca", "residual")]
     windows = E.eval_windows(tok, ev, args.window, args.eval_tokens // args.window)
     t1 = time.time()
     out = E.evaluate_rows(model, windows, rows, bases, resume=args.resume)
@@ -133,7 +133,6 @@ def main(argv=None) -> None:
     # Rank 8 fitted on fewer calibration tokens, same windows (no resume file: its runs are
     # keyed by row and window, not by the bases); excess against this run's dense / base rows.
     by = {r["method"]: r for r in out if r["mode"] == "k_only"}
-    dense, base = by["dense"]["ppl"], by["base 2-bit"]["ppl"]
     size_check = []
     for n in args.calib_size_check:
         c = calibrate(model, tok, calib, rank=8, n_tokens=n, key_bits=2, group_size=64,
@@ -141,12 +140,13 @@ def main(argv=None) -> None:
         b = {("pca", 8): c.bases, ("residual", 8): c.with_bases("residual").bases}
         rr = [E.EvalRow(f"HeadQ {m} r=8", key_bits=2, rank=8, basis=m, family="headq")
               for m in ("pca", "residual")]
-        for r in E.evaluate_rows(model, windows, rr, b, progress=False):
+        got = E.evaluate_rows(model, windows, rr, b, progress=False)
+        E._add_excess([by["dense"], by["base 2-bit"], *got])
+        for r in got:
             size_check.append({"calib_tokens": c.n_tokens, "method": r["method"],
-                               "ppl": r["ppl"],
-                               "excess_removed_frac": 1 - (r["ppl"] - dense) / (base - dense)})
+                               "ppl": r["ppl"], "excess_removed_frac": r["excess_removed_frac"]})
             print(f"calibration {c.n_tokens:5d} tokens: {r['method']:18s} ppl {r['ppl']:.4f} "
-                  f"removed {100 * size_check[-1]['excess_removed_frac']:.1f}%", flush=True)
+                  f"removed {100 * r['excess_removed_frac']:.1f}%", flush=True)
     doc = {"command": command,
            "model": "SmolLM2-135M-Instruct (packaged GGUF Q4_1, run in fp32; 30 layers, 9 query "
                     "/ 3 KV heads, head dim 64)",

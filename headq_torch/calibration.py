@@ -199,7 +199,8 @@ def capture_qk(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Te
 class Moments:
     """Streaming second moments of one layer (float64 ``[H, D, D]`` each): queries ``qq``,
     curvature-weighted queries ``fq``, keys ``kk``, and the base quantiser's key residuals
-    ``rr`` (with their sum ``r_sum`` ``[H, D]``, to centre them; :meth:`add_residuals`)."""
+    ``rr`` (with their sum ``r_sum`` ``[H, D]``, to centre them; None until
+    :meth:`add_residuals` adds the first)."""
 
     qq: torch.Tensor
     fq: torch.Tensor
@@ -214,8 +215,7 @@ class Moments:
     @classmethod
     def zeros(cls, n_kv: int, head_dim: int) -> "Moments":
         z = lambda: torch.zeros(n_kv, head_dim, head_dim, dtype=torch.float64)  # noqa: E731
-        return cls(z(), z(), z(), 0, 0, torch.zeros(n_kv, dtype=torch.float64), z(),
-                   torch.zeros(n_kv, head_dim, dtype=torch.float64), 0)
+        return cls(z(), z(), z(), 0, 0, torch.zeros(n_kv, dtype=torch.float64))
 
     def head_slice(self, sl: slice) -> "Moments":
         """The moments of KV heads ``sl`` (a tensor-parallel shard)."""
@@ -259,7 +259,7 @@ class Moments:
         codes, scale, zero = ops.quantize_keys(k, key_bits, group_size)
         e = (k - ops.dequantize_keys(codes, scale, zero, key_bits, group_size,
                                      torch.float32))[0].double().cpu()
-        if self.rr is None:  # moments built without the residual fields
+        if self.rr is None:  # the first residuals
             self.rr = torch.zeros(e.shape[0], e.shape[2], e.shape[2], dtype=torch.float64)
             self.r_sum = torch.zeros(e.shape[0], e.shape[2], dtype=torch.float64)
         self.rr += e.transpose(1, 2) @ e
@@ -272,7 +272,11 @@ def _top_eigvecs(m: torch.Tensor, rank: int) -> torch.Tensor:
     deterministic sign (the largest-magnitude entry of each column is positive)."""
     m = 0.5 * (m + m.transpose(1, 2))
     _, vecs = torch.linalg.eigh(m)  # ascending
-    u = vecs.flip(-1)[..., :rank]
+    return _signed(vecs.flip(-1)[..., :rank])
+
+
+def _signed(u: torch.Tensor) -> torch.Tensor:
+    """``u`` ``[H, D, r]`` with each column's largest-magnitude entry positive, float32."""
     idx = u.abs().argmax(dim=1, keepdim=True)
     sgn = torch.sign(torch.gather(u, 1, idx))
     sgn[sgn == 0] = 1
@@ -349,11 +353,7 @@ def _residual_basis(sq: torch.Tensor, se: torch.Tensor, rank: int, iters: int = 
             opt.zero_grad()
             f.sum().backward()
             opt.step()
-    u = best.detach()
-    idx = u.abs().argmax(dim=1, keepdim=True)  # the sign convention of _top_eigvecs
-    sgn = torch.sign(torch.gather(u, 1, idx))
-    sgn[sgn == 0] = 1
-    return (u * sgn).to(torch.float32).contiguous()
+    return _signed(best.detach())
 
 
 def learn_bases(samples, rank: int, method: str = "pca", seed: int = 0) -> torch.Tensor:

@@ -109,7 +109,7 @@ def _moments(sq: torch.Tensor, se: torch.Tensor) -> Moments:
     H, D, _ = sq.shape
     m = Moments.zeros(H, D)
     m.qq, m.n_q = sq.double().clone(), 1
-    m.rr, m.n_r = se.double().clone(), 1
+    m.rr, m.r_sum, m.n_r = se.double().clone(), torch.zeros(H, D, dtype=torch.float64), 1
     return m
 
 
@@ -148,7 +148,7 @@ def test_residual_basis():
     assert torch.equal(u3, bases_from_moments(m3, r, "residual"))
     assert (residual_objective(u3, sq, se3)
             <= residual_objective(bases_from_moments(m3, r, "pca"), sq, se3) + 1e-12).all()
-    bare = Moments(sq, sq, sq, 1, 1)  # built without the residual fields
+    bare = Moments(sq, sq, sq, 1, 1)  # no residuals added yet
     with pytest.raises(ValueError, match="residual"):
         bases_from_moments(bare, r, "residual")  # no residuals collected
     bare.add_residuals(torch.randn(H, 64, D, generator=g), 2, 32)
