@@ -252,6 +252,16 @@ class Moments:
         a multiple of 8) adds nothing (``'residual'`` then raises; the other methods work)."""
         from . import ops
 
+        H, D = self.qq.shape[0], self.qq.shape[-1]
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 3 or \
+                tuple(keys.shape[::2]) != (H, D):
+            got = list(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+            raise ValueError(f"add_residuals: keys must be [H={H}, T, D={D}], got {got}")
+        if key_bits not in (2, 3, 4, 8):
+            raise ValueError(f"add_residuals: key_bits must be 2, 3, 4 or 8, got {key_bits}")
+        if group_size not in (32, 64, 128):
+            raise ValueError(f"add_residuals: group_size must be 32, 64 or 128, got "
+                             f"{group_size}")
         n = keys.shape[1] // group_size * group_size
         if n == 0 or keys.shape[-1] % 8:
             return
@@ -315,6 +325,14 @@ def residual_objective(basis: torch.Tensor, sq: torch.Tensor, se: torch.Tensor) 
     ``(qᵀ (I − P) e)²`` over (query, residual) pairs that a side code on ``basis`` ``[H, D, r]``
     leaves (``Σ_q``, ``Σ_e`` ``[H, D, D]``). Without a side code (``r = 0``) it is
     ``tr(Σ_q Σ_e)``."""
+    if basis.dim() != 3 or sq.dim() != 3 or se.dim() != 3:
+        raise ValueError(f"residual_objective: basis must be [H, D, r] and sq, se [H, D, D], "
+                         f"got {list(basis.shape)}, {list(sq.shape)}, {list(se.shape)}")
+    H, D = basis.shape[0], basis.shape[1]
+    for name, t in (("sq", sq), ("se", se)):
+        if tuple(t.shape) != (H, D, D):
+            raise ValueError(f"residual_objective: {name} must be [H={H}, D={D}, D={D}] like "
+                             f"basis [H, D, r], got {list(t.shape)}")
     dt = torch.promote_types(basis.dtype, sq.dtype)
     u = basis.to(dt)
     m = torch.eye(u.shape[-2], dtype=dt) - u @ u.transpose(-1, -2)

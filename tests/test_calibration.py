@@ -101,6 +101,10 @@ def test_residual_objective_is_the_mean_pair_logit_error():
     torch.testing.assert_close(residual_objective(u, sq, se), want, rtol=1e-10, atol=0)
     torch.testing.assert_close(residual_objective(u[..., :0], sq, se),
                                ((q @ e.transpose(1, 2)) ** 2).mean((1, 2)), rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match="se must be"):
+        residual_objective(u, sq, se[:, :3])
+    with pytest.raises(ValueError, match="basis must be"):
+        residual_objective(u[0], sq, se)
 
 
 def _moments(sq: torch.Tensor, se: torch.Tensor) -> Moments:
@@ -165,6 +169,13 @@ def test_moments_add_residuals_matches_the_reference_quantiser():
     for k in keys:
         m.add_residuals(k, 3, G)
     assert m.n_r == 64  # 75 -> 2 groups of 32; 20 -> none
+    with pytest.raises(ValueError, match="keys must be"):
+        m.add_residuals(keys[0][:1], 3, G)
+    with pytest.raises(ValueError, match="key_bits"):
+        m.add_residuals(keys[0], 5, G)
+    with pytest.raises(ValueError, match="group_size"):
+        m.add_residuals(keys[0], 3, 48)
+    assert m.n_r == 64  # the rejected calls added nothing
     k = keys[0][:, :64].unsqueeze(0)
     c, s, z = ref.quantize_keys(k, 3, G)
     e = (k - ref.dequantize_keys(c, s, z, 3, G))[0].double()
