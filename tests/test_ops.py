@@ -750,6 +750,29 @@ def test_decode_heavy_stage_sizes_agree_exactly(monkeypatch, dtype, head_dim, ca
     _assert_decode_matches_reference(*outs["32"], args, dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the split plan is the CUDA launch's")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=_dt_id)
+@pytest.mark.parametrize(
+    "case",
+    [dict(B=1, Tq=4096, G=64, Gv=64, W=0), dict(B=2, Tq=3000 // 64 * 64, G=64, Gv=64, W=70),
+     dict(B=1, Tq=2048, heavy=100, kv_start=True)],
+    ids=["batch1_4k", "batch2_window", "batch1_heavy"])
+def test_decode_split_min_tiles_keeps_the_answer(monkeypatch, dtype, case):
+    """The split plan (the default, or HEADQ_SPLIT_MIN_TILES: at least that many tiles per
+    split; benchmarks/bench_decode_batch.py times them) changes how a sequence is cut over
+    blocks, never what the op returns: every setting matches the reference, whichever kernel
+    (tensor-core or SIMT) runs."""
+    args = _decode_case("cuda", dtype, D=128, **case)
+    # 100000: one split; "0", "x": not a count, the default plan
+    for m in (None, "1", "2", "4", "16", "100000", "0", "x"):
+        if m is None:
+            monkeypatch.delenv("HEADQ_SPLIT_MIN_TILES", raising=False)
+        else:
+            monkeypatch.setenv("HEADQ_SPLIT_MIN_TILES", m)
+        out, lse = ops.decode_attention(*args)
+        _assert_decode_matches_reference(out, lse, args, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 def test_decode_attention_empty_sequence_gives_zeros(device):
     args = list(_decode_case(device, torch.float32, kv_start=False))

@@ -1257,7 +1257,8 @@ cudaError_t plan_decode_attention(const DecodeParams& p, int sm_count, DecodePla
     return occupancy_typed<decltype(d)::value, decltype(ng)::value>(pl.smem, &per_sm);
   });
   if (err != cudaSuccess) return err;
-  set_plan_splits(p, sm_count, per_sm, kTile, kTile, &pl);
+  // the full wave (the shorter-splits rule, kAutoMinTiles, was measured on the tensor-core kernel)
+  set_plan_splits(p, sm_count, per_sm, kTile, kTile, 1, &pl);
   *plan = pl;
   return cudaSuccess;
 }
@@ -1308,6 +1309,13 @@ cudaError_t launch_decode_heavy(const DecodeParams& p0, const DecodePlan& plan, 
     const size_t smem = static_cast<size_t>(heavy_smem(p, ng).total);
     return launch_maybe_pdl(kernel, grid, dim3(kThreads), smem, stream, pdl, p);
   });
+}
+
+int decode_split_min_tiles() {
+  const char* env = std::getenv("HEADQ_SPLIT_MIN_TILES");
+  if (env == nullptr) return -1;
+  const int v = std::atoi(env);
+  return v >= 1 && v <= 4096 ? v : -1;
 }
 
 bool decode_pdl_enabled(int device_major) {

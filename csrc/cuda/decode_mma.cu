@@ -1299,7 +1299,7 @@ cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, De
   });
   if (err != cudaSuccess) return err;
   // quantised region in the tensor-core kernel's tiles, window splits in the SIMT kernel's
-  set_plan_splits(p, sm_count, per_sm, kTileM, kSimtTile, &pl);
+  set_plan_splits(p, sm_count, per_sm, kTileM, kSimtTile, kAutoMinTiles, &pl);
   *plan = pl;
   return cudaSuccess;
 }

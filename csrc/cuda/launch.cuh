@@ -188,14 +188,23 @@ struct DecodePlan {
   int variant = 0;  // tensor-core kernel configuration (decode_mma_variant)
 };
 
+// Minimum quantised tiles per split of the decode plans, forced by HEADQ_SPLIT_MIN_TILES (read
+// at every call, for A/B runs: 1 = the full wave of one-tile splits where the tokens allow it,
+// benchmarks/bench_decode_batch.py), else -1: the plan's own default (split_plan.h).
+int decode_split_min_tiles();
+
 // The split fields of a plan (Sq, wchunk, Sw) once its nchunk is set, from the
 // kernel's resident blocks per SM: one full wave over the (batch, KV head, head chunk) pairs,
-// quantised tokens in tiles of `tile`, window tokens in tiles of `wtile` (headq/split_plan.h).
+// quantised tokens in tiles of `tile`, window tokens in tiles of `wtile`, at least
+// `min_tiles` tiles per split or kAutoMinTiles (headq/split_plan.h), unless
+// HEADQ_SPLIT_MIN_TILES says otherwise.
 inline void set_plan_splits(const DecodeParams& p, int sm_count, int blocks_per_sm, int tile,
-                            int wtile, DecodePlan* pl) {
+                            int wtile, int min_tiles, DecodePlan* pl) {
   const int64_t pairs = static_cast<int64_t>(p.B) * p.H * pl->nchunk;
   const int64_t resident = static_cast<int64_t>(sm_count) * std::max(blocks_per_sm, 1);
-  const SplitPlan sp = plan_splits(p.Tq, p.W, pairs, resident, tile, wtile);
+  const int forced = decode_split_min_tiles();
+  const SplitPlan sp =
+      plan_splits(p.Tq, p.W, pairs, resident, tile, wtile, forced >= 1 ? forced : min_tiles);
   pl->Sq = sp.Sq;
   pl->wchunk = sp.wchunk;
   pl->Sw = sp.Sw;

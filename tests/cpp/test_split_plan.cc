@@ -53,6 +53,96 @@ TEST(SplitPlan, BenchmarkShapeFillsOneWave) {
   EXPECT_LE(int64_t{s.Sq} * 64, 528);
 }
 
+TEST(SplitPlan, MinTilesPerSplit) {
+  // Batch 1 x 8 KV heads, 32k tokens = 128 tiles: one wave would be 66 splits (64 of 2 tiles).
+  const SplitPlan a = plan_splits(32768, 0, 8, 528, 256, 128);
+  EXPECT_EQ(a.Sq, 64);
+  EXPECT_EQ(a.chunk_tokens, 512);
+  // At least 4 tiles per split: 32 splits of 4 tiles.
+  const SplitPlan b = plan_splits(32768, 0, 8, 528, 256, 128, 4);
+  EXPECT_EQ(b.Sq, 32);
+  EXPECT_EQ(b.chunk_tokens, 1024);
+  // The wave still bounds it: batch 8 keeps its 8 splits of 16 tiles.
+  const SplitPlan c = plan_splits(32768, 0, 64, 528, 256, 128, 4);
+  EXPECT_EQ(c.Sq, 8);
+  EXPECT_EQ(c.chunk_tokens, 4096);
+  // Fewer tiles than the minimum: one split holding them all.
+  const SplitPlan d = plan_splits(700, 0, 8, 528, 256, 128, 8);
+  EXPECT_EQ(d.Sq, 1);
+  EXPECT_EQ(d.chunk_tokens, 768);
+  const SplitPlan e = plan_splits(32768, 0, 8, 528, 256, 128, 1);
+  EXPECT_EQ(e.Sq, 64);
+  EXPECT_EQ(e.chunk_tokens, 512);
+  for (int mt : {0, -3}) {  // kAutoMinTiles (and below): 64 splits of 2 tiles halved
+    const SplitPlan f = plan_splits(32768, 0, 8, 528, 256, 128, mt);
+    EXPECT_EQ(f.Sq, 32);
+    EXPECT_EQ(f.chunk_tokens, 1024);
+  }
+  // Every token in exactly one split, no empty split, at least min_tiles tiles in all but the last.
+  for (int mt : {2, 3, 5, 16}) {
+    for (int Tq : {1, 255, 256, 4096, 5000, 32768, 131072}) {
+      const SplitPlan s = plan_splits(Tq, 0, 8, 528, 256, 128, mt);
+      const int tiles = (Tq + 255) / 256;
+      SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " min_tiles=" << mt);
+      EXPECT_GE(int64_t{s.Sq} * s.chunk_tokens, Tq);
+      EXPECT_LT(int64_t{s.Sq - 1} * s.chunk_tokens, Tq);
+      EXPECT_GE(s.chunk_tokens / 256, std::min(mt, tiles));
+      EXPECT_LE(s.Sq, 66);
+    }
+  }
+}
+
+TEST(SplitPlan, AutoMinTilesHalvesShortFullWaves) {
+  // H100 / H200: 132 SMs x 4 blocks = 528; KV heads 8 (gpu_decode_batch.json's shapes).
+  struct Case { int batch, Tq, Sq, chunk_tiles; };
+  const Case cases[] = {
+      {1, 16384, 32, 2},   // full wave: 64 splits of 1 tile -> 32 of 2
+      {1, 32768, 32, 4},   // 64 of 2 -> 32 of 4
+      {4, 4096, 8, 2},     // 16 of 1 (512 blocks) -> 8 of 2
+      {2, 16384, 16, 4},   // 32 of 2 -> 16 of 4
+      {8, 4096, 4, 4},     // 8 of 2 -> 4 of 4
+      {1, 4096, 16, 1},    // 16 of 1 = 128 blocks, not more than half the wave: kept
+      {2, 4096, 16, 1},    // 256 blocks: kept
+      {2, 32768, 32, 4},   // 4 tiles per split: kept
+      {8, 32768, 8, 16},   // the benchmark shape: kept
+      {1, 131072, 64, 8},  // kept
+      {1, 100, 1, 1},      // one partial tile
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(::testing::Message() << "batch=" << c.batch << " Tq=" << c.Tq);
+    const SplitPlan s = plan_splits(c.Tq, 0, 8 * c.batch, 528, 256, 128, headq::kAutoMinTiles);
+    EXPECT_EQ(s.Sq, c.Sq);
+    EXPECT_EQ(s.chunk_tokens, c.chunk_tiles * 256);
+  }
+  // Forcing 1 tile keeps the full wave (what HEADQ_SPLIT_MIN_TILES=1 runs).
+  EXPECT_EQ(plan_splits(16384, 0, 8, 528, 256, 128, 1).Sq, 64);
+  // The window's chunks follow the (longer) quantised chunk: 300 tokens in one 384-token chunk
+  // instead of two of 256.
+  const SplitPlan w = plan_splits(16384, 300, 8, 528, 256, 128, headq::kAutoMinTiles);
+  EXPECT_EQ(w.wchunk, 384);
+  EXPECT_EQ(w.Sw, 1);
+  const SplitPlan w1 = plan_splits(16384, 300, 8, 528, 256, 128, 1);
+  EXPECT_EQ(w1.wchunk, 256);
+  EXPECT_EQ(w1.Sw, 2);
+  // The general properties hold under the rule too.
+  std::mt19937 rng(11);
+  for (int i = 0; i < 2000; ++i) {
+    const int Tq = static_cast<int>(rng() % 200000);
+    const int64_t pairs = 1 + rng() % 300;
+    const SplitPlan s = plan_splits(Tq, 0, pairs, 528, 256, 128, headq::kAutoMinTiles);
+    const int tiles = (Tq + 255) / 256;
+    SCOPED_TRACE(::testing::Message() << "Tq=" << Tq << " pairs=" << pairs);
+    if (Tq == 0) {
+      EXPECT_EQ(s.Sq, 0);
+      continue;
+    }
+    EXPECT_GE(int64_t{s.Sq} * s.chunk_tokens, Tq);
+    EXPECT_LT(int64_t{s.Sq - 1} * s.chunk_tokens, Tq);
+    EXPECT_LE(s.Sq, std::max<int64_t>(1, 528 / pairs));
+    EXPECT_LE(s.Sq, tiles);
+  }
+}
+
 TEST(SplitPlan, ShortSequencesAndWindows) {
   const SplitPlan a = plan_splits(100, 0, 1, 1000, 128, 128);  // one partial tile
   EXPECT_EQ(a.Sq, 1);

@@ -23,17 +23,37 @@ struct SplitPlan {
 // block more than fits starts a second, nearly empty wave that doubles the step time), in whole
 // tiles of `tile` tokens, and no empty split; the window is cut into chunks no longer than a
 // quantised chunk (whole tiles of `wtile` tokens, at least one).
+//
+// min_tiles >= 1: at least that many tiles per split where there are that many (1: the full
+// wave). min_tiles == 0 (kAutoMinTiles, the tensor-core plan's default): the full wave, unless
+// its splits would be one or two tiles long and fill more than half of the resident blocks;
+// then splits twice as long, half as many. Each block pays a fixed setup (the query, q.U, the
+// first tile's latency) that one or two tiles do not hide: on an H100 (132 SMs x 4 blocks,
+// benchmarks/results/gpu_decode_batch.json) batch 1 at 16k / 32k tokens took 18.9 / 25.2 us
+// with the longer splits against 22.3 / 27.5 us with the full wave, batch 4 at 4k 17.1 vs
+// 18.3 us, batch 8 at 4k 23.4 vs 23.2 us (within the spread); splits of 4+ tiles were faster
+// as a full wave (batch 2 at 32k: 34.5 vs 36.3 us with half as many).
+constexpr int kAutoMinTiles = 0;
+
 inline SplitPlan plan_splits(int Tq, int W, int64_t pairs, int64_t resident_blocks, int tile,
-                             int wtile) {
+                             int wtile, int min_tiles = 1) {
   SplitPlan s{};
   const int tiles = (Tq + tile - 1) / tile;
-  const int want =
-      static_cast<int>(std::max<int64_t>(1, resident_blocks / std::max<int64_t>(pairs, 1)));
+  const int64_t npairs = std::max<int64_t>(pairs, 1);
+  const int want = static_cast<int>(std::max<int64_t>(1, resident_blocks / npairs));
   if (tiles > 0) {
-    const int sq = std::min(want, tiles);
-    const int chunk_tiles = (tiles + sq - 1) / sq;
-    s.chunk_tokens = chunk_tiles * tile;
-    s.Sq = (tiles + chunk_tiles - 1) / chunk_tiles;
+    const auto plan = [&](int mt) {
+      const int sq = std::min(want, std::max(1, tiles / mt));
+      const int chunk_tiles = (tiles + sq - 1) / sq;
+      s.chunk_tokens = chunk_tiles * tile;
+      s.Sq = (tiles + chunk_tiles - 1) / chunk_tiles;
+      return chunk_tiles;
+    };
+    const int chunk_tiles = plan(std::max(min_tiles, 1));
+    if (min_tiles <= kAutoMinTiles && chunk_tiles <= 2 &&
+        2 * int64_t{s.Sq} * npairs > resident_blocks) {
+      plan(2 * chunk_tiles);
+    }
   } else {
     s.chunk_tokens = tile;
     s.Sq = 0;
