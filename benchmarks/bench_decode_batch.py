@@ -159,12 +159,13 @@ def main() -> int:
                     help="input sets cycled through, at least (more where 2 x L2 needs them)")
     ap.add_argument("--timing", default="graph", choices=["events", "graph"])
     ap.add_argument("--no-check", action="store_true", help="skip the correctness check")
+    ap.add_argument("--lib", default=None, help="path of a built _C .so to load instead of headq_torch")
     ap.add_argument("--out", default="benchmarks/results/gpu_decode_batch.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode_batch: no CUDA device", file=sys.stderr)
         return 2
-    bd.load_ops(None)
+    bd.load_ops(args.lib)
     bd.TIMING[0] = args.timing
     torch.backends.cuda.matmul.allow_tf32 = False
     batches = [int(x) for x in args.batches.split(",") if x]

@@ -773,6 +773,46 @@ def test_decode_split_min_tiles_keeps_the_answer(monkeypatch, dtype, case):
         _assert_decode_matches_reference(out, lse, args, dtype)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel is CUDA's")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt_id)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize(
+    "case",
+    [dict(Tq=1024, W=30, kv_start=True), dict(Tq=1024, W=5), dict(Tq=2048, W=20, heavy=40),
+     dict(Tq=1024, W=20, query_tokens=4), dict(Tq=1024, W=9, late_start=True),
+     dict(Tq=1024, W=37), dict(Tq=1024, W=30, side=False), dict(Tq=1024, W=9, n_rep=8)],
+    ids=["w30_kv_start", "w5", "w20_heavy", "few_tokens", "late_start", "w37_window_splits",
+         "no_side_lean", "ratio8_two_tiles"])
+def test_decode_window_in_tensor_core_splits(monkeypatch, dtype, head_dim, case):
+    """On the tensor-core path with the default format, a window of at most 8 tokens per split
+    is attended by the splits themselves (each its slice, merged with its quantised tokens;
+    HEADQ_MMA_WINDOW=0: by window splits of the SIMT kernel). Both match the reference and each
+    other, with kv_start, heavy slots, few-token calls, a sequence whose first visible token is
+    its window's last; more window tokens than that (w37), other formats (no side code: the
+    lean kernel) and 8 query heads per KV head (two head tiles) keep the window splits."""
+    case = dict(case)
+    L = case.pop("query_tokens", 1)
+    late = case.pop("late_start", False)
+    args = list(_decode_case("cuda", dtype, D=head_dim, G=64, Gv=64, **case))
+    if late:
+        nq, nw = args[15].cpu(), args[16].cpu()
+        args[17] = torch.tensor([int(nq[0] + nw[0]) - 1, 3, 0], dtype=torch.int32,
+                                device="cuda")
+    outs = {}
+    for env in ("0", None):
+        if env is None:
+            monkeypatch.delenv("HEADQ_MMA_WINDOW", raising=False)
+        else:
+            monkeypatch.setenv("HEADQ_MMA_WINDOW", env)
+        outs[env] = ops.decode_attention(*args, query_tokens=L)
+        _assert_decode_matches_reference(*outs[env], args, dtype, query_tokens=L)
+    tol = _TOL_OUT[dtype]
+    torch.testing.assert_close(outs[None][0].float(), outs["0"][0].float(), rtol=tol, atol=tol)
+    torch.testing.assert_close(outs[None][1], outs["0"][1], rtol=1e-5, atol=1e-4)
+    if late:  # sequence 0 sees only its window's last token
+        assert torch.isfinite(outs[None][1][0]).all()
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 def test_decode_attention_empty_sequence_gives_zeros(device):
     args = list(_decode_case(device, torch.float32, kv_start=False))

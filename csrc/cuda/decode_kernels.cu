@@ -1311,6 +1311,11 @@ cudaError_t launch_decode_heavy(const DecodeParams& p0, const DecodePlan& plan, 
   });
 }
 
+bool decode_mma_window_enabled() {
+  const char* env = std::getenv("HEADQ_MMA_WINDOW");
+  return env == nullptr || std::strcmp(env, "0") != 0;
+}
+
 int decode_split_min_tiles() {
   const char* env = std::getenv("HEADQ_SPLIT_MIN_TILES");
   if (env == nullptr) return -1;

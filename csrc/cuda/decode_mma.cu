@@ -115,6 +115,9 @@ __host__ __device__ constexpr int zmap_j(int bits, int k) {
 }
 __host__ __device__ constexpr int zmap_pos(int bits, int k) { return bits == 8 ? 0 : kmap_pos(4, k); }
 
+// Partials merged at the end of a split: the 4 warps', then the split's window slice (win_mma).
+constexpr int kMergeSlots = kWarpsM + 1;
+
 // ---------------------------------------------------------------------------------------------
 // Shared-memory layout (bytes), identical on host and device.
 struct MmaSmem {
@@ -130,6 +133,7 @@ struct MmaSmem {
   int kc, ks, kz, zc, zs, vc, vs, vz;  // offsets inside a stage buffer
   int red;                             // end-of-split merge (aliases the stages)
   int mbar;   // uint64_t [2]  mbarriers of the fixed variant's bulk copies (keys, values)
+  int win;    // 16-bit [2][kMmaWindowPerSplit][D]  the split's window keys, values (win_mma)
   int total;
 };
 
@@ -163,14 +167,21 @@ constexpr int kMmaFixed = 4;
 constexpr int kMmaDefaultVariant = kMmaFixed;  // fixed where the format allows, else lean (plan_decode_mma)
 __host__ __device__ constexpr bool mma_ring(int V) { return V != 0; }
 __host__ __device__ constexpr bool mma_lean(int V) { return V >= 3; }
-__host__ __device__ constexpr bool mma_fixed(int V) { return V == kMmaFixed; }
+// Variant 5 (internal, not a HEADQ_MMA_VARIANT name): "fixed" that also attends its split's
+// slice of the dense window (win_mma; plan_decode_mma picks it), a kernel of its own so that
+// the window code costs the other configurations nothing (its registers spill 64 B there).
+constexpr int kMmaFixedWindow = 5;
+__host__ __device__ constexpr bool mma_fixed(int V) {
+  return V == kMmaFixed || V == kMmaFixedWindow;
+}
+__host__ __device__ constexpr bool mma_window(int V) { return V == kMmaFixedWindow; }
 // Blocks per SM the fixed variant is compiled for (register cap 65536 / (128 * blocks)).
 // Measured at 32k: 4 (128 registers, 80 B spills) 0.114 ms; 3 (168 registers, 32 B) 0.118 ms.
 #if !defined(HEADQ_MMA_FIXED_MIN_BLOCKS)
 #define HEADQ_MMA_FIXED_MIN_BLOCKS 4
 #endif
 __host__ __device__ constexpr int mma_min_blocks(int NT, int V) {
-  return NT == 2 ? 2 : (V == 0 ? 3 : (V == 2 ? 5 : (V == 4 ? HEADQ_MMA_FIXED_MIN_BLOCKS : 4)));
+  return NT == 2 ? 2 : (V == 0 ? 3 : (V == 2 ? 5 : (mma_fixed(V) ? HEADQ_MMA_FIXED_MIN_BLOCKS : 4)));
 }
 
 // The format compiled into the "fixed" variant.
@@ -219,13 +230,15 @@ __host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool 
   s.stage0 = o;
   s.stage_bytes = b;
   s.red = o;
-  const int red_bytes = kWarpsM * NG * (D + 2 + D / 32) * 4;
+  const int red_bytes = kMergeSlots * NG * (D + 2 + D / 32) * 4;  // (below the stages)
   const int nbuf = ring ? 1 : 2;
   o += (nbuf * b > red_bytes) ? nbuf * b : red_bytes;
   // Placed last: before stage0, the 16 bytes shifted every later offset and cost the general
   // variants ~100 B of spills (their layout arithmetic is done at run time).
   s.mbar = al16(o);
   o = s.mbar + 16;
+  s.win = o;
+  if (p.win_mma) o += 2 * kMmaWindowPerSplit * D * 2;
   s.total = o;
   return s;
 }
@@ -742,6 +755,71 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
   }
 }
 
+// The split's slice of the dense window (win_mma), attended after its quantised tokens and
+// written as merge slot kWarpsM: red [NG][D] (sum_w 2^(x_w - m) v_w), ml [NG][2] (m in log2
+// units, l), az [NG][D / 32] = 0; m = -inf for heads with nothing visible. Warp w takes heads
+// w, w + 4, ...: lane-parallel dot products over the channels (warp sums), the online softmax
+// over the slice's tokens, the values of the lane's channels. A NaN key or value gives a NaN l
+// or red entry, which the combine turns into a NaN row, as the window splits do.
+// Visibility as the window splits': w < n_window (less a few-token call's causal offset,
+// window_end_of_row) and n_quant + w >= kv_start. Rows from L.win (16-bit, [2][slice][D]).
+template <int D, int NG>
+__device__ __forceinline__ void window_slice(const DecodeParams& p, const unsigned char* win,
+                                             int b, int qh0, int nh, int split, int warp,
+                                             int lane, float* red, float* ml, float* az) {
+  constexpr int NJ = D / 32;
+  // reloaded here rather than kept live through the streaming loop
+  const int nq = min(max(p.n_quant[b], 0), p.Tq);
+  const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
+  const int nw = min(max(p.n_window[b], 0), p.W);
+  const int per = (nw + p.Sq - 1) / p.Sq;
+  const int w_lo = min(split * per, nw), n = min(per, nw - w_lo);
+  const bool bf = p.dtype == DType::kBFloat16;
+  const auto f16 = [bf](const unsigned char* row, int c) {
+    const uint16_t u = reinterpret_cast<const uint16_t*>(row)[c];
+    return bf ? __uint_as_float(static_cast<uint32_t>(u) << 16)
+              : __half2float(__ushort_as_half(u));
+  };
+  for (int hh = warp; hh < NG; hh += kWarpsM) {
+    float m = -INFINITY, l = 0.0f, acc[NJ];
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) acc[j] = 0.0f;
+    if (hh < nh && n > 0) {
+      const int qh = qh0 + hh;
+      const unsigned char* qrow =
+          reinterpret_cast<const unsigned char*>(p.q.p + b * p.q.sb + qh * p.q.sh);
+      float qv[NJ];
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) qv[j] = f16(qrow, 32 * j + lane);
+      const int w_end = p.qtok > 1 ? window_end_of_row(nw, p.qtok, qh) : nw;
+#pragma unroll 1
+      for (int i = 0; i < n; ++i) {
+        const int w = w_lo + i;
+        if (w >= w_end || nq + w < ks) continue;  // warp-uniform
+        const unsigned char* krow = win + i * D * 2;
+        float dot = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) dot = fmaf(qv[j], f16(krow, 32 * j + lane), dot);
+        const float x = warp_sum(dot) * p.scale_log2;
+        const float mn = fmaxf(m, x);
+        const float corr = exp2f(m - mn), pw = exp2f(x - mn);
+        l = fmaf(l, corr, pw);
+        const unsigned char* vrow = win + (kMmaWindowPerSplit + i) * D * 2;
+#pragma unroll
+        for (int j = 0; j < NJ; ++j) acc[j] = fmaf(pw, f16(vrow, 32 * j + lane), acc[j] * corr);
+        m = mn;
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NJ; ++j) red[hh * D + 32 * j + lane] = acc[j];
+    if (lane == 0) {
+      ml[hh * 2] = m;
+      ml[hh * 2 + 1] = l;
+    }
+    if (lane < D / 32) az[hh * (D / 32) + lane] = 0.0f;
+  }
+}
+
 // --------------------------------------------------------------------------- split kernel ---
 // 3 blocks/SM for NT = 1 (<= 168 registers; ~60 KB of shared memory per block at the benchmark
 // shape), 2 for NT = 2 (64 accumulators + 32 fragment registers per lane).
@@ -753,6 +831,7 @@ decode_mma_kernel(const DecodeParams p_in) {
   // window splits the combine follows, triggered after the streaming loop below.
   if (p_in.S > p_in.Sq) pdl_launch_dependents();
   constexpr bool kFix = mma_fixed(V);
+  constexpr bool kWin = mma_window(V);  // p.win_mma == 1 exactly for this variant
   // Full tiles of the fixed variant are staged by bulk copies (TMA) on two mbarriers instead of
   // per-thread cp.async (-DHEADQ_MMA_NO_BULK: cp.async, for A/B runs).
 #if HEADQ_HAS_BULK && !defined(HEADQ_MMA_NO_BULK)
@@ -793,6 +872,29 @@ decode_mma_kernel(const DecodeParams p_in) {
   int s0, s1;  // this block's tokens: the length's tiles spread over the Sq splits
   split_range(split, p.Sq, nq, kTileM, &s0, &s1);
   const int lo = max(s0, ks);
+
+  // The split's slice of the dense window (win_mma): ceil(nw / Sq) tokens per split, their key
+  // and value rows requested now (cp.async into L.win) so that they have landed by the end of
+  // the split, where they are attended (window_slice). An extra, oldest cp.async group: the
+  // ring's waits for later groups also complete it.
+  if constexpr (kWin) {  // (p_in: the parameter bank, no registers held)
+    const int nw = min(max(p_in.n_window[b], 0), p_in.W);
+    const int per = (nw + p_in.Sq - 1) / p_in.Sq;
+    const int w_lo = min(split * per, nw), n = min(per, nw - w_lo);
+    constexpr int kPieces = D * 2 / 16;  // 16-byte pieces per row
+    char* wk = reinterpret_cast<char*>(smem + L.win);
+    char* wv = wk + kMmaWindowPerSplit * D * 2;
+    const char* gk = p_in.k_window.p + b * p_in.k_window.sb + h * p_in.k_window.sh;
+    const char* gv = p_in.v_window.p + b * p_in.v_window.sb + h * p_in.v_window.sh;
+    for (int idx = tid; idx < 2 * n * kPieces; idx += kThreadsM) {
+      const bool is_v = idx >= n * kPieces;
+      const int j = is_v ? idx - n * kPieces : idx, row = j / kPieces, pc = j % kPieces;
+      const char* g = (is_v ? gv : gk) +
+                      static_cast<int64_t>(w_lo + row) * (is_v ? p_in.v_window.st : p_in.k_window.st);
+      cp_async16((is_v ? wv : wk) + row * D * 2 + pc * 16, g + pc * 16);
+    }
+    cp_async_commit();
+  }
 
   static_assert(!kBulk || kRing, "bulk staging is written for the ring pipeline");
   uint64_t* mbar = reinterpret_cast<uint64_t*>(smem + L.mbar);  // [2] keys, values (kBulk)
@@ -1143,9 +1245,9 @@ decode_mma_kernel(const DecodeParams p_in) {
   // ---- end of split: merge the 4 warps ----
   pdl_launch_dependents();  // the combine may be scheduled (it waits for this grid)
   __syncthreads();  // staging buffers are free (red aliases them)
-  float* red = reinterpret_cast<float*>(smem + L.red);  // [warps][NG][D]
-  float* mlw = red + kWarpsM * NG * D;                   // [warps][NG][2]
-  float* azw = mlw + kWarpsM * NG * 2;                   // [warps][NG][NGVMAX]
+  float* red = reinterpret_cast<float*>(smem + L.red);  // [kMergeSlots][NG][D]
+  float* mlw = red + kMergeSlots * NG * D;               // [kMergeSlots][NG][2]
+  float* azw = mlw + kMergeSlots * NG * 2;               // [kMergeSlots][NG][NGVMAX]
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     float l = st.l[nt];
@@ -1175,17 +1277,27 @@ decode_mma_kernel(const DecodeParams p_in) {
       o[16 * i + c.vchB] = (st.acc[i][nt][2] + st.acc[i][nt][3]) * fvB;
     }
   }
-  __syncthreads();
+  // Merge slot kWarpsM: the split's window slice (win_mma only).
+  if constexpr (kWin) cp_async_wait_all();
+  __syncthreads();  // (and the window rows of every thread's pieces have landed)
+  constexpr int nslots = kWin ? kMergeSlots : kWarpsM;
+  if constexpr (kWin) {
+    window_slice<D, NG>(p_in, smem + L.win, b, qh0, nh, split, warp, lane,
+                        red + kWarpsM * NG * D, mlw + kWarpsM * NG * 2,
+                        azw + kWarpsM * NG * NGVMAX);
+    __syncthreads();
+  }
   for (int idx = tid; idx < nh * D; idx += kThreadsM) {
     const int hh = idx / D, cc = idx % D, g = cc / p.Gv;
     float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarpsM; ++w) M = fmaxf(M, mlw[(w * NG + hh) * 2]);
+    for (int w = 0; w < kMergeSlots; ++w)
+      if (w < nslots) M = fmaxf(M, mlw[(w * NG + hh) * 2]);
     float o = 0.0f;
     if (M != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kWarpsM; ++w) {
-        const float mw = mlw[(w * NG + hh) * 2];
+      for (int w = 0; w < kMergeSlots; ++w) {
+        const float mw = w < nslots ? mlw[(w * NG + hh) * 2] : -INFINITY;
         if (mw != -INFINITY) {
           o = fmaf(exp2f(mw - M), red[(w * NG + hh) * D + cc] + azw[(w * NG + hh) * NGVMAX + g], o);
         }
@@ -1197,12 +1309,13 @@ decode_mma_kernel(const DecodeParams p_in) {
   if (tid < nh) {
     float M = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarpsM; ++w) M = fmaxf(M, mlw[(w * NG + tid) * 2]);
+    for (int w = 0; w < kMergeSlots; ++w)
+      if (w < nslots) M = fmaxf(M, mlw[(w * NG + tid) * 2]);
     float l = 0.0f;
     if (M != -INFINITY) {
 #pragma unroll
-      for (int w = 0; w < kWarpsM; ++w) {
-        const float mw = mlw[(w * NG + tid) * 2];
+      for (int w = 0; w < kMergeSlots; ++w) {
+        const float mw = w < nslots ? mlw[(w * NG + tid) * 2] : -INFINITY;
         if (mw != -INFINITY) l = fmaf(exp2f(mw - M), mlw[(w * NG + tid) * 2 + 1], l);
       }
     }
@@ -1232,6 +1345,7 @@ cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
   using V2 = std::integral_constant<int, 2>;
   using V3 = std::integral_constant<int, 3>;
   using V4 = std::integral_constant<int, 4>;
+  using V5 = std::integral_constant<int, 5>;
   if (NT == 2) {
     if (D == 64) return f(I64{}, N2{}, V0{});
     if (D == 128) return f(I128{}, N2{}, V0{});
@@ -1243,6 +1357,7 @@ cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
     if (V == 2) return f(I64{}, N1{}, V2{});
     if (V == 3) return f(I64{}, N1{}, V3{});
     if (V == 4) return f(I64{}, N1{}, V4{});
+    if (V == 5) return f(I64{}, N1{}, V5{});
     return f(I64{}, N1{}, V0{});
   }
   if (D == 128) {
@@ -1250,6 +1365,7 @@ cudaError_t with_mma_shape(int D, int NT, int V, F&& f) {
     if (V == 2) return f(I128{}, N1{}, V2{});
     if (V == 3) return f(I128{}, N1{}, V3{});
     if (V == 4) return f(I128{}, N1{}, V4{});
+    if (V == 5) return f(I128{}, N1{}, V5{});
     return f(I128{}, N1{}, V0{});
   }
   return cudaErrorInvalidValue;  // unsupported by the tensor-core kernel (decode_mma_supported)
@@ -1300,6 +1416,32 @@ cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, De
   if (err != cudaSuccess) return err;
   // quantised region in the tensor-core kernel's tiles, window splits in the SIMT kernel's
   set_plan_splits(p, sm_count, per_sm, kTileM, kSimtTile, kAutoMinTiles, &pl);
+  // A window of at most kMmaWindowPerSplit tokens per split is attended by the splits
+  // themselves (win_mma; HEADQ_MMA_WINDOW=0: window splits of the SIMT kernel, for A/B runs).
+  // Its rows take 2 x 8 x D x 2 bytes more shared memory per block (4 KB at D = 128), which the
+  // occupancy above did not count: the window goes to the splits only when the blocks per SM
+  // stay the same with it.
+  if (pl.variant == kMmaFixed && pl.Sw > 0 && pl.Sq > 0 &&
+      (p.W + pl.Sq - 1) / pl.Sq <= kMmaWindowPerSplit && decode_mma_window_enabled()) {
+    DecodeParams pw = p;
+    pw.win_mma = 1;
+    const size_t smem_w = static_cast<size_t>(mma_smem(pw, NT, true, true).total);
+    int per_sm_w = 0;
+    const cudaError_t e2 = with_mma_shape(p.D, NT, kMmaFixedWindow, [&](auto d, auto nt, auto v) {
+      constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value, Vv = decltype(v)::value;
+      const cudaError_t e = set_smem_attr<Dv, NTv, Vv>(smem_w);
+      if (e != cudaSuccess) return e;
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm_w, decode_mma_kernel<Dv, NTv, Vv>, kThreadsM, smem_w);
+    });
+    if (e2 != cudaSuccess) return e2;
+    if (per_sm_w == per_sm) {
+      pl.variant = kMmaFixedWindow;
+      pl.win_mma = 1;
+      pl.smem = smem_w;
+      pl.Sw = 0;
+    }
+  }
   *plan = pl;
   return cudaSuccess;
 }

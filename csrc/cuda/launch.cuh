@@ -171,7 +171,18 @@ struct DecodeParams {
   // query_tokens L: query head j (within the batch row) is token j % L of the window's last L
   // tokens and sees the window tokens w < n_window[b] - (L - 1 - j % L); 1 = a decode step
   int qtok;
+  // 1: the tensor-core split kernel attends the dense window itself, each split block a slice of
+  // at most kMmaWindowPerSplit tokens (Sw == 0: no window splits); set by plan_decode_mma
+  int win_mma = 0;
 };
+
+// Window tokens one tensor-core split block attends at most (win_mma): ceil(W / Sq) must not
+// exceed it, else the window goes to window splits of the SIMT kernel.
+constexpr int kMmaWindowPerSplit = 8;
+
+// Whether plan_decode_mma may give the window to the tensor-core splits (win_mma):
+// HEADQ_MMA_WINDOW, read at every call; unset or anything but "0" = yes (A/B runs set 0).
+bool decode_mma_window_enabled();
 
 // Programmatic dependent launch of the kernels that follow the first split kernel of a decode
 // call (the window splits, which then run alongside the tensor-core splits' last blocks, and the
@@ -186,6 +197,7 @@ struct DecodePlan {
   int wchunk;  // window tokens per window split
   size_t smem;  // dynamic shared memory of the split kernel
   int variant = 0;  // tensor-core kernel configuration (decode_mma_variant)
+  int win_mma = 0;  // the tensor-core splits attend the window (DecodeParams::win_mma)
 };
 
 // Minimum quantised tiles per split of the decode plans, forced by HEADQ_SPLIT_MIN_TILES (read

@@ -508,8 +508,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention_cuda(
   }
   p.nchunk = plan.nchunk;
   p.Sq = plan.Sq;
-  p.Sw = plan.Sw;
+  p.Sw = plan.Sw;  // 0 when the tensor-core splits attend the window (plan.win_mma)
   p.wchunk = plan.wchunk;
+  p.win_mma = plan.win_mma;
   // SIMT plan: the window and heavy-slot splits of the tensor-core path use its head chunking.
   cuda::DecodePlan splan = plan;
   if (use_mma && (p.Sw > 0 || p.K > 0)) C10_CUDA_CHECK(cuda::plan_decode_attention(p, sm_count, &splan));
