@@ -43,6 +43,14 @@ def write_json(path: str, result: dict) -> None:
         json.dump(result, f, indent=2)
 
 
+def write_timed(path: str, result: dict, t0: float, quiet: bool = False) -> None:
+    """Set result["wall_s"] (seconds since ``t0``), write it (write_json) and say so."""
+    result["wall_s"] = time.time() - t0
+    write_json(path, result)
+    if not quiet:
+        print(f"wrote {path} ({result['wall_s']:.0f} s)")
+
+
 def finish(result: dict, ok_message: str) -> int:
     """End of a checking benchmark: print result["summary"], then the failures (exit code 1) or
     ok_message (exit code 0)."""

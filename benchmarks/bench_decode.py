@@ -61,7 +61,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from _common import write_json  # this folder is on sys.path when run as a script
+from _common import write_timed  # this folder is on sys.path when run as a script
 
 
 def load_ops(lib: str | None) -> None:
@@ -578,9 +578,7 @@ def main() -> int:
                   f"{gbs / copy_gbs:>7.2f} {row['dense_sdpa']['median_ms'] / t:>7.2f} "
                   f"{deq / t:>6.2f}", flush=True)
     result["copy_gbs"] = copy_gbs
-    result["wall_s"] = time.time() - t_start
-    write_json(args.out, result)
-    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+    write_timed(args.out, result, t_start)
     return 0
 
 

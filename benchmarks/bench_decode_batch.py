@@ -35,7 +35,7 @@ import time
 import torch
 
 import bench_decode as bd
-from _common import write_json  # this folder is on sys.path when run as a script
+from _common import write_json, write_timed  # this folder is on sys.path when run as a script
 
 
 def set_min_tiles(m: str) -> None:
@@ -205,11 +205,8 @@ def main() -> int:
                   " ".join(f"{t:>8.4f}" for t in ts) +
                   f" {row['speedup_vs_dense'][min_tiles[0]]:>8.2f} {row['best_min_tiles']:>4}",
                   flush=True)
-            result["wall_s"] = time.time() - t0
-            write_json(args.out, result)  # partial results survive a time limit
-    result["wall_s"] = time.time() - t0
-    write_json(args.out, result)
-    print(f"wrote {args.out} ({result['wall_s']:.0f} s)")
+            write_timed(args.out, result, t0, quiet=True)  # partial results survive a time limit
+    write_timed(args.out, result, t0)
     return 0
 
 

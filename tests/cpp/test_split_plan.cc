@@ -54,29 +54,21 @@ TEST(SplitPlan, BenchmarkShapeFillsOneWave) {
 }
 
 TEST(SplitPlan, MinTilesPerSplit) {
-  // Batch 1 x 8 KV heads, 32k tokens = 128 tiles: one wave would be 66 splits (64 of 2 tiles).
-  const SplitPlan a = plan_splits(32768, 0, 8, 528, 256, 128);
-  EXPECT_EQ(a.Sq, 64);
-  EXPECT_EQ(a.chunk_tokens, 512);
-  // At least 4 tiles per split: 32 splits of 4 tiles.
-  const SplitPlan b = plan_splits(32768, 0, 8, 528, 256, 128, 4);
-  EXPECT_EQ(b.Sq, 32);
-  EXPECT_EQ(b.chunk_tokens, 1024);
-  // The wave still bounds it: batch 8 keeps its 8 splits of 16 tiles.
-  const SplitPlan c = plan_splits(32768, 0, 64, 528, 256, 128, 4);
-  EXPECT_EQ(c.Sq, 8);
-  EXPECT_EQ(c.chunk_tokens, 4096);
-  // Fewer tiles than the minimum: one split holding them all.
-  const SplitPlan d = plan_splits(700, 0, 8, 528, 256, 128, 8);
-  EXPECT_EQ(d.Sq, 1);
-  EXPECT_EQ(d.chunk_tokens, 768);
-  const SplitPlan e = plan_splits(32768, 0, 8, 528, 256, 128, 1);
-  EXPECT_EQ(e.Sq, 64);
-  EXPECT_EQ(e.chunk_tokens, 512);
-  for (int mt : {0, -3}) {  // kAutoMinTiles (and below): 64 splits of 2 tiles halved
-    const SplitPlan f = plan_splits(32768, 0, 8, 528, 256, 128, mt);
-    EXPECT_EQ(f.Sq, 32);
-    EXPECT_EQ(f.chunk_tokens, 1024);
+  // Batch 1 (8 pairs) or 8 (64 pairs) x 528 resident blocks, 256-token tiles.
+  struct Case { int Tq; int64_t pairs; int min_tiles, Sq, chunk_tiles; const char* what; };
+  const Case cases[] = {
+      {32768, 8, 1, 64, 2, "one wave: 66 splits wanted, 64 of 2 tiles"},
+      {32768, 8, 4, 32, 4, "at least 4 tiles per split"},
+      {32768, 64, 4, 8, 16, "the wave still bounds it: batch 8 keeps 8 splits of 16"},
+      {700, 8, 8, 1, 3, "fewer tiles than the minimum: one split holding them all"},
+      {32768, 8, 0, 32, 4, "kAutoMinTiles: 64 splits of 2 tiles halved"},
+      {32768, 8, -3, 32, 4, "below kAutoMinTiles: the same"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.what);
+    const SplitPlan s = plan_splits(c.Tq, 0, c.pairs, 528, 256, 128, c.min_tiles);
+    EXPECT_EQ(s.Sq, c.Sq);
+    EXPECT_EQ(s.chunk_tokens, c.chunk_tiles * 256);
   }
   // Every token in exactly one split, no empty split, at least min_tiles tiles in all but the last.
   for (int mt : {2, 3, 5, 16}) {
