@@ -255,6 +255,17 @@ def packed_bytes(inp: dict, c: Case | None = None) -> int:
                    for n in names if inp.get(n) is not None))
 
 
+def step_bytes(inp: dict, c: Case) -> int:
+    """Bytes one decode step moves: what the fused kernel reads (packed_bytes) + out and lse."""
+    return packed_bytes(inp, c) + c.B * c.Hq * c.D * 2 + c.B * c.Hq * 4
+
+
+def case_fields(c: Case) -> dict:
+    """A timed row's description of the case's heads and cache format."""
+    return dict(q_heads=c.Hq, kv_heads=c.H, head_dim=c.D, key_bits=c.kb, value_bits=c.vb,
+                rank=c.r, side_bits=c.bz, group=c.G, value_group=c.Gv, window=c.W)
+
+
 # ----------------------------------------------------------------------------- reference ---
 def attention_path(inp: dict, c: Case, dtype: torch.dtype):
     """Decode attention of LAYOUT.md computed with PyTorch ops in `dtype` (float64: reference).
@@ -413,6 +424,12 @@ def time_graph(fns: list, reps: int, warmup: int) -> dict:
             for _ in range(GRAPH_CALLS):
                 fn()
         graphs.append(g)
+    return time_replays(graphs, GRAPH_CALLS, reps, warmup)
+
+
+def time_replays(graphs: list, calls: int, reps: int, warmup: int) -> dict:
+    """Replays of the captured ``graphs`` in turn (each ``calls`` calls), timed with events after
+    a few warm-up replays: median / p10 / p90 ms per call."""
     for i in range(max(warmup // GRAPH_CALLS, 2)):
         graphs[i % len(graphs)].replay()
     torch.cuda.synchronize()
@@ -424,11 +441,10 @@ def time_graph(fns: list, reps: int, warmup: int) -> dict:
         graphs[i % len(graphs)].replay()
         ends[i].record()
     torch.cuda.synchronize()
-    ms = sorted(s.elapsed_time(e) / GRAPH_CALLS for s, e in zip(starts, ends))
-    del graphs
+    ms = sorted(s.elapsed_time(e) / calls for s, e in zip(starts, ends))
     q = lambda p: ms[min(len(ms) - 1, int(p * len(ms)))]
     return dict(median_ms=statistics.median(ms), p10_ms=q(0.1), p90_ms=q(0.9), timing="graph",
-                calls_per_graph=GRAPH_CALLS, replays=n)
+                calls_per_graph=calls, replays=n)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -454,9 +470,7 @@ def bench_context(T: int, args, copy_gbs: float) -> dict:
     dense = [(s["q"], s["k_dense"][:, :, :T], s["v_dense_full"][:, :, :T]) for s in sets]
     for s in sets:  # keep only what each path reads
         s.pop("k_dense"), s.pop("v_dense_full")
-    row = dict(context=T, batch=c.B, q_heads=c.Hq, kv_heads=c.H, head_dim=c.D, key_bits=c.kb,
-               value_bits=c.vb, rank=c.r, side_bits=c.bz, group=c.G, value_group=c.Gv,
-               window=c.W, capacity=cap, heavy_slots=c.heavy)
+    row = dict(context=T, batch=c.B, **case_fields(c), capacity=cap, heavy_slots=c.heavy)
     row["dense_sdpa"] = time_fn([lambda d=d: sdpa(*d) for d in dense], args.reps, args.warmup)
 
     def deq_sdpa(s):
@@ -478,7 +492,7 @@ def bench_context(T: int, args, copy_gbs: float) -> dict:
         row["headq"] = row[f"headq_{row['headq_best']}"]
     else:
         row["headq"] = row[f"headq_{labels[-1]}"]
-    nbytes = packed_bytes(sets[0], c) + c.B * c.Hq * c.D * 2 + c.B * c.Hq * 4  # + out, lse
+    nbytes = step_bytes(sets[0], c)
     dense_bytes = sum(t.numel() * t.element_size() for t in dense[0])
     t = row["headq"]["median_ms"] * 1e-3
     row["headq_bytes"] = nbytes

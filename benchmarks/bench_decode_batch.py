@@ -76,22 +76,7 @@ def time_cycled(fns: list, reps: int, warmup: int) -> dict:
     with torch.cuda.graph(g):
         for i in range(calls):
             fns[i % len(fns)]()
-    for _ in range(2):
-        g.replay()
-    torch.cuda.synchronize()
-    n = max(reps // 10, 5)
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
-    for i in range(n):
-        starts[i].record()
-        g.replay()
-        ends[i].record()
-    torch.cuda.synchronize()
-    ms = sorted(s.elapsed_time(e) / calls for s, e in zip(starts, ends))
-    del g
-    q = lambda p: ms[min(len(ms) - 1, int(p * len(ms)))]
-    return dict(median_ms=ms[len(ms) // 2], p10_ms=q(0.1), p90_ms=q(0.9), timing=bd.TIMING[0],
-                calls_per_graph=calls, replays=n)
+    return bd.time_replays([g], calls, reps, warmup)
 
 
 def sets_needed(set_bytes: int, l2_bytes: int, least: int) -> int:
@@ -113,9 +98,7 @@ def bench(B: int, T: int, min_tiles: list[str], args, l2_bytes: int) -> dict:
     # dense attention over the same tokens: the context, then the window
     dense = [(s["q"], torch.cat([s.pop("k_dense"), s["k_window"]], 2),
               torch.cat([s.pop("v_dense_full"), s["v_window"]], 2)) for s in sets[:n_dense]]
-    row = dict(batch=B, context=T, q_heads=c.Hq, kv_heads=c.H, head_dim=c.D, key_bits=c.kb,
-               value_bits=c.vb, rank=c.r, side_bits=c.bz, group=c.G, value_group=c.Gv,
-               window=c.W, sets_dense=n_dense, sets_headq=n_headq)
+    row = dict(batch=B, context=T, **bd.case_fields(c), sets_dense=n_dense, sets_headq=n_headq)
     row["dense_sdpa"] = time_cycled([lambda d=d: bd.sdpa(*d) for d in dense], args.reps,
                                     args.warmup)
     del dense
@@ -129,7 +112,7 @@ def bench(B: int, T: int, min_tiles: list[str], args, l2_bytes: int) -> dict:
     bd.select("auto", None)
     t_dense = row["dense_sdpa"]["median_ms"]
     row["dense_bytes"] = dense_set
-    row["headq_bytes"] = packed_set + B * c.Hq * c.D * 2 + B * c.Hq * 4
+    row["headq_bytes"] = bd.step_bytes(sets[0], c)
     row["speedup_vs_dense"] = {m: t_dense / row[f"headq_min_tiles_{m}"]["median_ms"]
                                for m in min_tiles}
     best = min(min_tiles, key=lambda m: row[f"headq_min_tiles_{m}"]["median_ms"])

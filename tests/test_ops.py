@@ -506,6 +506,14 @@ def _decode_case(device, dtype, *, B=3, H=2, n_rep=4, D=64, Tq=128, W=5, rank=8,
     return args
 
 
+def _start_at_last_window_token(args):
+    """kv_start (args[17]) of a _decode_case's 3 sequences: sequence 0's first visible token is
+    its window's last one; the others start at 3 and 0."""
+    nq, nw = args[15].cpu(), args[16].cpu()
+    args[17] = torch.tensor([int(nq[0] + nw[0]) - 1, 3, 0], dtype=torch.int32,
+                            device=args[15].device)
+
+
 def _upcast(args, dtype):
     """Move to the CPU; cast q, windows, dense values, deltas and the basis to ``dtype``.
     Scales and zeros (float16 storage) stay as they are: the reference reads them exactly."""
@@ -664,9 +672,7 @@ def test_decode_attention_query_tokens(device, dtype, L, n_rep, case):
     W = case.pop("W", 20)
     args = list(_decode_case(device, dtype, n_rep=n_rep, W=W, **case))
     if late:
-        nq, nw = args[15].cpu(), args[16].cpu()
-        args[17] = torch.tensor([int(nq[0] + nw[0]) - 1, 3, 0], dtype=torch.int32,
-                                device=device)
+        _start_at_last_window_token(args)
     out, lse = ops.decode_attention(*args, query_tokens=L)
     _assert_decode_matches_reference(out, lse, args, dtype, query_tokens=L)
     if late:  # heads of the earlier tokens (j % L < L - 1) see nothing
@@ -795,9 +801,7 @@ def test_decode_window_in_tensor_core_splits(monkeypatch, dtype, head_dim, case)
     late = case.pop("late_start", False)
     args = list(_decode_case("cuda", dtype, D=head_dim, G=64, Gv=64, **case))
     if late:
-        nq, nw = args[15].cpu(), args[16].cpu()
-        args[17] = torch.tensor([int(nq[0] + nw[0]) - 1, 3, 0], dtype=torch.int32,
-                                device="cuda")
+        _start_at_last_window_token(args)
     outs = {}
     for env in ("0", None):
         if env is None:

@@ -1311,10 +1311,15 @@ cudaError_t launch_decode_heavy(const DecodeParams& p0, const DecodePlan& plan, 
   });
 }
 
-bool decode_mma_window_enabled() {
-  const char* env = std::getenv("HEADQ_MMA_WINDOW");
+namespace {
+// An A/B switch read at every call: on unless the variable is "0".
+bool env_switch_on(const char* name) {
+  const char* env = std::getenv(name);
   return env == nullptr || std::strcmp(env, "0") != 0;
 }
+}  // namespace
+
+bool decode_mma_window_enabled() { return env_switch_on("HEADQ_MMA_WINDOW"); }
 
 int decode_split_min_tiles() {
   const char* env = std::getenv("HEADQ_SPLIT_MIN_TILES");
@@ -1324,9 +1329,7 @@ int decode_split_min_tiles() {
 }
 
 bool decode_pdl_enabled(int device_major) {
-  if (device_major < 9) return false;
-  const char* env = std::getenv("HEADQ_PDL");
-  return env == nullptr || std::strcmp(env, "0") != 0;
+  return device_major >= 9 && env_switch_on("HEADQ_PDL");
 }
 
 cudaError_t launch_decode_combine(const float* part_acc, const float* part_ml, int64_t BHq, int S,

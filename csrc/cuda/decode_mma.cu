@@ -763,6 +763,17 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
 // or red entry, which the combine turns into a NaN row, as the window splits do.
 // Visibility as the window splits': w < n_window (less a few-token call's causal offset,
 // window_end_of_row) and n_quant + w >= kv_start. Rows from L.win (16-bit, [2][slice][D]).
+// The split's window slice (win_mma): tokens [*w_lo, *w_lo + *n) of the sequence's nw visible
+// window tokens, ceil(nw / Sq) per split; the same at the split's start (its rows requested)
+// and end (attended).
+__device__ __forceinline__ void window_slice_range(const DecodeParams& p, int b, int split,
+                                                   int* nw, int* w_lo, int* n) {
+  *nw = min(max(p.n_window[b], 0), p.W);
+  const int per = (*nw + p.Sq - 1) / p.Sq;
+  *w_lo = min(split * per, *nw);
+  *n = min(per, *nw - *w_lo);
+}
+
 template <int D, int NG>
 __device__ __forceinline__ void window_slice(const DecodeParams& p, const unsigned char* win,
                                              int b, int qh0, int nh, int split, int warp,
@@ -771,9 +782,8 @@ __device__ __forceinline__ void window_slice(const DecodeParams& p, const unsign
   // reloaded here rather than kept live through the streaming loop
   const int nq = min(max(p.n_quant[b], 0), p.Tq);
   const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
-  const int nw = min(max(p.n_window[b], 0), p.W);
-  const int per = (nw + p.Sq - 1) / p.Sq;
-  const int w_lo = min(split * per, nw), n = min(per, nw - w_lo);
+  int nw, w_lo, n;
+  window_slice_range(p, b, split, &nw, &w_lo, &n);
   const bool bf = p.dtype == DType::kBFloat16;
   const auto f16 = [bf](const unsigned char* row, int c) {
     const uint16_t u = reinterpret_cast<const uint16_t*>(row)[c];
@@ -878,9 +888,8 @@ decode_mma_kernel(const DecodeParams p_in) {
   // the split, where they are attended (window_slice). An extra, oldest cp.async group: the
   // ring's waits for later groups also complete it.
   if constexpr (kWin) {  // (p_in: the parameter bank, no registers held)
-    const int nw = min(max(p_in.n_window[b], 0), p_in.W);
-    const int per = (nw + p_in.Sq - 1) / p_in.Sq;
-    const int w_lo = min(split * per, nw), n = min(per, nw - w_lo);
+    int nw, w_lo, n;
+    window_slice_range(p_in, b, split, &nw, &w_lo, &n);
     constexpr int kPieces = D * 2 / 16;  // 16-byte pieces per row
     char* wk = reinterpret_cast<char*>(smem + L.win);
     char* wv = wk + kMmaWindowPerSplit * D * 2;
@@ -1405,14 +1414,18 @@ cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, De
   pl.ng = 4 * NT;
   pl.nchunk = (p.ratio + pl.ng - 1) / pl.ng;
   pl.smem = static_cast<size_t>(mma_smem(p, NT, mma_ring(pl.variant), mma_fixed(pl.variant)).total);
+  // blocks per SM of configuration `variant` with `smem` bytes of dynamic shared memory
+  const auto occupancy = [&](int variant, size_t smem, int* blocks) {
+    return with_mma_shape(p.D, NT, variant, [&](auto d, auto nt, auto v) {
+      constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value, Vv = decltype(v)::value;
+      const cudaError_t e = set_smem_attr<Dv, NTv, Vv>(smem);
+      if (e != cudaSuccess) return e;
+      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_mma_kernel<Dv, NTv, Vv>,
+                                                           kThreadsM, smem);
+    });
+  };
   int per_sm = 1;
-  const cudaError_t err = with_mma_shape(p.D, NT, pl.variant, [&](auto d, auto nt, auto v) {
-    constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value, Vv = decltype(v)::value;
-    const cudaError_t e = set_smem_attr<Dv, NTv, Vv>(pl.smem);
-    if (e != cudaSuccess) return e;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, decode_mma_kernel<Dv, NTv, Vv>,
-                                                         kThreadsM, pl.smem);
-  });
+  const cudaError_t err = occupancy(pl.variant, pl.smem, &per_sm);
   if (err != cudaSuccess) return err;
   // quantised region in the tensor-core kernel's tiles, window splits in the SIMT kernel's
   set_plan_splits(p, sm_count, per_sm, kTileM, kSimtTile, kAutoMinTiles, &pl);
@@ -1427,13 +1440,7 @@ cudaError_t plan_decode_mma(const DecodeParams& p, int sm_count, int variant, De
     pw.win_mma = 1;
     const size_t smem_w = static_cast<size_t>(mma_smem(pw, NT, true, true).total);
     int per_sm_w = 0;
-    const cudaError_t e2 = with_mma_shape(p.D, NT, kMmaFixedWindow, [&](auto d, auto nt, auto v) {
-      constexpr int Dv = decltype(d)::value, NTv = decltype(nt)::value, Vv = decltype(v)::value;
-      const cudaError_t e = set_smem_attr<Dv, NTv, Vv>(smem_w);
-      if (e != cudaSuccess) return e;
-      return cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm_w, decode_mma_kernel<Dv, NTv, Vv>, kThreadsM, smem_w);
-    });
+    const cudaError_t e2 = occupancy(kMmaFixedWindow, smem_w, &per_sm_w);
     if (e2 != cudaSuccess) return e2;
     if (per_sm_w == per_sm) {
       pl.variant = kMmaFixedWindow;
