@@ -818,6 +818,38 @@ def test_decode_window_in_tensor_core_splits(monkeypatch, dtype, head_dim, case)
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("which", ["key", "value"])
+@pytest.mark.parametrize("path", ["default", "window_splits"])
+def test_decode_nan_window_row_gives_nan_rows(monkeypatch, device, which, path):
+    """A NaN in one dense-window key makes the rows of its (sequence, KV head) NaN, output and
+    lse; a NaN in a value row makes that channel of those rows NaN. Everything else stays
+    finite, as dense attention would give. On CUDA with the default format the tensor-core
+    splits attend the window, each split a slice (here of one token, so the NaN token is its
+    slice's only one); HEADQ_MMA_WINDOW=0 gives the window to window splits instead."""
+    if device == "cpu" and path != "default":
+        pytest.skip("HEADQ_MMA_WINDOW selects between CUDA kernels")
+    args = list(_decode_case(device, torch.float16, D=128, G=64, Gv=64, Tq=1024, W=3))
+    i = 13 if which == "key" else 14  # k_window / v_window [B, H, W, D]
+    win = args[i].clone()
+    win[0, 1, 2, 7] = float("nan")
+    args[i] = win
+    if path == "default":
+        monkeypatch.delenv("HEADQ_MMA_WINDOW", raising=False)
+    else:
+        monkeypatch.setenv("HEADQ_MMA_WINDOW", "0")
+    out, lse = ops.decode_attention(*args)
+    bad = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+    if which == "key":
+        bad[0, 4:8] = True  # query heads 4..7 read KV head 1
+        assert lse[0, 4:8].isnan().all()
+        assert torch.isfinite(lse[~bad[..., 0]]).all()
+    else:
+        bad[0, 4:8, 7] = True
+        assert torch.isfinite(lse).all()
+    assert out[bad].isnan().all() and torch.isfinite(out[~bad]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 def test_decode_attention_empty_sequence_gives_zeros(device):
     args = list(_decode_case(device, torch.float32, kv_start=False))
     args[15] = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)  # n_quant

@@ -760,7 +760,8 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
 // units, l), az [NG][D / 32] = 0; m = -inf for heads with nothing visible. Warp w takes heads
 // w, w + 4, ...: lane-parallel dot products over the channels (warp sums), the online softmax
 // over the slice's tokens, the values of the lane's channels. A NaN key or value gives a NaN l
-// or red entry, which the combine turns into a NaN row, as the window splits do.
+// or red entry, which the combine turns into a NaN row, as the window splits do (also where the
+// slice's only visible logits are NaN).
 // Visibility as the window splits': w < n_window (less a few-token call's causal offset,
 // window_end_of_row) and n_quant + w >= kv_start. Rows from L.win (16-bit, [2][slice][D]).
 // The split's window slice (win_mma): tokens [*w_lo, *w_lo + *n) of the sequence's nw visible
@@ -819,6 +820,10 @@ __device__ __forceinline__ void window_slice(const DecodeParams& p, const unsign
         for (int j = 0; j < NJ; ++j) acc[j] = fmaf(pw, f16(vrow, 32 * j + lane), acc[j] * corr);
         m = mn;
       }
+      // Only NaN logits (the max ignores them, so m stayed -inf): a finite m keeps the slot in
+      // the merge below, which skips a slot with m = -inf as empty, so that its NaN l reaches
+      // the combine (a NaN row, as with the window splits) instead of being dropped.
+      if (m == -INFINITY && l != l) m = 0.0f;
     }
 #pragma unroll
     for (int j = 0; j < NJ; ++j) red[hh * D + 32 * j + lane] = acc[j];
