@@ -506,6 +506,15 @@ def _decode_case(device, dtype, *, B=3, H=2, n_rep=4, D=64, Tq=128, W=5, rank=8,
     return args
 
 
+def _set_env(monkeypatch, name, value):
+    """Set the environment variable ``name`` for the test (a launch switch the op reads at
+    every call); None unsets it (the op's default)."""
+    if value is None:
+        monkeypatch.delenv(name, raising=False)
+    else:
+        monkeypatch.setenv(name, value)
+
+
 def _start_at_last_window_token(args):
     """kv_start (args[17]) of a _decode_case's 3 sequences: sequence 0's first visible token is
     its window's last one; the others start at 3 and 0."""
@@ -745,10 +754,7 @@ def test_decode_heavy_stage_sizes_agree_exactly(monkeypatch, dtype, head_dim, ca
     args = _decode_case("cuda", dtype, D=head_dim, **case)
     outs = {}
     for stage in ("32", "64", None):
-        if stage is None:
-            monkeypatch.delenv("HEADQ_HEAVY_STAGE", raising=False)
-        else:
-            monkeypatch.setenv("HEADQ_HEAVY_STAGE", stage)
+        _set_env(monkeypatch, "HEADQ_HEAVY_STAGE", stage)
         outs[stage] = ops.decode_attention(*args)
     for stage in ("64", None):
         assert torch.equal(outs[stage][0], outs["32"][0]), stage
@@ -771,10 +777,7 @@ def test_decode_split_min_tiles_keeps_the_answer(monkeypatch, dtype, case):
     args = _decode_case("cuda", dtype, D=128, **case)
     # 100000: one split; "0", "x": not a count, the default plan
     for m in (None, "1", "2", "4", "16", "100000", "0", "x"):
-        if m is None:
-            monkeypatch.delenv("HEADQ_SPLIT_MIN_TILES", raising=False)
-        else:
-            monkeypatch.setenv("HEADQ_SPLIT_MIN_TILES", m)
+        _set_env(monkeypatch, "HEADQ_SPLIT_MIN_TILES", m)
         out, lse = ops.decode_attention(*args)
         _assert_decode_matches_reference(out, lse, args, dtype)
 
@@ -804,10 +807,7 @@ def test_decode_window_in_tensor_core_splits(monkeypatch, dtype, head_dim, case)
         _start_at_last_window_token(args)
     outs = {}
     for env in ("0", None):
-        if env is None:
-            monkeypatch.delenv("HEADQ_MMA_WINDOW", raising=False)
-        else:
-            monkeypatch.setenv("HEADQ_MMA_WINDOW", env)
+        _set_env(monkeypatch, "HEADQ_MMA_WINDOW", env)
         outs[env] = ops.decode_attention(*args, query_tokens=L)
         _assert_decode_matches_reference(*outs[env], args, dtype, query_tokens=L)
     tol = _TOL_OUT[dtype]
@@ -833,10 +833,7 @@ def test_decode_nan_window_row_gives_nan_rows(monkeypatch, device, which, path):
     win = args[i].clone()
     win[0, 1, 2, 7] = float("nan")
     args[i] = win
-    if path == "default":
-        monkeypatch.delenv("HEADQ_MMA_WINDOW", raising=False)
-    else:
-        monkeypatch.setenv("HEADQ_MMA_WINDOW", "0")
+    _set_env(monkeypatch, "HEADQ_MMA_WINDOW", None if path == "default" else "0")
     out, lse = ops.decode_attention(*args)
     bad = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
     if which == "key":
