@@ -847,6 +847,33 @@ def test_decode_nan_window_row_gives_nan_rows(monkeypatch, device, which, path):
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("fmt", ["k2_side", "k4_side", "k2_noside"])
+@pytest.mark.parametrize("split", ["auto", "one_tile"])
+@pytest.mark.parametrize("group", [0, 1, 5])
+def test_decode_nan_key_group_gives_nan_rows(monkeypatch, device, fmt, split, group):
+    """A NaN key scale of one (sequence, KV head, 64-token group, channel) makes every logit of
+    that group NaN: the rows of that (sequence, KV head) are NaN, output and lse, everything
+    else finite. With one-tile splits on CUDA the group is one warp's whole 64-token sub-tile
+    (group 1 of tile 0; group 5 of tile 1), whose only visible logits are then NaN: its running
+    max stays -inf (the max ignores NaN) and the end-of-split merge must not drop it as empty.
+    Formats: the default (2-bit keys, side code), 4-bit keys, no side code (the lean kernel)."""
+    if device == "cpu" and split != "auto":
+        pytest.skip("HEADQ_SPLIT_MIN_TILES selects CUDA launch plans")
+    fmt_args = {"k2_side": {}, "k4_side": {"key_bits": 4}, "k2_noside": {"side": False}}[fmt]
+    args = list(_decode_case(device, torch.float16, D=128, G=64, Gv=64, Tq=1024, W=3,
+                             **fmt_args))
+    scale = args[2].clone()  # key scale [B, H, Tq / G, D]
+    scale[0, 1, group, 7] = float("nan")
+    args[2] = scale
+    _set_env(monkeypatch, "HEADQ_SPLIT_MIN_TILES", None if split == "auto" else "1")
+    out, lse = ops.decode_attention(*args)
+    bad = torch.zeros(lse.shape, dtype=torch.bool, device=lse.device)
+    bad[0, 4:8] = True  # query heads 4..7 read KV head 1
+    assert lse[bad].isnan().all() and torch.isfinite(lse[~bad]).all()
+    assert out[bad].isnan().all() and torch.isfinite(out[~bad]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 def test_decode_attention_empty_sequence_gives_zeros(device):
     args = list(_decode_case(device, torch.float32, kv_start=False))
     args[15] = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)  # n_quant

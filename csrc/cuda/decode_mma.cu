@@ -760,8 +760,8 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
 // units, l), az [NG][D / 32] = 0; m = -inf for heads with nothing visible. Warp w takes heads
 // w, w + 4, ...: lane-parallel dot products over the channels (warp sums), the online softmax
 // over the slice's tokens, the values of the lane's channels. A NaN key or value gives a NaN l
-// or red entry, which the combine turns into a NaN row, as the window splits do (also where the
-// slice's only visible logits are NaN).
+// or red entry, which the combine turns into a NaN row, as the window splits do (the merge keeps
+// a NaN l also where the slice's only visible logits are NaN, m = -inf).
 // Visibility as the window splits': w < n_window (less a few-token call's causal offset,
 // window_end_of_row) and n_quant + w >= kv_start. Rows from L.win (16-bit, [2][slice][D]).
 // The split's window slice (win_mma): tokens [*w_lo, *w_lo + *n) of the sequence's nw visible
@@ -820,10 +820,6 @@ __device__ __forceinline__ void window_slice(const DecodeParams& p, const unsign
         for (int j = 0; j < NJ; ++j) acc[j] = fmaf(pw, f16(vrow, 32 * j + lane), acc[j] * corr);
         m = mn;
       }
-      // Only NaN logits (the max ignores them, so m stayed -inf): a finite m keeps the slot in
-      // the merge below, which skips a slot with m = -inf as empty, so that its NaN l reaches
-      // the combine (a NaN row, as with the window splits) instead of being dropped.
-      if (m == -INFINITY && l != l) m = 0.0f;
     }
 #pragma unroll
     for (int j = 0; j < NJ; ++j) red[hh * D + 32 * j + lane] = acc[j];
@@ -1322,9 +1318,14 @@ decode_mma_kernel(const DecodeParams p_in) {
   }
   if (tid < nh) {
     float M = -INFINITY;
+    bool nan_l = false;
 #pragma unroll
-    for (int w = 0; w < kMergeSlots; ++w)
-      if (w < nslots) M = fmaxf(M, mlw[(w * NG + tid) * 2]);
+    for (int w = 0; w < kMergeSlots; ++w) {
+      if (w < nslots) {
+        M = fmaxf(M, mlw[(w * NG + tid) * 2]);
+        nan_l |= isnan(mlw[(w * NG + tid) * 2 + 1]);
+      }
+    }
     float l = 0.0f;
     if (M != -INFINITY) {
 #pragma unroll
@@ -1333,6 +1334,10 @@ decode_mma_kernel(const DecodeParams p_in) {
         if (mw != -INFINITY) l = fmaf(exp2f(mw - M), mlw[(w * NG + tid) * 2 + 1], l);
       }
     }
+    // A slot whose only visible logits are NaN (a NaN key scale over a warp's whole sub-tile, a
+    // NaN window key alone in its slice) kept m = -inf, since the max ignores NaN, with a NaN l:
+    // skipped above as empty, its NaN still reaches the combine, which makes the row NaN.
+    if (nan_l) l = NAN;
     const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + tid) * p.S + split;
     p.part_ml[row * 2] = M;
     p.part_ml[row * 2 + 1] = l;
