@@ -115,7 +115,8 @@ __host__ __device__ constexpr int zmap_j(int bits, int k) {
 }
 __host__ __device__ constexpr int zmap_pos(int bits, int k) { return bits == 8 ? 0 : kmap_pos(4, k); }
 
-// Partials merged at the end of a split: the 4 warps', then the split's window slice (win_mma).
+// Partials merged at the end of a split: the 4 warps' (L.red), then the split's window slice
+// (win_mma; L.winr).
 constexpr int kMergeSlots = kWarpsM + 1;
 
 // ---------------------------------------------------------------------------------------------
@@ -134,6 +135,7 @@ struct MmaSmem {
   int red;                             // end-of-split merge (aliases the stages)
   int mbar;   // uint64_t [2]  mbarriers of the fixed variant's bulk copies (keys, values)
   int win;    // 16-bit [2][kMmaWindowPerSplit][D]  the split's window keys, values (win_mma)
+  int winr;   // float [NG][D] + [NG][2]  the window slice's partial (merge slot kWarpsM; win_mma)
   int total;
 };
 
@@ -230,7 +232,7 @@ __host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool 
   s.stage0 = o;
   s.stage_bytes = b;
   s.red = o;
-  const int red_bytes = kMergeSlots * NG * (D + 2 + D / 32) * 4;  // (below the stages)
+  const int red_bytes = kWarpsM * NG * (D + 2 + D / 32) * 4;  // (below the stages)
   const int nbuf = ring ? 1 : 2;
   o += (nbuf * b > red_bytes) ? nbuf * b : red_bytes;
   // Placed last: before stage0, the 16 bytes shifted every later offset and cost the general
@@ -239,6 +241,8 @@ __host__ __device__ inline MmaSmem mma_smem(const DecodeParams& p, int NT, bool 
   o = s.mbar + 16;
   s.win = o;
   if (p.win_mma) o += 2 * kMmaWindowPerSplit * D * 2;
+  s.winr = o;
+  if (p.win_mma) o += al16(NG * (D + 2) * 4);
   s.total = o;
   return s;
 }
@@ -755,18 +759,18 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
   }
 }
 
-// The split's slice of the dense window (win_mma), attended after its quantised tokens and
-// written as merge slot kWarpsM: red [NG][D] (sum_w 2^(x_w - m) v_w), ml [NG][2] (m in log2
-// units, l), az [NG][D / 32] = 0; m = -inf for heads with nothing visible. Warp w takes heads
-// w, w + 4, ...: lane-parallel dot products over the channels (warp sums), the online softmax
-// over the slice's tokens, the values of the lane's channels. A NaN key or value gives a NaN l
-// or red entry, which the combine turns into a NaN row, as the window splits do (the merge keeps
-// a NaN l also where the slice's only visible logits are NaN, m = -inf).
+// The split's slice of the dense window (win_mma), attended while the split's first tile loads
+// (before the streaming loop) and kept as merge slot kWarpsM in its own shared memory (L.winr):
+// red [NG][D] (sum_w 2^(x_w - m) v_w), ml [NG][2] (m in log2 units, l); m = -inf for heads with
+// nothing visible. Warp w takes heads w, w + 4, ...: the slice's (at most kMmaWindowPerSplit)
+// dot products are computed together (lane-parallel over the channels, independent warp sums),
+// then the softmax over the slice and the values of the lane's channels. A NaN key or value
+// gives a NaN l or red entry, which the combine turns into a NaN row, as the window splits do
+// (the merge keeps a NaN l also where the slice's only visible logits are NaN, m = -inf).
 // Visibility as the window splits': w < n_window (less a few-token call's causal offset,
 // window_end_of_row) and n_quant + w >= kv_start. Rows from L.win (16-bit, [2][slice][D]).
 // The split's window slice (win_mma): tokens [*w_lo, *w_lo + *n) of the sequence's nw visible
-// window tokens, ceil(nw / Sq) per split; the same at the split's start (its rows requested)
-// and end (attended).
+// window tokens, ceil(nw / Sq) per split; the same where its rows are requested and attended.
 __device__ __forceinline__ void window_slice_range(const DecodeParams& p, int b, int split,
                                                    int* nw, int* w_lo, int* n) {
   *nw = min(max(p.n_window[b], 0), p.W);
@@ -778,9 +782,8 @@ __device__ __forceinline__ void window_slice_range(const DecodeParams& p, int b,
 template <int D, int NG>
 __device__ __forceinline__ void window_slice(const DecodeParams& p, const unsigned char* win,
                                              int b, int qh0, int nh, int split, int warp,
-                                             int lane, float* red, float* ml, float* az) {
-  constexpr int NJ = D / 32;
-  // reloaded here rather than kept live through the streaming loop
+                                             int lane, float* red, float* ml) {
+  constexpr int NJ = D / 32, NW = kMmaWindowPerSplit;
   const int nq = min(max(p.n_quant[b], 0), p.Tq);
   const int ks = p.kv_start != nullptr ? max(p.kv_start[b], 0) : 0;
   int nw, w_lo, n;
@@ -803,22 +806,40 @@ __device__ __forceinline__ void window_slice(const DecodeParams& p, const unsign
 #pragma unroll
       for (int j = 0; j < NJ; ++j) qv[j] = f16(qrow, 32 * j + lane);
       const int w_end = p.qtok > 1 ? window_end_of_row(nw, p.qtok, qh) : nw;
-#pragma unroll 1
-      for (int i = 0; i < n; ++i) {
+      // Visible slice tokens (warp-uniform bits). Rows past n hold stale bytes: their dot
+      // products are computed with the others and discarded by the select.
+      unsigned vis = 0u;
+#pragma unroll
+      for (int i = 0; i < NW; ++i) {
         const int w = w_lo + i;
-        if (w >= w_end || nq + w < ks) continue;  // warp-uniform
+        if (i < n && w < w_end && nq + w >= ks) vis |= 1u << i;
+      }
+      float x[NW];
+#pragma unroll
+      for (int i = 0; i < NW; ++i) {
         const unsigned char* krow = win + i * D * 2;
         float dot = 0.0f;
 #pragma unroll
         for (int j = 0; j < NJ; ++j) dot = fmaf(qv[j], f16(krow, 32 * j + lane), dot);
-        const float x = warp_sum(dot) * p.scale_log2;
-        const float mn = fmaxf(m, x);
-        const float corr = exp2f(m - mn), pw = exp2f(x - mn);
-        l = fmaf(l, corr, pw);
-        const unsigned char* vrow = win + (kMmaWindowPerSplit + i) * D * 2;
+        x[i] = dot;
+      }
 #pragma unroll
-        for (int j = 0; j < NJ; ++j) acc[j] = fmaf(pw, f16(vrow, 32 * j + lane), acc[j] * corr);
-        m = mn;
+      for (int i = 0; i < NW; ++i) {
+        const float sum = warp_sum(x[i]);  // every lane takes part: vis only selects
+        x[i] = (vis >> i) & 1u ? sum * p.scale_log2 : -INFINITY;
+      }
+#pragma unroll
+      for (int i = 0; i < NW; ++i) m = fmaxf(m, x[i]);  // NaN logits do not move m, as before
+      const float msub = m == -INFINITY ? 0.0f : m;
+#pragma unroll
+      for (int i = 0; i < NW; ++i) {
+        if ((vis >> i) & 1u) {  // warp-uniform
+          const float pw = exp2f(x[i] - msub);
+          l += pw;
+          const unsigned char* vrow = win + (NW + i) * D * 2;
+#pragma unroll
+          for (int j = 0; j < NJ; ++j) acc[j] = fmaf(pw, f16(vrow, 32 * j + lane), acc[j]);
+        }
       }
     }
 #pragma unroll
@@ -827,7 +848,6 @@ __device__ __forceinline__ void window_slice(const DecodeParams& p, const unsign
       ml[hh * 2] = m;
       ml[hh * 2 + 1] = l;
     }
-    if (lane < D / 32) az[hh * (D / 32) + lane] = 0.0f;
   }
 }
 
@@ -885,9 +905,8 @@ decode_mma_kernel(const DecodeParams p_in) {
   const int lo = max(s0, ks);
 
   // The split's slice of the dense window (win_mma): ceil(nw / Sq) tokens per split, their key
-  // and value rows requested now (cp.async into L.win) so that they have landed by the end of
-  // the split, where they are attended (window_slice). An extra, oldest cp.async group: the
-  // ring's waits for later groups also complete it.
+  // and value rows requested now (cp.async into L.win, the oldest cp.async group) so that they
+  // land during the setup; they are attended once the first tile is requested (attend_window).
   if constexpr (kWin) {  // (p_in: the parameter bank, no registers held)
     int nw, w_lo, n;
     window_slice_range(p_in, b, split, &nw, &w_lo, &n);
@@ -1093,6 +1112,20 @@ decode_mma_kernel(const DecodeParams p_in) {
     for (int i = 0; i < NKB; ++i) st.acc[i][nt][0] = st.acc[i][nt][1] = st.acc[i][nt][2] = st.acc[i][nt][3] = 0.0f;
   }
 
+  // The window slice (kWin), into merge slot kWarpsM (L.winr): after the setup, while the first
+  // tile loads. Its rows are the oldest cp.async group; with first_tile_pending the newest group
+  // (the first tile's cp.async pieces, if it is not a bulk-copied full tile) stays in flight.
+  float* winr = reinterpret_cast<float*>(smem + L.winr);  // [NG][D], then ml [NG][2]
+  auto attend_window = [&](bool first_tile_pending) {
+    if constexpr (kWin) {
+      if (first_tile_pending) cp_async_wait_one();
+      else cp_async_wait_all();
+      __syncthreads();  // every thread's row pieces have landed
+      window_slice<D, NG>(p_in, smem + L.win, b, qh0, nh, split, warp, lane, winr, winr + NG * D);
+    }
+  };
+  static_assert(!kWin || kRing, "the window slice is attended in the ring pipeline");
+
   if (lo < s1) {
     const PackedStreams<D> ps(p, b, h, side, /*vcodes=*/true);
 
@@ -1230,6 +1263,7 @@ decode_mma_kernel(const DecodeParams p_in) {
       };
       stage_keys(t_first, 0);
       cp_async_commit();
+      attend_window(true);  // (kWin) while the first tile's copies are in flight
       for (int t0 = t_first; t0 < s1; t0 += kTileM) {
         const bool full = staged_end(t0) - t0 == kTileM;  // staged by bulk copies (kBulk)
         cp_async_wait_all();
@@ -1250,14 +1284,16 @@ decode_mma_kernel(const DecodeParams p_in) {
         if (act) values(sb, t0, alpha, pw);
       }
     }
+  } else {
+    attend_window(false);
   }
 
   // ---- end of split: merge the 4 warps ----
   pdl_launch_dependents();  // the combine may be scheduled (it waits for this grid)
   __syncthreads();  // staging buffers are free (red aliases them)
-  float* red = reinterpret_cast<float*>(smem + L.red);  // [kMergeSlots][NG][D]
-  float* mlw = red + kMergeSlots * NG * D;               // [kMergeSlots][NG][2]
-  float* azw = mlw + kMergeSlots * NG * 2;               // [kMergeSlots][NG][NGVMAX]
+  float* red = reinterpret_cast<float*>(smem + L.red);  // [kWarpsM][NG][D]
+  float* mlw = red + kWarpsM * NG * D;                   // [kWarpsM][NG][2]
+  float* azw = mlw + kWarpsM * NG * 2;                   // [kWarpsM][NG][NGVMAX]
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) {
     float l = st.l[nt];
@@ -1287,30 +1323,31 @@ decode_mma_kernel(const DecodeParams p_in) {
       o[16 * i + c.vchB] = (st.acc[i][nt][2] + st.acc[i][nt][3]) * fvB;
     }
   }
-  // Merge slot kWarpsM: the split's window slice (win_mma only).
-  if constexpr (kWin) cp_async_wait_all();
-  __syncthreads();  // (and the window rows of every thread's pieces have landed)
+  __syncthreads();
+  // Merge slot kWarpsM: the split's window slice (win_mma only), in L.winr (no z_v sums).
   constexpr int nslots = kWin ? kMergeSlots : kWarpsM;
-  if constexpr (kWin) {
-    window_slice<D, NG>(p_in, smem + L.win, b, qh0, nh, split, warp, lane,
-                        red + kWarpsM * NG * D, mlw + kWarpsM * NG * 2,
-                        azw + kWarpsM * NG * NGVMAX);
-    __syncthreads();
-  }
+  const auto slot_m = [&](int w, int hh) {
+    return kWin && w == kWarpsM ? winr[NG * D + hh * 2] : mlw[(w * NG + hh) * 2];
+  };
+  const auto slot_l = [&](int w, int hh) {
+    return kWin && w == kWarpsM ? winr[NG * D + hh * 2 + 1] : mlw[(w * NG + hh) * 2 + 1];
+  };
+  const auto slot_o = [&](int w, int hh, int cc, int g) {
+    return kWin && w == kWarpsM ? winr[hh * D + cc]
+                                : red[(w * NG + hh) * D + cc] + azw[(w * NG + hh) * NGVMAX + g];
+  };
   for (int idx = tid; idx < nh * D; idx += kThreadsM) {
     const int hh = idx / D, cc = idx % D, g = cc / p.Gv;
     float M = -INFINITY;
 #pragma unroll
     for (int w = 0; w < kMergeSlots; ++w)
-      if (w < nslots) M = fmaxf(M, mlw[(w * NG + hh) * 2]);
+      if (w < nslots) M = fmaxf(M, slot_m(w, hh));
     float o = 0.0f;
     if (M != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < kMergeSlots; ++w) {
-        const float mw = w < nslots ? mlw[(w * NG + hh) * 2] : -INFINITY;
-        if (mw != -INFINITY) {
-          o = fmaf(exp2f(mw - M), red[(w * NG + hh) * D + cc] + azw[(w * NG + hh) * NGVMAX + g], o);
-        }
+        const float mw = w < nslots ? slot_m(w, hh) : -INFINITY;
+        if (mw != -INFINITY) o = fmaf(exp2f(mw - M), slot_o(w, hh, cc, g), o);
       }
     }
     const int64_t row = (static_cast<int64_t>(b) * p.Hq + qh0 + hh) * p.S + split;
@@ -1322,16 +1359,16 @@ decode_mma_kernel(const DecodeParams p_in) {
 #pragma unroll
     for (int w = 0; w < kMergeSlots; ++w) {
       if (w < nslots) {
-        M = fmaxf(M, mlw[(w * NG + tid) * 2]);
-        nan_l |= isnan(mlw[(w * NG + tid) * 2 + 1]);
+        M = fmaxf(M, slot_m(w, tid));
+        nan_l |= isnan(slot_l(w, tid));
       }
     }
     float l = 0.0f;
     if (M != -INFINITY) {
 #pragma unroll
       for (int w = 0; w < kMergeSlots; ++w) {
-        const float mw = w < nslots ? mlw[(w * NG + tid) * 2] : -INFINITY;
-        if (mw != -INFINITY) l = fmaf(exp2f(mw - M), mlw[(w * NG + tid) * 2 + 1], l);
+        const float mw = w < nslots ? slot_m(w, tid) : -INFINITY;
+        if (mw != -INFINITY) l = fmaf(exp2f(mw - M), slot_l(w, tid), l);
       }
     }
     // A slot whose only visible logits are NaN (a NaN key scale over a warp's whole sub-tile, a

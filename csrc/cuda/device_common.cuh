@@ -170,6 +170,8 @@ __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src)
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+// All but the newest committed group.
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::); }
 
 // Hopper bulk copies (TMA engine, cp.async.bulk) completing on a shared-memory mbarrier: one
 // thread moves a whole contiguous range, instead of every thread issuing 16-byte cp.async with
