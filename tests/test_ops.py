@@ -874,6 +874,27 @@ def test_decode_nan_key_group_gives_nan_rows(monkeypatch, device, fmt, split, gr
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("fmt", ["k2_side", "k2_noside", "v4"])
+def test_decode_inf_value_scale_confined_to_its_group(device, dtype, fmt):
+    """An infinite value scale (what quantize_values stores for a value group that overflows
+    fp16) of one (token, channel group): the output channels of that group, for the query heads
+    of its KV head, are non-finite; every other channel and every lse stays finite. The
+    tensor-core kernel picks its P' power of two from the sub-tile's largest value scale, so an
+    Inf there made every channel of those rows non-finite."""
+    fmt_args = {"k2_side": {}, "k2_noside": {"side": False}, "v4": {"value_bits": 4}}[fmt]
+    args = list(_decode_case(device, dtype, D=128, G=64, Gv=64, Tq=1024, W=3, **fmt_args))
+    vs = args[8].clone()  # value scale [B, H, Tq, D / Gv]
+    vs[0, 1, 70, 0] = float("inf")
+    args[8] = vs
+    out, lse = ops.decode_attention(*args)
+    bad = torch.zeros(out.shape, dtype=torch.bool, device=out.device)
+    bad[0, 4:8, :64] = True  # query heads 4..7 read KV head 1; channels 0..63 are group 0
+    assert torch.isfinite(lse).all()
+    assert (~torch.isfinite(out[bad])).all() and torch.isfinite(out[~bad]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 def test_decode_attention_empty_sequence_gives_zeros(device):
     args = list(_decode_case(device, torch.float32, kv_start=False))
     args[15] = torch.tensor([0, 0, 0], dtype=torch.int32, device=device)  # n_quant

@@ -658,7 +658,11 @@ __device__ __forceinline__ void value_phase(const MmaLane<NT>& c, const unsigned
       for (int g = 0; g < NGV; ++g) vmax = fmaxf(vmax, sv.get(g));
     }
   }
-  vmax = warp_max(vmax);
+  // An infinite scale (a value group that overflowed fp16) counts as the largest finite one,
+  // 65504 (2^15 > it): as Inf it would give 2^-114 here and an infinite undo factor at the
+  // merge, making every channel of the warp's rows non-finite; so only its own group's channels
+  // are (pp * Inf), as on the CPU, and every finite scale still fits.
+  vmax = fminf(warp_max(vmax), 65504.0f);
   int kvn = st.kv;
   if (vmax > 0.0f) kvn = min(st.kv, 14 - exp_of(vmax));
   const float fk = exp2f(static_cast<float>(kvn - st.kv));
