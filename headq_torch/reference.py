@@ -277,13 +277,16 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
             heavy_logits[b] = torch.where(vis, got, torch.full_like(got, float("-inf"))).to(
                 heavy_logits.dtype)
         lw = torch.einsum("hd,htd->ht", qf[b], kw[b, :, :nw]) * scale
+        # hidden: tokens a head does not see (before kv_start; a few-token call's later tokens)
+        hidden = torch.zeros(Hq, nq + nw, dtype=torch.bool, device=q.device)
         if query_tokens > 1:
             ends = _window_ends(n_window[b:b + 1], Hq, query_tokens).view(-1, 1).to(q.device)
-            lw = lw.masked_fill(torch.arange(nw, device=q.device) >= ends, float("-inf"))
-        logits = torch.cat([logits_q[b, :, :nq], lw], dim=-1)
-        vals = torch.cat([vq[b, :, :nq], vw[b, :, :nw]], dim=1)
+            hidden[:, nq:] = torch.arange(nw, device=q.device) >= ends
         if start > 0:
-            logits[:, : min(start, nq + nw)] = float("-inf")
+            hidden[:, : min(start, nq + nw)] = True
+        logits = torch.cat([logits_q[b, :, :nq], lw], dim=-1).masked_fill(hidden, float("-inf"))
+        # A hidden token is left out of the value sum, not weighted by 0: 0 * NaN would be NaN.
+        vals = torch.cat([vq[b, :, :nq], vw[b, :, :nw]], dim=1).masked_fill(hidden.unsqueeze(-1), 0.0)
         if nq + nw - start <= 0 or nq + nw == 0:
             continue
         lse[b] = torch.logsumexp(logits, dim=-1)
@@ -297,7 +300,7 @@ def decode_attention(q, k_codes, k_scale, k_zero, z_codes, z_scale, basis, v_cod
             for h in range(Hq):
                 for i in range(hi.shape[-1]):
                     idx = int(hi[h, i])
-                    if 0 <= idx < nq:
+                    if max(start, 0) <= idx < nq:  # (a kept token before kv_start is hidden)
                         o[h] = o[h] + a[h, idx] * hd[h, i]
         out[b] = o
     return out.to(q.dtype), lse.to(torch.float32 if wd == torch.float32 else wd)

@@ -565,7 +565,17 @@ HEADQ_CPU_ALWAYS_INLINE void decode_partial_body(const DecodeSlice<T>& a, const 
     for (int64_t i = 0; i < n * D; ++i) xb[i] = static_cast<float>(a.v_window[w0 * D + i]);
     for (int64_t i = 0; i < n_rep; ++i)
       for (int64_t t = 0; t < n; ++t) wb[i * n + t] = logits[i * NB + t];
-    accumulate_rows(wb, n_rep, xb, n, D, D, accb);
+    if (sh.query_tokens > 1) {
+      // Each row sums only the tokens it sees (a prefix of the block): weight 0 times a NaN or
+      // Inf value row it cannot see would be NaN.
+      for (int64_t i = 0; i < n_rep; ++i) {
+        const int64_t lim = window_end_of_row<int64_t>(nw, sh.query_tokens, a.row0 + i);
+        const int64_t ni = std::min(std::max<int64_t>(lim - w0, 0), n);
+        if (ni > 0) accumulate_rows(wb + i * n, 1, xb, ni, D, D, accb + i * D);
+      }
+    } else {
+      accumulate_rows(wb, n_rep, xb, n, D, D, accb);
+    }
     add_block();
   }
 
