@@ -295,6 +295,33 @@ TEST_P(DecodeAttention, SplitPartialsMergeToOnePass) {
   }
 }
 
+// A few-token call: a NaN in the value row of the call's last token reaches only the rows of
+// that token (the channel of the NaN); the earlier rows do not see the token and leave it out
+// of their value sum (0 * NaN would be NaN).
+TEST(DecodeAttentionNonFinite, HiddenWindowValueRowStaysOutOfEarlierRows) {
+  const DecodeCase c{"query_tokens", 8, 64, 32, 128, 40, 2, 2, 32, 8, 8, false, 5, 100, 37, 0,
+                     1.0f, 4, 0};
+  Cache m = make_cache(c, 42);
+  const int64_t D = c.D, L = c.query_tokens, last = c.n_window - 1;
+  m.vw[last * D + 3] = NAN;
+  headq::cpu::DecodeSlice<float> a = slice_of(c, m);
+  std::vector<float> out(c.n_rep * D), lse(c.n_rep);
+  a.out = out.data();
+  a.lse = lse.data();
+  headq::cpu::decode_attention_slice<float>(a, shape_of(c, 1.0f / std::sqrt(float(D))));
+  for (int64_t i = 0; i < c.n_rep; ++i) {
+    const bool sees_last = (c.row0 + i) % L == L - 1;
+    EXPECT_TRUE(std::isfinite(lse[i])) << "row " << i;
+    for (int64_t d = 0; d < D; ++d) {
+      if (sees_last && d == 3) {
+        EXPECT_TRUE(std::isnan(out[i * D + d])) << "row " << i;
+      } else {
+        ASSERT_TRUE(std::isfinite(out[i * D + d])) << "row " << i << " dim " << d;
+      }
+    }
+  }
+}
+
 class CorrectedLogits : public ::testing::TestWithParam<DecodeCase> {};
 
 TEST_P(CorrectedLogits, MatchesNaive) {
