@@ -515,6 +515,12 @@ def _set_env(monkeypatch, name, value):
         monkeypatch.setenv(name, value)
 
 
+# _decode_case formats of the non-finite decode tests: the default (2-bit keys and values, side
+# code), 4-bit keys, 4-bit values, no side code (the lean tensor-core kernel).
+_NONFINITE_FMTS = {"k2_side": {}, "k4_side": {"key_bits": 4}, "v4": {"value_bits": 4},
+                   "k2_noside": {"side": False}}
+
+
 def _start_at_last_window_token(args):
     """kv_start (args[17]) of a _decode_case's 3 sequences: sequence 0's first visible token is
     its window's last one; the others start at 3 and 0."""
@@ -859,9 +865,8 @@ def test_decode_nan_key_group_gives_nan_rows(monkeypatch, device, fmt, split, gr
     Formats: the default (2-bit keys, side code), 4-bit keys, no side code (the lean kernel)."""
     if device == "cpu" and split != "auto":
         pytest.skip("HEADQ_SPLIT_MIN_TILES selects CUDA launch plans")
-    fmt_args = {"k2_side": {}, "k4_side": {"key_bits": 4}, "k2_noside": {"side": False}}[fmt]
     args = list(_decode_case(device, torch.float16, D=128, G=64, Gv=64, Tq=1024, W=3,
-                             **fmt_args))
+                             **_NONFINITE_FMTS[fmt]))
     scale = args[2].clone()  # key scale [B, H, Tq / G, D]
     scale[0, 1, group, 7] = float("nan")
     args[2] = scale
@@ -880,11 +885,11 @@ def test_decode_nan_window_value_hidden_from_earlier_rows(monkeypatch, device, p
     reaches only the rows that see that token (the last query token's heads); the earlier rows
     leave it out instead of weighting it by 0 (0 * NaN = NaN). The reference, the CPU op and the
     tensor-core window slice do; the SIMT window splits (HEADQ_MMA_WINDOW=0 on CUDA) still
-    weight it by 0 (docs/BAD_INPUT.md, known differences): strict xfail there."""
+    weight it by 0 (docs/BAD_INPUT.md, known differences): xfail there when exactly that
+    happens (every head of the KV head NaN in that channel), a failure otherwise."""
     if device == "cpu" and path != "default":
         pytest.skip("HEADQ_MMA_WINDOW selects between CUDA kernels")
-    if path == "window_splits":
-        monkeypatch.setenv("HEADQ_MMA_WINDOW", "0")
+    _set_env(monkeypatch, "HEADQ_MMA_WINDOW", None if path == "default" else "0")
     L = 4
     args = list(_decode_case(device, torch.float16, D=128, G=64, Gv=64, Tq=1024, W=6))
     vw = args[14].clone()  # v_window [B, H, W, D]; sequence 0 has n_window = W
@@ -916,8 +921,8 @@ def test_decode_inf_value_scale_confined_to_its_group(device, dtype, fmt):
     of its KV head, are non-finite; every other channel and every lse stays finite. The
     tensor-core kernel picks its P' power of two from the sub-tile's largest value scale, so an
     Inf there made every channel of those rows non-finite."""
-    fmt_args = {"k2_side": {}, "k2_noside": {"side": False}, "v4": {"value_bits": 4}}[fmt]
-    args = list(_decode_case(device, dtype, D=128, G=64, Gv=64, Tq=1024, W=3, **fmt_args))
+    args = list(_decode_case(device, dtype, D=128, G=64, Gv=64, Tq=1024, W=3,
+                             **_NONFINITE_FMTS[fmt]))
     vs = args[8].clone()  # value scale [B, H, Tq, D / Gv]
     vs[0, 1, 70, 0] = float("inf")
     args[8] = vs
