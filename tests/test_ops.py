@@ -823,6 +823,34 @@ def test_decode_window_in_tensor_core_splits(monkeypatch, dtype, head_dim, case)
         assert torch.isfinite(outs[None][1][0]).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tensor-core kernel is CUDA's")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt_id)
+@pytest.mark.parametrize("window", [0, 5], ids=["no_window", "window"])
+def test_decode_fixed_kernel_per_group_scales(monkeypatch, dtype, window):
+    """The default format's tensor-core kernel folds each 64-token key group's scales into the
+    query (Q') once per group and warp, over splits of one tile (256 tokens) up to one split per
+    sequence, a partial last tile, kv_start inside a warp's sub-tile of the first tile. Each key
+    group here has its scales and zeros multiplied by its own power of two (2^-2 .. 2^2), so
+    that a Q' of the wrong group cannot pass: every split plan matches the reference. (A module
+    that built the next tile's Q' early, from the wrong group's scales, failed all four cases:
+    session 29, on an H100.)"""
+    D, G, Tq = 128, 64, 1344  # 5 whole tiles and a quarter
+    args = list(_decode_case("cuda", dtype, D=D, G=G, Gv=64, Tq=Tq, W=window, kv_start=True))
+    ngroups = Tq // G
+    f = torch.tensor([2.0 ** (g % 5 - 2) for g in range(ngroups)], device="cuda")
+    for i in (2, 3):  # key scales, zeros: [B, H, groups, D] (float16)
+        assert args[i].shape[2] == ngroups
+        args[i] = (args[i].float() * f[None, None, :, None]).to(args[i].dtype)
+    # lengths ending inside a tile (1000: a partial last tile) and in a group's middle; kv_start
+    # in warp 1's sub-tile of the first tile, at 0, in a later group
+    args[15] = torch.tensor([Tq, 1000, 300], dtype=torch.int32, device="cuda")
+    args[17] = torch.tensor([100, 0, 70], dtype=torch.int32, device="cuda")
+    for m in (None, "1", "2", "3", "100000"):
+        _set_env(monkeypatch, "HEADQ_SPLIT_MIN_TILES", m)
+        out, lse = ops.decode_attention(*args)
+        _assert_decode_matches_reference(out, lse, args, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
 @pytest.mark.parametrize("which", ["key", "value"])
 @pytest.mark.parametrize("path", ["default", "window_splits"])
