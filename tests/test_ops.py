@@ -941,7 +941,7 @@ def test_decode_nan_window_value_hidden_from_earlier_rows(monkeypatch, device, p
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=_dev_id)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dt_id)
 @pytest.mark.parametrize("fmt", ["k2_side", "k2_noside", "v4"])
 def test_decode_inf_value_scale_confined_to_its_group(device, dtype, fmt):
     """An infinite value scale (what quantize_values stores for a value group that overflows
