@@ -15,7 +15,8 @@
 #       > csrc/cuda/decode_mma.cu && bash scripts/device_so.sh \
 #       && strip -o /tmp/NAME.so headq_torch/_C.cpython-312-*.so && xz -c /tmp/NAME.so > build/abx/NAME.so.xz
 #   git checkout csrc/cuda/decode_mma.cu
-# then run(command="bash scripts/ablation_operands.sh", carry=["build/abx"]).
+# then run(command="bash scripts/ablation_operands.sh", carry=["build/abx"]). MODS (the timed
+# builds) and NCU_MODS (the profiled ones) choose subsets, e.g. MODS="main codesfree qfree allfree".
 # Results: $OUT/ablation.json (HeadQ, dense us per step), $OUT/gpu_decode_now.json (#5's table,
 # main's module), $OUT/ncu_*.csv, $OUT/log.txt.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -53,7 +54,7 @@ for rep in 1 2; do
   T
 done
 echo "== ncu at 32k" | tee -a $LOG
-for m in main codesfree qfree allfree; do
+for m in ${NCU_MODS:-main codesfree qfree allfree}; do
   ncu -k regex:decode_mma --launch-skip 2 --launch-count 1 --clock-control none --csv \
     --metrics gpu__time_duration.sum,smsp__inst_executed.sum,smsp__issue_active.avg.pct_of_peak_sustained_active,smsp__warps_eligible.avg.per_cycle_active,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread \
     python3 benchmarks/bench_decode.py --lib /tmp/ab/$m.so --impl mma --variants fixed --contexts 32768 --reps 3 --warmup 1 --sets 1 \
