@@ -65,16 +65,20 @@ def main() -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.2))
     for name, ys in series.items():
         a.plot(ctx[:len(ys)], ys, marker="o", label=name)
-    g = d.get("graph_timing")  # device time (CUDA graphs, no host dispatch cost), dashed
+    # Device time (CUDA graphs, no host dispatch cost), dashed: the latest H200 run of the
+    # current code (h200_session<N>), else session 6's graph_timing.
+    latest = sorted((int(k[len("h200_session"):]), k) for k in d
+                    if k.startswith("h200_session") and k[len("h200_session"):].isdigit())
+    g, gtag = (d[latest[-1][1]], f", session {latest[-1][0]}") if latest else (d.get("graph_timing"), "")
     if g:
         gctx = [r["context"] for r in g["rows"]]
         a.plot(gctx, [r["dense_sdpa"]["median_ms"] for r in g["rows"]], ls="--", marker=".",
-               color="C0", label="dense fp16 SDPA, device time (CUDA graphs)")
+               color="C0", label=f"dense fp16 SDPA, device time (CUDA graphs{gtag})")
         a.plot(gctx, [r["headq_mma:fixed"]["median_ms"] for r in g["rows"]], ls="--", marker=".",
-               color="k", label="HeadQ fused fixed, device time (CUDA graphs)")
+               color="k", label=f"HeadQ fused fixed, device time (CUDA graphs{gtag})")
         b.plot(gctx, [r["headq_bytes"] / (r["headq_mma:fixed"]["median_ms"] * 1e-3) / 1e9
                       for r in g["rows"]], ls="--", marker=".", color="k",
-               label="HeadQ fused fixed, device time")
+               label=f"HeadQ fused fixed, device time{gtag}")
     loglog(a, "context (tokens)", "ms per decode step (median)",
            f"decode attention, batch {rows[0]['batch']}, {rows[0]['q_heads']}/"
            f"{rows[0]['kv_heads']} heads, D={rows[0]['head_dim']}")
