@@ -65,23 +65,23 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=30, help="source lines listed per call")
     ap.add_argument("--json", default=None, help="write the counts here")
     args = ap.parse_args()
+    for flag, tool in (("--nvdisasm", args.nvdisasm), ("--nvcc", args.nvcc)):
+        if shutil.which(tool) is None:
+            sys.exit(f"sass_breakdown: {flag} must name an executable, got {tool!r}")
     text = SRC.read_text()
     if WHOLE_OLD not in text or any(c not in text for c in CALLS.values()):
         sys.exit("sass_breakdown: decode_mma.cu no longer has the lines this script patches / finds")
     src_lines = text.split("\n")
     call_line = {k: src_lines.index(next(l for l in src_lines if v in l)) + 1 for k, v in CALLS.items()}
     with tempfile.TemporaryDirectory() as tmp:
-        # Same name and folder depth as the original, so that its includes and line numbers hold.
-        patched = SRC.parent / "_sass_breakdown_tmp.cu"
+        # The patched copy keeps every line number; its quoted includes resolve through -I.
+        patched = Path(tmp) / "decode_mma_whole.cu"
         patched.write_text(text.replace(WHOLE_OLD, WHOLE_NEW))
         cubin = Path(tmp) / "k.cubin"
-        try:
-            subprocess.run([args.nvcc, "-cubin", "-o", str(cubin), str(patched), "-DHEADQ_WITH_CUDA",
-                            f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",
-                            "--expt-relaxed-constexpr", "-O3", "-lineinfo", "-std=c++17",
-                            "-gencode=arch=compute_90,code=sm_90"], check=True)
-        finally:
-            patched.unlink()
+        subprocess.run([args.nvcc, "-cubin", "-o", str(cubin), str(patched), "-DHEADQ_WITH_CUDA",
+                        f"-I{SRC.parent}", f"-I{ROOT / 'csrc'}", f"-I{ROOT / 'csrc' / 'include'}",
+                        "--expt-relaxed-constexpr", "-O3", "-lineinfo", "-std=c++17",
+                        "-gencode=arch=compute_90,code=sm_90"], check=True)
         inner = parse(subprocess.run([args.nvdisasm, "-g", "-c", str(cubin)], check=True,
                                      capture_output=True, text=True).stdout)
         outer = parse(subprocess.run([args.nvdisasm, "-gi", "-c", str(cubin)], check=True,
@@ -90,10 +90,10 @@ def main() -> int:
     files = {name: src_lines,
              "device_common.cuh": (SRC.parent / "device_common.cuh").read_text().split("\n")}
     result = {"kernel": "decode_mma_kernel<128, 1, 4> (fixed), whole sub-tiles", "calls": {}}
+    # Out-of-line code after the kernel's last EXIT (the shuffles' convergence fallbacks) never
+    # runs on the path counted here.
+    last_exit = max(a for a, (_, op) in inner.items() if op == "EXIT")
     for call, line in call_line.items():
-        # Out-of-line code after the kernel's last EXIT (the shuffles' convergence fallbacks)
-        # never runs on the path counted here.
-        last_exit = max(a for a, (_, op) in inner.items() if op == "EXIT")
         addrs = [a for a, (loc, _) in outer.items() if loc == (name, line) and a < last_exit]
         ops = collections.Counter(inner[a][1] for a in addrs)
         by_line = collections.Counter(inner[a][0] for a in addrs)
