@@ -13,6 +13,7 @@ warp and sub-tile (their loops are unrolled; the lazy rescale is a branch, count
 the out-of-line code after the kernel's last EXIT is left out.
 
     python benchmarks/sass_breakdown.py --nvdisasm /path/to/nvdisasm [--top 30] [--json OUT]
+    python benchmarks/sass_breakdown.py --nvdisasm PATH --json benchmarks/results/sass_breakdown.json
 
 nvdisasm comes with the CUDA toolkit or from PyPI (`pip download nvidia-cuda-nvdisasm`, unzip).
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import re
 import shutil
@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _common import write_json  # this folder is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "csrc" / "cuda" / "decode_mma.cu"
@@ -56,6 +58,11 @@ def parse(listing: str) -> dict[int, tuple[tuple[str, int], str]]:
             op = re.sub(r"^@!?U?P\w+\s+", "", m.group(2).strip()).split()[0]
             out[int(m.group(1), 16)] = (cur, op.split(".")[0])
     return out
+
+
+def tool_version(tool: str) -> str:
+    """The last line of `tool --version` (its build)."""
+    return subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.strip().split("\n")[-1]
 
 
 def main() -> int:
@@ -89,7 +96,12 @@ def main() -> int:
     name = patched.name
     files = {name: src_lines,
              "device_common.cuh": (SRC.parent / "device_common.cuh").read_text().split("\n")}
-    result = {"kernel": "decode_mma_kernel<128, 1, 4> (fixed), whole sub-tiles", "calls": {}}
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    result = {"command": "python benchmarks/sass_breakdown.py " + " ".join(sys.argv[1:]),
+              "machine": f"no GPU; nvcc: {tool_version(args.nvcc)}; nvdisasm: {tool_version(args.nvdisasm)}",
+              "source": f"csrc/cuda/decode_mma.cu at {commit or 'unknown commit'}, sm_90, -O3",
+              "kernel": "decode_mma_kernel<128, 1, 4> (fixed), whole sub-tiles", "calls": {}}
     # Out-of-line code after the kernel's last EXIT (the shuffles' convergence fallbacks) never
     # runs on the path counted here.
     last_exit = max(a for a, (_, op) in inner.items() if op == "EXIT")
@@ -109,7 +121,7 @@ def main() -> int:
         result["calls"][call] = {"line": line, "instructions": len(addrs),
                                  "opcodes": dict(ops.most_common()), "top_lines": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        write_json(args.json, result)
     return 0
 
 
