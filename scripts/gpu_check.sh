@@ -9,7 +9,8 @@
 #   STEPS="build tests decode" bash scripts/gpu_check.sh
 #
 # STEPS: any of build exc tests decode a2 quant dequant sanitize ncu exp (default: build tests decode
-# sanitize).
+# sanitize). SANITIZERS: the compute-sanitizer tools of "sanitize" (default memcheck racecheck
+# initcheck).
 # exc: whether the C++ checks of this build raise Python errors on this machine (the bad-input
 # tests; an extension linked with a private static C++ runtime crashed instead: setup.py's
 # _shared_libstdcxx).
@@ -31,6 +32,8 @@ STEPS=${STEPS:-"build tests decode sanitize"}
 mkdir -p "$OUT" "$LOGDIR"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 has() { [[ " $STEPS " == *" $1 "* ]]; }
+# test_ops.py's CUDA-only tests (skipif without CUDA) whose parametrised ids name no device.
+CUDA_ONLY_BY_NAME="window_in_tensor_core_splits or heavy_stage_sizes_agree_exactly or split_min_tiles_keeps_the_answer or fixed_kernel_per_group_scales"
 status=0
 run() {  # run NAME CMD...: log to $LOGDIR/NAME.log, print its tail, remember a failure
   local name=$1; shift
@@ -73,8 +76,9 @@ if has exc; then  # C++ checks on CPU and CUDA tensors (test_cuda_op_errors_rais
   run exc python3 -m pytest -q -rf tests/test_bad_input.py
 fi
 if has tests; then
+  # The CUDA-only tests of test_ops.py whose ids name no device are selected by name.
   run tests python3 -m pytest -q tests/test_ops.py tests/test_bad_input.py tests/test_graph.py \
-    tests/test_quant_cuda_exact.py -k "cuda or graph"
+    tests/test_quant_cuda_exact.py -k "cuda or graph or $CUDA_ONLY_BY_NAME"
 fi
 if has decode; then
   TAIL=8 run decode python3 benchmarks/bench_decode.py --check --impl mma --variants lean,fixed \
@@ -107,8 +111,10 @@ if has dequant; then
     --paths dequantised,dynamic --out "$OUT/prefill_uniform.json"
 fi
 if has sanitize; then
-  sel='cuda and ((test_decode_attention and float16 and 128) or (quantize_keys_cuda_exact and float16) or (quantize_values_cuda_exact and float16) or (side_code_cuda_exact and plain) or (quantize_kv_cuda_exact and float16 and plain))'
-  for tool in memcheck racecheck initcheck; do
+  # The fp16 decode tests at D = 128, the fixed kernel's window slices and per-group scales
+  # (variants fixed and fixed + window), and the quantisers.
+  sel='(cuda and ((test_decode_attention and float16 and 128) or (quantize_keys_cuda_exact and float16) or (quantize_values_cuda_exact and float16) or (side_code_cuda_exact and plain) or (quantize_kv_cuda_exact and float16 and plain))) or (window_in_tensor_core_splits and float16) or fixed_kernel_per_group_scales'
+  for tool in ${SANITIZERS:-memcheck racecheck initcheck}; do
     TAIL=3 run "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
       python3 -m pytest -q tests/test_ops.py tests/test_quant_cuda_exact.py -k "$sel"
   done
