@@ -111,9 +111,10 @@ if has dequant; then
     --paths dequantised,dynamic --out "$OUT/prefill_uniform.json"
 fi
 if has sanitize; then
-  # The fp16 decode tests at D = 128, the fixed kernel's window slices and per-group scales
-  # (variants fixed and fixed + window), and the quantisers.
-  sel='(cuda and ((test_decode_attention and float16 and 128) or (quantize_keys_cuda_exact and float16) or (quantize_values_cuda_exact and float16) or (side_code_cuda_exact and plain) or (quantize_kv_cuda_exact and float16 and plain))) or (window_in_tensor_core_splits and float16) or fixed_kernel_per_group_scales'
+  # The decode tests at D = 128 ("float16" also matches the bfloat16 ids), the tensor-core
+  # window-slice and per-group-scale tests at D = 128 (variants fixed + window and fixed), and
+  # the quantisers.
+  sel='(cuda and ((test_decode_attention and float16 and 128) or (quantize_keys_cuda_exact and float16) or (quantize_values_cuda_exact and float16) or (side_code_cuda_exact and plain) or (quantize_kv_cuda_exact and float16 and plain))) or (window_in_tensor_core_splits and 128) or fixed_kernel_per_group_scales'
   for tool in ${SANITIZERS:-memcheck racecheck initcheck}; do
     TAIL=3 run "sanitize_$tool" compute-sanitizer --tool "$tool" --error-exitcode 9 \
       python3 -m pytest -q tests/test_ops.py tests/test_quant_cuda_exact.py -k "$sel"
