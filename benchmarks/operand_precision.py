@@ -154,7 +154,7 @@ def cases(args) -> list[tuple[bd.Case, str]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--formats", default="hilo,fp16,int15,int15b,int15:,:int15,int15b:,:int15b,int11,int7")
+    ap.add_argument("--formats", default="hilo,fp16,fp16:,:fp16,int15,int15b,int15:,:int15,int15b:,:int15b,int11,int7")
     ap.add_argument("--seeds", type=int, default=6)
     ap.add_argument("--tokens", type=int, default=4096, help="tokens of the bench-shaped cases")
     ap.add_argument("--json", default=None)
