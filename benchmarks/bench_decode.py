@@ -267,11 +267,25 @@ def case_fields(c: Case) -> dict:
 
 
 # ----------------------------------------------------------------------------- reference ---
+def visible(inp: dict, c: Case) -> torch.Tensor:
+    """[B, T + W] bool: the quantised tokens t < n_quant and window tokens w < n_window a
+    sequence's decode step sees, all at or after kv_start (LAYOUT.md)."""
+    dev = inp["q"].device
+    nq = inp["n_quant"].long().clamp(0, c.T)
+    nw = inp["n_window"].long().clamp(0, c.W)
+    ks = inp["kv_start"].long() if inp["kv_start"] is not None else torch.zeros_like(nq)
+    tq = torch.arange(c.T, device=dev)
+    tw = torch.arange(c.W, device=dev)
+    vis_q = (tq[None] < nq[:, None]) & (tq[None] >= ks[:, None])
+    vis_w = (tw[None] < nw[:, None]) & (tw[None] + nq[:, None] >= ks[:, None])
+    return torch.cat([vis_q, vis_w], dim=-1)
+
+
 def attention_path(inp: dict, c: Case, dtype: torch.dtype):
     """Decode attention of LAYOUT.md computed with PyTorch ops in `dtype` (float64: reference).
 
     Returns (out [B, Hq, D], lse [B, Hq])."""
-    B, H, Hq, D, T, W = c.B, c.H, c.Hq, c.D, c.T, c.W
+    B, H, Hq, D, T = c.B, c.H, c.Hq, c.D, c.T
     rep = Hq // H
     dev = inp["q"].device
     dq = torch.float32 if dtype == torch.float64 else dtype  # the ops' output dtype
@@ -289,14 +303,7 @@ def attention_path(inp: dict, c: Case, dtype: torch.dtype):
     logits_w = torch.einsum("bhd,bhwd->bhw", q, inp["k_window"].to(dtype).repeat_interleave(rep, 1))
     logits = torch.cat([logits_q, logits_w], dim=-1) * (D ** -0.5)
     nq = inp["n_quant"].long().clamp(0, T)
-    nw = inp["n_window"].long().clamp(0, W)
-    ks = inp["kv_start"].long() if inp["kv_start"] is not None else torch.zeros_like(nq)
-    tq = torch.arange(T, device=dev)
-    tw = torch.arange(W, device=dev)
-    vis_q = (tq[None] < nq[:, None]) & (tq[None] >= ks[:, None])
-    vis_w = (tw[None] < nw[:, None]) & (tw[None] + nq[:, None] >= ks[:, None])
-    vis = torch.cat([vis_q, vis_w], dim=-1)[:, None, :]  # [B, 1, T+W]
-    logits = logits.masked_fill(~vis, float("-inf"))
+    logits = logits.masked_fill(~visible(inp, c)[:, None, :], float("-inf"))
     lse = torch.logsumexp(logits.float() if dtype != torch.float64 else logits, dim=-1)
     a = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # all masked -> zeros
     vhat = dequant_values(inp, c, dq).to(dtype).repeat_interleave(rep, 1)

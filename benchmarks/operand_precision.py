@@ -42,14 +42,13 @@ benchmarks/results/operand_precision.json.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import torch
 
 import bench_decode as bd  # this folder is on sys.path when run as a script
-import headq_torch  # noqa: F401  (registers torch.ops.headq)
+from headq_torch import reference  # (importing headq_torch registers torch.ops.headq)
 from _common import write_json
 
 F64 = torch.float64
@@ -59,6 +58,11 @@ def hi11(x: torch.Tensor) -> torch.Tensor:
     """x (float64) as float32 truncated to 11 significant bits, as the kernel's hi11."""
     i = x.float().view(torch.int32) & torch.tensor(-8192, dtype=torch.int32)  # 0xFFFFE000
     return i.view(torch.float32).double()
+
+
+def floor_log2(x: torch.Tensor) -> torch.Tensor:
+    """floor(log2(x)) for x > 0, 0 where x == 0."""
+    return torch.floor(torch.log2(torch.where(x > 0, x, torch.ones_like(x))))
 
 
 def round_operand(x: torch.Tensor, fmt: str, row_dims: tuple[int, ...],
@@ -83,31 +87,20 @@ def round_operand(x: torch.Tensor, fmt: str, row_dims: tuple[int, ...],
         if fmt.endswith("b"):
             assert bool((bound >= amax).all()), "the bound must bound |x|"
             amax = bound
-        e = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax))))
-        step = torch.exp2(e + 1 - m)  # |x| < 2^(e+1) = 2^m steps: m bits of magnitude
+        step = torch.exp2(floor_log2(amax) + 1 - m)  # |x| < 2^(e+1) = 2^m steps: m bits of magnitude
         return torch.round(x / step).clamp(-(2 ** m) + 1, 2 ** m - 1) * step
     raise SystemExit(f"operand_precision: unknown format {fmt!r}")
 
 
-def floor_log2(x: torch.Tensor) -> torch.Tensor:
-    """floor(log2(x)) for x > 0, 0 where x == 0."""
-    return torch.floor(torch.log2(torch.where(x > 0, x, torch.ones_like(x))))
-
-
 def codes_of(packed: torch.Tensor, bits: int, D: int) -> torch.Tensor:
-    """Unpacked codes [B, H, T, D] (float64) of packed rows [B, H, T, D * bits / 8]: LSB first."""
-    assert 8 % bits == 0, "codes that cross byte boundaries (3-bit) are not simulated"
-    b = packed.to(torch.int64)
-    per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int64) * bits
-    c = (b[..., None] >> shifts) & ((1 << bits) - 1)
-    return c.reshape(*packed.shape[:-1], D).double()
+    """Unpacked codes [B, H, T, D] (float64) of packed rows [B, H, T, D * bits / 8]."""
+    return reference.unpack_bits(packed, bits, D).double()
 
 
 def decode_with_operands(inp: dict, c: bd.Case, fmt: str, sub: int = 64):
     """bench_decode.attention_path in float64 with Q' and P' rounded as fmt would round them.
     Returns (out [B, Hq, D], lse [B, Hq]); the fixed format only (codes for keys and values)."""
-    B, H, Hq, D, T, W, G, Gv = c.B, c.H, c.Hq, c.D, c.T, c.W, c.G, c.Gv
+    B, H, Hq, D, T, G, Gv = c.B, c.H, c.Hq, c.D, c.T, c.G, c.Gv
     rep = Hq // H
     q = inp["q"].double()  # [B, Hq, D]
     ng = T // G
@@ -131,13 +124,7 @@ def decode_with_operands(inp: dict, c: bd.Case, fmt: str, sub: int = 64):
         logits_q = logits_q + c.sign * torch.einsum("bhr,bhtr->bht", qu, zhat.repeat_interleave(rep, 1))
     logits_w = torch.einsum("bhd,bhwd->bhw", q, inp["k_window"].double().repeat_interleave(rep, 1))
     logits = torch.cat([logits_q, logits_w], dim=-1) * (D ** -0.5)
-    nq = inp["n_quant"].long().clamp(0, T)
-    nw = inp["n_window"].long().clamp(0, W)
-    kst = inp["kv_start"].long() if inp["kv_start"] is not None else torch.zeros_like(nq)
-    tq, tw = torch.arange(T), torch.arange(W)
-    vis_q = (tq[None] < nq[:, None]) & (tq[None] >= kst[:, None])
-    vis_w = (tw[None] < nw[:, None]) & (tw[None] + nq[:, None] >= kst[:, None])
-    logits = logits.masked_fill(~torch.cat([vis_q, vis_w], dim=-1)[:, None, :], float("-inf"))
+    logits = logits.masked_fill(~bd.visible(inp, c)[:, None, :], float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)
     a = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     aq = a[..., :T]                                                        # [B, Hq, T]
