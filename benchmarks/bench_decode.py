@@ -317,7 +317,8 @@ def attention_path(inp: dict, c: Case, dtype: torch.dtype):
     return out, lse
 
 
-def check_case(c: Case, seed: int = 0) -> tuple[bool, str]:
+def check_case(c: Case, seed: int = 0, records: list | None = None) -> tuple[bool, str]:
+    """One case of the accuracy rule; with `records`, its errors are appended to it as a dict."""
     inp = make_inputs(c, seed)
     out, lse = headq_decode(inp, c)
     ref, ref_lse = attention_path(inp, c, torch.float64)
@@ -333,10 +334,15 @@ def check_case(c: Case, seed: int = 0) -> tuple[bool, str]:
           and out.dtype == c.dtype and tuple(out.shape) == (c.B, c.Hq, c.D))
     msg = (f"{c.name:<28} out err {err:.3e} (torch {c.dtype} {berr:.3e})  "
            f"lse err {lerr:.3e} (torch {lberr:.3e})  {'ok' if ok else 'FAIL'}")
+    if records is not None:
+        records.append(dict(case=c.name, seed=seed, out_err=err, torch_out_err=berr, out_floor=floor,
+                            lse_err=lerr, torch_lse_err=lberr, ok=ok))
     return ok, msg
 
 
-def check_grid(contexts: list[int], args) -> bool:
+def check_grid(contexts: list[int], args, records: list | None = None) -> bool:
+    """The accuracy grid; with `records`, one dict per run and case (check_case's) is appended,
+    with the run's label."""
     small = dict(B=3, Hq=8, H=2, D=128, T=1024, W=48, ragged=True)
     cases = [
         Case(**small, name="fp16 k2 v2 r8"),
@@ -375,7 +381,10 @@ def check_grid(contexts: list[int], args) -> bool:
     for impl, variant, pdl, label in runs_of(args.impl):
         select(impl, variant, pdl)
         for c in cases:
-            ok, msg = check_case(c)
+            rec: list = []
+            ok, msg = check_case(c, records=rec)
+            if records is not None:
+                records.extend(dict(run=label, **r) for r in rec)
             print(f"[{label}] {msg}", flush=True)
             all_ok &= ok
             if not ok:
@@ -554,7 +563,10 @@ def main() -> int:
                     help="events around each call (default), or CUDA graphs of %d calls (device "
                          "time without the host's dispatch cost)" % GRAPH_CALLS)
     ap.add_argument("--lib", default=None, help="path of a built _C .so to load instead of headq_torch")
-    ap.add_argument("--out", default="benchmarks/results/gpu_decode.json")
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default benchmarks/results/gpu_decode.json); a --check-only "
+                         "run or a failed check writes the grid's per-case errors only here, "
+                         "only when given")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("bench_decode: no CUDA device", file=sys.stderr)
@@ -570,8 +582,14 @@ def main() -> int:
     result = dict(command=" ".join(sys.argv), device=torch.cuda.get_device_name(),
                   torch=torch.__version__, cuda=torch.version.cuda, timing=args.timing, rows=[])
     if args.check or args.check_only:
-        ok = check_grid(contexts, args)
+        result["check_rule"] = ("out err <= 2 x torch_out_err + out_floor and lse err <= 2 x "
+                                "torch_lse_err + 1e-5 (errors: max abs against the float64 path; "
+                                "torch: the PyTorch path in the query's dtype)")
+        result["check_cases"] = []
+        ok = check_grid(contexts, args, result["check_cases"])
         result["check"] = "pass" if ok else "FAIL"
+        if args.out and (not ok or args.check_only):  # the per-case errors, without timings
+            write_timed(args.out, result, t_start)
         if not ok:
             print("bench_decode: check FAILED", file=sys.stderr)
             return 1
@@ -599,7 +617,7 @@ def main() -> int:
                   f"{gbs / copy_gbs:>7.2f} {row['dense_sdpa']['median_ms'] / t:>7.2f} "
                   f"{deq / t:>6.2f}", flush=True)
     result["copy_gbs"] = copy_gbs
-    write_timed(args.out, result, t_start)
+    write_timed(args.out or "benchmarks/results/gpu_decode.json", result, t_start)
     return 0
 
 
