@@ -15,7 +15,9 @@ bandwidth measured in the same run (bytes read + written), the fraction of it, a
 kv_start, GQA ratios, head dim 64) and the benchmark shape at the smallest context: the fused
 output is compared with a float64 reference (dequantise with the ops, float64 softmax
 attention); the check fails (exit 1) if the kernel's max error exceeds 2x the error of the
-same-precision PyTorch path (plus a tiny absolute floor for float32).
+same-precision PyTorch path (plus a tiny absolute floor for float32). Each case's errors (the
+kernel's and the PyTorch path's, out and lse) go into the result JSON as `check_cases`;
+--check-only writes them (without timings) only to an --out given explicitly.
 
 Only torch.ops.headq.* is used (importing headq_torch registers the ops; --lib loads a built
 extension directly).
